@@ -1,0 +1,129 @@
+"""Python side of the fastmlp ops: fake kernels, autograd formulas.
+
+The only Python file that names a C++ op. Schemas live in csrc/ops.cpp, kernels in csrc/cpu and
+csrc/cuda, autocast rules in csrc/autocast.cpp. The fake kernels mirror the C++ host checks
+(shape and dtype only) so that eager, torch.compile and export fail alike.
+"""
+
+import math
+
+import torch
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+# Activations whose backward needs the pre-activation Z = X W^T + b.
+SAVES_PREACTIVATION = frozenset({"gelu", "gelu_tanh", "silu"})
+
+linear_act_forward = torch.ops.fastmlp.linear_act_forward.default
+linear_act_backward = torch.ops.fastmlp.linear_act_backward.default
+
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FWD = "fastmlp.linear_act_forward"
+
+
+def check_activation(activation, op=_FWD):
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{op}: unknown activation {activation!r}; expected one of: {', '.join(ACTIVATIONS)}"
+        )
+
+
+def _check_linear_act_args(input, weight, bias, activation):
+    """Mirror of check_linear_act_args in csrc/checks.h (same exception types and messages)."""
+    check_activation(activation)
+    for name, t in (("input", input), ("weight", weight)):
+        if t.dtype not in _FLOATING:
+            raise TypeError(
+                f"{_FWD}: {name} must be a floating-point tensor (float32, float64, float16 or "
+                f"bfloat16), got {t.dtype}"
+            )
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{_FWD}: weight must be 2-D (out_features, in_features), got a {weight.dim()}-D "
+            f"tensor of shape {list(weight.shape)}"
+        )
+    if input.dim() < 1:
+        raise ValueError(f"{_FWD}: input must have at least 1 dimension (*, in_features), got a 0-D tensor")
+    torch._check(
+        input.shape[-1] == weight.shape[1],
+        lambda: f"{_FWD}: input.shape[-1] must equal in_features = weight.shape[1] = "
+        f"{weight.shape[1]}, got input of shape {list(input.shape)}",
+    )
+    others = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in others:
+        if name == "bias":
+            if t.dtype not in _FLOATING:
+                raise TypeError(f"{_FWD}: bias must be a floating-point tensor, got {t.dtype}")
+            if t.dim() != 1 or t.shape[0] != weight.shape[0]:
+                raise ValueError(
+                    f"{_FWD}: bias must be 1-D of shape [out_features] = [{weight.shape[0]}], got "
+                    f"shape {list(t.shape)}"
+                )
+        if t.device != input.device:
+            raise RuntimeError(
+                f"{_FWD}: expected input and {name} on the same device, but got input on "
+                f"{input.device} and {name} on {t.device}"
+            )
+        if t.dtype != input.dtype:
+            raise TypeError(
+                f"{_FWD}: expected input and {name} to have the same dtype, but got input: "
+                f"{input.dtype}, {name}: {t.dtype}"
+            )
+
+
+@torch.library.register_fake("fastmlp::linear_act_forward")
+def _linear_act_forward_fake(input, weight, bias, activation, save_for_backward):
+    _check_linear_act_args(input, weight, bias, activation)
+    out_f = weight.shape[0]
+    y = input.new_empty((*input.shape[:-1], out_f))
+    if save_for_backward and activation in SAVES_PREACTIVATION:
+        saved = input.new_empty((math.prod(input.shape[:-1]), out_f))
+    else:
+        saved = input.new_empty((0,))
+    return y, saved
+
+
+@torch.library.register_fake("fastmlp::linear_act_backward")
+def _linear_act_backward_fake(grad_output, input, weight, output, saved, activation, output_mask):
+    check_activation(activation, "fastmlp.linear_act_backward")
+    empty = grad_output.new_empty((0,))
+    return (
+        grad_output.new_empty(input.shape) if output_mask[0] else empty,
+        grad_output.new_empty(weight.shape) if output_mask[1] else empty,
+        grad_output.new_empty((weight.shape[0],)) if output_mask[2] else grad_output.new_empty((0,)),
+    )
+
+
+def _forward_setup_context(ctx, inputs, output):
+    input, weight, bias, activation, _ = inputs
+    y, saved = output
+    ctx.activation = activation
+    ctx.save_for_backward(input, weight, y if activation == "relu" else None, saved)
+
+
+def _forward_backward(ctx, grad_y, _grad_saved):
+    input, weight, y, saved = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    if y is None:
+        y = grad_y.new_empty((0,))
+    gx, gw, gb = linear_act_backward(grad_y, input, weight, y, saved, ctx.activation, mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None)
+
+
+def _double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastmlp.linear_act: double backward (differentiating the backward, e.g. gradient "
+        "penalties through autograd.grad(create_graph=True)) is not supported; use "
+        "torch.nn.functional.linear with the activation for that part of the model"
+    )
+
+
+def _backward_setup_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "fastmlp::linear_act_forward", _forward_backward, setup_context=_forward_setup_context
+)
+torch.library.register_autograd(
+    "fastmlp::linear_act_backward", _double_backward, setup_context=_backward_setup_context
+)

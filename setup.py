@@ -1,0 +1,153 @@
+"""Build of fastmlp's C++/CUDA extension (fastmlp._C).
+
+Install after torch, without build isolation (an isolated build would download a second torch):
+
+    pip install --no-build-isolation .        # or -e . for development
+
+Switches (environment variables):
+    FASTMLP_CUDA=auto|0|1   build the CUDA kernels: auto (default) when nvcc and a CUDA build of
+                            torch are present (a visible GPU is not needed); 1 requires them.
+    FASTMLP_NATIVE=1|0      compile the CPU kernels for this machine's CPU (-march=native, the
+                            default: the extension is built where it runs); 0 for a portable build.
+    FASTMLP_DEBUG=1         -O0 -g, for debugging the kernels.
+    TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0" when no GPU is visible).
+    MAX_JOBS                parallel compile jobs.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def fail(msg):
+    sys.stderr.write(f"\nfastmlp build error: {msg}\n\n")
+    sys.exit(1)
+
+
+def find_cuda_home():
+    """The real CUDA toolkit folder: the nvcc first on PATH may be a wrapper script elsewhere."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(c, "include", "cuda_runtime.h")
+        ):
+            return c
+    return None
+
+
+try:
+    import torch
+except ImportError:
+    fail(
+        "torch is not installed in this Python. Install it first, then build without isolation:\n"
+        "    pip install 'torch>=2.11'\n"
+        "    pip install --no-build-isolation ."
+    )
+
+cuda_mode = os.environ.get("FASTMLP_CUDA", "auto").lower()
+if cuda_mode not in ("auto", "0", "1"):
+    fail(f"FASTMLP_CUDA must be auto, 0 or 1, got {cuda_mode!r}")
+cuda_home = find_cuda_home()
+if cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME when imported; give it the real toolkit.
+    os.environ["CUDA_HOME"] = cuda_home
+cu_sources = sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
+with_cuda = cuda_mode != "0" and bool(cu_sources) and torch.version.cuda is not None and cuda_home is not None
+if cuda_mode == "1" and not with_cuda:
+    why = (
+        "this torch is a CPU-only build (install a CUDA build of torch)" if torch.version.cuda is None
+        else "nvcc was not found (install the CUDA toolkit or set CUDA_HOME to its folder)" if cuda_home is None
+        else "there are no CUDA sources in csrc/cuda"
+    )
+    fail(f"FASTMLP_CUDA=1 but the CUDA kernels cannot be built: {why}.")
+if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    # With no visible GPU torch's arch detection raises IndexError; default to A100 + H100.
+    if not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+debug = os.environ.get("FASTMLP_DEBUG", "0") == "1"
+native = os.environ.get("FASTMLP_NATIVE", "1") == "1"
+cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+# No -ffast-math: NaN/Inf must propagate like native PyTorch.
+cxx_flags += ["-fno-math-errno"]
+if native and not debug:
+    cxx_flags.append("-march=native")
+sources = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT)) + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
+include_dirs = [os.path.join(ROOT, "csrc")]
+library_dirs, libraries, extra_link = [], [], []
+define_macros = []
+
+if with_cuda:
+    define_macros.append(("FASTMLP_WITH_CUDA", "1"))
+    nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+    nvcc_flags += ["--expt-relaxed-constexpr", "-std=c++17"]
+    # cuBLASLt's header and library may live only in the nvidia/cu13 pip package next to torch.
+    if not os.path.isfile(os.path.join(cuda_home, "include", "cublasLt.h")):
+        try:
+            import nvidia
+
+            for base in nvidia.__path__:
+                for sub in ("cu13", "cublas"):
+                    inc, lib = os.path.join(base, sub, "include"), os.path.join(base, sub, "lib")
+                    if os.path.isfile(os.path.join(inc, "cublasLt.h")):
+                        include_dirs.append(inc)
+                        library_dirs.append(lib)
+                        extra_link.append(f"-Wl,-rpath,{lib}")
+        except ImportError:
+            pass
+    lt_dirs = library_dirs + [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
+    if any(os.path.exists(os.path.join(d, "libcublasLt.so")) for d in lt_dirs):
+        libraries.append("cublasLt")
+    else:
+        versioned = [f for d in lt_dirs for f in glob.glob(os.path.join(d, "libcublasLt.so.*"))]
+        if versioned:
+            extra_link.append("-l:" + os.path.basename(sorted(versioned, key=len)[0]))
+    ext = CUDAExtension(
+        "fastmlp._C",
+        sources=sources + cu_sources,
+        include_dirs=include_dirs,
+        library_dirs=library_dirs,
+        libraries=libraries,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=extra_link,
+    )
+else:
+    ext = CppExtension(
+        "fastmlp._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+    )
+
+# Recorded so that `import fastmlp` can say "rebuild" instead of failing on an undefined symbol.
+with open(os.path.join(ROOT, "fastmlp", "_build_info.py"), "w") as f:
+    f.write("# Written by setup.py at build time.\n")
+    f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+    f.write(f"WITH_CUDA = {with_cuda!r}\n")
+    f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if with_cuda else ''!r}\n")
+
+print(
+    f"fastmlp: building the CPU kernels{' and the CUDA kernels' if with_cuda else ''}"
+    + ("" if with_cuda else
+       f" only ({'FASTMLP_CUDA=0' if cuda_mode == '0' else 'CPU-only torch' if torch.version.cuda is None else 'no nvcc found' if cuda_home is None else 'no CUDA sources yet'})"),
+    file=sys.stderr,
+)
+
+setup(
+    packages=find_packages(include=["fastmlp", "fastmlp.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+)
