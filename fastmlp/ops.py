@@ -1,7 +1,9 @@
-"""Python side of the fastmlp ops: fake kernels, autograd formulas.
+"""Python side of the fastmlp ops: fake kernels.
 
 The only Python file that names a C++ op. Schemas live in csrc/ops.cpp, kernels in csrc/cpu and
-csrc/cuda, autocast rules in csrc/autocast.cpp. The fake kernels mirror the C++ host checks
+csrc/cuda, autocast rules in csrc/autocast.cpp, autograd in csrc/autograd.cpp (in C++ rather than
+torch.library.register_autograd: the Python autograd wrapper cost more per call than a small
+layer's whole forward; the numbers are in that file). The fake kernels mirror the C++ host checks
 (shape and dtype only) so that eager, torch.compile and export fail alike.
 """
 
@@ -91,39 +93,3 @@ def _linear_act_backward_fake(grad_output, input, weight, output, saved, activat
         grad_output.new_empty(weight.shape) if output_mask[1] else empty,
         grad_output.new_empty((weight.shape[0],)) if output_mask[2] else grad_output.new_empty((0,)),
     )
-
-
-def _forward_setup_context(ctx, inputs, output):
-    input, weight, bias, activation, _ = inputs
-    y, saved = output
-    ctx.activation = activation
-    ctx.save_for_backward(input, weight, y if activation == "relu" else None, saved)
-
-
-def _forward_backward(ctx, grad_y, _grad_saved):
-    input, weight, y, saved = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    if y is None:
-        y = grad_y.new_empty((0,))
-    gx, gw, gb = linear_act_backward(grad_y, input, weight, y, saved, ctx.activation, mask)
-    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None)
-
-
-def _double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fastmlp.linear_act: double backward (differentiating the backward, e.g. gradient "
-        "penalties through autograd.grad(create_graph=True)) is not supported; use "
-        "torch.nn.functional.linear with the activation for that part of the model"
-    )
-
-
-def _backward_setup_context(ctx, inputs, output):
-    pass
-
-
-torch.library.register_autograd(
-    "fastmlp::linear_act_forward", _forward_backward, setup_context=_forward_setup_context
-)
-torch.library.register_autograd(
-    "fastmlp::linear_act_backward", _double_backward, setup_context=_backward_setup_context
-)

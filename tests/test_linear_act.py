@@ -320,3 +320,14 @@ def test_autocast_runs_in_autocast_dtype(device, act):
     assert layer.weight.grad.dtype == torch.float32
     torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_pre_activation_saved_only_when_a_gradient_can_flow(device):
+    x, w, b = make((4, 6), 5, torch.float32, device, requires_grad=(False, False, False))
+    _, saved = ops.linear_act_forward(x, w, b, "gelu", False)
+    assert saved.numel() == 0  # inference: no extra write
+    w.requires_grad_()
+    _, saved = ops.linear_act_forward(x, w, b, "gelu", False)
+    assert saved.shape == (4, 5)  # the autograd kernel keeps what the backward needs
+    with torch.no_grad():
+        assert ops.linear_act_forward(x, w, b, "gelu", False)[1].numel() == 0
