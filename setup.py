@@ -79,8 +79,10 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 debug = os.environ.get("FASTMLP_DEBUG", "0") == "1"
 native = os.environ.get("FASTMLP_NATIVE", "1") == "1"
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-# No -ffast-math: NaN/Inf must propagate like native PyTorch.
-cxx_flags += ["-fno-math-errno"]
+# No -ffast-math: NaN/Inf must propagate like native PyTorch. -fno-trapping-math only drops the
+# promise to keep FP exception flags exact; without it gcc will not turn the NaN/overflow selects
+# in csrc/activation.h into blends, and the GELU/SiLU epilogue loops stay scalar.
+cxx_flags += ["-fno-math-errno", "-fno-trapping-math"]
 if native and not debug:
     cxx_flags.append("-march=native")
 sources = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT)) + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
