@@ -60,7 +60,10 @@ cuda_home = find_cuda_home()
 if cuda_home:
     # torch.utils.cpp_extension reads CUDA_HOME when imported; give it the real toolkit.
     os.environ["CUDA_HOME"] = cuda_home
+# csrc/cuda: kernels in .cu (nvcc, lean includes), host entries in .cpp (the host compiler:
+# a .cpp that includes ATen compiles several times faster than the same code as a .cu).
 cu_sources = sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
+cuda_host_sources = sorted(glob.glob("csrc/cuda/*.cpp", root_dir=ROOT))
 with_cuda = cuda_mode != "0" and bool(cu_sources) and torch.version.cuda is not None and cuda_home is not None
 if cuda_mode == "1" and not with_cuda:
     why = (
@@ -115,7 +118,7 @@ if with_cuda:
             extra_link.append("-l:" + os.path.basename(sorted(versioned, key=len)[0]))
     ext = CUDAExtension(
         "fastmlp._C",
-        sources=sources + cu_sources,
+        sources=sources + cuda_host_sources + cu_sources,
         include_dirs=include_dirs,
         library_dirs=library_dirs,
         libraries=libraries,
