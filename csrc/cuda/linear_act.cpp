@@ -7,7 +7,7 @@
 //           cuBLASLt epilogue: BIAS epilogue, then our one-pass epilogue kernel (which also
 //           writes `saved`). fp64, and any shape / alignment / dtype cuBLASLt refuses, take the
 //           fallback: at::mm (at::addmm for fp16/bf16 with bias, as on the CPU) + our kernel.
-// backward: our one-pass prologue dZ = dY * act'(.) plus db = column sums of dZ, then
+// backward: our one-pass prologue dZ = dY * act'(.) plus db = column sums of dZ (one launch), then
 //           dX = dZ W and dW = dZ^T X with at::mm (cuBLAS, honouring torch's TF32 setting).
 //
 // `saved` on CUDA is what the CPU saves: the pre-activation (rows, out) for gelu, gelu_tanh and
@@ -26,9 +26,11 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/accumulate.h>
 #include <cublasLt.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -39,6 +41,7 @@
 #include <sstream>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../activation.h"
@@ -73,6 +76,12 @@ std::string shape_str(int64_t rows, int64_t in_f, int64_t out_f, at::ScalarType 
   std::ostringstream s;
   s << "x [" << rows << ", " << in_f << "], weight [" << out_f << ", " << in_f << "], " << st;
   return s.str();
+}
+
+// Rows of the 2-D view (rows, features) of a (*, features) tensor; explicit because
+// reshape(-1, 0) is ambiguous when features == 0.
+int64_t leading_rows(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
 void check_launch(cudaError_t err, const char* op, const char* what, const std::string& shape) {
@@ -355,11 +364,11 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward_cuda(const at::Tensor& inp
   TORCH_CHECK(input.is_cuda(), kFwd, ": expected CUDA tensors, got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
-  const at::Tensor x2 = input.reshape({-1, in_f}).contiguous();
+  const int64_t rows = leading_rows(input);
+  const at::Tensor x2 = input.reshape({rows, in_f}).contiguous();
   const at::Tensor w = weight.contiguous();
   std::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->contiguous();
-  const int64_t rows = x2.size(0);
   const auto opts = input.options();
   at::Tensor y = at::empty({rows, out_f}, opts);
   const bool save = save_for_backward && act_saves_preactivation(act);
@@ -379,6 +388,25 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward_cuda(const at::Tensor& inp
 // ------------------------------------------------------------------------------------------------
 // Backward
 
+// A zeroed uint32 array of at least n elements for the backward prologue's "last block" counters.
+// The kernel leaves it zeroed, so one buffer per (device, stream) is reused by every launch on
+// that stream (launches on one stream never overlap). While the stream is captured into a CUDA
+// graph, a fresh zeroed buffer (its memset captured too) is used instead of the cached one.
+at::Tensor zeroed_counters(const at::Tensor& like, int64_t n) {
+  const auto opts = like.options().dtype(at::kInt);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+    return at::zeros({n}, opts);
+  }
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // never freed: no
+  std::lock_guard<std::mutex> lock(mutex);                                         // CUDA calls at exit
+  at::Tensor& t = (*cache)[{like.get_device(), stream}];
+  if (!t.defined() || t.numel() < n) t = at::zeros({std::max<int64_t>(n, 4096)}, opts);
+  return t;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& output,
     const at::Tensor& saved, c10::string_view activation, std::array<bool, 3> output_mask) {
@@ -395,10 +423,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
   TORCH_CHECK_VALUE(grad_output.dim() >= 1 && grad_output.size(-1) == out_f, kBwd,
                     ": grad_output.shape[-1] must equal out_features = ", out_f, ", got shape ",
                     grad_output.sizes());
-  const at::Tensor g = grad_output.reshape({-1, out_f}).contiguous();
-  const int64_t rows = g.size(0);
-  TORCH_CHECK_VALUE(input.numel() == rows * in_f, kBwd, ": input of shape ", input.sizes(),
-                    " does not match grad_output of shape ", grad_output.sizes());
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == in_f, kBwd, ": input.shape[-1] must equal in_features = ",
+                    in_f, ", got shape ", input.sizes());
+  const int64_t rows = leading_rows(input);
+  TORCH_CHECK_VALUE(grad_output.numel() == rows * out_f, kBwd, ": grad_output of shape ", grad_output.sizes(),
+                    " does not match input of shape ", input.sizes(), " and out_features = ", out_f);
+  const at::Tensor g = grad_output.reshape({rows, out_f}).contiguous();
   TORCH_CHECK_VALUE(act != Act::Relu || output.numel() == g.numel(), kBwd,
                     ": relu needs the forward output, got shape ", output.sizes());
   TORCH_CHECK_VALUE(!act_saves_preactivation(act) || saved.numel() == g.numel(), kBwd, ": ",
@@ -409,12 +439,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
   if (act == Act::Relu) {
     check_same_device(grad_output, "grad_output", output, "output", kBwd);
     check_same_dtype(grad_output, "grad_output", output, "output", kBwd);
-    y = output.reshape({-1, out_f}).contiguous();
+    y = output.reshape({rows, out_f}).contiguous();
   }
   if (act_saves_preactivation(act)) {
     check_same_device(grad_output, "grad_output", saved, "saved", kBwd);
     check_same_dtype(grad_output, "grad_output", saved, "saved", kBwd);
-    z = saved.reshape({-1, out_f}).contiguous();
+    z = saved.reshape({rows, out_f}).contiguous();
   }
   const auto opts = grad_output.options();
   const bool need_dz = output_mask[0] || output_mask[1];
@@ -433,18 +463,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
     p.rows = rows;
     p.cols = out_f;
     p.partial_rows = bwd_partial_rows(act, dt, p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-    at::Tensor partial;
+    at::Tensor partial, counters;
     if (p.db != nullptr && p.partial_rows > 1) {
       partial = at::empty({static_cast<int64_t>(p.partial_rows) * out_f},
                           opts.dtype(dt == DType::F64 ? at::kDouble : at::kFloat));
       p.partial = partial.data_ptr();
+      counters = zeroed_counters(g, bwd_counter_count(act, dt, p));
+      p.counters = reinterpret_cast<unsigned int*>(counters.data_ptr());
     }
     check_launch(launch_bwd_prologue(act, dt, p, at::cuda::getCurrentCUDAStream()), kBwd, "backward prologue",
                  shape_str(rows, in_f, out_f, g.scalar_type()));
   }
   at::Tensor grad_x = at::empty({0}, opts), grad_w = at::empty({0}, opts);
   if (output_mask[0]) grad_x = at::mm(dz, weight).view(input.sizes());
-  if (output_mask[1]) grad_w = at::mm(dz.t(), input.reshape({-1, in_f}));
+  if (output_mask[1]) grad_w = at::mm(dz.t(), input.reshape({rows, in_f}));
   return {grad_x, grad_w, grad_b};
 }
 

@@ -40,8 +40,9 @@ struct FwdEpilogueParams {
 //   db[c]    = sum_r dz[r, c]          when db != nullptr, accumulated in acc_t, summed in a
 //                                       fixed order (deterministic for a given shape and GPU)
 // dz is not written for Act::None (dz is g itself) or when dz == nullptr.
-// partial: acc_t scratch of partial_rows * cols elements when partial_rows > 1 (see
-// bwd_partial_rows), else unused.
+// When db is requested and partial_rows > 1 (see bwd_partial_rows): partial is acc_t scratch of
+// partial_rows * cols elements, counters a zero-initialised array of bwd_counter_count() uint32
+// that the kernel leaves zeroed again (reusable by the next launch on the same stream).
 struct BwdPrologueParams {
   const void* g;
   const void* y;      // relu only
@@ -49,10 +50,14 @@ struct BwdPrologueParams {
   void* dz;           // nullable
   void* db;           // nullable, element type = the tensor dtype
   void* partial;      // acc_t scratch, see above
+  unsigned int* counters;  // see above
   int64_t rows;
   int64_t cols;
   int partial_rows;   // grid.y of the prologue launch; 1 = no cross-block reduction needed
 };
+
+// Length of the counters array the backward prologue needs for these params.
+int64_t bwd_counter_count(Act act, DType dt, const BwdPrologueParams& p);
 
 // Launchers: enqueue on `stream`, return the launch status (cudaSuccess or the error) so the
 // host can raise an error that names the op and the shape.

@@ -17,8 +17,8 @@ namespace {
 
 // Block (bx, by): thread (tx, ty) owns columns [c0, c0 + VEC) and rows r_begin + ty, + by, ... of
 // the block's row chunk (blockIdx.y). Column sums: per-thread in registers, then over ty through
-// shared memory in ty order, then (when gridDim.y > 1) over the chunks in finalize_db in chunk
-// order: a fixed summation order, so the bias gradient is deterministic (no atomics).
+// shared memory in ty order, then (when gridDim.y > 1) over the chunks in chunk order by the last
+// block of each column range: a fixed summation order, so the bias gradient is deterministic.
 template <Act A, typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) bwd_prologue_kernel(const BwdPrologueParams p) {
   using acc_t = acc_t_of<T>;
@@ -59,38 +59,55 @@ __global__ void __launch_bounds__(kThreads) bwd_prologue_kernel(const BwdPrologu
       for (int j = 0; j < VEC; ++j) acc[j] += d[j];
     }
   }
-  if (p.db == nullptr) return;  // uniform over the grid: no thread is left at the barrier
+  if (p.db == nullptr) return;  // uniform over the grid: no thread is left at a barrier
 #pragma unroll
   for (int j = 0; j < VEC; ++j) red[(ty * bx + tx) * VEC + j] = acc[j];
   __syncthreads();
-  if (ty != 0 || !active) return;
+  const bool writer = ty == 0 && active;
   acc_t s[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) s[j] = acc_t(0);
-  for (int k = 0; k < by; ++k) {
+  if (writer) {
+    for (int k = 0; k < by; ++k) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) s[j] += red[(k * bx + tx) * VEC + j];
+      for (int j = 0; j < VEC; ++j) s[j] += red[(k * bx + tx) * VEC + j];
+    }
   }
+  T* db = static_cast<T*>(p.db);
   if (gridDim.y == 1) {
-    T* db = static_cast<T*>(p.db);
+    if (writer) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) db[c0 + j] = from_acc<T>(s[j]);
-  } else {
-    acc_t* part = static_cast<acc_t*>(p.partial) + static_cast<int64_t>(blockIdx.y) * p.cols;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) part[c0 + j] = s[j];
+      for (int j = 0; j < VEC; ++j) db[c0 + j] = from_acc<T>(s[j]);
+    }
+    return;
   }
-}
-
-// db[c] = sum over the row chunks k (in order) of partial[k, c].
-template <typename T>
-__global__ void __launch_bounds__(kThreads) finalize_db_kernel(const acc_t_of<T>* __restrict__ partial,
-                                                               T* __restrict__ db, int64_t cols, int parts) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
-  acc_t_of<T> s = 0;
-  for (int k = 0; k < parts; ++k) s += partial[static_cast<int64_t>(k) * cols + c];
-  db[c] = from_acc<T>(s);
+  // Several row chunks: each block publishes its partial sums; the last block to finish for this
+  // column range (a per-column-block counter) adds the partials in chunk order and writes db, then
+  // resets the counter to 0 for the next launch on the stream. One launch, no atomics on data.
+  acc_t* partial = static_cast<acc_t*>(p.partial);
+  if (writer) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) partial[static_cast<int64_t>(blockIdx.y) * p.cols + c0 + j] = s[j];
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ unsigned int is_last;
+  if (tx == 0 && ty == 0) {
+    is_last = atomicAdd(p.counters + blockIdx.x, 1u) == gridDim.y - 1 ? 1u : 0u;
+  }
+  __syncthreads();
+  if (is_last == 0u) return;
+  __threadfence();
+  if (writer) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      acc_t t = acc_t(0);
+      // __ldcg: read through L2, where the other blocks' partials are (L1 is not coherent).
+      for (unsigned k = 0; k < gridDim.y; ++k) t += __ldcg(partial + static_cast<int64_t>(k) * p.cols + c0 + j);
+      db[c0 + j] = from_acc<T>(t);
+    }
+  }
+  if (tx == 0 && ty == 0) p.counters[blockIdx.x] = 0u;
 }
 
 int bwd_vec(Act act, DType dt, const BwdPrologueParams& p) {
@@ -102,9 +119,16 @@ int bwd_vec(Act act, DType dt, const BwdPrologueParams& p) {
 
 }  // namespace
 
+int64_t bwd_counter_count(Act act, DType dt, const BwdPrologueParams& p) {
+  if (p.cols <= 0) return 0;
+  const int vec = bwd_vec(act, dt, p);
+  const int bx = block_x(p.cols, vec);
+  return ((p.cols + vec - 1) / vec + bx - 1) / bx;
+}
+
 int bwd_partial_rows(Act act, DType dt, const BwdPrologueParams& p, int num_sms) {
   if (p.rows <= 0 || p.cols <= 0) return 1;
-  // Small layers are launch-bound: one kernel, no finalize launch.
+  // Small layers: one row chunk, no cross-block reduction.
   if (p.rows * p.cols <= (int64_t(1) << 16)) return 1;
   const int vec = bwd_vec(act, dt, p);
   const int bx = block_x(p.cols, vec), by = kThreads / bx;
@@ -122,7 +146,9 @@ cudaError_t launch_bwd_prologue(Act act, DType dt, const BwdPrologueParams& p, c
   const int bx = block_x(p.cols, vec), by = kThreads / bx;
   const int64_t gx = ((p.cols + vec - 1) / vec + bx - 1) / bx;
   if (gx > 0x7fffffff || p.partial_rows < 1 || p.partial_rows > 65535) return cudaErrorInvalidConfiguration;
-  if (p.db != nullptr && p.partial_rows > 1 && p.partial == nullptr) return cudaErrorInvalidValue;
+  if (p.db != nullptr && p.partial_rows > 1 && (p.partial == nullptr || p.counters == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(p.partial_rows));
   const dim3 block(bx, by);
   return dispatch_act(act, [&](auto a) {
@@ -134,11 +160,6 @@ cudaError_t launch_bwd_prologue(Act act, DType dt, const BwdPrologueParams& p, c
       } else {
         bwd_prologue_kernel<A, T, 16 / sizeof(T)><<<grid, block, 0, stream>>>(p);
       }
-      cudaError_t err = cudaGetLastError();
-      if (err != cudaSuccess || p.db == nullptr || p.partial_rows == 1) return err;
-      const int64_t fb = (p.cols + kThreads - 1) / kThreads;
-      finalize_db_kernel<T><<<static_cast<unsigned>(fb), kThreads, 0, stream>>>(
-          static_cast<const acc_t_of<T>*>(p.partial), static_cast<T*>(p.db), p.cols, p.partial_rows);
       return cudaGetLastError();
     });
   });
