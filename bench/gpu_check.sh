@@ -83,17 +83,20 @@ build() {
     "$PY" -c "import fastmlp; assert fastmlp.WITH_CUDA, 'built without CUDA kernels'; print('fastmlp', fastmlp.__version__, 'WITH_CUDA', fastmlp.WITH_CUDA)"
 }
 
+export -f build
+export PY OUT
+
 versions > "$OUT/versions.txt" 2>&1
 cat "$OUT/versions.txt" | tee -a "$LOG"
 
 # Fatal steps: nothing after them means anything if they fail.
 KEEP=$KEEP_GOING; KEEP_GOING=0
-step build 240 build
+step build 240 bash -c build
 # Smoke: every forward path (cuBLASLt epilogues, our kernels, fallback), NaN, odd widths.
 step smoke 90 "$PY" -m pytest -x -q -p no:cacheprovider tests/test_linear_act_cuda.py -k smoke
 KEEP_GOING=$KEEP
 
-step tests 210 "$PY" -m pytest -x -q -p no:cacheprovider -m cuda -rs --junitxml="$OUT/pytest_cuda.xml"
+step tests 240 "$PY" -m pytest -x -q -p no:cacheprovider -m cuda -rs --junitxml="$OUT/pytest_cuda.xml"
 
 if [ -f bench/bench_linear_act.py ]; then
     step bench_linear_act 150 "$PY" bench/bench_linear_act.py --device cuda --quick --json "$OUT/bench_linear_act.json"
@@ -103,7 +106,7 @@ fi
 if [ -f bench/bench_optim.py ]; then
     step bench_optim 60 "$PY" bench/bench_optim.py --device cuda --quick --json "$OUT/bench_optim.json"
 fi
-step profile 90 "$PY" bench/gpu_profile.py --json "$OUT/gpu_profile.json"
+step profile 120 "$PY" bench/gpu_profile.py --json "$OUT/gpu_profile.json"
 
 echo "=== done: $( [ $FAILED -eq 0 ] && echo all steps passed || echo some step FAILED )" | tee -a "$LOG"
 cat "$SUMMARY"
