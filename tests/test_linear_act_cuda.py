@@ -163,8 +163,9 @@ def test_misaligned_and_noncontiguous(activation, dtype):
     path) and non-contiguous inputs."""
     rows, in_f, out_f = 33, 65, 47
     xs = torch.randn(rows * in_f + 1, device="cuda", dtype=dtype)[1:].view(rows, in_f).requires_grad_()
-    ws = (torch.randn(out_f * in_f + 3, device="cuda", dtype=dtype)[3:].view(out_f, in_f) / 8).requires_grad_()
+    ws = (torch.randn(out_f * in_f + 3, device="cuda", dtype=dtype) / 8)[3:].view(out_f, in_f).requires_grad_()
     bs = torch.randn(out_f + 1, device="cuda", dtype=dtype)[1:].requires_grad_()
+    assert xs.data_ptr() % 16 and ws.data_ptr() % 16 and bs.data_ptr() % 16
     check_fwd_bwd(xs, ws, bs, activation, dtype)
     xt = torch.randn(in_f, rows, device="cuda", dtype=dtype).t().requires_grad_()
     wt = (torch.randn(in_f, out_f, device="cuda", dtype=dtype) / 8).t().requires_grad_()

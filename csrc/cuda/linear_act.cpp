@@ -72,10 +72,17 @@ DType to_dtype(at::ScalarType st) {
   }
 }
 
-std::string shape_str(int64_t rows, int64_t in_f, int64_t out_f, at::ScalarType st) {
-  std::ostringstream s;
-  s << "x [" << rows << ", " << in_f << "], weight [" << out_f << ", " << in_f << "], " << st;
-  return s.str();
+// The problem's shape, formatted only when an error message needs it (launch-bound calls must
+// not pay for string formatting).
+struct Shape {
+  int64_t rows, in_f, out_f;
+  at::ScalarType st;
+};
+
+std::string shape_str(const Shape& s) {
+  std::ostringstream o;
+  o << "x [" << s.rows << ", " << s.in_f << "], weight [" << s.out_f << ", " << s.in_f << "], " << s.st;
+  return o.str();
 }
 
 // Rows of the 2-D view (rows, features) of a (*, features) tensor; explicit because
@@ -84,9 +91,10 @@ int64_t leading_rows(const at::Tensor& t) {
   return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
-void check_launch(cudaError_t err, const char* op, const char* what, const std::string& shape) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch of the ", what, " kernel failed for ", shape,
-              ": ", cudaGetErrorString(err));
+void check_launch(cudaError_t err, const char* op, const char* what, const Shape& shape) {
+  if (err == cudaSuccess) return;
+  TORCH_CHECK(false, op, ": CUDA launch of the ", what, " kernel failed for ", shape_str(shape), ": ",
+              cudaGetErrorString(err));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -234,6 +242,9 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
                                           g.x, desc.b, &beta, g.d, desc.d, g.d, desc.d, &entry.algo, ws_ptr,
                                           entry.workspace, at::cuda::getCurrentCUDAStream());
   if (s != CUBLAS_STATUS_SUCCESS) {
+    TORCH_WARN_ONCE(kFwd, ": cuBLASLt matmul failed (", cublasLtGetStatusString(s), ") for ",
+                    shape_str(Shape{g.rows, g.in_f, g.out_f, g.st}), ", epilogue ", static_cast<int>(g.epi),
+                    "; using the at::mm fallback for this shape from now on");
     std::lock_guard<std::mutex> lock(g_algo_mutex);
     g_algo_cache[key].ok = false;  // do not retry a failing algorithm for this key
   }
@@ -288,7 +299,7 @@ bool relu_epilogue_ok(const at::Tensor& like, bool with_bias) {
 // Forward
 
 void run_epilogue(Act act, const at::Tensor& src, const at::Tensor* bias, at::Tensor* saved, at::Tensor& y,
-                  const std::string& shape) {
+                  const Shape& shape) {
   FwdEpilogueParams p{};
   p.src = src.data_ptr();
   p.bias = bias ? bias->data_ptr() : nullptr;
@@ -303,7 +314,7 @@ void run_epilogue(Act act, const at::Tensor& src, const at::Tensor* bias, at::Te
 // cuBLASLt path; false (nothing written that the fallback does not overwrite) when cuBLASLt
 // refuses the problem.
 bool forward_lt(Act act, const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                at::Tensor& y, at::Tensor& saved, bool save, const std::string& shape) {
+                at::Tensor& y, at::Tensor& saved, bool save, const Shape& shape) {
   at::Tensor b;
   if (bias.has_value()) {
     b = *bias;
@@ -345,7 +356,7 @@ bool forward_lt(Act act, const at::Tensor& x2, const at::Tensor& w, const std::o
 
 // at::mm / at::addmm + our kernel: fp64, and whatever cuBLASLt refuses.
 void forward_fallback(Act act, const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                      at::Tensor& y, at::Tensor& saved, bool save, const std::string& shape) {
+                      at::Tensor& y, at::Tensor& saved, bool save, const Shape& shape) {
   const bool low_precision = x2.scalar_type() == at::kHalf || x2.scalar_type() == at::kBFloat16;
   at::Tensor& dst = save ? saved : y;
   const at::Tensor* bias_in_kernel = nullptr;
@@ -379,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward_cuda(const at::Tensor& inp
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = out_f;
   if (rows > 0 && out_f > 0) {
-    const std::string shape = shape_str(rows, in_f, out_f, input.scalar_type());
+    const Shape shape{rows, in_f, out_f, input.scalar_type()};
     const bool lt = input.scalar_type() != at::kDouble && in_f > 0 && env_on("FASTMLP_CUBLASLT", true);
     if (!(lt && forward_lt(act, x2, w, b, y, saved, save, shape))) {
       forward_fallback(act, x2, w, b, y, saved, save, shape);
@@ -475,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
       p.counters = reinterpret_cast<unsigned int*>(counters.data_ptr());
     }
     check_launch(launch_bwd_prologue(act, dt, p, at::cuda::getCurrentCUDAStream()), kBwd, "backward prologue",
-                 shape_str(rows, in_f, out_f, g.scalar_type()));
+                 Shape{rows, in_f, out_f, g.scalar_type()});
   }
   at::Tensor grad_x = at::empty({0}, opts), grad_w = at::empty({0}, opts);
   if (output_mask[0]) grad_x = at::mm(dz, weight).view(input.sizes());
