@@ -124,6 +124,21 @@ def test_smoke_nan_propagation(activation, dtype, lt, monkeypatch):
     assert torch.isnan(y[3]).all() and torch.isnan(y[5]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
+def test_smoke_nan_large_tiles(activation, dtype):
+    """NaN through the cuBLASLt epilogues at a compute-bound shape (other GEMM kernels than the
+    small shapes, whose epilogue might treat NaN differently)."""
+    x, w, b = make(2048, 1024, 2048, dtype, requires_grad=False)
+    x[100] = float("nan")
+    x[1000, 5] = float("nan")
+    y = fastmlp.functional.linear_act(x, w, b, activation)
+    want = native(x, w, b, activation)
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    assert torch.isnan(y[100]).all() and torch.isnan(y[1000]).all()
+    assert_close(y, want, dtype, "y")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("out_f", [10, 781, 512])

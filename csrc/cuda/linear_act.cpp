@@ -252,8 +252,8 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
 }
 
 // Whether this device's cuBLASLt RELU epilogue keeps NaN (relu(NaN) = NaN, as torch.relu). GPU
-// max() may drop NaN, so it is probed once per (device, dtype, bias) on a 16 x 16 x 16 GEMM with a
-// NaN row, a negative row and a positive row, and compared exactly. The probe synchronises, so it
+// max() may drop NaN, so it is probed once per (device, dtype, bias) on two GEMMs with a NaN row,
+// a negative row and a positive row, and compared exactly. The probe synchronises, so it
 // is skipped (answer: no, use our kernel) while the stream is being captured into a CUDA graph.
 bool relu_epilogue_ok(const at::Tensor& like, bool with_bias) {
   static std::atomic<int> state[64][3][2];  // 0 unknown, 1 keeps NaN, 2 drops it / fails
@@ -268,24 +268,29 @@ bool relu_epilogue_ok(const at::Tensor& like, bool with_bias) {
       capture != cudaStreamCaptureStatusNone) {
     return false;
   }
+  // Two shapes, so that both a small-tile and a large-tile kernel are asked. W = 1/k keeps every
+  // value exact in bf16: row 0 of x is NaN, row 1 is -1 (z = -1 + b), row 2 is +1 (z = 1 + b).
   const auto opts = like.options();
-  at::Tensor x = at::zeros({16, 16}, opts);
-  x[0].fill_(std::numeric_limits<double>::quiet_NaN());
-  x[1].fill_(-1.0);
-  x[2].fill_(1.0);
-  at::Tensor w = at::ones({16, 16}, opts);
-  at::Tensor b = at::full({16}, 0.5, opts);
-  at::Tensor y = at::empty({16, 16}, opts);
-  LtGemm g{x.data_ptr(), w.data_ptr(), with_bias ? b.data_ptr() : nullptr, y.data_ptr(), nullptr, 16, 16, 16,
-           like.scalar_type(), with_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU};
-  bool ok = lt_matmul(g, like) == CUBLAS_STATUS_SUCCESS;
-  if (ok) {
+  bool ok = true;
+  for (const int64_t n : {16, 512}) {
+    const int64_t k = n == 16 ? 16 : 256, m = n;
+    at::Tensor x = at::zeros({n, k}, opts);
+    x[0].fill_(std::numeric_limits<double>::quiet_NaN());
+    x[1].fill_(-1.0);
+    x[2].fill_(1.0);
+    at::Tensor w = at::full({m, k}, 1.0 / static_cast<double>(k), opts);
+    at::Tensor b = at::full({m}, 0.5, opts);
+    at::Tensor y = at::empty({n, m}, opts);
+    LtGemm g{x.data_ptr(), w.data_ptr(), with_bias ? b.data_ptr() : nullptr, y.data_ptr(), nullptr, n, k, m,
+             like.scalar_type(), with_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU};
+    ok = lt_matmul(g, like) == CUBLAS_STATUS_SUCCESS;
+    if (!ok) break;
     at::Tensor expect = at::matmul(x.to(at::kDouble), w.to(at::kDouble).t());
     if (with_bias) expect = expect + 0.5;
-    expect = at::relu(expect);  // torch.relu keeps NaN
+    expect = at::relu(expect).cpu();  // torch.relu keeps NaN
     const at::Tensor got = y.to(at::kDouble).cpu();
-    expect = expect.cpu();
-    ok = at::isnan(got[0]).all().item<bool>() && at::equal(got.narrow(0, 1, 15), expect.narrow(0, 1, 15));
+    ok = at::isnan(got[0]).all().item<bool>() && at::equal(got.narrow(0, 1, n - 1), expect.narrow(0, 1, n - 1));
+    if (!ok) break;
   }
   st.store(ok ? 1 : 2);
   if (!ok) {
