@@ -17,8 +17,9 @@ namespace {
 
 // Block (bx, by): thread (tx, ty) owns columns [c0, c0 + VEC) and rows r_begin + ty, + by, ... of
 // the block's row chunk (blockIdx.y). Column sums: per-thread in registers, then over ty through
-// shared memory in ty order, then (when gridDim.y > 1) over the chunks in chunk order by the last
-// block of each column range: a fixed summation order, so the bias gradient is deterministic.
+// shared memory in ty order, then (when gridDim.y > 1) over the chunks by the last block of each
+// column range, in an order fixed by the grid: the bias gradient is deterministic for a given
+// shape and GPU (no floating-point atomics).
 template <Act A, typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) bwd_prologue_kernel(const BwdPrologueParams p) {
   using acc_t = acc_t_of<T>;
@@ -82,8 +83,8 @@ __global__ void __launch_bounds__(kThreads) bwd_prologue_kernel(const BwdPrologu
     return;
   }
   // Several row chunks: each block publishes its partial sums; the last block to finish for this
-  // column range (a per-column-block counter) adds the partials in chunk order and writes db, then
-  // resets the counter to 0 for the next launch on the stream. One launch, no atomics on data.
+  // column range (a per-column-block counter) adds the partials and writes db, then resets the
+  // counter to 0 for the next launch on the stream. One launch, no atomics on data.
   acc_t* partial = static_cast<acc_t*>(p.partial);
   if (writer) {
 #pragma unroll
@@ -98,16 +99,29 @@ __global__ void __launch_bounds__(kThreads) bwd_prologue_kernel(const BwdPrologu
   __syncthreads();
   if (is_last == 0u) return;
   __threadfence();
-  if (writer) {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      acc_t t = acc_t(0);
-      // __ldcg: read through L2, where the other blocks' partials are (L1 is not coherent).
-      for (unsigned k = 0; k < gridDim.y; ++k) t += __ldcg(partial + static_cast<int64_t>(k) * p.cols + c0 + j);
-      db[c0 + j] = from_acc<T>(t);
-    }
+  // The last block adds the gridDim.y partials of its bx * VEC columns with all 256 threads:
+  // thread tid sums chunks part, part + parts, ... of column cl (loads from different chunks are
+  // independent, so they overlap), then the parts are added in order through shared memory
+  // (free again: every read of `red` above happened before the last barrier).
+  const int tid = ty * bx + tx;
+  const int ncols = bx * VEC;          // a power of two <= 256
+  const int parts = kThreads / ncols;  // so parts * ncols == kThreads
+  const int cl = tid % ncols, part = tid / ncols;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * ncols + cl;
+  acc_t t = acc_t(0);
+  if (c < p.cols) {
+    // __ldcg: read through L2, where the other blocks' partials are (L1 is not coherent).
+#pragma unroll 4
+    for (unsigned k = part; k < gridDim.y; k += parts) t += __ldcg(partial + static_cast<int64_t>(k) * p.cols + c);
   }
-  if (tx == 0 && ty == 0) p.counters[blockIdx.x] = 0u;
+  red[tid] = t;
+  __syncthreads();
+  if (part == 0 && c < p.cols) {
+    acc_t total = acc_t(0);
+    for (int q = 0; q < parts; ++q) total += red[q * ncols + cl];
+    db[c] = from_acc<T>(total);
+  }
+  if (tid == 0) p.counters[blockIdx.x] = 0u;
 }
 
 int bwd_vec(Act act, DType dt, const BwdPrologueParams& p) {
