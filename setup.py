@@ -95,20 +95,32 @@ if with_cuda:
     define_macros.append(("FASTMLP_WITH_CUDA", "1"))
     nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
     nvcc_flags += ["--expt-relaxed-constexpr", "-std=c++17"]
-    # cuBLASLt's header and library may live only in the nvidia/cu13 pip package next to torch.
+    # cuBLAS/cuBLASLt headers and libraries may live only in the nvidia/cu13 pip package next to
+    # torch (the toolkit then lacks them). That folder also holds copies of the CUDA runtime
+    # headers, so it goes in as a *system* include, searched after the toolkit's -I folder: the
+    # toolkit's own headers win and only what it lacks (cublasLt.h, cublas_v2.h, ...) comes from pip.
     if not os.path.isfile(os.path.join(cuda_home, "include", "cublasLt.h")):
+        found = False
         try:
             import nvidia
 
             for base in nvidia.__path__:
                 for sub in ("cu13", "cublas"):
                     inc, lib = os.path.join(base, sub, "include"), os.path.join(base, sub, "lib")
-                    if os.path.isfile(os.path.join(inc, "cublasLt.h")):
-                        include_dirs.append(inc)
+                    if not found and os.path.isfile(os.path.join(inc, "cublasLt.h")):
+                        found = True
+                        cxx_flags += ["-isystem", inc]
+                        nvcc_flags += ["-isystem", inc]
                         library_dirs.append(lib)
                         extra_link.append(f"-Wl,-rpath,{lib}")
         except ImportError:
             pass
+        if not found:
+            fail(
+                f"cublasLt.h is neither in the CUDA toolkit ({cuda_home}) nor in a pip nvidia package. "
+                "Install the toolkit's cuBLAS (e.g. apt install libcublas-dev-13-0) or "
+                "`pip install nvidia-cublas`, or build without CUDA: FASTMLP_CUDA=0."
+            )
     lt_dirs = library_dirs + [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
     if any(os.path.exists(os.path.join(d, "libcublasLt.so")) for d in lt_dirs):
         libraries.append("cublasLt")
