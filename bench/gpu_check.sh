@@ -16,6 +16,14 @@
 #   bench_optim.json       bench/bench_optim.py --device cuda --quick (when that script exists)
 #   gpu_profile.json       kernel launches per call: fastmlp vs eager vs compiled
 #   summary.txt            one line per step: name, exit status, seconds
+#
+# Afterwards (on the session's machine): copy the JSON results worth keeping to bench/results/
+# with the GPU in the name (versions.txt has it), e.g. bench/results/linear_act_h200.json and
+# gpu_profile_h200.json, and commit them.
+#
+# Runtime switches the tests and benchmarks use (read on every call by the CUDA op):
+#   FASTMLP_CUBLASLT=0  force the at::mm + own-kernel fallback; FASTMLP_LT_RELU=0 /
+#   FASTMLP_LT_GELU=0   disable cuBLASLt's RELU / GELU epilogues (e.g. to time both paths).
 set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--keep-going]}
