@@ -429,7 +429,7 @@ def test_op_validation():
     with pytest.raises(ValueError, match="exp_avgs to have 1 tensors"):
         fastmlp.ops.adamw_step_([p], [p], [], [p], [], [torch.zeros(())], [], 0.1, None, 0.9, 0.99,
                                 0.0, 1e-8, False, False, True, None, None)
-    with pytest.raises(TypeError, match="must be float32"):
+    with pytest.raises(ValueError, match="one-element float32 tensor"):
         fastmlp.ops.adamw_step_([p], [p.clone()], [p.clone()], [p.clone()], [], [torch.zeros((), dtype=torch.float64)],
                                 [], 0.1, None, 0.9, 0.99, 0.0, 1e-8, False, False, True, None, None)
     with pytest.raises(ValueError, match="has shape"):
