@@ -499,3 +499,18 @@ def test_capturable_cuda_graph():
     for p, r in zip(params, ref_p):
         torch.testing.assert_close(p.detach(), r.detach())
         assert opt.state[p]["step"].item() == 6
+
+
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_sparse_grad_error_after_fast_path(cls):
+    # Once the tensor lists are cached a sparse grad reaches the op first; the error is still torch's.
+    def run(c, **kw):
+        p = torch.zeros(4, 2, requires_grad=True)
+        opt = c([p], lr=0.1, **kw)
+        p.grad = torch.ones(4, 2)
+        opt.step()
+        opt.step()
+        p.grad = torch.ones(4, 2).to_sparse()
+        opt.step()
+
+    _raises_like(lambda: run(cls), lambda: run(TORCH_CLS[cls], fused=True))

@@ -485,4 +485,12 @@ TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
   m.impl("sgd_step_", &sgd_step_cpu);
 }
 
+// Optimizer steps are not differentiable and fastmlp.optim calls them under no_grad. Without a
+// kernel here every call runs autograd's not-implemented fallback, which walks all (hundreds of)
+// tensor arguments; a fallthrough skips it. Version counters are still bumped (ADInplaceOrView).
+TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
+  m.impl("adamw_step_", torch::CppFunction::makeFallthrough());
+  m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
+}
+
 }  // namespace fastmlp

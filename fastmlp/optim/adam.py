@@ -115,14 +115,19 @@ class _FusedAdamBase:
         cached = self._fm_cache.get(id(group))
         if cached is not None and cached[0] is group and cached[1] == group["amsgrad"]:
             grads = [p.grad for p in params]
-            for g in grads:
-                if g is None or g.is_sparse:
-                    break
-            else:
+            # Sparse grads are refused by the op before it changes anything; the general path
+            # then raises torch's own error for them.
+            if not any(g is None for g in grads):
                 n = len(params)
-                for b in cached[2]:
-                    self._fm_launch(group, b.device, b.params, pick(grads, b.idx, n), b.exp_avgs,
-                                    b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters, grad_scale, found_inf)
+                try:
+                    for b in cached[2]:
+                        self._fm_launch(group, b.device, b.params, pick(grads, b.idx, n), b.exp_avgs,
+                                        b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters, grad_scale,
+                                        found_inf)
+                except RuntimeError:
+                    if not any(g.is_sparse for g in grads):
+                        raise
+                    self._fm_step_group_general(group, grad_scale, found_inf)
                 return
         self._fm_step_group_general(group, grad_scale, found_inf)
 

@@ -97,14 +97,18 @@ class SGD(torch.optim.SGD):
         has_momentum = group["momentum"] != 0
         if cached is not None and cached[0] is group and cached[1] == has_momentum:
             grads = [p.grad for p in params]
-            for g in grads:
-                if g is None or g.is_sparse:
-                    break
-            else:
+            # Sparse grads are refused by the op before it changes anything; the general path
+            # then raises torch's own error for them.
+            if not any(g is None for g in grads):
                 n = len(params)
-                for device, idx, bp, bufs, masters in cached[2]:
-                    self._fm_launch(group, device, bp, pick(grads, idx, n), bufs, masters, False,
-                                    grad_scale, found_inf)
+                try:
+                    for device, idx, bp, bufs, masters in cached[2]:
+                        self._fm_launch(group, device, bp, pick(grads, idx, n), bufs, masters, False,
+                                        grad_scale, found_inf)
+                except RuntimeError:
+                    if not any(g.is_sparse for g in grads):
+                        raise
+                    self._fm_step_group_general(group, grad_scale, found_inf)
                 return
         self._fm_step_group_general(group, grad_scale, found_inf)
 
