@@ -17,8 +17,10 @@
 // and dense, all members of one parameter sharing one stride order), so a parameter is a flat
 // array. make_dense() makes it so with contiguous copies for the rare parameter where it is not.
 //
-// This file also holds the host-side validation and the dense-layout helper shared with
-// csrc/cuda/optim.cu (declared there), so that CPU and CUDA fail with the same messages.
+// This file also holds the CUDA host entry functions (validation, dense-layout fix-up, stream,
+// dispatcher registration) for the kernels in csrc/cuda/optim.cu, so that CPU and CUDA share one
+// validation with one set of messages; csrc/cuda/multi_tensor_apply.cuh says why the .cu file
+// itself holds kernels only.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -29,6 +31,13 @@
 #include <vector>
 
 #include "../checks.h"
+
+#ifdef FASTMLP_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../cuda/multi_tensor_apply.cuh"
+#endif
 
 namespace fastmlp {
 
@@ -197,15 +206,6 @@ DenseGroup make_dense(const std::vector<at::TensorList>& slots, const std::vecto
     }
   }
   return d;
-}
-
-// The same for callers that cannot see DenseGroup (csrc/cuda/optim.cu declares this one).
-void make_dense_lists(const std::vector<at::TensorList>& slots, const std::vector<bool>& mutated,
-                      std::vector<std::vector<at::Tensor>>& work,
-                      std::vector<std::pair<at::Tensor, at::Tensor>>& copy_back) {
-  DenseGroup d = make_dense(slots, mutated);
-  work = std::move(d.work);
-  copy_back = std::move(d.copy_back);
 }
 
 namespace {
@@ -492,5 +492,105 @@ TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
   m.impl("adamw_step_", torch::CppFunction::makeFallthrough());
   m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
 }
+
+#ifdef FASTMLP_WITH_CUDA
+namespace {
+
+cuda_optim::DType cuda_dtype(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return cuda_optim::DType::Float;
+    case at::kDouble: return cuda_optim::DType::Double;
+    case at::kHalf: return cuda_optim::DType::Half;
+    case at::kBFloat16: return cuda_optim::DType::BFloat16;
+    default: TORCH_CHECK_TYPE(false, "fastmlp optimizers: unsupported dtype ", st);
+  }
+}
+
+cuda_optim::DeviceScalars device_scalars(double lr, const std::optional<at::Tensor>& lr_tensor,
+                                         const std::optional<at::Tensor>& grad_scale,
+                                         const std::optional<at::Tensor>& found_inf) {
+  cuda_optim::DeviceScalars s{lr, nullptr, nullptr, nullptr, nullptr};
+  if (lr_tensor.has_value()) {
+    if (lr_tensor->is_cpu()) s.lr = lr_tensor->item<double>();  // a host value: no device sync
+    else if (lr_tensor->scalar_type() == at::kFloat) s.lr_f = lr_tensor->data_ptr<float>();
+    else s.lr_d = lr_tensor->data_ptr<double>();
+  }
+  if (grad_scale.has_value()) s.grad_scale = grad_scale->data_ptr<float>();
+  if (found_inf.has_value()) s.found_inf = found_inf->data_ptr<float>();
+  return s;
+}
+
+template <typename T>
+T* raw_or_null(const std::vector<at::Tensor>& v, size_t i) {
+  return v.empty() ? nullptr : static_cast<T*>(v[i].data_ptr());
+}
+
+void check_cuda(const char* err, const char* op) {
+  TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+}
+
+void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                     at::TensorList state_steps, at::TensorList master_params, double lr,
+                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                     double weight_decay, double eps, bool amsgrad, bool maximize,
+                     bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf) {
+  check_adamw_step_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                        master_params, lr_tensor, amsgrad, grad_scale, found_inf);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  cuda_optim::AdamArgs args{device_scalars(lr, lr_tensor, grad_scale, found_inf), beta1, beta2,
+                            weight_decay, eps, amsgrad, maximize, decoupled_weight_decay};
+  const size_t n = params.size();
+  std::vector<float*> steps(n);
+  for (size_t i = 0; i < n; ++i) steps[i] = state_steps[i].data_ptr<float>();
+  check_cuda(cuda_optim::increment_steps(steps.data(), static_cast<int>(n), args.s.found_inf, stream), kAdamW);
+  DenseGroup d = make_dense({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params},
+                            {true, false, true, true, true, true});
+  std::vector<cuda_optim::TensorPtrs> tp(n);
+  for (size_t i = 0; i < n; ++i) {
+    tp[i] = {d.work[0][i].data_ptr(), d.work[1][i].data_ptr(), d.work[2][i].data_ptr(),
+             d.work[3][i].data_ptr(), raw_or_null<void>(d.work[4], i), raw_or_null<float>(d.work[5], i),
+             steps[i], d.work[0][i].numel()};
+  }
+  check_cuda(cuda_optim::adam_step(tp.data(), static_cast<int>(n), cuda_dtype(params[0].scalar_type()),
+                                   !master_params.empty(), args, stream), kAdamW);
+  d.finish();
+}
+
+void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   at::TensorList master_params, double lr,
+                   const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                   double weight_decay, bool nesterov, bool maximize, bool is_first_step,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  check_sgd_step_args(params, grads, momentum_buffers, master_params, lr_tensor, grad_scale,
+                      found_inf);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  cuda_optim::SGDArgs args{device_scalars(lr, lr_tensor, grad_scale, found_inf), momentum, dampening,
+                           weight_decay, nesterov, maximize, is_first_step, !momentum_buffers.empty()};
+  DenseGroup d = make_dense({params, grads, momentum_buffers, master_params}, {true, false, true, true});
+  const size_t n = params.size();
+  std::vector<cuda_optim::TensorPtrs> tp(n);
+  for (size_t i = 0; i < n; ++i) {
+    tp[i] = {d.work[0][i].data_ptr(), d.work[1][i].data_ptr(), raw_or_null<void>(d.work[2], i),
+             nullptr, nullptr, raw_or_null<float>(d.work[3], i), nullptr, d.work[0][i].numel()};
+  }
+  check_cuda(cuda_optim::sgd_step(tp.data(), static_cast<int>(n), cuda_dtype(params[0].scalar_type()),
+                                  !master_params.empty(), args, stream), kSGD);
+  d.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) {
+  m.impl("adamw_step_", &adamw_step_cuda);
+  m.impl("sgd_step_", &sgd_step_cuda);
+}
+#endif  // FASTMLP_WITH_CUDA
 
 }  // namespace fastmlp
