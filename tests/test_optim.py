@@ -514,3 +514,27 @@ def test_sparse_grad_error_after_fast_path(cls):
         opt.step()
 
     _raises_like(lambda: run(cls), lambda: run(TORCH_CLS[cls], fused=True))
+
+
+def _opcheck_args(device, amsgrad, master):
+    dtype = torch.bfloat16 if master else torch.float32
+    sdt = torch.float32 if master else dtype
+    ps = [torch.randn(5, 3, device=device, dtype=dtype), torch.randn(7, device=device, dtype=dtype)]
+    st = lambda: [torch.rand(p.shape, device=device, dtype=sdt) for p in ps]  # noqa: E731
+    return (ps, [torch.randn_like(p) for p in ps], st(), st(), st() if amsgrad else [],
+            [torch.full((), 2.0, device=device) for _ in ps], [p.float() for p in ps] if master else [],
+            0.01, None, 0.9, 0.99, 0.1, 1e-8, amsgrad, False, True, None, None)
+
+
+@pytest.mark.parametrize("amsgrad,master", [(False, False), (True, True)])
+def test_opcheck_adamw_step(device, amsgrad, master):
+    # Schema (mutation annotations) and fake kernel agree with the real kernel.
+    torch.library.opcheck(torch.ops.fastmlp.adamw_step_.default, _opcheck_args(device, amsgrad, master),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_sgd_step(device):
+    ps = [torch.randn(5, 3, device=device), torch.randn(7, device=device)]
+    args = (ps, [torch.randn_like(p) for p in ps], [torch.randn_like(p) for p in ps], [], 0.01, None, 0.9,
+            0.0, 0.1, True, False, False, None, None)
+    torch.library.opcheck(torch.ops.fastmlp.sgd_step_.default, args, test_utils=("test_schema", "test_faketensor"))
