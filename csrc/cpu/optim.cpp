@@ -210,7 +210,7 @@ DenseGroup make_dense(const std::vector<at::TensorList>& slots, const std::vecto
 
 namespace {
 
-// Elements per work item: 16k fp32 elements are 448 bytes x 1024 of traffic, ~5 us of work,
+// Elements per work item: 16k fp32 parameters are ~460 KB of traffic, a few us of work,
 // large enough to amortise the item bookkeeping and small enough to balance 670k parameters over
 // the cores.
 constexpr int64_t kChunk = 16384;
@@ -220,15 +220,25 @@ struct Item {
   int64_t begin, end;
 };
 
-std::vector<Item> make_items(const std::vector<at::Tensor>& params) {
+struct Items {
   std::vector<Item> items;
+  int64_t grain;  // items per task handed to at::parallel_for
+};
+
+Items make_items(const std::vector<at::Tensor>& params) {
+  Items r;
+  int64_t total = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].numel();
+    total += n;
     for (int64_t b = 0; b < n; b += kChunk) {
-      items.push_back({static_cast<int32_t>(i), b, std::min(n, b + kChunk)});
+      r.items.push_back({static_cast<int32_t>(i), b, std::min(n, b + kChunk)});
     }
   }
-  return items;
+  // Below two chunks of work a parallel region (a few us to wake the pool) costs more than it
+  // saves: run inline.
+  r.grain = total < 2 * kChunk ? std::max<int64_t>(1, r.items.size()) : 1;
+  return r;
 }
 
 template <typename T>
@@ -293,7 +303,7 @@ void adam_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
 }
 
 template <typename scalar_t, typename state_t, bool AMSGRAD, bool MASTER>
-void adam_run(const DenseGroup& d, const std::vector<Item>& items,
+void adam_run(const DenseGroup& d, const Items& items,
               const std::vector<AdamScalars<at::opmath_type<scalar_t>>>& scalars,
               const AdamConsts<at::opmath_type<scalar_t>>& c) {
   const auto& P = d.work[0];
@@ -302,9 +312,9 @@ void adam_run(const DenseGroup& d, const std::vector<Item>& items,
   const auto& V = d.work[3];
   const auto& VM = d.work[4];
   const auto& MS = d.work[5];
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, static_cast<int64_t>(items.items.size()), items.grain, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
-      const Item& it = items[k];
+      const Item& it = items.items[k];
       const size_t i = it.tensor;
       adam_chunk<scalar_t, state_t, AMSGRAD, MASTER>(
           static_cast<scalar_t*>(P[i].data_ptr()), static_cast<const scalar_t*>(G[i].data_ptr()),
@@ -315,7 +325,7 @@ void adam_run(const DenseGroup& d, const std::vector<Item>& items,
 }
 
 template <typename scalar_t, typename state_t, bool MASTER>
-void adam_dispatch(const DenseGroup& d, const std::vector<Item>& items, bool amsgrad,
+void adam_dispatch(const DenseGroup& d, const Items& items, bool amsgrad,
                    const std::vector<double>& steps, double lr, double beta1, double beta2,
                    double weight_decay, double eps, bool maximize, bool decoupled, double gscale) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -372,7 +382,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   DenseGroup d = make_dense({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params},
                             {true, false, true, true, true, true});
-  const std::vector<Item> items = make_items(d.work[0]);
+  const Items items = make_items(d.work[0]);
   const bool master = !master_params.empty();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adamw_step_cpu", [&] {
     if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
@@ -417,15 +427,15 @@ void sgd_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t
 }
 
 template <typename scalar_t, typename state_t, bool MOMENTUM, bool FIRST, bool NESTEROV, bool MASTER>
-void sgd_run(const DenseGroup& d, const std::vector<Item>& items,
+void sgd_run(const DenseGroup& d, const Items& items,
              const SGDConsts<at::opmath_type<scalar_t>>& c) {
   const auto& P = d.work[0];
   const auto& G = d.work[1];
   const auto& B = d.work[2];
   const auto& MS = d.work[3];
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, static_cast<int64_t>(items.items.size()), items.grain, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
-      const Item& it = items[k];
+      const Item& it = items.items[k];
       const size_t i = it.tensor;
       sgd_chunk<scalar_t, state_t, MOMENTUM, FIRST, NESTEROV, MASTER>(
           static_cast<scalar_t*>(P[i].data_ptr()), static_cast<const scalar_t*>(G[i].data_ptr()),
@@ -435,7 +445,7 @@ void sgd_run(const DenseGroup& d, const std::vector<Item>& items,
 }
 
 template <typename scalar_t, typename state_t, bool MASTER>
-void sgd_dispatch(const DenseGroup& d, const std::vector<Item>& items, bool has_momentum,
+void sgd_dispatch(const DenseGroup& d, const Items& items, bool has_momentum,
                   bool first, bool nesterov, const SGDConsts<at::opmath_type<scalar_t>>& c) {
   if (!has_momentum) return sgd_run<scalar_t, state_t, false, false, false, MASTER>(d, items, c);
   if (first) {
@@ -459,7 +469,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   const double gscale = inv_scale(grad_scale);
   lr = read_lr(lr, lr_tensor);
   DenseGroup d = make_dense({params, grads, momentum_buffers, master_params}, {true, false, true, true});
-  const std::vector<Item> items = make_items(d.work[0]);
+  const Items items = make_items(d.work[0]);
   const bool master = !master_params.empty();
   const bool has_momentum = !momentum_buffers.empty();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step_cpu", [&] {

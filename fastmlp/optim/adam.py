@@ -113,7 +113,8 @@ class _FusedAdamBase:
     def _fm_step_group(self, group, grad_scale, found_inf):
         params = group["params"]
         cached = self._fm_cache.get(id(group))
-        if cached is not None and cached[0] is group and cached[1] == group["amsgrad"]:
+        if (cached is not None and cached[0] is group and cached[1] == group["amsgrad"]
+                and cached[3] == len(params)):
             grads = [p.grad for p in params]
             # Sparse grads are refused by the op before it changes anything; the general path
             # then raises torch's own error for them.
@@ -164,7 +165,7 @@ class _FusedAdamBase:
             _Bucket(device, idx, params, self.state, amsgrad, self._fm_uses_master(dtype))
             for (device, dtype), idx in group_by_device_dtype(params).items()
         ]
-        self._fm_cache[id(group)] = (group, amsgrad, buckets)
+        self._fm_cache[id(group)] = (group, amsgrad, buckets, len(params))
 
     def _fm_launch(self, group, device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                    masters, grad_scale, found_inf):

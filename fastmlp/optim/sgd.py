@@ -95,7 +95,8 @@ class SGD(torch.optim.SGD):
         params = group["params"]
         cached = self._fm_cache.get(id(group))
         has_momentum = group["momentum"] != 0
-        if cached is not None and cached[0] is group and cached[1] == has_momentum:
+        if (cached is not None and cached[0] is group and cached[1] == has_momentum
+                and cached[3] == len(params)):
             grads = [p.grad for p in params]
             # Sparse grads are refused by the op before it changes anything; the general path
             # then raises torch's own error for them.
@@ -166,7 +167,7 @@ class SGD(torch.optim.SGD):
             bufs = [self.state[p]["momentum_buffer"] for p in bp] if has_momentum else []
             masters = [self.state[p]["master_param"] for p in bp] if self._fm_uses_master(dtype) else []
             buckets.append((device, idx, bp, bufs, masters))
-        self._fm_cache[id(group)] = (group, has_momentum, buckets)
+        self._fm_cache[id(group)] = (group, has_momentum, buckets, len(params))
 
     def _fm_launch(self, group, device, params, grads, bufs, masters, is_first, grad_scale, found_inf):
         lr, lr_tensor = lr_args(group["lr"], device)
