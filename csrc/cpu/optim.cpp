@@ -512,7 +512,8 @@ TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
 
 // Optimizer steps are not differentiable and fastmlp.optim calls them under no_grad. Without a
 // kernel here every call runs autograd's not-implemented fallback, which walks all (hundreds of)
-// tensor arguments; a fallthrough skips it. Version counters are still bumped (ADInplaceOrView).
+// tensor arguments; a fallthrough skips it. Like torch's own fused optimizers (_fused_adamw_), the
+// step does not bump the parameters' version counters.
 TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
   m.impl("adamw_step_", torch::CppFunction::makeFallthrough());
   m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
