@@ -93,3 +93,58 @@ def _linear_act_backward_fake(grad_output, input, weight, output, saved, activat
         grad_output.new_empty(weight.shape) if output_mask[1] else empty,
         grad_output.new_empty((weight.shape[0],)) if output_mask[2] else grad_output.new_empty((0,)),
     )
+
+
+# ---- optimizers ----
+# Fused multi-tensor optimizer steps (schemas and semantics in csrc/ops.cpp; front doors in
+# fastmlp/optim). Mutable ops returning nothing: the fake kernels only mirror the list-length,
+# shape and dtype rules of check_adamw_step_args / check_sgd_step_args in csrc/cpu/optim.cpp.
+
+adamw_step_ = torch.ops.fastmlp.adamw_step_.default
+sgd_step_ = torch.ops.fastmlp.sgd_step_.default
+
+
+def _check_optim_lists(op, params, named_lists):
+    n = len(params)
+    for name, lst, optional in named_lists:
+        if optional and len(lst) == 0:
+            continue
+        if len(lst) != n:
+            raise ValueError(f"{op}: expected {name} to have {n} tensors (one per parameter), got {len(lst)}")
+        for i, (p, t) in enumerate(zip(params, lst)):
+            torch._check(
+                t.shape == p.shape,
+                lambda: f"{op}: {name}[{i}] has shape {list(t.shape)} but params[{i}] has shape {list(p.shape)}",
+            )
+
+
+@torch.library.register_fake("fastmlp::adamw_step_")
+def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
+                     lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+                     decoupled_weight_decay, grad_scale, found_inf):
+    op = "fastmlp.adamw_step_"
+    _check_optim_lists(op, params, [("grads", grads, False), ("exp_avgs", exp_avgs, False),
+                                    ("exp_avg_sqs", exp_avg_sqs, False),
+                                    ("max_exp_avg_sqs", max_exp_avg_sqs, not amsgrad),
+                                    ("master_params", master_params, True)])
+    if len(state_steps) != len(params):
+        raise ValueError(f"{op}: expected state_steps to have {len(params)} tensors (one per parameter), "
+                         f"got {len(state_steps)}")
+    for p in params:
+        if p.dtype not in _FLOATING:
+            raise TypeError(f"{op}: params must be a floating-point tensor (float32, float64, float16 or "
+                            f"bfloat16), got {p.dtype}")
+    return None
+
+
+@torch.library.register_fake("fastmlp::sgd_step_")
+def _sgd_step_fake(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening,
+                   weight_decay, nesterov, maximize, is_first_step, grad_scale, found_inf):
+    op = "fastmlp.sgd_step_"
+    _check_optim_lists(op, params, [("grads", grads, False), ("momentum_buffers", momentum_buffers, True),
+                                    ("master_params", master_params, True)])
+    for p in params:
+        if p.dtype not in _FLOATING:
+            raise TypeError(f"{op}: params must be a floating-point tensor (float32, float64, float16 or "
+                            f"bfloat16), got {p.dtype}")
+    return None
