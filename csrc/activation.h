@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FASTMLP_HD __host__ __device__ __forceinline__
@@ -24,6 +25,19 @@
 namespace fastmlp {
 
 enum class Act : int64_t { None = 0, Relu = 1, Gelu = 2, GeluTanh = 3, Silu = 4 };
+
+// Runtime activation -> compile-time template argument: f(std::integral_constant<Act, A>{}).
+// act has been validated by parse_activation, so None is the only fall-through.
+template <typename F>
+inline auto dispatch_act(Act act, F&& f) -> decltype(f(std::integral_constant<Act, Act::None>{})) {
+  switch (act) {
+    case Act::Relu: return f(std::integral_constant<Act, Act::Relu>{});
+    case Act::Gelu: return f(std::integral_constant<Act, Act::Gelu>{});
+    case Act::GeluTanh: return f(std::integral_constant<Act, Act::GeluTanh>{});
+    case Act::Silu: return f(std::integral_constant<Act, Act::Silu>{});
+    default: return f(std::integral_constant<Act, Act::None>{});
+  }
+}
 
 // Whether the backward of this activation needs the pre-activation z saved by the forward.
 inline bool act_saves_preactivation(Act a) {

@@ -127,17 +127,6 @@ inline int64_t leading_rows(const at::Tensor& t) {
   return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
-template <typename F>
-void dispatch_act(Act act, F&& f) {
-  switch (act) {
-    case Act::None: return f(std::integral_constant<Act, Act::None>{});
-    case Act::Relu: return f(std::integral_constant<Act, Act::Relu>{});
-    case Act::Gelu: return f(std::integral_constant<Act, Act::Gelu>{});
-    case Act::GeluTanh: return f(std::integral_constant<Act, Act::GeluTanh>{});
-    case Act::Silu: return f(std::integral_constant<Act, Act::Silu>{});
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> linear_act_forward_cpu(const at::Tensor& input,
                                                           const at::Tensor& weight,
                                                           const std::optional<at::Tensor>& bias,

@@ -72,18 +72,7 @@ inline int vec_for(DType dt, int64_t cols, bool pointers_aligned) {
   return (pointers_aligned && cols % v == 0) ? v : 1;
 }
 
-// Runtime (act, dtype, vectorised) -> template instantiation.
-template <typename F>
-inline cudaError_t dispatch_act(Act act, F&& f) {
-  switch (act) {
-    case Act::None: return f(std::integral_constant<Act, Act::None>{});
-    case Act::Relu: return f(std::integral_constant<Act, Act::Relu>{});
-    case Act::Gelu: return f(std::integral_constant<Act, Act::Gelu>{});
-    case Act::GeluTanh: return f(std::integral_constant<Act, Act::GeluTanh>{});
-    case Act::Silu: return f(std::integral_constant<Act, Act::Silu>{});
-  }
-  return cudaErrorInvalidValue;
-}
+// dispatch_act (runtime activation -> template argument) comes from activation.h.
 
 template <typename T> struct TypeTag { using type = T; };
 
