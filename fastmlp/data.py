@@ -24,8 +24,11 @@ FILES = {
 }
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
-# IDX magic numbers: two zero bytes, the element type (0x08 = uint8), then the number of dimensions.
-_MAGIC = {1: 0x00000801, 3: 0x00000803}
+
+
+def _magic(ndim):
+    # IDX magic number: two zero bytes, the element type (0x08 = uint8), then the number of dimensions.
+    return 0x00000800 | ndim
 
 
 class DataError(RuntimeError):
@@ -69,9 +72,9 @@ def read_idx(path, ndim):
     if len(data) < header:
         raise DataError(f"{path} is truncated: {len(data)} bytes, shorter than its {header}-byte IDX header.")
     magic = int.from_bytes(data[:4], "big")
-    if magic != _MAGIC[ndim]:
+    if magic != _magic(ndim):
         raise DataError(
-            f"{path} has a bad magic number 0x{magic:08x}: expected 0x{_MAGIC[ndim]:08x} (an IDX file of uint8 "
+            f"{path} has a bad magic number 0x{magic:08x}: expected 0x{_magic(ndim):08x} (an IDX file of uint8 "
             f"with {ndim} dimension{'s' if ndim > 1 else ''}). The file is corrupt or is not the file its name says."
         )
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]

@@ -13,7 +13,7 @@
 Everything is kept on the device and read back once per monitored step.
 """
 
-import math
+import warnings
 
 import torch
 from torch import nn
@@ -195,12 +195,14 @@ class AnomalyGuard:
         try:
             for n, m in leaves:
                 handles.append(m.register_forward_hook(fwd(n)))
-                if any(True for _ in m.parameters(recurse=False)) or isinstance(m, _ACTS):
-                    handles.append(m.register_full_backward_hook(bwd(n)))
+                handles.append(m.register_full_backward_hook(bwd(n)))
                 for pn, p in m.named_parameters(recurse=False):
                     if p.requires_grad:
                         handles.append(p.register_hook(pgrad(n, pn)))
-            loss = replay()
+            with warnings.catch_warnings():
+                # The first layer's input needs no gradient; torch warns that its hook sees outputs only.
+                warnings.simplefilter("ignore", UserWarning)
+                loss = replay()
             if not events and loss is not None and not _finite(loss.detach()):
                 return None, "the loss (every layer's output was finite: check the labels and the loss inputs)"
         finally:
