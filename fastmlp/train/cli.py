@@ -116,11 +116,12 @@ def print_compare(results):
           f"(median {t['seconds_per_epoch_median'] / f['seconds_per_epoch_median']:.2f}x)")
 
 
-def check_overfit(cfg, samples=64, max_steps=500, target_loss=0.01, out=sys.stdout):
+def check_overfit(cfg, samples=64, max_steps=500, target_loss=0.01, out=None):
     """Overfit one batch with dropout, label smoothing, weight decay and the schedule switched off.
     Returns (passed, final loss, steps)."""
     from .engine import build_model, build_optimizer, load_data, resolve_device  # noqa: PLC0415
 
+    out = out or sys.stdout
     cfg = dataclasses.replace(cfg, dropout=0.0, label_smoothing=0.0, weight_decay=0.0).validate()
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
@@ -152,13 +153,14 @@ def check_overfit(cfg, samples=64, max_steps=500, target_loss=0.01, out=sys.stdo
     return passed, loss_v, step
 
 
-def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=sys.stdout):
+def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=None):
     """Exponentially increasing lr, one batch per step; stops when the smoothed loss passes 4x its
     best. Suggests the lr of the steepest descent of the smoothed loss. Returns a dict."""
     from .engine import build_model, build_optimizer, load_data, new_run_dir, resolve_device  # noqa: PLC0415
     from .checkpoint import atomic_write_json  # noqa: PLC0415
     from .plots import plot_lr_find  # noqa: PLC0415
 
+    out = out or sys.stdout
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"--start-lr and --end-lr must satisfy 0 < start < end, got {start_lr}, {end_lr}")
     if num_steps < 5:

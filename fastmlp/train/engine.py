@@ -179,7 +179,7 @@ class Trainer:
 
     # ---- resume ------------------------------------------------------------------------------
     @classmethod
-    def resume(cls, run_dir, out=None, overrides=None):
+    def resume(cls, run_dir, out=None, overrides=None, data=None):
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise FileNotFoundError(f"--resume: {run_dir} is not a run folder")
@@ -187,7 +187,7 @@ class Trainer:
         cfg_dict = dict(ck["config"])
         cfg_dict.update(overrides or {})
         cfg = TrainConfig.from_dict(cfg_dict, source=f"{run_dir / CHECKPOINT}")
-        return cls(cfg, run_dir=run_dir, out=out, _checkpoint=ck)
+        return cls(cfg, run_dir=run_dir, out=out, data=data, _checkpoint=ck)
 
     def _restore(self, ck):
         self.model.load_state_dict(ck["model"])
@@ -309,7 +309,7 @@ class Trainer:
 
     def _anomaly(self, xb, yb, rng, context):
         self.monitor.after_step()
-        step = self.global_step
+        step = self.global_step + 1  # numbered from 1, as in metrics.jsonl
 
         def replay():
             self.optimizer.zero_grad(set_to_none=True)
