@@ -284,7 +284,8 @@ class Trainer:
     def train_step(self, xb, yb, context=""):
         """One optimizer step on the batch (split into accum_steps micro-batches)."""
         cfg = self.cfg
-        rng = torch.get_rng_state() if self.guard is not None else None
+        # Dropout's RNG state, for replaying this very step if the guard fires (a host-side copy, no sync).
+        rng = self._rng_state() if self.guard is not None else None
         self.monitor.begin(self.global_step)
         loss = self._forward_backward(xb, yb)
         fp16 = self.scaler.is_enabled()
@@ -307,13 +308,23 @@ class Trainer:
         mon = self.monitor.after_step()
         return loss, gnorm, lr, mon
 
+    def _rng_state(self):
+        if self.device.type == "cuda":
+            return torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state(), None
+
+    def _set_rng_state(self, state):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
     def _anomaly(self, xb, yb, rng, context):
         self.monitor.after_step()
         step = self.global_step + 1  # numbered from 1, as in metrics.jsonl
 
         def replay():
             self.optimizer.zero_grad(set_to_none=True)
-            torch.set_rng_state(rng)
+            self._set_rng_state(rng)
             return self._forward_backward(xb, yb)
 
         self._flush()
