@@ -67,6 +67,7 @@ def write_plots(run_dir, steps, epochs, monitor):
                 ax.set_yscale("log")
             if ax.get_lines():
                 ax.legend(fontsize=7)
+        fig.tight_layout()
         _save(fig, run_dir / "layers.png"); out.append(run_dir / "layers.png")
         plt.close(fig)
         # The per-layer gradient norms also get a plot of their own, the one most often looked at.
