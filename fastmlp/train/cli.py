@@ -174,7 +174,9 @@ def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=None):
     order = data.train.permutation(cfg.seed, 0)
     batches = data.train.batches(cfg.batch_size, order)
     lrs, losses, smoothed = [], [], []
-    avg, best, beta = 0.0, math.inf, 0.98
+    # An averaging window of ~5% of the sweep: long enough to steady the curve, short enough that
+    # it still rises before an adaptive optimizer (which recovers from the spike) pulls the loss back.
+    avg, best, beta = 0.0, math.inf, 1 - 1 / max(5, num_steps // 20)
     model.train()
     for i in range(num_steps):
         try:
@@ -196,7 +198,7 @@ def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=None):
         sm = avg / (1 - beta ** (i + 1))
         lrs.append(lr), losses.append(v), smoothed.append(sm)
         best = min(best, sm)
-        if sm > 4 * best and i > 10:
+        if (sm > 4 * best or v > 10 * best) and i > 10:
             break
     suggestion = None
     if len(smoothed) > 10:

@@ -88,6 +88,8 @@ def plot_lr_find(path, lrs, losses, smoothed, suggestion):
     ax.plot(lrs, smoothed, label="smoothed loss")
     if suggestion:
         ax.axvline(suggestion, color="r", ls="--", label=f"suggested lr {suggestion:.2e}")
+    if smoothed:
+        ax.set_ylim(min(smoothed) * 0.9, max(smoothed[0] * 1.5, min(smoothed) * 1.5))
     ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("loss"), ax.grid(alpha=0.3), ax.legend()
     _save(fig, Path(path))
     plt.close(fig)
