@@ -235,6 +235,9 @@ def main(argv=None):
     except (ConfigError, FileNotFoundError) as e:
         print(f"fastmlp {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable --out-dir, a full disk: say which path, no traceback
+        print(f"fastmlp {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR if a checkpoint was written", file=sys.stderr)
         return 130
