@@ -106,12 +106,11 @@ def print_compare(results):
     rows = [("final test acc", f"{t['final_test_acc']:.4f}", f"{f['final_test_acc']:.4f}"),
             ("s / epoch (mean)", f"{t['seconds_per_epoch']:.3f}", f"{f['seconds_per_epoch']:.3f}"),
             ("s / epoch (median)", f"{t['seconds_per_epoch_median']:.3f}", f"{f['seconds_per_epoch_median']:.3f}"),
-            ("samples / s", f"{t['samples_per_s']:.0f}", f"{f['samples_per_s']:.0f}"),
-            ("run folder", t["run_dir"], f["run_dir"])]
-    w = max(len(r[1]) for r in rows)
-    print(f"\n{'':20s} {'torch':>{w}s}   {'fastmlp':s}")
+            ("samples / s", f"{t['samples_per_s']:.0f}", f"{f['samples_per_s']:.0f}")]
+    print(f"\n{'':20s} {'torch':>10s} {'fastmlp':>10s}")
     for name, a, b in rows:
-        print(f"{name:20s} {a:>{w}s}   {b}")
+        print(f"{name:20s} {a:>10s} {b:>10s}")
+    print(f"run folders: {t['run_dir']}  {f['run_dir']}")
     print(f"speedup (torch s/epoch / fastmlp s/epoch): {t['seconds_per_epoch'] / f['seconds_per_epoch']:.2f}x "
           f"(median {t['seconds_per_epoch_median'] / f['seconds_per_epoch_median']:.2f}x)")
 
