@@ -32,10 +32,11 @@ inline bool act_saves_preactivation(Act a) {
 
 namespace math {
 
-constexpr float kSqrt1_2 = 0.70710678118654752440f;
-constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1/sqrt(2*pi)
-constexpr float kSqrt2_Pi = 0.79788456080286535588f;    // sqrt(2/pi)
-constexpr float kGeluTanhC = 0.044715f;
+// double so that the double kernels get full precision; T(k) rounds them once for float.
+constexpr double kSqrt1_2 = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // 1/sqrt(2*pi)
+constexpr double kSqrt2_Pi = 0.79788456080286535588;    // sqrt(2/pi)
+constexpr double kGeluTanhC = 0.044715;
 
 #if defined(__CUDA_ARCH__)
 __device__ __forceinline__ float exp(float x) { return ::expf(x); }

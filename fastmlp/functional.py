@@ -1,7 +1,5 @@
 """Functional forms of the fused ops (like torch.nn.functional)."""
 
-import torch
-
 from . import ops
 
 __all__ = ["linear_act"]
@@ -14,7 +12,6 @@ def linear_act(input, weight, bias=None, activation="relu"):
     activation: "none", "relu", "gelu" (exact, erf), "gelu_tanh" (tanh approximation) or "silu".
     Same result as ``act(torch.nn.functional.linear(input, weight, bias))``.
     """
-    save = torch.is_grad_enabled() and (
-        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    return ops.linear_act_forward(input, weight, bias, activation, save)[0]
+    # save_for_backward=False: the C++ autograd kernel turns it on when a gradient can flow, so
+    # inference skips writing the pre-activation.
+    return ops.linear_act_forward(input, weight, bias, activation, False)[0]

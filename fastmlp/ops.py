@@ -1,7 +1,9 @@
-"""Python side of the fastmlp ops: fake kernels, autograd formulas.
+"""Python side of the fastmlp ops: fake kernels.
 
 The only Python file that names a C++ op. Schemas live in csrc/ops.cpp, kernels in csrc/cpu and
-csrc/cuda, autocast rules in csrc/autocast.cpp. The fake kernels mirror the C++ host checks
+csrc/cuda, autocast rules in csrc/autocast.cpp, autograd in csrc/autograd.cpp (in C++ rather than
+torch.library.register_autograd: the Python autograd wrapper cost more per call than a small
+layer's whole forward; the numbers are in that file). The fake kernels mirror the C++ host checks
 (shape and dtype only) so that eager, torch.compile and export fail alike.
 """
 
@@ -93,37 +95,56 @@ def _linear_act_backward_fake(grad_output, input, weight, output, saved, activat
     )
 
 
-def _forward_setup_context(ctx, inputs, output):
-    input, weight, bias, activation, _ = inputs
-    y, saved = output
-    ctx.activation = activation
-    ctx.save_for_backward(input, weight, y if activation == "relu" else None, saved)
+# ---- optimizers ----
+# Fused multi-tensor optimizer steps (schemas and semantics in csrc/ops.cpp; front doors in
+# fastmlp/optim). Mutable ops returning nothing: the fake kernels only mirror the list-length,
+# shape and dtype rules of check_adamw_step_args / check_sgd_step_args in csrc/cpu/optim.cpp.
+
+adamw_step_ = torch.ops.fastmlp.adamw_step_.default
+sgd_step_ = torch.ops.fastmlp.sgd_step_.default
 
 
-def _forward_backward(ctx, grad_y, _grad_saved):
-    input, weight, y, saved = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    if y is None:
-        y = grad_y.new_empty((0,))
-    gx, gw, gb = linear_act_backward(grad_y, input, weight, y, saved, ctx.activation, mask)
-    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None)
+def _check_optim_lists(op, params, named_lists):
+    n = len(params)
+    for name, lst, optional in named_lists:
+        if optional and len(lst) == 0:
+            continue
+        if len(lst) != n:
+            raise ValueError(f"{op}: expected {name} to have {n} tensors (one per parameter), got {len(lst)}")
+        for i, (p, t) in enumerate(zip(params, lst)):
+            torch._check(
+                t.shape == p.shape,
+                lambda: f"{op}: {name}[{i}] has shape {list(t.shape)} but params[{i}] has shape {list(p.shape)}",
+            )
 
 
-def _double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fastmlp.linear_act: double backward (differentiating the backward, e.g. gradient "
-        "penalties through autograd.grad(create_graph=True)) is not supported; use "
-        "torch.nn.functional.linear with the activation for that part of the model"
-    )
+@torch.library.register_fake("fastmlp::adamw_step_")
+def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
+                     lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+                     decoupled_weight_decay, grad_scale, found_inf):
+    op = "fastmlp.adamw_step_"
+    _check_optim_lists(op, params, [("grads", grads, False), ("exp_avgs", exp_avgs, False),
+                                    ("exp_avg_sqs", exp_avg_sqs, False),
+                                    ("max_exp_avg_sqs", max_exp_avg_sqs, not amsgrad),
+                                    ("master_params", master_params, True)])
+    if len(state_steps) != len(params):
+        raise ValueError(f"{op}: expected state_steps to have {len(params)} tensors (one per parameter), "
+                         f"got {len(state_steps)}")
+    for p in params:
+        if p.dtype not in _FLOATING:
+            raise TypeError(f"{op}: params must be a floating-point tensor (float32, float64, float16 or "
+                            f"bfloat16), got {p.dtype}")
+    return None
 
 
-def _backward_setup_context(ctx, inputs, output):
-    pass
-
-
-torch.library.register_autograd(
-    "fastmlp::linear_act_forward", _forward_backward, setup_context=_forward_setup_context
-)
-torch.library.register_autograd(
-    "fastmlp::linear_act_backward", _double_backward, setup_context=_backward_setup_context
-)
+@torch.library.register_fake("fastmlp::sgd_step_")
+def _sgd_step_fake(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening,
+                   weight_decay, nesterov, maximize, is_first_step, grad_scale, found_inf):
+    op = "fastmlp.sgd_step_"
+    _check_optim_lists(op, params, [("grads", grads, False), ("momentum_buffers", momentum_buffers, True),
+                                    ("master_params", master_params, True)])
+    for p in params:
+        if p.dtype not in _FLOATING:
+            raise TypeError(f"{op}: params must be a floating-point tensor (float32, float64, float16 or "
+                            f"bfloat16), got {p.dtype}")
+    return None

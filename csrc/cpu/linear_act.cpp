@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <c10/util/accumulate.h>
+
 #include <vector>
 
 #include "../activation.h"
@@ -82,9 +84,11 @@ inline acc_t dz_of(const scalar_t* __restrict__ g, const scalar_t* __restrict__ 
 // dZ (written unless A is None, where dZ is dY itself) and, when db != nullptr, the column sums
 // of dZ. Columns are split between threads and each thread walks all rows in order, so the bias
 // gradient is summed in the same order whatever the thread count: results are deterministic.
+// The sums accumulate in double: a sequential float sum over thousands of rows loses ~n*eps,
+// far more than torch's pairwise sum, and the reduction is cheap next to the GEMMs.
 template <Act A, typename scalar_t>
 void backward_prologue(const at::Tensor& g, const at::Tensor& y, const at::Tensor& z,
-                       at::Tensor& dz, at::opmath_type<scalar_t>* db) {
+                       at::Tensor& dz, double* db) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = g.size(0), cols = g.size(1);
   if (cols == 0) return;
@@ -103,18 +107,24 @@ void backward_prologue(const at::Tensor& g, const at::Tensor& y, const at::Tenso
   const int64_t col_grain = std::max<int64_t>(16, kElemsPerTask / std::max<int64_t>(rows, 1));
   at::parallel_for(0, cols, col_grain, [&](int64_t c0, int64_t c1) {
     const int64_t w = c1 - c0;
-    std::vector<acc_t> acc(w, acc_t(0));
-    acc_t* __restrict__ a = acc.data();
+    std::vector<double> acc(w, 0.0);
+    double* __restrict__ a = acc.data();
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t base = r * cols + c0;
       for (int64_t c = 0; c < w; ++c) {
         const acc_t d = dz_of<A, acc_t>(gp, yp, zp, base + c);
         if constexpr (A != Act::None) dp[base + c] = static_cast<scalar_t>(d);
-        a[c] += d;
+        a[c] += static_cast<double>(d);
       }
     }
     for (int64_t c = 0; c < w; ++c) db[c0 + c] = a[c];
   });
+}
+
+// Rows of the 2-D view (rows, features) of a (*, features) tensor; explicit because reshape(-1, 0)
+// is ambiguous when features == 0.
+inline int64_t leading_rows(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
 template <typename F>
@@ -135,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward_cpu(const at::Tensor& inpu
                                                           bool save_for_backward) {
   const Act act = check_linear_act_args(input, weight, bias, activation, kFwd);
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
-  const at::Tensor x2 = input.reshape({-1, in_f});
-  const int64_t rows = x2.size(0);
+  const int64_t rows = leading_rows(input);
+  const at::Tensor x2 = input.reshape({rows, in_f});
   at::Tensor y = at::empty({rows, out_f}, input.options());
   const bool save = save_for_backward && act_saves_preactivation(act);
   at::Tensor saved = save ? at::empty({rows, out_f}, input.options()) : at::empty({0}, input.options());
@@ -167,27 +177,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
     std::array<bool, 3> output_mask) {
   const Act act = parse_activation(activation, kBwd);
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
-  const at::Tensor g = grad_output.reshape({-1, out_f}).contiguous();
-  const int64_t rows = g.size(0);
+  const int64_t rows = leading_rows(input);
+  const at::Tensor g = grad_output.reshape({rows, out_f}).contiguous();
   TORCH_CHECK_VALUE(act != Act::Relu || output.numel() == g.numel(), kBwd,
                     ": relu needs the forward output, got shape ", output.sizes());
   TORCH_CHECK_VALUE(!act_saves_preactivation(act) || saved.numel() == g.numel(), kBwd,
                     ": ", std::string(activation.data(), activation.size()),
                     " needs the pre-activation saved by the forward (save_for_backward=True), "
                     "got saved of shape ", saved.sizes());
-  const at::Tensor y = act == Act::Relu ? output.reshape({-1, out_f}).contiguous() : output;
+  const at::Tensor y = act == Act::Relu ? output.reshape({rows, out_f}).contiguous() : output;
   const at::Tensor z = act_saves_preactivation(act) ? saved.contiguous() : saved;
   const auto opts = grad_output.options();
   at::Tensor dz = act == Act::None ? g : at::empty({rows, out_f}, opts);
   at::Tensor grad_b = at::empty({0}, opts);
   const bool need_dz = output_mask[0] || output_mask[1];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), kBwd, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     at::Tensor db_acc;
-    acc_t* db = nullptr;
+    double* db = nullptr;
     if (output_mask[2]) {
-      db_acc = at::zeros({out_f}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
-      db = db_acc.data_ptr<acc_t>();
+      db_acc = at::zeros({out_f}, opts.dtype(at::kDouble));
+      db = db_acc.data_ptr<double>();
     }
     if (need_dz || db != nullptr) {
       dispatch_act(act, [&](auto a) {
@@ -198,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
   });
   at::Tensor grad_x = at::empty({0}, opts), grad_w = at::empty({0}, opts);
   if (output_mask[0]) grad_x = at::mm(dz, weight).view(input.sizes());
-  if (output_mask[1]) grad_w = at::mm(dz.t(), input.reshape({-1, in_f}));
+  if (output_mask[1]) grad_w = at::mm(dz.t(), input.reshape({rows, in_f}));
   return {grad_x, grad_w, grad_b};
 }
 

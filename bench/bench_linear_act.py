@@ -1,0 +1,241 @@
+"""Benchmark: fused linear + bias + activation vs nn.Linear + activation (eager and torch.compile).
+
+For each shape (batch x in -> out), activation and dtype, in one process and interleaved:
+  native    F.linear + activation, eager
+  compiled  the same under torch.compile (a fresh compile per shape: torch._dynamo.reset(), so
+            the compiled baseline never falls back to eager after the recompile limit)
+  fastmlp   fastmlp.functional.linear_act
+  floor     the GEMMs alone, in the layouts the op uses: X W^T (forward); dZ W and dZ^T X
+            (backward). No implementation of the layer can beat it; "% of floor" is floor / time.
+
+Forward+backward ("fwdbwd") runs the forward and autograd.grad for input, weight and bias (a
+hidden layer: all three gradients). Each sample times enough calls to last >= 2 ms; candidates
+are interleaved in rotating order and the median of --repeats samples is reported.
+
+    python bench/bench_linear_act.py --quick              # the target grid, a few minutes on 2 cores
+    python bench/bench_linear_act.py --json out.json      # the full grid
+    python bench/bench_linear_act.py --device cuda --quick
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fastmlp  # noqa: E402
+from fastmlp.functional import linear_act  # noqa: E402
+
+NATIVE_ACT = {
+    "none": lambda t: t,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def machine_name(device):
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns, device, repeats, min_sample_s=2e-3):
+    """Median seconds per call of each fn, sampled in rotating order."""
+    names = list(fns)
+    for fn in fns.values():  # warm-up (and compilation)
+        for _ in range(3):
+            fn()
+    sync(device)
+    inner = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        one = max(time.perf_counter() - t0, 1e-7)
+        inner[name] = max(1, min(1000, math.ceil(min_sample_s / one)))
+    samples = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            fn, k = fns[name], inner[name]
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - t0) / k)
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def candidates(batch, in_f, out_f, act, dtype, device, mode):
+    x = torch.randn(batch, in_f, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(out_f, in_f, device=device) / in_f**0.5).to(dtype).requires_grad_()
+    b = torch.randn(out_f, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(batch, out_f, device=device, dtype=dtype)
+    xd, wd, gd = x.detach(), w.detach(), g.detach()
+
+    def native(x, w, b):
+        return NATIVE_ACT[act](F.linear(x, w, b))
+
+    def fused(x, w, b):
+        return linear_act(x, w, b, act)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(native, dynamic=False)
+
+    if mode == "fwd":
+        with_grad = lambda f: (lambda: f(xd, wd, b.detach()))  # noqa: E731
+        floor = lambda: torch.mm(xd, wd.t())  # noqa: E731
+    else:
+        with_grad = lambda f: (lambda: torch.autograd.grad(f(x, w, b), (x, w, b), g))  # noqa: E731
+
+        def floor():
+            torch.mm(xd, wd.t())
+            torch.mm(gd, wd)
+            torch.mm(gd.t(), xd)
+
+    return {"native": with_grad(native), "compiled": with_grad(compiled), "fastmlp": with_grad(fused), "floor": floor}
+
+
+def run_grid(args):
+    rows = []
+    for dtype_name in args.dtypes:
+        for act in args.activations:
+            for batch in args.batches:
+                for in_f, out_f in args.widths:
+                    for mode in args.modes:
+                        t = time_interleaved(
+                            candidates(batch, in_f, out_f, act, DTYPES[dtype_name], args.device, mode),
+                            args.device, args.repeats,
+                        )
+                        row = {
+                            "shape": f"{batch}x{in_f}->{out_f}", "batch": batch, "in": in_f, "out": out_f,
+                            "activation": act, "dtype": dtype_name, "mode": mode,
+                            "native_ms": t["native"] * 1e3, "compiled_ms": t["compiled"] * 1e3,
+                            "fastmlp_ms": t["fastmlp"] * 1e3, "floor_ms": t["floor"] * 1e3,
+                        }
+                        row["speedup_vs_native"] = t["native"] / t["fastmlp"]
+                        row["speedup_vs_compiled"] = t["compiled"] / t["fastmlp"]
+                        row["pct_of_floor"] = 100 * t["floor"] / t["fastmlp"]
+                        rows.append(row)
+                        print_row(row)
+    return rows
+
+
+HEADER = f"{'shape':>16} {'act':>9} {'dtype':>8} {'mode':>6} | {'native ms':>9} {'compiled ms':>11} {'fastmlp ms':>10} | {'vs native':>9} {'vs compiled':>11} {'% of floor':>10}"
+
+
+def print_row(r):
+    print(
+        f"{r['shape']:>16} {r['activation']:>9} {r['dtype']:>8} {r['mode']:>6} | {r['native_ms']:9.3f} "
+        f"{r['compiled_ms']:11.3f} {r['fastmlp_ms']:10.3f} | {r['speedup_vs_native']:8.2f}x "
+        f"{r['speedup_vs_compiled']:10.2f}x {r['pct_of_floor']:9.1f}%",
+        flush=True,
+    )
+
+
+def geomean(xs):
+    return math.exp(sum(math.log(v) for v in xs) / len(xs)) if xs else float("nan")
+
+
+def summary(rows):
+    out = {}
+    for mode in sorted({r["mode"] for r in rows}):
+        rs = [r for r in rows if r["mode"] == mode]
+        out[mode] = {
+            "geomean_fastmlp_over_floor": geomean([r["fastmlp_ms"] / r["floor_ms"] for r in rs]),
+            "geomean_native_over_floor": geomean([r["native_ms"] / r["floor_ms"] for r in rs]),
+            "geomean_compiled_over_floor": geomean([r["compiled_ms"] / r["floor_ms"] for r in rs]),
+            "geomean_speedup_vs_native": geomean([r["speedup_vs_native"] for r in rs]),
+            "geomean_speedup_vs_compiled": geomean([r["speedup_vs_compiled"] for r in rs]),
+            "slower_than_native": [f"{r['shape']} {r['activation']} {r['dtype']}" for r in rs if r["speedup_vs_native"] < 1],
+            "slower_than_compiled": [f"{r['shape']} {r['activation']} {r['dtype']}" for r in rs if r["speedup_vs_compiled"] < 1],
+        }
+    return out
+
+
+def parse_widths(s):
+    out = []
+    for item in s.split(","):
+        a, _, b = item.partition("->")
+        out.append((int(a), int(b or a)))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true",
+                   help="the target grid only: batch 64/256/1024, widths 512->512 and 784->512, relu/gelu/silu, float32, fwdbwd")
+    p.add_argument("--batches", default="64,256,1024,4096")
+    p.add_argument("--widths", default="256,512,784->512,1024,2048", help="comma list of N (square) or IN->OUT")
+    p.add_argument("--activations", default="relu,gelu,silu")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--repeats", type=int, default=25)
+    p.add_argument("--json", help="also write the rows and the summary here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.widths, args.dtypes, args.modes = "64,256,1024", "512,784->512", "float32", "fwdbwd"
+        if args.device == "cuda":
+            args.batches, args.widths, args.dtypes = "64,1024,4096", "512,2048", "float32,bfloat16"
+            args.activations = "relu,gelu"
+    if args.repeats < 20:
+        p.error("--repeats must be at least 20 (the protocol takes the median of >= 20 samples)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    args.batches = [int(v) for v in args.batches.split(",")]
+    args.widths = parse_widths(args.widths)
+    args.activations = args.activations.split(",")
+    args.dtypes = args.dtypes.split(",")
+    args.modes = args.modes.split(",")
+    for a in args.activations:
+        if a not in NATIVE_ACT:
+            p.error(f"--activations: unknown {a!r}; expected some of {', '.join(NATIVE_ACT)}")
+    for d in args.dtypes:
+        if d not in DTYPES:
+            p.error(f"--dtypes: unknown {d!r}; expected some of {', '.join(DTYPES)}")
+
+    machine = machine_name(args.device)
+    print(f"fastmlp {fastmlp.__version__} linear_act benchmark on {machine}")
+    print(f"median of {args.repeats} interleaved samples; speedup = baseline time / fastmlp time; % of floor = GEMM-only time / fastmlp time")
+    print(HEADER)
+    rows = run_grid(args)
+    summ = summary(rows)
+    for mode, s in summ.items():
+        print(
+            f"[{mode}] geomean time / floor: fastmlp {s['geomean_fastmlp_over_floor']:.3f}x, native "
+            f"{s['geomean_native_over_floor']:.3f}x, compiled {s['geomean_compiled_over_floor']:.3f}x; "
+            f"slower than native: {len(s['slower_than_native'])}, slower than compiled: {len(s['slower_than_compiled'])}"
+        )
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "device": args.device, "torch": torch.__version__,
+                       "repeats": args.repeats, "rows": rows, "summary": summ}, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The one-call GPU check (see ../shared/DEVICE.md): run on a lent GPU machine as
+#
+#     bash bench/gpu_check.sh $OUT [--keep-going]
+#
+# Fail-fast by default (a failed step stops the script with its exit status); --keep-going runs
+# the later steps anyway (useful when one run is all the device time there is) and still exits
+# non-zero. Reads nothing from the network. Budget: about 5 minutes on an H100.
+#
+# Writes exactly these files under $OUT (at most 8 come back from the device):
+#   gpu_check.log          everything below, tee'd as it runs (so a timeout still returns it)
+#   versions.txt           nvidia-smi, python, torch, nvcc, GPU name and arch
+#   build.log              the in-place rebuild for this GPU's arch only
+#   pytest_cuda.xml        junit of the CUDA test grid (pytest -m cuda)
+#   bench_linear_act.json  bench/bench_linear_act.py --device cuda --quick
+#   bench_optim.json       bench/bench_optim.py --device cuda --quick (when that script exists)
+#   gpu_profile.json       kernel launches per call: fastmlp vs eager vs compiled
+#   summary.txt            one line per step: name, exit status, seconds
+#
+# Afterwards (on the session's machine): copy the JSON results worth keeping to bench/results/
+# with the GPU in the name (versions.txt has it), e.g. bench/results/linear_act_h200.json and
+# gpu_profile_h200.json, and commit them.
+#
+# Runtime switches the tests and benchmarks use (read on every call by the CUDA op):
+#   FASTMLP_CUBLASLT=0  force the at::mm + own-kernel fallback; FASTMLP_LT_RELU=0 /
+#   FASTMLP_LT_GELU=0   disable cuBLASLt's RELU / GELU epilogues (e.g. to time both paths).
+set -uo pipefail
+
+OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--keep-going]}
+KEEP_GOING=0
+[ "${2:-}" = "--keep-going" ] && KEEP_GOING=1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LOG="$OUT/gpu_check.log"
+SUMMARY="$OUT/summary.txt"
+: > "$LOG"
+: > "$SUMMARY"
+FAILED=0
+
+export PYTHONDONTWRITEBYTECODE=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fastmlp-inductor-cache}
+export HF_HUB_OFFLINE=1 PIP_NO_INDEX=1
+
+# step NAME TIMEOUT_S COMMAND...: runs the command with its output tee'd into the log, records
+# its status and time in the summary; stops the script on failure unless --keep-going.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$SUMMARY" >> "$LOG"
+    if [ "$rc" -ne 0 ]; then
+        FAILED=1
+        echo "=== $name FAILED (rc=$rc$([ "$rc" -eq 124 ] && echo ', timed out'))" | tee -a "$LOG"
+        if [ "$KEEP_GOING" -eq 0 ]; then
+            echo "gpu_check: stopping after $name (rerun with --keep-going to run the rest)" | tee -a "$LOG"
+            cat "$SUMMARY"
+            exit "$rc"
+        fi
+    fi
+    return 0
+}
+
+versions() {
+    nvidia-smi || true
+    "$PY" --version
+    nvcc --version 2>/dev/null | tail -2 || echo "nvcc: not on PATH"
+    "$PY" - <<'EOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+print("gpu", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+print("tf32 matmul", torch.backends.cuda.matmul.allow_tf32)
+EOF
+}
+
+build() {
+    # This GPU's arch only; FASTMLP_CUDA=1 so a build without the CUDA kernels is an error.
+    local arch
+    arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || return 1
+    echo "TORCH_CUDA_ARCH_LIST=$arch"
+    rm -f fastmlp/_C*.so
+    TORCH_CUDA_ARCH_LIST=$arch FASTMLP_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+        "$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
+    local rc=$?
+    tail -n 30 "$OUT/build.log"
+    [ $rc -eq 0 ] || return $rc
+    "$PY" -c "import fastmlp; assert fastmlp.WITH_CUDA, 'built without CUDA kernels'; print('fastmlp', fastmlp.__version__, 'WITH_CUDA', fastmlp.WITH_CUDA)"
+}
+
+export -f build
+export PY OUT
+
+versions > "$OUT/versions.txt" 2>&1
+cat "$OUT/versions.txt" | tee -a "$LOG"
+
+# Fatal steps: nothing after them means anything if they fail.
+KEEP=$KEEP_GOING; KEEP_GOING=0
+step build 240 bash -c build
+# Smoke: every forward path (cuBLASLt epilogues, our kernels, fallback), NaN, odd widths.
+step smoke 90 "$PY" -m pytest -x -q -p no:cacheprovider tests/test_linear_act_cuda.py -k smoke
+KEEP_GOING=$KEEP
+
+step tests 240 "$PY" -m pytest -x -q -p no:cacheprovider -m cuda -rs --junitxml="$OUT/pytest_cuda.xml"
+
+if [ -f bench/bench_linear_act.py ]; then
+    step bench_linear_act 150 "$PY" bench/bench_linear_act.py --device cuda --quick --json "$OUT/bench_linear_act.json"
+else
+    echo "bench/bench_linear_act.py not found: skipped" | tee -a "$LOG" "$SUMMARY"
+fi
+if [ -f bench/bench_optim.py ]; then
+    step bench_optim 60 "$PY" bench/bench_optim.py --device cuda --quick --json "$OUT/bench_optim.json"
+fi
+step profile 120 "$PY" bench/gpu_profile.py --json "$OUT/gpu_profile.json"
+
+echo "=== done: $( [ $FAILED -eq 0 ] && echo all steps passed || echo some step FAILED )" | tee -a "$LOG"
+cat "$SUMMARY"
+exit $FAILED

@@ -1,0 +1,622 @@
+// Fused multi-tensor optimizer steps on the CPU: adamw_step_ (AdamW, and Adam in L2 mode) and
+// sgd_step_ (momentum, dampening, nesterov, weight decay).
+//
+// One op call updates every parameter of a group. The host function validates once, increments
+// the step counters (unless found_inf is set), computes the per-tensor scalars (bias corrections
+// depend on each tensor's own step, which differs for a parameter that was frozen for a while),
+// cuts all tensors into chunks of kChunk elements and runs ONE parallel region over the flat list
+// of (tensor, chunk) work items, which the threads pull from a shared counter. torch's fused CPU AdamW runs a parallel region per tensor, which
+// for 200 small tensors is 200 x (fork/join + dispatch) and dominates its step time.
+//
+// Napkin math: AdamW reads p, g, m, v and writes p, m, v: 28 bytes per fp32 parameter. A 670k
+// parameter MLP is 19 MB of traffic, which fits in this machine's 32 MB L3; a 16M parameter tensor
+// is 450 MB and runs at memory bandwidth. The inner loop is one sqrt and one division per element
+// on fp32 registers, which gcc vectorises (-O3 -march=native -fno-math-errno).
+//
+// Layout contract of the kernels: every tensor handed to a chunk function is dense (non-overlapping
+// and dense, all members of one parameter sharing one stride order), so a parameter is a flat
+// array. make_dense() makes it so with contiguous copies for the rare parameter where it is not.
+//
+// This file also holds the CUDA host entry functions (validation, dense-layout fix-up, stream,
+// dispatcher registration) for the kernels in csrc/cuda/optim.cu, so that CPU and CUDA share one
+// validation with one set of messages; csrc/cuda/multi_tensor_apply.cuh says why the .cu file
+// itself holds kernels only.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "../checks.h"
+
+#ifdef FASTMLP_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../cuda/multi_tensor_apply.cuh"
+#endif
+
+namespace fastmlp {
+
+constexpr const char* kAdamW = "fastmlp.adamw_step_";
+constexpr const char* kSGD = "fastmlp.sgd_step_";
+
+namespace {
+
+void check_list_size(at::TensorList list, size_t n, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(list.size() == n, op, ": expected ", name, " to have ", n,
+                    " tensors (one per parameter), got ", list.size());
+}
+
+void check_like_param(const at::Tensor& p, const at::Tensor& t, const char* op, const char* name,
+                      size_t i, at::ScalarType dtype) {
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i,
+              "] is sparse; fused optimizers take dense gradients only");
+  TORCH_CHECK_VALUE(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(),
+                    " but params[", i, "] has shape ", p.sizes());
+  TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(),
+              " but params[", i, "] is on ", p.device(),
+              "; all tensors of one call must be on one device");
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ",
+                   t.scalar_type(), ", expected ", dtype);
+}
+
+void check_scalar_tensor(const std::optional<at::Tensor>& t, const at::Device& dev,
+                         const char* op, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->numel() == 1, op, ": ", name, " must have one element, got ", t->numel());
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                   t->scalar_type());
+  TORCH_CHECK(t->device() == dev, op, ": ", name, " is on ", t->device(),
+              " but the parameters are on ", dev, " (move it with .to(param.device))");
+}
+
+void check_lr_tensor(const std::optional<at::Tensor>& lr, const at::Device& dev, const char* op) {
+  if (!lr.has_value()) return;
+  TORCH_CHECK_VALUE(lr->numel() == 1, op, ": lr must have one element, got ", lr->numel());
+  TORCH_CHECK_TYPE(lr->scalar_type() == at::kFloat || lr->scalar_type() == at::kDouble, op,
+                   ": a tensor lr must be float32 or float64, got ", lr->scalar_type());
+  TORCH_CHECK(lr->device() == dev || lr->device().is_cpu(), op, ": lr is on ", lr->device(),
+              " but the parameters are on ", dev);
+}
+
+// Common part: params non-empty-dtype floating, one device, one dtype; grads match; master
+// params (optional) are float32 copies of fp16/bf16 params; state tensors have the params' dtype,
+// or float32 when a master copy is kept.
+at::ScalarType check_common(at::TensorList params, at::TensorList grads,
+                            at::TensorList master_params, const char* op) {
+  const size_t n = params.size();
+  check_list_size(grads, n, op, "grads");
+  if (!master_params.empty()) check_list_size(master_params, n, op, "master_params");
+  if (n == 0) return at::kFloat;
+  const at::Tensor& p0 = params[0];
+  for (size_t i = 0; i < n; ++i) {
+    check_floating(params[i], op, "params");
+    TORCH_CHECK_TYPE(params[i].scalar_type() == p0.scalar_type(), op,
+                     ": all params of one call must have one dtype, got ", p0.scalar_type(),
+                     " and ", params[i].scalar_type(),
+                     " (group the parameters by dtype, as fastmlp.optim does)");
+    TORCH_CHECK(params[i].device() == p0.device(), op,
+                ": all params of one call must be on one device, got ", p0.device(), " and ",
+                params[i].device());
+    check_like_param(params[i], grads[i], op, "grads", i, p0.scalar_type());
+    if (!master_params.empty()) {
+      check_like_param(params[i], master_params[i], op, "master_params", i, at::kFloat);
+    }
+  }
+  if (!master_params.empty()) {
+    TORCH_CHECK_TYPE(p0.scalar_type() == at::kHalf || p0.scalar_type() == at::kBFloat16, op,
+                     ": an fp32 master copy is only kept for float16/bfloat16 params, got ",
+                     p0.scalar_type());
+  }
+  return master_params.empty() ? p0.scalar_type() : at::kFloat;
+}
+
+}  // namespace
+
+void check_adamw_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                           at::TensorList state_steps, at::TensorList master_params,
+                           const std::optional<at::Tensor>& lr_tensor, bool amsgrad,
+                           const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf) {
+  const char* op = kAdamW;
+  const size_t n = params.size();
+  const at::ScalarType state_dtype = check_common(params, grads, master_params, op);
+  check_list_size(exp_avgs, n, op, "exp_avgs");
+  check_list_size(exp_avg_sqs, n, op, "exp_avg_sqs");
+  check_list_size(state_steps, n, op, "state_steps");
+  TORCH_CHECK_VALUE(amsgrad ? max_exp_avg_sqs.size() == n : max_exp_avg_sqs.empty(), op,
+                    ": max_exp_avg_sqs must have one tensor per parameter with amsgrad=True and "
+                    "be empty otherwise, got ", max_exp_avg_sqs.size(), " for ", n,
+                    " params, amsgrad=", amsgrad);
+  if (n == 0) return;
+  const at::Device dev = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    check_like_param(params[i], exp_avgs[i], op, "exp_avgs", i, state_dtype);
+    check_like_param(params[i], exp_avg_sqs[i], op, "exp_avg_sqs", i, state_dtype);
+    if (amsgrad) check_like_param(params[i], max_exp_avg_sqs[i], op, "max_exp_avg_sqs", i, state_dtype);
+    const at::Tensor& s = state_steps[i];
+    // The layout of torch.optim's fused=True: step is a float32 scalar on the param's device.
+    TORCH_CHECK_VALUE(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == dev, op,
+                      ": state_steps[", i, "] must be a one-element float32 tensor on ", dev,
+                      ", got ", s.scalar_type(), " with ", s.numel(), " elements on ", s.device());
+  }
+  check_lr_tensor(lr_tensor, dev, op);
+  check_scalar_tensor(grad_scale, dev, op, "grad_scale");
+  check_scalar_tensor(found_inf, dev, op, "found_inf");
+}
+
+void check_sgd_step_args(at::TensorList params, at::TensorList grads,
+                         at::TensorList momentum_buffers, at::TensorList master_params,
+                         const std::optional<at::Tensor>& lr_tensor,
+                         const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf) {
+  const char* op = kSGD;
+  const size_t n = params.size();
+  const at::ScalarType state_dtype = check_common(params, grads, master_params, op);
+  TORCH_CHECK_VALUE(momentum_buffers.empty() || momentum_buffers.size() == n, op,
+                    ": momentum_buffers must be empty (momentum=0) or have one tensor per "
+                    "parameter, got ", momentum_buffers.size(), " for ", n, " params");
+  if (n == 0) return;
+  for (size_t i = 0; i < momentum_buffers.size(); ++i) {
+    check_like_param(params[i], momentum_buffers[i], op, "momentum_buffers", i, state_dtype);
+  }
+  const at::Device dev = params[0].device();
+  check_lr_tensor(lr_tensor, dev, op);
+  check_scalar_tensor(grad_scale, dev, op, "grad_scale");
+  check_scalar_tensor(found_inf, dev, op, "found_inf");
+}
+
+// The tensors the kernels see: slot s of parameter i is work[s][i]. A parameter whose members do
+// not share one dense layout (a sliced view, a grad with other strides) is replaced by contiguous
+// copies, and the mutated slots are copied back by finish(). Dense non-contiguous parameters
+// (e.g. transposed) are used in place: elementwise math does not care about the order.
+struct DenseGroup {
+  std::vector<std::vector<at::Tensor>> work;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, working copy)
+  void finish() {
+    for (auto& pr : copy_back) pr.first.copy_(pr.second);
+  }
+};
+
+DenseGroup make_dense(const std::vector<at::TensorList>& slots, const std::vector<bool>& mutated) {
+  DenseGroup d;
+  d.work.resize(slots.size());
+  const size_t n = slots.empty() ? 0 : slots[0].size();
+  for (size_t s = 0; s < slots.size(); ++s) d.work[s].assign(slots[s].begin(), slots[s].end());
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = slots[0][i];
+    if (p.numel() == 0) continue;
+    bool ok = true;
+    for (size_t s = 0; s < slots.size() && ok; ++s) {
+      if (slots[s].empty()) continue;
+      const at::Tensor& t = slots[s][i];
+      ok = t.is_non_overlapping_and_dense() && t.strides() == p.strides();
+    }
+    if (ok) continue;
+    for (size_t s = 0; s < slots.size(); ++s) {
+      if (slots[s].empty()) continue;
+      at::Tensor c = slots[s][i].contiguous();
+      if (mutated[s] && !c.is_same(slots[s][i])) d.copy_back.emplace_back(slots[s][i], c);
+      d.work[s][i] = c;
+    }
+  }
+  return d;
+}
+
+namespace {
+
+// Elements per work item: 16k fp32 parameters are ~460 KB of traffic, a few us of work,
+// large enough to amortise the item bookkeeping and small enough to balance 670k parameters over
+// the cores.
+constexpr int64_t kChunk = 16384;
+
+struct Item {
+  int32_t tensor;
+  int64_t begin, end;
+};
+
+struct Items {
+  std::vector<Item> items;
+  int64_t grain;  // items per task handed to at::parallel_for
+};
+
+Items make_items(const std::vector<at::Tensor>& params) {
+  Items r;
+  int64_t total = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].numel();
+    total += n;
+    for (int64_t b = 0; b < n; b += kChunk) {
+      r.items.push_back({static_cast<int32_t>(i), b, std::min(n, b + kChunk)});
+    }
+  }
+  // Below two chunks of work a parallel region (a few us to wake the pool) costs more than it
+  // saves: run inline.
+  r.grain = total < 2 * kChunk ? std::max<int64_t>(1, r.items.size()) : 1;
+  return r;
+}
+
+// Runs f(item) for every item. Threads pull items from a shared counter instead of taking a fixed
+// half each: on a machine whose cores are shared (CI, a busy laptop) a descheduled thread then
+// delays one item rather than half the step. Results do not depend on who runs which item.
+template <typename F>
+void for_each_item(const Items& items, const F& f) {
+  const int64_t n = static_cast<int64_t>(items.items.size());
+  if (items.grain >= n) {
+    for (int64_t k = 0; k < n; ++k) f(items.items[k]);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t tasks = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < n;
+         k = next.fetch_add(1, std::memory_order_relaxed)) {
+      f(items.items[k]);
+    }
+  });
+}
+
+template <typename T>
+T* ptr_or_null(const std::vector<at::Tensor>& v, size_t i) {
+  return v.empty() ? nullptr : static_cast<T*>(v[i].data_ptr());
+}
+
+// ---- AdamW / Adam --------------------------------------------------------------------------
+
+template <typename acc_t>
+struct AdamScalars {
+  acc_t step_size;   // lr / (1 - beta1^step)
+  // 1 / sqrt(1 - beta2^step). torch divides by sqrt(1 - beta2^step); multiplying by the
+  // reciprocal differs by at most an ulp in the denominator and keeps one division per element
+  // (sqrt and division are the throughput limit of this loop once the data is in cache).
+  acc_t inv_bc2_sqrt;
+  acc_t decay;       // 1 - lr * weight_decay in decoupled mode, else 1
+};
+
+template <typename acc_t>
+struct AdamConsts {
+  acc_t beta2, one_minus_beta2, lerp_w, eps, l2, inv_grad_scale, sign;
+};
+
+// torch's lerp, written the way its CPU kernel does it, so that exp_avg matches the for-loop
+// optimizer: the form depends on which side of 0.5 the weight is.
+template <typename acc_t>
+inline acc_t lerp(acc_t a, acc_t b, acc_t w) {
+  return w < acc_t(0.5) ? a + w * (b - a) : b - (b - a) * (acc_t(1) - w);
+}
+
+// One chunk of one parameter. scalar_t: the param and grad dtype; state_t: the moments' dtype
+// (scalar_t, or float with a master copy, which then holds the param in fp32).
+template <typename scalar_t, typename state_t, bool AMSGRAD, bool MASTER>
+void adam_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+                state_t* __restrict__ m, state_t* __restrict__ v, state_t* __restrict__ vmax,
+                float* __restrict__ master, int64_t b, int64_t e,
+                const AdamScalars<at::opmath_type<scalar_t>> s,
+                const AdamConsts<at::opmath_type<scalar_t>> c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = b; i < e; ++i) {
+    acc_t gi = static_cast<acc_t>(g[i]) * c.inv_grad_scale * c.sign;
+    acc_t pi = MASTER ? static_cast<acc_t>(master[i]) : static_cast<acc_t>(p[i]);
+    pi = pi * s.decay;
+    gi = c.l2 != acc_t(0) ? gi + c.l2 * pi : gi;
+    const acc_t mi = lerp(static_cast<acc_t>(m[i]), gi, c.lerp_w);
+    const acc_t vi = static_cast<acc_t>(v[i]) * c.beta2 + c.one_minus_beta2 * gi * gi;
+    m[i] = static_cast<state_t>(mi);
+    v[i] = static_cast<state_t>(vi);
+    acc_t vv = vi;
+    if constexpr (AMSGRAD) {
+      // torch.maximum propagates NaN; std::max would not.
+      const acc_t old = static_cast<acc_t>(vmax[i]);
+      vv = (old > vi || std::isnan(old)) ? old : vi;
+      vmax[i] = static_cast<state_t>(vv);
+    }
+    const acc_t denom = std::sqrt(vv) * s.inv_bc2_sqrt + c.eps;
+    pi = pi + (-s.step_size) * (mi / denom);
+    if constexpr (MASTER) master[i] = static_cast<float>(pi);
+    p[i] = static_cast<scalar_t>(pi);
+  }
+}
+
+template <typename scalar_t, typename state_t, bool AMSGRAD, bool MASTER>
+void adam_run(const DenseGroup& d, const Items& items,
+              const std::vector<AdamScalars<at::opmath_type<scalar_t>>>& scalars,
+              const AdamConsts<at::opmath_type<scalar_t>>& c) {
+  const auto& P = d.work[0];
+  const auto& G = d.work[1];
+  const auto& M = d.work[2];
+  const auto& V = d.work[3];
+  const auto& VM = d.work[4];
+  const auto& MS = d.work[5];
+  for_each_item(items, [&](const Item& it) {
+    const size_t i = it.tensor;
+    adam_chunk<scalar_t, state_t, AMSGRAD, MASTER>(
+        static_cast<scalar_t*>(P[i].data_ptr()), static_cast<const scalar_t*>(G[i].data_ptr()),
+        static_cast<state_t*>(M[i].data_ptr()), static_cast<state_t*>(V[i].data_ptr()),
+        ptr_or_null<state_t>(VM, i), ptr_or_null<float>(MS, i), it.begin, it.end, scalars[i], c);
+  });
+}
+
+template <typename scalar_t, typename state_t, bool MASTER>
+void adam_dispatch(const DenseGroup& d, const Items& items, bool amsgrad,
+                   const std::vector<double>& steps, double lr, double beta1, double beta2,
+                   double weight_decay, double eps, bool maximize, bool decoupled, double gscale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // Scalars are computed in double like the for-loop optimizer's Python floats, then rounded to
+  // acc_t once, as the tensor ops do with their scalar arguments.
+  std::vector<AdamScalars<acc_t>> scalars(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const double bc1 = 1.0 - std::pow(beta1, steps[i]);
+    const double bc2 = 1.0 - std::pow(beta2, steps[i]);
+    scalars[i] = {static_cast<acc_t>(lr / bc1), static_cast<acc_t>(1.0 / std::sqrt(bc2)),
+                  static_cast<acc_t>(decoupled ? 1.0 - lr * weight_decay : 1.0)};
+  }
+  const AdamConsts<acc_t> c{static_cast<acc_t>(beta2),
+                            static_cast<acc_t>(1.0 - beta2),
+                            static_cast<acc_t>(1.0 - beta1),
+                            static_cast<acc_t>(eps),
+                            static_cast<acc_t>(decoupled ? 0.0 : weight_decay),
+                            static_cast<acc_t>(gscale),
+                            static_cast<acc_t>(maximize ? -1.0 : 1.0)};
+  if (amsgrad) adam_run<scalar_t, state_t, true, MASTER>(d, items, scalars, c);
+  else adam_run<scalar_t, state_t, false, MASTER>(d, items, scalars, c);
+}
+
+// The float32 reciprocal GradScaler.unscale_ multiplies by, so that a scaled step equals
+// unscale-then-step bit for bit.
+double inv_scale(const std::optional<at::Tensor>& grad_scale) {
+  if (!grad_scale.has_value()) return 1.0;
+  return static_cast<float>(1.0 / static_cast<double>(grad_scale->item<float>()));
+}
+
+double read_lr(double lr, const std::optional<at::Tensor>& lr_tensor) {
+  return lr_tensor.has_value() ? lr_tensor->item<double>() : lr;
+}
+
+void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                    at::TensorList state_steps, at::TensorList master_params, double lr,
+                    const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                    double weight_decay, double eps, bool amsgrad, bool maximize,
+                    bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  check_adamw_step_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                        master_params, lr_tensor, amsgrad, grad_scale, found_inf);
+  if (params.empty()) return;
+  // A skipped step (GradScaler found inf/NaN in the grads) changes nothing, step counts included.
+  if (found_inf.has_value() && found_inf->item<float>() != 0.f) return;
+  const double gscale = inv_scale(grad_scale);
+  lr = read_lr(lr, lr_tensor);
+  std::vector<double> steps(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    float* s = state_steps[i].data_ptr<float>();
+    *s += 1.f;
+    steps[i] = *s;
+  }
+  DenseGroup d = make_dense({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params},
+                            {true, false, true, true, true, true});
+  const Items items = make_items(d.work[0]);
+  const bool master = !master_params.empty();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adamw_step_cpu", [&] {
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      if (master) {
+        adam_dispatch<scalar_t, float, true>(d, items, amsgrad, steps, lr, beta1, beta2,
+                                             weight_decay, eps, maximize, decoupled_weight_decay, gscale);
+        return;
+      }
+    }
+    adam_dispatch<scalar_t, scalar_t, false>(d, items, amsgrad, steps, lr, beta1, beta2,
+                                             weight_decay, eps, maximize, decoupled_weight_decay, gscale);
+  });
+  d.finish();
+}
+
+// ---- SGD ------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct SGDConsts {
+  acc_t lr, momentum, one_minus_dampening, weight_decay, inv_grad_scale, sign;
+};
+
+template <typename scalar_t, typename state_t, bool MOMENTUM, bool FIRST, bool NESTEROV, bool MASTER>
+void sgd_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ buf,
+               float* __restrict__ master, int64_t b, int64_t e,
+               const SGDConsts<at::opmath_type<scalar_t>> c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = b; i < e; ++i) {
+    acc_t gi = static_cast<acc_t>(g[i]) * c.inv_grad_scale * c.sign;
+    acc_t pi = MASTER ? static_cast<acc_t>(master[i]) : static_cast<acc_t>(p[i]);
+    gi = c.weight_decay != acc_t(0) ? gi + c.weight_decay * pi : gi;
+    if constexpr (MOMENTUM) {
+      // The first step seeds the buffer with the gradient itself (torch: clone(grad)).
+      const acc_t bi = FIRST ? gi : static_cast<acc_t>(buf[i]) * c.momentum + c.one_minus_dampening * gi;
+      buf[i] = static_cast<state_t>(bi);
+      gi = NESTEROV ? gi + c.momentum * bi : bi;
+    }
+    pi = pi + (-c.lr) * gi;
+    if constexpr (MASTER) master[i] = static_cast<float>(pi);
+    p[i] = static_cast<scalar_t>(pi);
+  }
+}
+
+template <typename scalar_t, typename state_t, bool MOMENTUM, bool FIRST, bool NESTEROV, bool MASTER>
+void sgd_run(const DenseGroup& d, const Items& items,
+             const SGDConsts<at::opmath_type<scalar_t>>& c) {
+  const auto& P = d.work[0];
+  const auto& G = d.work[1];
+  const auto& B = d.work[2];
+  const auto& MS = d.work[3];
+  for_each_item(items, [&](const Item& it) {
+    const size_t i = it.tensor;
+    sgd_chunk<scalar_t, state_t, MOMENTUM, FIRST, NESTEROV, MASTER>(
+        static_cast<scalar_t*>(P[i].data_ptr()), static_cast<const scalar_t*>(G[i].data_ptr()),
+        ptr_or_null<state_t>(B, i), ptr_or_null<float>(MS, i), it.begin, it.end, c);
+  });
+}
+
+template <typename scalar_t, typename state_t, bool MASTER>
+void sgd_dispatch(const DenseGroup& d, const Items& items, bool has_momentum,
+                  bool first, bool nesterov, const SGDConsts<at::opmath_type<scalar_t>>& c) {
+  if (!has_momentum) return sgd_run<scalar_t, state_t, false, false, false, MASTER>(d, items, c);
+  if (first) {
+    if (nesterov) return sgd_run<scalar_t, state_t, true, true, true, MASTER>(d, items, c);
+    return sgd_run<scalar_t, state_t, true, true, false, MASTER>(d, items, c);
+  }
+  if (nesterov) return sgd_run<scalar_t, state_t, true, false, true, MASTER>(d, items, c);
+  return sgd_run<scalar_t, state_t, true, false, false, MASTER>(d, items, c);
+}
+
+void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                  at::TensorList master_params, double lr,
+                  const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                  double weight_decay, bool nesterov, bool maximize, bool is_first_step,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
+  check_sgd_step_args(params, grads, momentum_buffers, master_params, lr_tensor, grad_scale,
+                      found_inf);
+  if (params.empty()) return;
+  if (found_inf.has_value() && found_inf->item<float>() != 0.f) return;
+  const double gscale = inv_scale(grad_scale);
+  lr = read_lr(lr, lr_tensor);
+  DenseGroup d = make_dense({params, grads, momentum_buffers, master_params}, {true, false, true, true});
+  const Items items = make_items(d.work[0]);
+  const bool master = !master_params.empty();
+  const bool has_momentum = !momentum_buffers.empty();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const SGDConsts<acc_t> c{static_cast<acc_t>(lr), static_cast<acc_t>(momentum),
+                             static_cast<acc_t>(1.0 - dampening), static_cast<acc_t>(weight_decay),
+                             static_cast<acc_t>(gscale), static_cast<acc_t>(maximize ? -1.0 : 1.0)};
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      if (master) {
+        sgd_dispatch<scalar_t, float, true>(d, items, has_momentum, is_first_step, nesterov, c);
+        return;
+      }
+    }
+    sgd_dispatch<scalar_t, scalar_t, false>(d, items, has_momentum, is_first_step, nesterov, c);
+  });
+  d.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
+  m.impl("adamw_step_", &adamw_step_cpu);
+  m.impl("sgd_step_", &sgd_step_cpu);
+}
+
+// Optimizer steps are not differentiable and fastmlp.optim calls them under no_grad. Without a
+// kernel here every call runs autograd's not-implemented fallback, which walks all (hundreds of)
+// tensor arguments; a fallthrough skips it. Like torch's own fused optimizers (_fused_adamw_), the
+// step does not bump the parameters' version counters.
+TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
+  m.impl("adamw_step_", torch::CppFunction::makeFallthrough());
+  m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
+}
+
+#ifdef FASTMLP_WITH_CUDA
+namespace {
+
+cuda_optim::DType cuda_dtype(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return cuda_optim::DType::Float;
+    case at::kDouble: return cuda_optim::DType::Double;
+    case at::kHalf: return cuda_optim::DType::Half;
+    case at::kBFloat16: return cuda_optim::DType::BFloat16;
+    default: TORCH_CHECK_TYPE(false, "fastmlp optimizers: unsupported dtype ", st);
+  }
+}
+
+cuda_optim::DeviceScalars device_scalars(double lr, const std::optional<at::Tensor>& lr_tensor,
+                                         const std::optional<at::Tensor>& grad_scale,
+                                         const std::optional<at::Tensor>& found_inf) {
+  cuda_optim::DeviceScalars s{lr, nullptr, nullptr, nullptr, nullptr};
+  if (lr_tensor.has_value()) {
+    if (lr_tensor->is_cpu()) s.lr = lr_tensor->item<double>();  // a host value: no device sync
+    else if (lr_tensor->scalar_type() == at::kFloat) s.lr_f = lr_tensor->data_ptr<float>();
+    else s.lr_d = lr_tensor->data_ptr<double>();
+  }
+  if (grad_scale.has_value()) s.grad_scale = grad_scale->data_ptr<float>();
+  if (found_inf.has_value()) s.found_inf = found_inf->data_ptr<float>();
+  return s;
+}
+
+template <typename T>
+T* raw_or_null(const std::vector<at::Tensor>& v, size_t i) {
+  return v.empty() ? nullptr : static_cast<T*>(v[i].data_ptr());
+}
+
+void check_cuda(const char* err, const char* op) {
+  TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+}
+
+void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                     at::TensorList state_steps, at::TensorList master_params, double lr,
+                     const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                     double weight_decay, double eps, bool amsgrad, bool maximize,
+                     bool decoupled_weight_decay, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf) {
+  check_adamw_step_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                        master_params, lr_tensor, amsgrad, grad_scale, found_inf);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  cuda_optim::AdamArgs args{device_scalars(lr, lr_tensor, grad_scale, found_inf), beta1, beta2,
+                            weight_decay, eps, amsgrad, maximize, decoupled_weight_decay};
+  const size_t n = params.size();
+  std::vector<float*> steps(n);
+  for (size_t i = 0; i < n; ++i) steps[i] = state_steps[i].data_ptr<float>();
+  check_cuda(cuda_optim::increment_steps(steps.data(), static_cast<int>(n), args.s.found_inf, stream), kAdamW);
+  DenseGroup d = make_dense({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params},
+                            {true, false, true, true, true, true});
+  std::vector<cuda_optim::TensorPtrs> tp(n);
+  for (size_t i = 0; i < n; ++i) {
+    tp[i] = {d.work[0][i].data_ptr(), d.work[1][i].data_ptr(), d.work[2][i].data_ptr(),
+             d.work[3][i].data_ptr(), raw_or_null<void>(d.work[4], i), raw_or_null<float>(d.work[5], i),
+             steps[i], d.work[0][i].numel()};
+  }
+  check_cuda(cuda_optim::adam_step(tp.data(), static_cast<int>(n), cuda_dtype(params[0].scalar_type()),
+                                   !master_params.empty(), args, stream), kAdamW);
+  d.finish();
+}
+
+void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   at::TensorList master_params, double lr,
+                   const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                   double weight_decay, bool nesterov, bool maximize, bool is_first_step,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  check_sgd_step_args(params, grads, momentum_buffers, master_params, lr_tensor, grad_scale,
+                      found_inf);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  cuda_optim::SGDArgs args{device_scalars(lr, lr_tensor, grad_scale, found_inf), momentum, dampening,
+                           weight_decay, nesterov, maximize, is_first_step, !momentum_buffers.empty()};
+  DenseGroup d = make_dense({params, grads, momentum_buffers, master_params}, {true, false, true, true});
+  const size_t n = params.size();
+  std::vector<cuda_optim::TensorPtrs> tp(n);
+  for (size_t i = 0; i < n; ++i) {
+    tp[i] = {d.work[0][i].data_ptr(), d.work[1][i].data_ptr(), raw_or_null<void>(d.work[2], i),
+             nullptr, nullptr, raw_or_null<float>(d.work[3], i), nullptr, d.work[0][i].numel()};
+  }
+  check_cuda(cuda_optim::sgd_step(tp.data(), static_cast<int>(n), cuda_dtype(params[0].scalar_type()),
+                                  !master_params.empty(), args, stream), kSGD);
+  d.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) {
+  m.impl("adamw_step_", &adamw_step_cuda);
+  m.impl("sgd_step_", &sgd_step_cuda);
+}
+#endif  // FASTMLP_WITH_CUDA
+
+}  // namespace fastmlp

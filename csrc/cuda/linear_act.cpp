@@ -1,0 +1,510 @@
+// Fused linear + bias + activation on CUDA: host entry functions and the cuBLASLt GEMM.
+//
+// forward:  y = act(x W^T + b). One cuBLASLt matmul whose epilogue adds the bias and, where
+//           cuBLASLt has the activation, applies it: BIAS (none), RELU_BIAS (relu, when this
+//           GPU's epilogue keeps NaN: probed once per device and dtype), GELU_AUX_BIAS
+//           (gelu_tanh in fp16/bf16, aux = pre-activation = the saved tensor). Exact-erf GELU and SiLU have no
+//           cuBLASLt epilogue: BIAS epilogue, then our one-pass epilogue kernel (which also
+//           writes `saved`). fp64, and any shape / alignment / dtype cuBLASLt refuses, take the
+//           fallback: at::mm (at::addmm for fp16/bf16 with bias, as on the CPU) + our kernel.
+// backward: our one-pass prologue dZ = dY * act'(.) plus db = column sums of dZ (one launch), then
+//           dX = dZ W and dW = dZ^T X with at::mm (cuBLAS, honouring torch's TF32 setting).
+//
+// `saved` on CUDA is what the CPU saves: the pre-activation (rows, out) for gelu, gelu_tanh and
+// silu, empty for none and relu (relu's backward reads y like threshold_backward, so a NaN
+// pre-activation passes its gradient as natively; a cuBLASLt RELU_AUX bit mask could not).
+//
+// Switches (read on every call, for tests and benchmarks): FASTMLP_CUBLASLT=0 forces the
+// fallback path; FASTMLP_LT_RELU=0 / FASTMLP_LT_GELU=0 disable the RELU / GELU epilogues.
+//
+// Layout: x is made contiguous (rows = prod(input.shape[:-1]), in), W contiguous (out, in).
+// Row-major y (rows, out) is column-major y^T (out x rows, ld = out), and y^T = W x^T, so the
+// cuBLASLt call is m = out, n = rows, k = in; A = W stored column-major as (in x out, ld = in)
+// with transa = T; B = x stored column-major as (in x rows, ld = in) with transb = N; C = D = y
+// as (out x rows, ld = out). The BIAS epilogue adds a length-m vector along the rows of D, i.e.
+// bias[o] to every y[:, o]; the GELU aux has D's layout, which is saved (rows, out) row-major.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/accumulate.h>
+#include <cublasLt.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../activation.h"
+#include "../checks.h"
+#include "linear_act.h"
+
+namespace fastmlp {
+namespace cuda {
+namespace {
+
+constexpr const char* kFwd = "fastmlp.linear_act_forward";
+constexpr const char* kBwd = "fastmlp.linear_act_backward";
+constexpr uint64_t kMaxWorkspace = uint64_t(32) << 20;  // cuBLAS's own choice for Hopper
+
+bool env_on(const char* name, bool dflt) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  return !(std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 || std::strcmp(v, "off") == 0);
+}
+
+DType to_dtype(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return DType::F32;
+    case at::kDouble: return DType::F64;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: TORCH_CHECK(false, "fastmlp: unsupported dtype ", st);
+  }
+}
+
+// The problem's shape, formatted only when an error message needs it (launch-bound calls must
+// not pay for string formatting).
+struct Shape {
+  int64_t rows, in_f, out_f;
+  at::ScalarType st;
+};
+
+std::string shape_str(const Shape& s) {
+  std::ostringstream o;
+  o << "x [" << s.rows << ", " << s.in_f << "], weight [" << s.out_f << ", " << s.in_f << "], " << s.st;
+  return o.str();
+}
+
+// Rows of the 2-D view (rows, features) of a (*, features) tensor; explicit because
+// reshape(-1, 0) is ambiguous when features == 0.
+int64_t leading_rows(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+}
+
+void check_launch(cudaError_t err, const char* op, const char* what, const Shape& shape) {
+  if (err == cudaSuccess) return;
+  TORCH_CHECK(false, op, ": CUDA launch of the ", what, " kernel failed for ", shape_str(shape), ": ",
+              cudaGetErrorString(err));
+}
+
+// ------------------------------------------------------------------------------------------------
+// cuBLASLt
+
+struct LtGemm {
+  const void* x;     // B: (rows, in) row-major
+  const void* w;     // A: (out, in) row-major
+  const void* bias;  // nullable, 16-byte aligned
+  void* d;           // (rows, out) row-major
+  void* aux;         // nullable: (rows, out) row-major, out % 8 == 0
+  int64_t rows, in_f, out_f;
+  at::ScalarType st;
+  cublasLtEpilogue_t epi;
+};
+
+uint32_t pointer_alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && (a % al) != 0) al /= 2;
+  return al;
+}
+
+struct LtDesc {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~LtDesc() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+struct AlgoEntry {
+  bool ok = false;
+  cublasLtMatmulAlgo_t algo{};
+  size_t workspace = 0;
+};
+
+// Heuristic results keyed by everything the heuristic sees (pointers only through alignment).
+using AlgoKey = std::array<int64_t, 13>;
+std::mutex g_algo_mutex;
+std::map<AlgoKey, AlgoEntry> g_algo_cache;
+
+#define FASTMLP_LT_TRY(expr)                         \
+  do {                                               \
+    const cublasStatus_t s_ = (expr);                \
+    if (s_ != CUBLAS_STATUS_SUCCESS) return s_;      \
+  } while (0)
+
+// D = epilogue(A^T B + bias) in cuBLASLt's column-major terms (see the file header). Returns
+// CUBLAS_STATUS_NOT_SUPPORTED when the heuristic has no algorithm; the caller falls back.
+cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
+  cudaDataType_t dt;
+  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  switch (g.st) {
+    case at::kFloat:
+      dt = CUDA_R_32F;
+      // IEEE fp32 unless torch itself would use TF32 for nn.Linear's matmul.
+      if (at::globalContext().allowTF32CuBLAS()) compute = CUBLAS_COMPUTE_32F_FAST_TF32;
+      break;
+    case at::kHalf: dt = CUDA_R_16F; break;
+    case at::kBFloat16: dt = CUDA_R_16BF; break;
+    default: return CUBLAS_STATUS_NOT_SUPPORTED;
+  }
+  const uint64_t m = g.out_f, n = g.rows, k = g.in_f;
+  LtDesc desc;
+  FASTMLP_LT_TRY(cublasLtMatmulDescCreate(&desc.op, compute, CUDA_R_32F));
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &g.epi, sizeof(g.epi)));
+  if (g.bias != nullptr) {
+    FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
+                                                  sizeof(g.bias)));
+  }
+  int64_t aux_ld = 0;
+  if (g.aux != nullptr) {
+    aux_ld = g.out_f;
+    FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                                                  &g.aux, sizeof(g.aux)));
+    FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld,
+                                                  sizeof(aux_ld)));
+  }
+  FASTMLP_LT_TRY(cublasLtMatrixLayoutCreate(&desc.a, dt, k, m, static_cast<int64_t>(k)));
+  FASTMLP_LT_TRY(cublasLtMatrixLayoutCreate(&desc.b, dt, k, n, static_cast<int64_t>(k)));
+  FASTMLP_LT_TRY(cublasLtMatrixLayoutCreate(&desc.d, dt, m, n, static_cast<int64_t>(m)));
+
+  const uint32_t al_a = pointer_alignment(g.w), al_b = pointer_alignment(g.x), al_d = pointer_alignment(g.d);
+  const int device = like.get_device();
+  const AlgoKey key{device, static_cast<int64_t>(g.st), static_cast<int64_t>(compute),
+                    static_cast<int64_t>(g.epi), g.out_f, g.rows, g.in_f, al_a, al_b, al_d,
+                    g.bias != nullptr, aux_ld, static_cast<int64_t>(kMaxWorkspace)};
+  AlgoEntry entry;
+  bool cached = false;
+  {
+    std::lock_guard<std::mutex> lock(g_algo_mutex);
+    auto it = g_algo_cache.find(key);
+    if (it != g_algo_cache.end()) {
+      entry = it->second;
+      cached = true;
+    }
+  }
+  if (!cached) {
+    FASTMLP_LT_TRY(cublasLtMatmulPreferenceCreate(&desc.pref));
+    const uint64_t ws = kMaxWorkspace;
+    FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                        &ws, sizeof(ws)));
+    // Tell the heuristic the real pointer alignment (it assumes 256 bytes otherwise), so it never
+    // picks a kernel that would issue misaligned vector loads on an offset view.
+    FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                        &al_a, sizeof(al_a)));
+    FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                        &al_b, sizeof(al_b)));
+    FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                        &al_d, sizeof(al_d)));
+    FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                        &al_d, sizeof(al_d)));
+    cublasLtMatmulHeuristicResult_t result{};
+    int returned = 0;
+    const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(at::cuda::getCurrentCUDABlasLtHandle(), desc.op,
+                                                            desc.a, desc.b, desc.d, desc.d, desc.pref, 1,
+                                                            &result, &returned);
+    entry.ok = s == CUBLAS_STATUS_SUCCESS && returned > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+    if (entry.ok) {
+      entry.algo = result.algo;
+      entry.workspace = result.workspaceSize;
+    }
+    std::lock_guard<std::mutex> lock(g_algo_mutex);
+    g_algo_cache[key] = entry;
+  }
+  if (!entry.ok) return CUBLAS_STATUS_NOT_SUPPORTED;
+  at::Tensor workspace;
+  void* ws_ptr = nullptr;
+  if (entry.workspace > 0) {
+    // From the caching allocator, on the current stream: safe under concurrent streams and graphs.
+    workspace = at::empty({static_cast<int64_t>(entry.workspace)}, like.options().dtype(at::kByte));
+    ws_ptr = workspace.data_ptr();
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasStatus_t s = cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), desc.op, &alpha, g.w, desc.a,
+                                          g.x, desc.b, &beta, g.d, desc.d, g.d, desc.d, &entry.algo, ws_ptr,
+                                          entry.workspace, at::cuda::getCurrentCUDAStream());
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    TORCH_WARN_ONCE(kFwd, ": cuBLASLt matmul failed (", cublasLtGetStatusString(s), ") for ",
+                    shape_str(Shape{g.rows, g.in_f, g.out_f, g.st}), ", epilogue ", static_cast<int>(g.epi),
+                    "; using the at::mm fallback for this shape from now on");
+    std::lock_guard<std::mutex> lock(g_algo_mutex);
+    g_algo_cache[key].ok = false;  // do not retry a failing algorithm for this key
+  }
+  return s;
+}
+
+// Whether this device's cuBLASLt RELU epilogue keeps NaN (relu(NaN) = NaN, as torch.relu). GPU
+// max() may drop NaN, so it is probed once per (device, dtype, bias) on two GEMMs with a NaN row,
+// a negative row and a positive row, and compared exactly. The probe synchronises, so it
+// is skipped (answer: no, use our kernel) while the stream is being captured into a CUDA graph.
+bool relu_epilogue_ok(const at::Tensor& like, bool with_bias) {
+  static std::atomic<int> state[64][3][2];  // 0 unknown, 1 keeps NaN, 2 drops it / fails
+  const int dev = like.get_device();
+  const int dti = like.scalar_type() == at::kFloat ? 0 : like.scalar_type() == at::kHalf ? 1 : 2;
+  if (dev < 0 || dev >= 64) return false;
+  std::atomic<int>& st = state[dev][dti][with_bias ? 1 : 0];
+  const int known = st.load();
+  if (known != 0) return known == 1;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture) != cudaSuccess ||
+      capture != cudaStreamCaptureStatusNone) {
+    return false;
+  }
+  // Two shapes, so that both a small-tile and a large-tile kernel are asked. W = 1/k keeps every
+  // value exact in bf16: row 0 of x is NaN, row 1 is -1 (z = -1 + b), row 2 is +1 (z = 1 + b).
+  const auto opts = like.options();
+  bool ok = true;
+  for (const int64_t n : {16, 512}) {
+    const int64_t k = n == 16 ? 16 : 256, m = n;
+    at::Tensor x = at::zeros({n, k}, opts);
+    x[0].fill_(std::numeric_limits<double>::quiet_NaN());
+    x[1].fill_(-1.0);
+    x[2].fill_(1.0);
+    at::Tensor w = at::full({m, k}, 1.0 / static_cast<double>(k), opts);
+    at::Tensor b = at::full({m}, 0.5, opts);
+    at::Tensor y = at::empty({n, m}, opts);
+    LtGemm g{x.data_ptr(), w.data_ptr(), with_bias ? b.data_ptr() : nullptr, y.data_ptr(), nullptr, n, k, m,
+             like.scalar_type(), with_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU};
+    ok = lt_matmul(g, like) == CUBLAS_STATUS_SUCCESS;
+    if (!ok) break;
+    at::Tensor expect = at::matmul(x.to(at::kDouble), w.to(at::kDouble).t());
+    if (with_bias) expect = expect + 0.5;
+    expect = at::relu(expect).cpu();  // torch.relu keeps NaN
+    const at::Tensor got = y.to(at::kDouble).cpu();
+    ok = at::isnan(got[0]).all().item<bool>() && at::equal(got.narrow(0, 1, n - 1), expect.narrow(0, 1, n - 1));
+    if (!ok) break;
+  }
+  st.store(ok ? 1 : 2);
+  if (!ok) {
+    TORCH_WARN_ONCE("fastmlp: this GPU's cuBLASLt RELU epilogue does not keep NaN (or failed); "
+                    "linear_act uses its own ReLU kernel after the GEMM instead (correct, one extra pass).");
+  }
+  return ok;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+
+void run_epilogue(Act act, const at::Tensor& src, const at::Tensor* bias, at::Tensor* saved, at::Tensor& y,
+                  const Shape& shape) {
+  FwdEpilogueParams p{};
+  p.src = src.data_ptr();
+  p.bias = bias ? bias->data_ptr() : nullptr;
+  p.saved = saved ? saved->data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.rows = y.size(0);
+  p.cols = y.size(1);
+  check_launch(launch_fwd_epilogue(act, to_dtype(y.scalar_type()), p, at::cuda::getCurrentCUDAStream()), kFwd,
+               "forward epilogue", shape);
+}
+
+// cuBLASLt path; false (nothing written that the fallback does not overwrite) when cuBLASLt
+// refuses the problem.
+bool forward_lt(Act act, const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                at::Tensor& y, at::Tensor& saved, bool save, const Shape& shape) {
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = *bias;
+    if (!aligned16(b.data_ptr())) b = b.clone(at::MemoryFormat::Contiguous);  // fresh storage: aligned
+  }
+  const bool hb = b.defined();
+  const int64_t out_f = w.size(0);
+  LtGemm g{x2.data_ptr(), w.data_ptr(), hb ? b.data_ptr() : nullptr, y.data_ptr(), nullptr, x2.size(0),
+           x2.size(1), out_f, x2.scalar_type(), hb ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT};
+  if (act == Act::None) return lt_matmul(g, x2) == CUBLAS_STATUS_SUCCESS;
+  if (act == Act::Relu && env_on("FASTMLP_LT_RELU", true) && relu_epilogue_ok(x2, hb)) {
+    g.epi = hb ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
+    if (lt_matmul(g, x2) == CUBLAS_STATUS_SUCCESS) return true;
+    g.epi = hb ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+  }
+  if (act == Act::GeluTanh && x2.scalar_type() != at::kFloat && env_on("FASTMLP_LT_GELU", true) &&
+      (!save || out_f % 8 == 0)) {
+    // cuBLASLt's GELU is the tanh approximation; its aux (pre-activation) needs ld % 8 == 0,
+    // which is ld = out_f here because `saved` is contiguous (rows, out_f). fp16/bf16 only: the
+    // epilogue's tanh is not documented to be IEEE-accurate, and in fp32 our kernel must match
+    // torch to float32 tolerance; in fp16/bf16 the output rounding hides any approximation.
+    if (save) {
+      g.epi = hb ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+      g.aux = saved.data_ptr();
+    } else {
+      g.epi = hb ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+    }
+    if (lt_matmul(g, x2) == CUBLAS_STATUS_SUCCESS) return true;
+    g.epi = hb ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    g.aux = nullptr;
+  }
+  // GEMM + bias into saved (when kept) or y, then our kernel applies the activation.
+  at::Tensor& dst = save ? saved : y;
+  g.d = dst.data_ptr();
+  if (lt_matmul(g, x2) != CUBLAS_STATUS_SUCCESS) return false;
+  run_epilogue(act, dst, nullptr, nullptr, y, shape);
+  return true;
+}
+
+// at::mm / at::addmm + our kernel: fp64, and whatever cuBLASLt refuses.
+void forward_fallback(Act act, const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                      at::Tensor& y, at::Tensor& saved, bool save, const Shape& shape) {
+  const bool low_precision = x2.scalar_type() == at::kHalf || x2.scalar_type() == at::kBFloat16;
+  at::Tensor& dst = save ? saved : y;
+  const at::Tensor* bias_in_kernel = nullptr;
+  if (bias.has_value() && low_precision) {
+    // fp16/bf16: the GEMM adds the bias before its single rounding, as nn.Linear's addmm does.
+    at::addmm_out(dst, *bias, x2, w.t());
+  } else {
+    at::mm_out(dst, x2, w.t());
+    if (bias.has_value()) bias_in_kernel = &*bias;
+  }
+  if (act == Act::None && bias_in_kernel == nullptr) return;  // y already final (save is false)
+  run_epilogue(act, dst, bias_in_kernel, save ? &saved : nullptr, y, shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_act_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                                           const std::optional<at::Tensor>& bias,
+                                                           c10::string_view activation, bool save_for_backward) {
+  const Act act = check_linear_act_args(input, weight, bias, activation, kFwd);
+  TORCH_CHECK(input.is_cuda(), kFwd, ": expected CUDA tensors, got input on ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t in_f = weight.size(1), out_f = weight.size(0);
+  const int64_t rows = leading_rows(input);
+  const at::Tensor x2 = input.reshape({rows, in_f}).contiguous();
+  const at::Tensor w = weight.contiguous();
+  std::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->contiguous();
+  const auto opts = input.options();
+  at::Tensor y = at::empty({rows, out_f}, opts);
+  const bool save = save_for_backward && act_saves_preactivation(act);
+  at::Tensor saved = save ? at::empty({rows, out_f}, opts) : at::empty({0}, opts);
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = out_f;
+  if (rows > 0 && out_f > 0) {
+    const Shape shape{rows, in_f, out_f, input.scalar_type()};
+    const bool lt = input.scalar_type() != at::kDouble && in_f > 0 && env_on("FASTMLP_CUBLASLT", true);
+    if (!(lt && forward_lt(act, x2, w, b, y, saved, save, shape))) {
+      forward_fallback(act, x2, w, b, y, saved, save, shape);
+    }
+  }
+  return {y.view(out_shape), saved};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward
+
+// A zeroed uint32 array of at least n elements for the backward prologue's "last block" counters.
+// The kernel leaves it zeroed, so one buffer per (device, stream) is reused by every launch on
+// that stream (launches on one stream never overlap). While the stream is captured into a CUDA
+// graph, a fresh zeroed buffer (its memset captured too) is used instead of the cached one.
+at::Tensor zeroed_counters(const at::Tensor& like, int64_t n) {
+  const auto opts = like.options().dtype(at::kInt);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+    return at::zeros({n}, opts);
+  }
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // never freed: no
+  std::lock_guard<std::mutex> lock(mutex);                                         // CUDA calls at exit
+  at::Tensor& t = (*cache)[{like.get_device(), stream}];
+  if (!t.defined() || t.numel() < n) t = at::zeros({std::max<int64_t>(n, 4096)}, opts);
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& output,
+    const at::Tensor& saved, c10::string_view activation, std::array<bool, 3> output_mask) {
+  const Act act = parse_activation(activation, kBwd);
+  check_floating(grad_output, kBwd, "grad_output");
+  TORCH_CHECK_VALUE(weight.dim() == 2, kBwd, ": weight must be 2-D, got shape ", weight.sizes());
+  check_same_device(grad_output, "grad_output", weight, "weight", kBwd);
+  check_same_device(grad_output, "grad_output", input, "input", kBwd);
+  check_same_dtype(grad_output, "grad_output", weight, "weight", kBwd);
+  check_same_dtype(grad_output, "grad_output", input, "input", kBwd);
+  TORCH_CHECK(grad_output.is_cuda(), kBwd, ": expected CUDA tensors, got grad_output on ", grad_output.device());
+  const c10::cuda::CUDAGuard guard(grad_output.device());
+  const int64_t in_f = weight.size(1), out_f = weight.size(0);
+  TORCH_CHECK_VALUE(grad_output.dim() >= 1 && grad_output.size(-1) == out_f, kBwd,
+                    ": grad_output.shape[-1] must equal out_features = ", out_f, ", got shape ",
+                    grad_output.sizes());
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == in_f, kBwd, ": input.shape[-1] must equal in_features = ",
+                    in_f, ", got shape ", input.sizes());
+  const int64_t rows = leading_rows(input);
+  TORCH_CHECK_VALUE(grad_output.numel() == rows * out_f, kBwd, ": grad_output of shape ", grad_output.sizes(),
+                    " does not match input of shape ", input.sizes(), " and out_features = ", out_f);
+  const at::Tensor g = grad_output.reshape({rows, out_f}).contiguous();
+  TORCH_CHECK_VALUE(act != Act::Relu || output.numel() == g.numel(), kBwd,
+                    ": relu needs the forward output, got shape ", output.sizes());
+  TORCH_CHECK_VALUE(!act_saves_preactivation(act) || saved.numel() == g.numel(), kBwd, ": ",
+                    std::string(activation.data(), activation.size()),
+                    " needs the pre-activation saved by the forward (save_for_backward=True), "
+                    "got saved of shape ", saved.sizes());
+  at::Tensor y, z;
+  if (act == Act::Relu) {
+    check_same_device(grad_output, "grad_output", output, "output", kBwd);
+    check_same_dtype(grad_output, "grad_output", output, "output", kBwd);
+    y = output.reshape({rows, out_f}).contiguous();
+  }
+  if (act_saves_preactivation(act)) {
+    check_same_device(grad_output, "grad_output", saved, "saved", kBwd);
+    check_same_dtype(grad_output, "grad_output", saved, "saved", kBwd);
+    z = saved.reshape({rows, out_f}).contiguous();
+  }
+  const auto opts = grad_output.options();
+  const bool need_dz = output_mask[0] || output_mask[1];
+  at::Tensor dz = (act == Act::None || !need_dz) ? g : at::empty({rows, out_f}, opts);
+  at::Tensor grad_b = at::empty({0}, opts);
+  if (output_mask[2]) grad_b = rows == 0 ? at::zeros({out_f}, opts) : at::empty({out_f}, opts);
+  const bool need_kernel = (act != Act::None && need_dz) || output_mask[2];
+  if (need_kernel && rows > 0 && out_f > 0) {
+    const DType dt = to_dtype(g.scalar_type());
+    BwdPrologueParams p{};
+    p.g = g.data_ptr();
+    p.y = y.defined() ? y.data_ptr() : nullptr;
+    p.z = z.defined() ? z.data_ptr() : nullptr;
+    p.dz = (act != Act::None && need_dz) ? dz.data_ptr() : nullptr;
+    p.db = output_mask[2] ? grad_b.data_ptr() : nullptr;
+    p.rows = rows;
+    p.cols = out_f;
+    p.partial_rows = bwd_partial_rows(act, dt, p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    at::Tensor partial, counters;
+    if (p.db != nullptr && p.partial_rows > 1) {
+      partial = at::empty({static_cast<int64_t>(p.partial_rows) * out_f},
+                          opts.dtype(dt == DType::F64 ? at::kDouble : at::kFloat));
+      p.partial = partial.data_ptr();
+      counters = zeroed_counters(g, bwd_counter_count(act, dt, p));
+      p.counters = reinterpret_cast<unsigned int*>(counters.data_ptr());
+    }
+    check_launch(launch_bwd_prologue(act, dt, p, at::cuda::getCurrentCUDAStream()), kBwd, "backward prologue",
+                 Shape{rows, in_f, out_f, g.scalar_type()});
+  }
+  at::Tensor grad_x = at::empty({0}, opts), grad_w = at::empty({0}, opts);
+  if (output_mask[0]) grad_x = at::mm(dz, weight).view(input.sizes());
+  if (output_mask[1]) grad_w = at::mm(dz.t(), input.reshape({rows, in_f}));
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) {
+  m.impl("linear_act_forward", &cuda::linear_act_forward_cuda);
+  m.impl("linear_act_backward", &cuda::linear_act_backward_cuda);
+}
+
+}  // namespace fastmlp

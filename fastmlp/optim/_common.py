@@ -1,0 +1,100 @@
+"""Machinery shared by the fused optimizers: torch.optim compatibility and the cached fast path.
+
+Each optimizer subclasses its torch.optim counterpart, so the signature, defaults, validation
+errors, __setstate__ and state_dict layout are the running torch's own, and only step() is ours.
+Groups carry fused=True: the state layout is torch.optim's fused=True one (step a float32 tensor on
+the param's device), so torch's load_state_dict places every tensor right in both directions and a
+state_dict loaded into torch.optim runs torch's fused kernels on identical state.
+
+step() costs one C++ op call per (group, device, dtype). The tensor lists the ops take are cached
+per group once every parameter has state, so a step with all gradients present does no
+per-parameter Python work beyond reading p.grad; a step where some gradient is None (or the first
+steps, while state is created lazily) takes the general path through torch's own _init_group.
+"""
+
+import inspect
+
+import torch
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def signature_with_master_weights(torch_cls):
+    """torch_cls.__init__'s signature plus our keyword-only master_weights=False."""
+    sig = inspect.signature(torch_cls.__init__)
+    extra = inspect.Parameter("master_weights", inspect.Parameter.KEYWORD_ONLY, default=False,
+                              annotation=bool)
+    return sig.replace(parameters=list(sig.parameters.values()) + [extra])
+
+
+def group_by_device_dtype(params, *lists):
+    """{(device, dtype): [indices]} in first-seen order; a group of one kind is the common case."""
+    buckets = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    return buckets
+
+
+def pick(lst, idx, n):
+    """lst restricted to idx, without a copy when idx is everything."""
+    if len(idx) == n:
+        return lst
+    return [lst[i] for i in idx]
+
+
+def on_device(t, device):
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)
+
+
+def lr_args(lr, device):
+    """(lr float, lr tensor or None) for the op: a device tensor lr is read on the device."""
+    if isinstance(lr, torch.Tensor):
+        if lr.device.type == "cpu" or device.type == "cpu":
+            return float(lr), None
+        return 0.0, on_device(lr, device)
+    return float(lr), None
+
+
+def move_step_to_fused_layout(state, p):
+    """step as torch's fused=True keeps it: float32 on the param's device."""
+    step = state.get("step")
+    if step is None:
+        return
+    if not torch.is_tensor(step):
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+    elif step.dtype != torch.float32 or step.device != p.device:
+        state["step"] = step.to(dtype=torch.float32, device=p.device)
+
+
+def fp32_originals(optimizer, state_dict, keys):
+    """{param: {key: tensor}} of the saved tensors for keys, before torch's load casts them to the
+    param dtype (which would round an fp32 master copy or fp32 moments to fp16/bf16)."""
+    out = {}
+    saved_groups = state_dict["param_groups"]
+    for sg, g in zip(saved_groups, optimizer.param_groups):
+        for sid, p in zip(sg["params"], g["params"]):
+            st = state_dict["state"].get(sid)
+            if st and p.dtype in _LOW_PRECISION:
+                kept = {k: st[k] for k in keys if torch.is_tensor(st.get(k)) and st[k].dtype == torch.float32}
+                if kept:
+                    out[p] = kept
+    return out
+
+
+def normalise_groups(optimizer):
+    """Flags of our layout after a load (the state_dict may come from torch's for-loop)."""
+    for group in optimizer.param_groups:
+        group["fused"] = True
+        group["foreach"] = None
+        group["differentiable"] = False
+    optimizer._step_supports_amp_scaling = True
+
+
+def health_check(optimizer):
+    # torch >= 2.5 names it _accelerator_graph_capture_health_check; older ones _cuda_...
+    check = getattr(optimizer, "_accelerator_graph_capture_health_check", None) or getattr(
+        optimizer, "_cuda_graph_capture_health_check", None)
+    if check is not None:
+        check()

@@ -1,0 +1,199 @@
+"""fastmlp.optim.Adam and AdamW: torch.optim's Adam/AdamW over the fused adamw_step_ op.
+
+Drop-ins: same signature (plus the opt-in keyword master_weights), defaults, errors and
+state_dict layout as torch.optim.Adam/AdamW(fused=True); a state_dict moves between the two
+freely. Adam is the L2 mode of the same kernel (decoupled_weight_decay=False).
+
+master_weights=True keeps an fp32 copy of every fp16/bf16 parameter (state key "master_param")
+and fp32 moments; the update runs on the copy and the parameter receives the rounded result, so
+small updates are not lost to fp16/bf16 rounding.
+"""
+
+import torch
+
+from .. import ops
+from ._common import (
+    _LOW_PRECISION,
+    fp32_originals,
+    group_by_device_dtype,
+    health_check,
+    lr_args,
+    move_step_to_fused_layout,
+    normalise_groups,
+    on_device,
+    pick,
+    signature_with_master_weights,
+)
+
+__all__ = ["Adam", "AdamW"]
+
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class _Bucket:
+    """The op's tensor lists for the parameters of one group on one (device, dtype)."""
+
+    __slots__ = ("device", "idx", "params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps", "masters")
+
+    def __init__(self, device, idx, params, state, amsgrad, master):
+        self.device = device
+        self.idx = idx
+        self.params = [params[i] for i in idx]
+        sts = [state[p] for p in self.params]
+        self.exp_avgs = [s["exp_avg"] for s in sts]
+        self.exp_avg_sqs = [s["exp_avg_sq"] for s in sts]
+        self.max_exp_avg_sqs = [s["max_exp_avg_sq"] for s in sts] if amsgrad else []
+        self.steps = [s["step"] for s in sts]
+        self.masters = [s["master_param"] for s in sts] if master else []
+
+
+class _FusedAdamBase:
+    _fm_decoupled = False
+
+    def __init__(self, params, *args, master_weights=False, **kwargs):
+        # Always fused: our kernels are the fused ones, and fused=True is the state layout we keep.
+        kwargs["fused"] = True
+        self._fm_master = bool(master_weights)
+        self._fm_cache = {}
+        super().__init__(params, *args, **kwargs)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_fm_master", False)
+        self._fm_cache = {}
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._fm_cache = {}
+
+    def load_state_dict(self, state_dict):
+        keep = fp32_originals(self, state_dict, ("master_param",) + _MOMENTS) if self._fm_master else {}
+        super().load_state_dict(state_dict)
+        normalise_groups(self)
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st:
+                    move_step_to_fused_layout(st, p)
+                    if self._fm_master and p.dtype in _LOW_PRECISION:
+                        for k, t in keep.get(p, {}).items():
+                            st[k] = t.to(device=p.device, dtype=torch.float32, copy=True)
+                        self._fm_upgrade_state(p, st)
+        self._fm_cache = {}
+
+    def _fm_upgrade_state(self, p, st):
+        for k in _MOMENTS:
+            if k in st and st[k].dtype != torch.float32:
+                st[k] = st[k].float()
+        if "master_param" not in st:
+            st["master_param"] = p.detach().float()
+
+    def _fm_uses_master(self, dtype):
+        return self._fm_master and dtype in _LOW_PRECISION
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        health_check(self)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            self._fm_step_group(group, grad_scale, found_inf)
+        return loss
+
+    def _fm_step_group(self, group, grad_scale, found_inf):
+        params = group["params"]
+        cached = self._fm_cache.get(id(group))
+        if (cached is not None and cached[0] is group and cached[1] == group["amsgrad"]
+                and cached[3] == len(params)):
+            grads = [p.grad for p in params]
+            # Sparse grads are refused by the op before it changes anything; the general path
+            # then raises torch's own error for them.
+            if not any(g is None for g in grads):
+                n = len(params)
+                try:
+                    for b in cached[2]:
+                        self._fm_launch(group, b.device, b.params, pick(grads, b.idx, n), b.exp_avgs,
+                                        b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters, grad_scale,
+                                        found_inf)
+                except RuntimeError:
+                    if not any(g.is_sparse for g in grads):
+                        raise
+                    self._fm_step_group_general(group, grad_scale, found_inf)
+                return
+        self._fm_step_group_general(group, grad_scale, found_inf)
+
+    def _fm_step_group_general(self, group, grad_scale, found_inf):
+        pw, grads, m, v, vmax, steps = [], [], [], [], [], []
+        # torch's own lazy state init, placement and errors (sparse grads, unsupported dtypes).
+        self._init_group(group, pw, grads, m, v, vmax, steps)
+        amsgrad = group["amsgrad"]
+        for (device, dtype), idx in group_by_device_dtype(pw).items():
+            bp = pick(pw, idx, len(pw))
+            sts = [self.state[p] for p in bp]
+            masters = []
+            if self._fm_uses_master(dtype):
+                for p, st in zip(bp, sts):
+                    self._fm_upgrade_state(p, st)
+                masters = [st["master_param"] for st in sts]
+            self._fm_launch(group, device, bp, pick(grads, idx, len(pw)),
+                            [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
+                            [st["max_exp_avg_sq"] for st in sts] if amsgrad else [],
+                            [st["step"] for st in sts], masters, grad_scale, found_inf)
+        self._fm_build_cache(group)
+
+    def _fm_build_cache(self, group):
+        params = group["params"]
+        amsgrad = group["amsgrad"]
+        need = ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if amsgrad else ())
+        for p in params:
+            st = self.state.get(p)
+            if not st or any(k not in st for k in need):
+                return
+            if self._fm_uses_master(p.dtype) and "master_param" not in st:
+                return
+        buckets = [
+            _Bucket(device, idx, params, self.state, amsgrad, self._fm_uses_master(dtype))
+            for (device, dtype), idx in group_by_device_dtype(params).items()
+        ]
+        self._fm_cache[id(group)] = (group, amsgrad, buckets, len(params))
+
+    def _fm_launch(self, group, device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                   masters, grad_scale, found_inf):
+        beta1, beta2 = group["betas"]
+        lr, lr_tensor = lr_args(group["lr"], device)
+        ops.adamw_step_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, lr, lr_tensor,
+            float(beta1), float(beta2), float(group["weight_decay"]), float(group["eps"]),
+            group["amsgrad"], group["maximize"],
+            group.get("decoupled_weight_decay", self._fm_decoupled),
+            on_device(grad_scale, device), on_device(found_inf, device),
+        )
+
+
+class Adam(_FusedAdamBase, torch.optim.Adam):
+    __doc__ = torch.optim.Adam.__doc__
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+
+    __init__.__signature__ = signature_with_master_weights(torch.optim.Adam)
+
+
+class AdamW(_FusedAdamBase, torch.optim.AdamW):
+    __doc__ = torch.optim.AdamW.__doc__
+    _fm_decoupled = True
+
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+
+    __init__.__signature__ = signature_with_master_weights(torch.optim.AdamW)

@@ -1,0 +1,178 @@
+"""fastmlp.optim.SGD: torch.optim.SGD over the fused sgd_step_ op.
+
+Same signature (plus master_weights), defaults, errors and state_dict layout ("momentum_buffer"
+per parameter when momentum != 0) as torch.optim.SGD(fused=True).
+
+The first step of a parameter seeds its momentum buffer with the gradient, as torch does; this is
+decided per parameter (a parameter unfrozen later gets a fresh buffer while the others keep
+theirs). One caveat shared with torch's fused SGD: if that very first step is skipped by
+GradScaler (found_inf), the buffer exists but holds zeros, so with dampening != 0 the next step
+weights the gradient by (1 - dampening) where the for-loop optimizer would not.
+"""
+
+import torch
+
+from .. import ops
+from ._common import (
+    _LOW_PRECISION,
+    fp32_originals,
+    group_by_device_dtype,
+    health_check,
+    lr_args,
+    normalise_groups,
+    on_device,
+    pick,
+    signature_with_master_weights,
+)
+
+__all__ = ["SGD"]
+
+
+class SGD(torch.optim.SGD):
+    __doc__ = torch.optim.SGD.__doc__
+
+    def __init__(self, params, *args, master_weights=False, **kwargs):
+        kwargs["fused"] = True
+        self._fm_master = bool(master_weights)
+        self._fm_cache = {}
+        super().__init__(params, *args, **kwargs)
+
+    __init__.__signature__ = signature_with_master_weights(torch.optim.SGD)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_fm_master", False)
+        self._fm_cache = {}
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._fm_cache = {}
+
+    def load_state_dict(self, state_dict):
+        keep = fp32_originals(self, state_dict, ("master_param", "momentum_buffer")) if self._fm_master else {}
+        super().load_state_dict(state_dict)
+        normalise_groups(self)
+        if self._fm_master:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if st and p.dtype in _LOW_PRECISION:
+                        for k, t in keep.get(p, {}).items():
+                            st[k] = t.to(device=p.device, dtype=torch.float32, copy=True)
+                        self._fm_upgrade_state(p, st)
+        self._fm_cache = {}
+
+    def _fm_uses_master(self, dtype):
+        return self._fm_master and dtype in _LOW_PRECISION
+
+    def _fm_upgrade_state(self, p, st):
+        buf = st.get("momentum_buffer")
+        if buf is not None and buf.dtype != torch.float32:
+            st["momentum_buffer"] = buf.float()
+        if "master_param" not in st:
+            st["master_param"] = p.detach().float()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        health_check(self)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            self._fm_step_group(group, grad_scale, found_inf)
+        return loss
+
+    def _fm_step_group(self, group, grad_scale, found_inf):
+        params = group["params"]
+        cached = self._fm_cache.get(id(group))
+        has_momentum = group["momentum"] != 0
+        if (cached is not None and cached[0] is group and cached[1] == has_momentum
+                and cached[3] == len(params)):
+            grads = [p.grad for p in params]
+            # Sparse grads are refused by the op before it changes anything; the general path
+            # then raises torch's own error for them.
+            if not any(g is None for g in grads):
+                n = len(params)
+                try:
+                    for device, idx, bp, bufs, masters in cached[2]:
+                        self._fm_launch(group, device, bp, pick(grads, idx, n), bufs, masters, False,
+                                        grad_scale, found_inf)
+                except RuntimeError:
+                    if not any(g.is_sparse for g in grads):
+                        raise
+                    self._fm_step_group_general(group, grad_scale, found_inf)
+                return
+        self._fm_step_group_general(group, grad_scale, found_inf)
+
+    def _fm_step_group_general(self, group, grad_scale, found_inf):
+        pw, grads, bufs = [], [], []
+        # torch's own per-parameter checks (unsupported dtypes for fused=True).
+        has_sparse_grad = self._init_group(group, pw, grads, bufs)
+        if has_sparse_grad:
+            self._fm_raise_sparse(group, pw, grads, bufs)
+        has_momentum = group["momentum"] != 0
+        states = [self.state[p] for p in pw]
+        for p, st in zip(pw, states):
+            if self._fm_uses_master(p.dtype):
+                self._fm_upgrade_state(p, st)
+        first = [False] * len(pw)
+        if has_momentum:
+            for i, (p, st) in enumerate(zip(pw, states)):
+                if st.get("momentum_buffer") is None:
+                    dtype = torch.float32 if self._fm_uses_master(p.dtype) else p.dtype
+                    st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    first[i] = True
+        kinds = {}
+        for i, p in enumerate(pw):
+            kinds.setdefault((p.device, p.dtype, first[i]), []).append(i)
+        for (device, dtype, is_first), idx in kinds.items():
+            sts = [states[i] for i in idx]
+            self._fm_launch(
+                group, device, [pw[i] for i in idx], [grads[i] for i in idx],
+                [st["momentum_buffer"] for st in sts] if has_momentum else [],
+                [st["master_param"] for st in sts] if self._fm_uses_master(dtype) else [],
+                is_first, grad_scale, found_inf)
+        self._fm_build_cache(group)
+
+    def _fm_raise_sparse(self, group, pw, grads, bufs):
+        # torch.optim.SGD(fused=True)'s own error, whatever this torch version words it as.
+        from torch.optim.sgd import _fused_sgd
+
+        _fused_sgd(pw, grads, bufs, None, None, weight_decay=group["weight_decay"],
+                   momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                   nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=True)
+        raise RuntimeError("fastmlp.optim.SGD does not support sparse gradients")
+
+    def _fm_build_cache(self, group):
+        params = group["params"]
+        has_momentum = group["momentum"] != 0
+        for p in params:
+            st = self.state.get(p, {})
+            if has_momentum and st.get("momentum_buffer") is None:
+                return
+            if self._fm_uses_master(p.dtype) and "master_param" not in st:
+                return
+        buckets = []
+        for (device, dtype), idx in group_by_device_dtype(params).items():
+            bp = [params[i] for i in idx]
+            bufs = [self.state[p]["momentum_buffer"] for p in bp] if has_momentum else []
+            masters = [self.state[p]["master_param"] for p in bp] if self._fm_uses_master(dtype) else []
+            buckets.append((device, idx, bp, bufs, masters))
+        self._fm_cache[id(group)] = (group, has_momentum, buckets, len(params))
+
+    def _fm_launch(self, group, device, params, grads, bufs, masters, is_first, grad_scale, found_inf):
+        lr, lr_tensor = lr_args(group["lr"], device)
+        ops.sgd_step_(
+            params, grads, bufs, masters, lr, lr_tensor, float(group["momentum"]),
+            float(group["dampening"]), float(group["weight_decay"]), group["nesterov"],
+            group["maximize"], is_first, on_device(grad_scale, device), on_device(found_inf, device),
+        )

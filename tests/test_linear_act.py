@@ -1,0 +1,333 @@
+"""fastmlp.linear_act against PyTorch: act(F.linear(x, W, b)).
+
+Every test takes the `device` fixture, so the CUDA backend runs the same grid when present.
+Tolerances: fp32/fp64 at torch.testing's defaults against native in the same dtype; fp16/bf16
+relative to PyTorch: our max error vs an fp64 reference is at most 2x native's error vs the same
+reference, plus a floor of a few ulps of the output scale.
+"""
+
+import itertools
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmlp
+from fastmlp import ops
+from fastmlp.functional import linear_act
+
+ACTS = list(ops.ACTIVATIONS)
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+NATIVE_ACT = {
+    "none": lambda t: t,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+}
+NN_ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
+
+
+def native(x, w, b, act):
+    return NATIVE_ACT[act](F.linear(x, w, b))
+
+
+def make(shape_x, out_f, dtype, device, bias=True, requires_grad=(True, True, True)):
+    in_f = shape_x[-1]
+    x = torch.randn(shape_x, dtype=torch.float64).to(device=device, dtype=dtype)
+    w = (torch.randn(out_f, in_f, dtype=torch.float64) / max(in_f, 1) ** 0.5).to(device=device, dtype=dtype)
+    b = torch.randn(out_f, dtype=torch.float64).to(device=device, dtype=dtype) if bias else None
+    x.requires_grad_(requires_grad[0])
+    w.requires_grad_(requires_grad[1])
+    if b is not None:
+        b.requires_grad_(requires_grad[2])
+    return x, w, b
+
+
+def run(fn, x, w, b, act, grad_out):
+    """Output and the gradients of every input that requires grad, for one implementation."""
+    y = fn(x, w, b, act)
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(y, inputs, grad_out) if inputs and y.requires_grad else ()
+    return y, list(grads)
+
+
+def ulp(dtype):
+    return torch.finfo(dtype).eps
+
+
+def assert_matches_native(x, w, b, act, low_precision_floor=4, relative=None):
+    """Compare fastmlp with native on the same inputs (outputs and gradients).
+
+    relative=False: assert_close against native (fp32/fp64 default); relative=True: the error
+    rule against an fp64 reference (fp16/bf16 default, and large fp32 reductions, where the
+    summation order alone moves results past assert_close's float32 tolerance)."""
+    dtype = x.dtype
+    g = torch.randn(*x.shape[:-1], w.shape[0], dtype=torch.float64).to(device=x.device, dtype=dtype)
+    ours = run(linear_act, x, w, b, act, g)
+    nat = run(native, x, w, b, act, g)
+    assert ours[0].shape == nat[0].shape and ours[0].dtype == nat[0].dtype
+    if relative is None:
+        relative = dtype not in (torch.float32, torch.float64)
+    if not relative:
+        torch.testing.assert_close(ours[0], nat[0])
+        for a, n in zip(ours[1], nat[1]):
+            torch.testing.assert_close(a, n)
+        return
+    # fp16/bf16: error relative to native's, both measured against an fp64 reference.
+    leaf = lambda t: None if t is None else t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
+    ref = run(native, leaf(x), leaf(w), leaf(b), act, g.double())
+    for name, o, n, r in zip(["output", "grad_a", "grad_b", "grad_c"], [ours[0]] + ours[1], [nat[0]] + nat[1], [ref[0]] + ref[1]):
+        if r.numel() == 0:
+            continue
+        err_ours = (o.double() - r).abs().max().item()
+        err_native = (n.double() - r).abs().max().item()
+        floor = low_precision_floor * ulp(dtype) * max(r.abs().max().item(), 1e-3)
+        assert err_ours <= 2 * err_native + floor, (
+            f"{name}: fastmlp error {err_ours:.3g} > 2 x native error {err_native:.3g} + floor {floor:.3g}"
+        )
+
+
+SHAPES = [  # (input shape, out_features)
+    ((13,), 7),  # 1-D input
+    ((0, 13), 7),  # empty batch
+    ((1, 13), 7),  # batch 1
+    ((3, 4, 13), 9),  # 3-D input
+    ((37, 29), 10),  # odd sizes, width 10 like a classifier head
+    ((5, 0), 6),  # in_features 0
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}->{s[1]}")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_parity_grid(device, act, dtype, bias, shape):
+    x, w, b = make(shape[0], shape[1], dtype, device, bias)
+    assert_matches_native(x, w, b, act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_parity_large_odd(device, act, dtype):
+    """The odd-sized layer from the test plan: 1823 x 781 -> 389."""
+    x, w, b = make((1823, 781), 389, dtype, device)
+    assert_matches_native(x, w, b, act, relative=dtype != torch.float64)  # native fp64 is the reference itself
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("rg", [c for c in itertools.product([False, True], repeat=3)], ids=lambda c: "".join("xwb"[i] if v else "_" for i, v in enumerate(c)))
+def test_requires_grad_combinations(device, act, rg):
+    x, w, b = make((6, 11), 5, torch.float32, device, True, rg)
+    y = linear_act(x, w, b, act)
+    assert y.requires_grad == any(rg)
+    assert_matches_native(x, w, b, act)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_non_contiguous(device, act, dtype):
+    _, _, b = make((1, 17), 23, dtype, device)
+    x = torch.randn(9, 2 * 17, dtype=dtype, device=device)[:, ::2].requires_grad_()  # strided columns
+    w = torch.randn(2 * 17, 2 * 23, dtype=dtype, device=device).t()[::2, ::2].requires_grad_()  # transposed, strided
+    xt = torch.randn(17, 4, 3, dtype=dtype, device=device).transpose(0, 2).requires_grad_()  # (3, 4, 17)
+    assert not x.is_contiguous() and not w.is_contiguous() and not xt.is_contiguous()
+    assert_matches_native(x, w, b, act)
+    assert_matches_native(xt, w, b, act)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_gradcheck_float64(device, act):
+    for shape, out_f, bias in [((4, 8), 6, True), ((2, 3, 5), 4, False), ((8,), 3, True)]:
+        x, w, b = make(shape, out_f, torch.float64, device, bias)
+        fn = lambda x, w, *b: linear_act(x, w, b[0] if b else None, act)  # noqa: E731
+        args = (x, w) + ((b,) if bias else ())
+        assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+
+
+def test_double_backward_raises(device):
+    x, w, b = make((4, 5), 3, torch.float64, device)
+    y = linear_act(x, w, b, "gelu")
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+def _opcheck_samples(device):
+    samples = []
+    for act, dtype, bias, shape, rg in [
+        ("none", torch.float32, True, ((5, 7), 3), True),
+        ("relu", torch.float32, True, ((5, 7), 3), True),
+        ("relu", torch.float32, False, ((2, 3, 7), 4), True),
+        ("relu", torch.bfloat16, True, ((5, 7), 3), True),
+        ("gelu", torch.float32, True, ((5, 7), 3), True),
+        ("gelu", torch.float64, False, ((7,), 2), True),
+        ("gelu", torch.float16, True, ((4, 8), 8), True),
+        ("gelu_tanh", torch.float32, True, ((5, 7), 3), True),
+        ("gelu_tanh", torch.bfloat16, False, ((3, 2, 5), 6), True),
+        ("silu", torch.float32, True, ((5, 7), 3), True),
+        ("silu", torch.float64, True, ((1, 9), 10), True),
+        ("silu", torch.float32, True, ((0, 7), 3), True),
+        ("relu", torch.float32, True, ((6, 7), 5), False),
+        ("gelu", torch.float32, True, ((6, 7), 5), False),
+    ]:
+        x, w, b = make(shape[0], shape[1], dtype, device, bias, (rg, rg, rg))
+        samples.append((x, w, b, act, rg))
+    return samples
+
+
+@pytest.mark.timeout(900)
+def test_opcheck_forward(device):
+    for x, w, b, act, save in _opcheck_samples(device):
+        torch.library.opcheck(ops.linear_act_forward, (x, w, b, act, save))
+
+
+@pytest.mark.timeout(900)
+def test_opcheck_backward(device):
+    for x, w, b, act, _ in _opcheck_samples(device):
+        y, saved = ops.linear_act_forward(x.detach(), w.detach(), None if b is None else b.detach(), act, True)
+        g = torch.randn_like(y)
+        out = y if act == "relu" else y.new_empty(0)
+        for mask in ([True, True, b is not None], [False, True, False], [True, False, False]):
+            torch.library.opcheck(ops.linear_act_backward, (g, x.detach(), w.detach(), out, saved, act, mask))
+
+
+@pytest.mark.timeout(900)
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    for act, dtype, bias, shape in [
+        ("relu", torch.float32, True, ((16, 12), 8)),
+        ("gelu", torch.float32, True, ((2, 5, 12), 8)),
+        ("gelu_tanh", torch.float32, False, ((16, 12), 8)),
+        ("silu", torch.float64, True, ((16, 12), 8)),
+        ("none", torch.float32, True, ((16, 12), 8)),
+        ("gelu", torch.bfloat16, True, ((16, 12), 8)),
+    ]:
+        x, w, b = make(shape[0], shape[1], dtype, device, bias)
+
+        def f(x, w, b):
+            return linear_act(x, w, b, act).square().sum()
+
+        compiled = torch.compile(f, fullgraph=True)
+        inputs = [t for t in (x, w, b) if t is not None]
+        ref = torch.autograd.grad(f(x, w, b), inputs)
+        out = compiled(x, w, b)
+        got = torch.autograd.grad(out, inputs)
+        torch.testing.assert_close(out, f(x, w, b))
+        for a, r in zip(got, ref):
+            torch.testing.assert_close(a, r)
+
+
+def test_fused_module_under_compile(device):
+    torch._dynamo.reset()
+    model = nn.Sequential(fastmlp.FusedLinear(12, 16, activation="gelu"), fastmlp.FusedLinear(16, 3, activation="none")).to(device)
+    x = torch.randn(8, 12, device=device)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    compiled(x).sum().backward()
+    g_compiled = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for a, p in zip(g_compiled, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+# ---- special values -------------------------------------------------------------------------
+
+SPECIALS = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 100.0, -100.0, 3.0, -3.0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_nan_inf_propagate_like_native(device, act, dtype):
+    """With W = I and b = 0 the pre-activation is x itself: act(special) must match torch's."""
+    n = len(SPECIALS)
+    x = torch.tensor(SPECIALS, dtype=dtype, device=device).repeat(2, 1).requires_grad_()
+    w = torch.eye(n, dtype=dtype, device=device).requires_grad_()
+    b = torch.zeros(n, dtype=dtype, device=device).requires_grad_()
+    g = torch.ones(2, n, dtype=dtype, device=device)
+    ours = run(linear_act, x, w, b, act, g)
+    nat = run(native, x, w, b, act, g)
+    torch.testing.assert_close(ours[0], nat[0], equal_nan=True)
+    # Gradients: NaN where native has NaN (nothing silently zeroed), finite values close.
+    for a, r in zip(ours[1], nat[1]):
+        assert torch.equal(a.isnan(), r.isnan()), f"NaN pattern differs:\n{a}\n{r}"
+        torch.testing.assert_close(a, r, equal_nan=True, atol=1e-5, rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1.3e-6)
+
+
+def test_nan_in_gives_nan_out(device):
+    x, w, b = make((4, 6), 5, torch.float32, device)
+    x = x.detach().clone()
+    x[1, 2] = float("nan")
+    for act in ACTS:
+        y = linear_act(x, w, b, act)
+        assert y[1].isnan().all() and not y[[0, 2, 3]].isnan().any(), act
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors(device):
+    x, w, b = make((4, 6), 5, torch.float32, device, requires_grad=(False, False, False))
+    cases = [
+        (lambda: linear_act(x, w, b, "tanh"), ValueError, r"unknown activation 'tanh'; expected one of: none, relu, gelu, gelu_tanh, silu"),
+        (lambda: linear_act(x.double(), w, b), TypeError, r"expected input and weight to have the same dtype, but got input: (Double|torch.float64), weight: (Float|torch.float32)"),
+        (lambda: linear_act(x, w, b.half()), TypeError, r"expected input and bias to have the same dtype"),
+        (lambda: linear_act(x, w[:, :5]), ValueError, r"input.shape\[-1\] must equal in_features = weight.shape\[1\] = 5, got input of shape \[4, 6\]"),
+        (lambda: linear_act(x, w.reshape(5, 6, 1)), ValueError, r"weight must be 2-D \(out_features, in_features\), got a 3-D tensor"),
+        (lambda: linear_act(x, w, b[:4]), ValueError, r"bias must be 1-D of shape \[out_features\] = \[5\], got shape \[4\]"),
+        (lambda: linear_act(x, w, b.reshape(5, 1)), ValueError, r"bias must be 1-D"),
+        (lambda: linear_act(x.long(), w.long()), TypeError, r"input must be a floating-point tensor \(float32, float64, float16 or bfloat16\), got (Long|torch.int64)"),
+        (lambda: linear_act(x[0, 0], w), ValueError, r"input must have at least 1 dimension"),
+    ]
+    for fn, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            fn()
+
+
+def test_bad_inputs_fail_alike_under_compile():
+    torch._dynamo.reset()
+    x, w = torch.randn(4, 6), torch.randn(5, 7)
+    compiled = torch.compile(lambda x, w: linear_act(x, w), fullgraph=True)
+    with pytest.raises(Exception, match=r"input.shape\[-1\] must equal in_features"):
+        compiled(x, w)
+
+
+def test_module_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="unknown activation 'Relu'"):
+        fastmlp.FusedLinear(3, 4, activation="Relu")
+
+
+# ---- autocast -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_autocast_runs_in_autocast_dtype(device, act):
+    amp_dtype = torch.bfloat16
+    layer = fastmlp.FusedLinear(32, 16, activation=act).to(device)
+    ref = nn.Linear(32, 16).to(device)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(8, 32, device=device)
+    with torch.autocast(device_type=device, dtype=amp_dtype):
+        y = layer(x)
+        y_ref = NATIVE_ACT[act](ref(x))
+    assert y.dtype == y_ref.dtype == amp_dtype
+    torch.testing.assert_close(y, y_ref)
+    y.float().sum().backward()
+    y_ref.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_pre_activation_saved_only_when_a_gradient_can_flow(device):
+    x, w, b = make((4, 6), 5, torch.float32, device, requires_grad=(False, False, False))
+    _, saved = ops.linear_act_forward(x, w, b, "gelu", False)
+    assert saved.numel() == 0  # inference: no extra write
+    w.requires_grad_()
+    _, saved = ops.linear_act_forward(x, w, b, "gelu", False)
+    assert saved.shape == (4, 5)  # the autograd kernel keeps what the backward needs
+    with torch.no_grad():
+        assert ops.linear_act_forward(x, w, b, "gelu", False)[1].numel() == 0

@@ -1,0 +1,323 @@
+"""CUDA-only checks of fastmlp.linear_act (the device-parametrised grid is in test_linear_act.py).
+
+What only a GPU run can tell: each forward path (cuBLASLt epilogues BIAS / RELU_BIAS /
+GELU_AUX_BIAS, our epilogue kernel after a BIAS GEMM, the at::mm fallback) agrees with native
+PyTorch, including NaN and odd widths (10, 781) that break the epilogues' alignment rules; the
+cuBLASLt path agrees with the fallback (FASTMLP_CUBLASLT=0); device mismatch errors; autocast +
+GradScaler through FusedLinear; one bf16 case past 2^31 elements; fewer kernel launches than eager.
+
+Every test here is marked `cuda` and skips with its reason on a machine without a GPU.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastmlp
+from fastmlp import FusedLinear
+from fastmlp.ops import linear_act_backward, linear_act_forward
+
+HAS_CUDA = torch.cuda.is_available() and fastmlp.WITH_CUDA
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and fastmlp built with CUDA kernels"),
+]
+
+ACTS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Max-norm error relative to the reference's max-norm, per dtype (TF32 is off in these tests).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def native_act(z, activation):
+    if activation == "none":
+        return z
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    return F.silu(z)
+
+
+def native(x, w, b, activation):
+    return native_act(F.linear(x, w, b), activation)
+
+
+def assert_close(got, want, dtype, what=""):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    g, w = got.double(), want.double()
+    nan_g, nan_w = torch.isnan(g), torch.isnan(w)
+    assert torch.equal(nan_g, nan_w), f"{what}: NaN positions differ ({int(nan_g.sum())} vs {int(nan_w.sum())})"
+    g, w = g[~nan_w], w[~nan_w]
+    if w.numel() == 0:
+        return
+    inf_w = torch.isinf(w)
+    assert torch.equal(g[inf_w], w[inf_w]), f"{what}: infinities differ"
+    g, w = g[~inf_w], w[~inf_w]
+    if w.numel() == 0:
+        return
+    scale = max(w.abs().max().item(), 1e-3)
+    err = (g - w).abs().max().item() / scale
+    assert err <= TOL[dtype], f"{what}: relative max error {err:.3g} > {TOL[dtype]:.1g} ({dtype})"
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def make(rows, in_f, out_f, dtype, bias=True, requires_grad=True):
+    x = torch.randn(rows, in_f, device="cuda", dtype=dtype)
+    w = (torch.randn(out_f, in_f, device="cuda", dtype=torch.float64) / in_f**0.5).to(dtype)
+    b = (0.1 * torch.randn(out_f, device="cuda", dtype=dtype)) if bias else None
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return x, w, b
+
+
+def check_fwd_bwd(x, w, b, activation, dtype):
+    """Forward, saved tensor and all three gradients of ours vs native autograd."""
+    y = fastmlp.functional.linear_act(x, w, b, activation)
+    ref = native(x, w, b, activation)
+    assert_close(y, ref, dtype, "y")
+    g = torch.randn_like(ref)
+    params = [t for t in (x, w, b) if t is not None]
+    got = torch.autograd.grad(y, params, g)
+    want = torch.autograd.grad(ref, params, g)
+    for name, a, e in zip(("grad_x", "grad_w", "grad_b"), got, want):
+        assert_close(a, e, dtype, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Smoke test of every forward path (run first by bench/gpu_check.sh: -k smoke)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("out_f", [10, 781, 256])
+@pytest.mark.parametrize("bias", [True, False])
+def test_smoke_paths(activation, dtype, out_f, bias):
+    x, w, b = make(37, 96, out_f, dtype, bias)
+    check_fwd_bwd(x, w, b, activation, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("lt", ["1", "0"])
+def test_smoke_nan_propagation(activation, dtype, lt, monkeypatch):
+    """A NaN pre-activation gives NaN after every activation (relu included, as torch.relu), and
+    relu's backward passes the gradient where y is NaN (as threshold_backward)."""
+    monkeypatch.setenv("FASTMLP_CUBLASLT", lt)
+    x, w, b = make(16, 32, 64, dtype)
+    with torch.no_grad():
+        x[3] = float("nan")
+        x[5, 7] = float("nan")
+    check_fwd_bwd(x, w, b, activation, dtype)
+    y = fastmlp.functional.linear_act(x, w, b, activation)
+    assert torch.isnan(y[3]).all() and torch.isnan(y[5]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
+def test_smoke_nan_large_tiles(activation, dtype):
+    """NaN through the cuBLASLt epilogues at a compute-bound shape (other GEMM kernels than the
+    small shapes, whose epilogue might treat NaN differently)."""
+    x, w, b = make(2048, 1024, 2048, dtype, requires_grad=False)
+    x[100] = float("nan")
+    x[1000, 5] = float("nan")
+    y = fastmlp.functional.linear_act(x, w, b, activation)
+    want = native(x, w, b, activation)
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    assert torch.isnan(y[100]).all() and torch.isnan(y[1000]).all()
+    assert_close(y, want, dtype, "y")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("out_f", [10, 781, 512])
+def test_smoke_lt_matches_fallback(activation, dtype, out_f, monkeypatch):
+    """cuBLASLt epilogues and the at::mm + kernel fallback give the same outputs and gradients."""
+    x, w, b = make(129, 200, out_f, dtype)
+    g = torch.randn(129, out_f, device="cuda", dtype=dtype)
+    outs = {}
+    for lt in ("1", "0"):
+        monkeypatch.setenv("FASTMLP_CUBLASLT", lt)
+        y, saved = linear_act_forward(x, w, b, activation, True)
+        grads = linear_act_backward(g, x, w, y, saved, activation, [True, True, True])
+        outs[lt] = (y, saved, *grads)
+    names = ("y", "saved", "grad_x", "grad_w", "grad_b")
+    for name, a, e in zip(names, outs["1"], outs["0"]):
+        assert a.shape == e.shape, name
+        if a.numel():
+            assert_close(a, e, dtype, name)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("env", ["FASTMLP_LT_RELU", "FASTMLP_LT_GELU"])
+def test_smoke_epilogue_switches(activation, env, monkeypatch):
+    monkeypatch.setenv(env, "0")
+    x, w, b = make(64, 128, 256, torch.bfloat16)
+    check_fwd_bwd(x, w, b, activation, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layouts, sizes, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+def test_misaligned_and_noncontiguous(activation, dtype):
+    """Offset views (pointers not 16-byte aligned: cuBLASLt alignment preferences, scalar kernel
+    path) and non-contiguous inputs."""
+    rows, in_f, out_f = 33, 65, 47
+    xs = torch.randn(rows * in_f + 1, device="cuda", dtype=dtype)[1:].view(rows, in_f).requires_grad_()
+    ws = (torch.randn(out_f * in_f + 3, device="cuda", dtype=dtype) / 8)[3:].view(out_f, in_f).requires_grad_()
+    bs = torch.randn(out_f + 1, device="cuda", dtype=dtype)[1:].requires_grad_()
+    assert xs.data_ptr() % 16 and ws.data_ptr() % 16 and bs.data_ptr() % 16
+    check_fwd_bwd(xs, ws, bs, activation, dtype)
+    xt = torch.randn(in_f, rows, device="cuda", dtype=dtype).t().requires_grad_()
+    wt = (torch.randn(in_f, out_f, device="cuda", dtype=dtype) / 8).t().requires_grad_()
+    check_fwd_bwd(xt, wt, None, activation, dtype)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_batch_shapes(activation):
+    for shape in [(0, 48), (1, 48), (48,), (3, 5, 48)]:
+        x = torch.randn(*shape, device="cuda", requires_grad=True)
+        w = torch.randn(24, 48, device="cuda", requires_grad=True)
+        b = torch.randn(24, device="cuda", requires_grad=True)
+        check_fwd_bwd(x, w, b, activation, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_bias_grad_split_rows(dtype):
+    """Enough rows that the backward prologue splits them over blocks (partial sums + finalize);
+    the bias gradient is deterministic run to run."""
+    x, w, b = make(8192, 64, 1000, dtype)
+    check_fwd_bwd(x, w, b, "gelu", dtype)
+    y, saved = linear_act_forward(x, w, b, "gelu", True)
+    g = torch.randn_like(y)
+    db1 = linear_act_backward(g, x, w, y, saved, "gelu", [False, False, True])[2]
+    db2 = linear_act_backward(g, x, w, y, saved, "gelu", [False, False, True])[2]
+    assert torch.equal(db1, db2)
+
+
+def test_device_mismatch():
+    w = torch.randn(8, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="same device"):
+        fastmlp.functional.linear_act(torch.randn(3, 4), w, None, "relu")
+    with pytest.raises(RuntimeError, match="same device"):
+        fastmlp.functional.linear_act(torch.randn(3, 4, device="cuda"), w, torch.randn(8), "relu")
+    with pytest.raises(RuntimeError, match="same device"):
+        linear_act_backward(torch.randn(3, 8), torch.randn(3, 4, device="cuda"), w,
+                            torch.empty(0, device="cuda"), torch.empty(0, device="cuda"), "none",
+                            [True, True, True])
+
+
+def test_tf32_follows_torch():
+    """fp32 is IEEE unless torch would use TF32. Each product is 1 + 2^-12, which TF32's 10-bit
+    mantissa rounds to 1; every partial sum of 4096 of them is exact in fp32 whatever the order,
+    so IEEE gives exactly 4097 and TF32 4096."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = torch.full((4, 4096), 1.0 + 2.0**-12, device="cuda")
+    w = torch.ones(8, 4096, device="cuda")
+    for activation in ("none", "relu", "gelu_tanh"):
+        y, saved = linear_act_forward(x, w, None, activation, True)
+        z = saved if activation == "gelu_tanh" else y
+        assert torch.all(z == 4097.0), f"{activation}: {z.flatten()[:4].tolist()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_autocast_gradscaler(activation, dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(FusedLinear(32, 64, activation=activation), FusedLinear(64, 10, activation="none"))
+    model = model.cuda()
+    ref = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU() if activation == "relu" else torch.nn.GELU(),
+                              torch.nn.Linear(64, 10)).cuda()
+    ref.load_state_dict({k.replace("1.", "2.", 1) if k.startswith("1.") else k: v
+                         for k, v in model.state_dict().items()})
+    x = torch.randn(128, 32, device="cuda")
+    t = torch.randint(0, 10, (128,), device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        out, out_ref = model(x), ref(x)
+    assert out.dtype == dtype
+    assert_close(out, out_ref, dtype, "autocast output")
+    for m in (model, ref):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+        for _ in range(3):
+            opt.zero_grad()
+            with torch.autocast("cuda", dtype=dtype):
+                loss = F.cross_entropy(m(x), t)
+            scaler.scale(loss).backward()
+            assert all(p.grad.dtype == torch.float32 for p in m.parameters())
+            scaler.step(opt)
+            scaler.update()
+        assert torch.isfinite(loss)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p.detach(), q.detach(), dtype, n)
+
+
+def test_64bit_indexing_bf16():
+    """rows * out_features past 2^31 in bf16 (about 20 GiB of device memory)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip(f"needs 24 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    out_f, in_f = 2048, 16
+    rows = 2**31 // out_f + 3  # numel(y) = 2^31 + 6144
+    dtype = torch.bfloat16
+    x, w, b = make(rows, in_f, out_f, dtype, requires_grad=False)
+    y, saved = linear_act_forward(x, w, b, "gelu", True)
+    assert y.numel() > 2**31
+    tail = slice(rows - 4, rows)
+    assert_close(y[tail], native(x[tail], w, b, "gelu"), dtype, "y tail")
+    assert_close(saved[tail], F.linear(x[tail], w, b), dtype, "saved tail")
+    g = torch.ones_like(y)
+    gx, gw, gb = linear_act_backward(g, x, w, y, saved, "gelu", [True, False, True])
+    del y
+    dz_tail = torch.ops.aten.gelu_backward(g[tail], saved[tail])
+    assert_close(gx[tail], dz_tail @ w, dtype, "grad_x tail")
+    want_gb = torch.ops.aten.gelu_backward(g, saved).sum(0, dtype=torch.float32).to(dtype)
+    assert_close(gb, want_gb, dtype, "grad_b")
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch counts
+
+
+def count_kernels(fn, iters=3):
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    n = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return n / iters
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fewer_launches_than_eager(activation, dtype):
+    x, w, b = make(256, 512, 512, dtype)
+    g = torch.randn(256, 512, device="cuda", dtype=dtype)
+
+    def ours():
+        torch.autograd.grad(fastmlp.functional.linear_act(x, w, b, activation), (x, w, b), g)
+
+    def eager():
+        torch.autograd.grad(native(x, w, b, activation), (x, w, b), g)
+
+    n_ours, n_eager = count_kernels(ours), count_kernels(eager)
+    print(f"kernels per fwd+bwd ({activation}, {dtype}): fastmlp {n_ours:g}, eager {n_eager:g}")
+    assert n_ours < n_eager

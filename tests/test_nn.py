@@ -1,0 +1,123 @@
+"""fastmlp.nn.FusedLinear and fastmlp.convert as drop-ins for nn.Linear (+ activation)."""
+
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import fastmlp
+from fastmlp import FusedLinear
+
+
+def test_fused_linear_is_an_nn_linear_with_same_init_and_keys(device):
+    torch.manual_seed(3)
+    ref = nn.Linear(20, 7, device=device)
+    torch.manual_seed(3)
+    fused = FusedLinear(20, 7, activation="gelu", device=device)
+    assert isinstance(fused, nn.Linear)
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    for k in ref.state_dict():  # the same initialisation draws
+        torch.testing.assert_close(fused.state_dict()[k], ref.state_dict()[k], rtol=0, atol=0)
+    assert "activation='gelu'" in repr(fused) and "in_features=20, out_features=7, bias=True" in repr(fused)
+
+
+def test_state_dict_loads_both_ways(device):
+    ref = nn.Linear(9, 4, bias=False, device=device)
+    fused = FusedLinear(9, 4, bias=False, activation="none", device=device)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 9, device=device)
+    torch.testing.assert_close(fused(x), ref(x))
+    fused2 = FusedLinear(9, 4, bias=False, activation="none", device=device)
+    ref.load_state_dict(fused2.state_dict())
+    torch.testing.assert_close(ref(x), fused2(x))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        FusedLinear(9, 4).load_state_dict(ref.state_dict())
+
+
+def test_pickle_save_load_and_to(device):
+    layer = FusedLinear(6, 5, activation="silu", device=device)
+    clone = pickle.loads(pickle.dumps(layer))
+    assert clone.activation == "silu"
+    x = torch.randn(2, 6, device=device)
+    torch.testing.assert_close(clone(x), layer(x))
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(x), layer(x))
+    half = layer.to(torch.float64)
+    assert half.weight.dtype == torch.float64 and half(x.double()).dtype == torch.float64
+
+
+def test_module_matches_linear_plus_activation(device):
+    for act, mod in [("relu", nn.ReLU()), ("gelu", nn.GELU()), ("gelu_tanh", nn.GELU(approximate="tanh")), ("silu", nn.SiLU()), ("none", nn.Identity())]:
+        fused = FusedLinear(12, 8, activation=act, device=device)
+        ref = nn.Linear(12, 8, device=device)
+        ref.load_state_dict(fused.state_dict())
+        x = torch.randn(5, 12, device=device)
+        torch.testing.assert_close(fused(x), mod(ref(x)))
+
+
+def quickstart_mlp():
+    """The PyTorch quickstart model, written the ordinary way."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(28 * 28, 512), nn.ReLU(),
+        nn.Linear(512, 512), nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+
+
+def test_convert_quickstart_mlp_matches_outputs_gradients_and_keys(device):
+    torch.manual_seed(0)
+    model = quickstart_mlp().to(device)
+    ref = quickstart_mlp().to(device)
+    ref.load_state_dict(model.state_dict())
+    keys = list(model.state_dict().keys())
+    params_before = [id(p) for p in model.parameters()]
+    out = fastmlp.convert(model)
+    assert out is model
+    assert list(model.state_dict().keys()) == keys
+    assert [id(p) for p in model.parameters()] == params_before  # the same Parameter objects
+    assert [type(m).__name__ for m in model] == ["Flatten", "FusedLinear", "Identity", "FusedLinear", "Identity", "FusedLinear"]
+    assert [m.activation for m in model if isinstance(m, FusedLinear)] == ["relu", "relu", "none"]
+    x = torch.randn(16, 1, 28, 28, device=device)
+    torch.testing.assert_close(model(x), ref(x))
+    model(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad)
+
+
+def test_convert_nested_and_every_activation_kind():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)  # not in a Sequential: becomes activation "none"
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.GELU(approximate="tanh"), nn.Sequential(nn.Linear(8, 8), nn.SiLU()))
+
+        def forward(self, x):
+            return self.body(self.proj(x))
+
+    model = nn.Sequential(Block(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8), nn.Tanh())
+    ref = nn.Sequential(Block(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8), nn.Tanh())
+    ref.load_state_dict(model.state_dict())
+    fastmlp.convert(model)
+    assert model[0].proj.activation == "none"
+    assert model[0].body[0].activation == "gelu_tanh" and isinstance(model[0].body[1], nn.Identity)
+    assert model[0].body[2][0].activation == "silu"
+    assert model[1].activation == "gelu" and isinstance(model[2], nn.Identity)
+    assert model[3].activation == "none" and isinstance(model[4], nn.Tanh)  # unsupported activation kept
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(model(x), ref(x))
+    assert model.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_convert_plain_linear_and_bad_argument():
+    lin = nn.Linear(3, 2)
+    fused = fastmlp.convert(lin)
+    assert isinstance(fused, FusedLinear) and fused.weight is lin.weight
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        fastmlp.convert("not a module")

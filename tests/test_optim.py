@@ -1,0 +1,540 @@
+"""fastmlp.optim (AdamW, Adam, SGD) against torch.optim.
+
+References: torch.optim's for-loop implementation (foreach=False, fused=False) on the same dtype for
+fp64/fp32 (default assert_close tolerances), and on fp32 copies cast back for fp16/bf16 (torch's own
+fp16 for-loop goes non-finite with eps=1e-8). Every test runs on the CPU and, with a GPU, on CUDA.
+"""
+
+import inspect
+import io
+
+import pytest
+import torch
+
+import fastmlp
+from fastmlp.optim import SGD, Adam, AdamW
+
+TORCH_CLS = {AdamW: torch.optim.AdamW, Adam: torch.optim.Adam, SGD: torch.optim.SGD}
+STEPS = 7
+SHAPES = [(13, 9), (9,), (4, 3, 5), (1,)]
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def make_params(shapes, dtype, device, noncontig=False):
+    out = []
+    for s in shapes:
+        if noncontig and len(s) >= 2:
+            # A transposed parameter (dense, other strides) and a sliced one (not dense).
+            if len(s) == 2:
+                t = torch.randn(*s[::-1], dtype=torch.float64).to(device=device, dtype=dtype).t()
+            else:
+                t = torch.randn(*s[:-1], s[-1] * 2, dtype=torch.float64).to(device=device, dtype=dtype)[..., ::2]
+            assert not t.is_contiguous()
+            out.append(t.requires_grad_())
+        else:
+            out.append(torch.randn(*s, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_())
+    return out
+
+
+def grads_for(params, step, skip):
+    """Deterministic grads of step `step`; None for parameters in `skip`."""
+    g = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for i, p in enumerate(params):
+        gi = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        out.append(None if i in skip else gi)
+    return out
+
+
+def build(cls, params, groups, kwargs, group_kwargs):
+    if groups:
+        # Two groups with their own lr / weight decay / betas (or momentum for SGD).
+        half = len(params) // 2
+        return cls([{"params": params[:half]}, {"params": params[half:], **group_kwargs}], **kwargs)
+    return cls(params, **kwargs)
+
+
+def run_pair(cls, device, dtype, kwargs=None, *, groups=False, scheduler=False, none_at=None,
+             frozen_until=None, zero_size=False, noncontig=False, master=False, steps=STEPS):
+    """Runs fastmlp's optimizer and torch's for-loop one on the same grads; returns both."""
+    kwargs = dict(kwargs or {})
+    shapes = SHAPES + ([(0, 3)] if zero_size else [])
+    ours_p = make_params(shapes, dtype, device, noncontig)
+    low = dtype in ULP
+    ref_dtype = torch.float32 if low else dtype
+    ref_p = [p.detach().to(ref_dtype).clone().requires_grad_() for p in ours_p]
+    group_kwargs = ({"lr": 0.02, "weight_decay": 0.05} if cls is SGD else
+                    {"lr": 0.02, "weight_decay": 0.05, "betas": (0.8, 0.99)})
+    ours = build(cls, ours_p, groups, dict(kwargs, master_weights=master), group_kwargs)
+    ref = build(TORCH_CLS[cls], ref_p, groups, dict(kwargs, foreach=False, fused=False), group_kwargs)
+    scheds = []
+    if scheduler:
+        scheds = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.8) for o in (ours, ref)]
+    for step in range(steps):
+        skip = set()
+        if none_at is not None and step == none_at:
+            skip.add(1)
+        if frozen_until is not None and step < frozen_until:
+            skip.add(0)
+        for o_p, r_p, g in zip(ours_p, ref_p, grads_for(ours_p, step, skip)):
+            o_p.grad = None if g is None else g.to(device=device, dtype=dtype)
+            # fp16/bf16: the reference sees the same (rounded) gradient, in fp32.
+            r_p.grad = None if g is None else o_p.grad.to(ref_dtype)
+        ours.step()
+        ref.step()
+        for s in scheds:
+            s.step()
+    return ours, ref, ours_p, ref_p
+
+
+def assert_matches(ours, ref, ours_p, ref_p, dtype, master=False):
+    low = dtype in ULP
+    kw = dict(rtol=5e-3, atol=3 * ULP[dtype]) if low else {}
+    for o, r in zip(ours_p, ref_p):
+        torch.testing.assert_close(o.detach(), r.detach().to(dtype), **kw)
+    for o, r in zip(ours_p, ref_p):
+        so, sr = ours.state.get(o, {}), ref.state.get(r, {})
+        assert set(sr) <= set(so), (sorted(so), sorted(sr))
+        for k, vr in sr.items():
+            vo = so[k]
+            if k == "step":
+                assert vo.dtype == torch.float32 and vo.device == o.device
+                assert vo.item() == vr.item()
+            elif master and low:
+                torch.testing.assert_close(vo, vr.float(), rtol=1e-5, atol=1e-6)
+            else:
+                torch.testing.assert_close(vo, vr.to(vo.dtype), **kw)
+        if master and low and so:
+            torch.testing.assert_close(so["master_param"], r.detach().float(), rtol=1e-5, atol=1e-6)
+
+
+ADAM_CASES = {
+    "defaults": (dict(), {}),
+    "lr": (dict(lr=0.01), {}),
+    "wd": (dict(weight_decay=0.1), {}),
+    "wd_maximize": (dict(weight_decay=0.1, maximize=True), {}),
+    "wd_amsgrad": (dict(weight_decay=0.1, amsgrad=True), {}),
+    "groups": (dict(), dict(groups=True)),
+    "scheduler": (dict(lr=0.01), dict(scheduler=True)),
+    "grad_none": (dict(), dict(none_at=3)),
+    "frozen": (dict(amsgrad=True), dict(frozen_until=4)),
+    "zero_size": (dict(), dict(zero_size=True)),
+    "noncontig": (dict(weight_decay=0.1), dict(noncontig=True)),
+    "tensor_lr": (dict(lr=torch.tensor(0.01)), {}),
+}
+
+SGD_CASES = {
+    "defaults": (dict(), {}),
+    "momentum": (dict(lr=0.01, momentum=0.9), {}),
+    "dampening": (dict(lr=0.01, momentum=0.9, dampening=0.3), {}),
+    "nesterov_wd": (dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.1), {}),
+    "wd_maximize": (dict(lr=0.01, momentum=0.5, weight_decay=0.1, maximize=True), {}),
+    "groups": (dict(momentum=0.9), dict(groups=True)),
+    "scheduler": (dict(lr=0.01, momentum=0.9), dict(scheduler=True)),
+    "grad_none": (dict(momentum=0.9), dict(none_at=3)),
+    "frozen": (dict(momentum=0.9, dampening=0.1), dict(frozen_until=4)),
+    "zero_size": (dict(momentum=0.9), dict(zero_size=True)),
+    "noncontig": (dict(momentum=0.9, weight_decay=0.1), dict(noncontig=True)),
+    "tensor_lr": (dict(lr=torch.tensor(0.01), momentum=0.9), {}),
+}
+
+ALL_CASES = [(AdamW, n) for n in ADAM_CASES] + [(Adam, n) for n in ADAM_CASES] + [(SGD, n) for n in SGD_CASES]
+
+
+@pytest.mark.parametrize("cls,case", ALL_CASES, ids=[f"{c.__name__}-{n}" for c, n in ALL_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parity_full_precision(device, cls, case, dtype):
+    kwargs, opts = (SGD_CASES if cls is SGD else ADAM_CASES)[case]
+    ours, ref, op, rp = run_pair(cls, device, dtype, kwargs, **opts)
+    assert_matches(ours, ref, op, rp, dtype)
+
+
+LOW_CASES = ["defaults", "wd_amsgrad", "frozen", "noncontig"]
+SGD_LOW_CASES = ["momentum", "nesterov_wd", "frozen"]
+LOW_GRID = [(AdamW, n) for n in LOW_CASES] + [(Adam, "wd")] + [(SGD, n) for n in SGD_LOW_CASES]
+
+
+@pytest.mark.parametrize("cls,case", LOW_GRID, ids=[f"{c.__name__}-{n}" for c, n in LOW_GRID])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("master", [False, True], ids=["no_master", "master"])
+def test_parity_low_precision(device, cls, case, dtype, master):
+    cases = {**ADAM_CASES, **{"wd": (dict(weight_decay=0.1), {})}} if cls is not SGD else SGD_CASES
+    kwargs, opts = cases[case]
+    ours, ref, op, rp = run_pair(cls, device, dtype, kwargs, master=master, **opts)
+    assert_matches(ours, ref, op, rp, dtype, master=master)
+    if master:
+        st = ours.state[op[-1]]
+        assert st["master_param"].dtype == torch.float32
+        assert all(v.dtype == torch.float32 for k, v in st.items() if k not in ("step",))
+
+
+def test_master_weights_keeps_small_updates(device):
+    # lr * update far below half an fp16 ulp of the weight: plain fp16 never moves, the master copy
+    # accumulates the updates and eventually moves the fp16 weight.
+    p0 = torch.full((64,), 1.0, dtype=torch.float16, device=device)
+    plain, mast = p0.clone().requires_grad_(), p0.clone().requires_grad_()
+    o1 = SGD([plain], lr=1e-4)
+    o2 = SGD([mast], lr=1e-4, master_weights=True)
+    for _ in range(20):
+        plain.grad = torch.ones_like(plain)
+        mast.grad = torch.ones_like(mast)
+        o1.step()
+        o2.step()
+    assert torch.equal(plain.detach(), p0)
+    torch.testing.assert_close(o2.state[mast]["master_param"], torch.full((64,), 1 - 20e-4, device=device))
+    assert (mast.detach() < 1).all()
+
+
+# ---- GradScaler ------------------------------------------------------------------------------
+
+def _scaler(device):
+    return torch.amp.GradScaler(device, init_scale=1024.0, growth_interval=2)
+
+
+def _loss(params, step, inf_at):
+    g = torch.Generator().manual_seed(step)
+    loss = 0
+    for p in params:
+        w = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype)
+        if step == inf_at and p is params[0]:
+            w.view(-1)[0] = float("inf")
+        loss = loss + (p * w).sum() + 0.5 * (p * p).sum()
+    return loss
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["step", "unscale_clip_step"])
+def test_grad_scaler(device, clip):
+    params = make_params(SHAPES, torch.float32, device)
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    ours, ref = AdamW(params, lr=0.01, weight_decay=0.1), torch.optim.AdamW(ref_params, lr=0.01, weight_decay=0.1, foreach=False)
+    assert ours._step_supports_amp_scaling
+    s_ours, s_ref = _scaler(device), _scaler(device)
+    inf_at = 3
+    for step in range(7):
+        before = None
+        for o, sc, ps in ((ours, s_ours, params), (ref, s_ref, ref_params)):
+            o.zero_grad()
+            sc.scale(_loss(ps, step, inf_at)).backward()
+            if clip:
+                sc.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(ps, max_norm=1.0)
+            if o is ours and step == inf_at:
+                before = ([p.detach().clone() for p in ps],
+                          {k: v.clone() for k, v in o.state[ps[0]].items()})
+            sc.step(o)
+            sc.update()
+        if before is not None:
+            # The skipped step changed nothing: parameters, moments, step counts.
+            for p, b in zip(params, before[0]):
+                assert torch.equal(p.detach(), b)
+            for k, v in before[1].items():
+                assert torch.equal(ours.state[params[0]][k], v), k
+        assert s_ours.get_scale() == s_ref.get_scale()
+    for o, r in zip(params, ref_params):
+        torch.testing.assert_close(o.detach(), r.detach())
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours.state[o][k], ref.state[r][k])
+        assert ours.state[o]["step"].item() == ref.state[r]["step"].item() == 6
+
+
+def test_found_inf_and_grad_scale_direct(device):
+    # The op contract without GradScaler: found_inf skips everything, grad_scale divides.
+    params = make_params(SHAPES, torch.float32, device)
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    ours, ref = AdamW(params), AdamW(copies)
+    for p, c in zip(params, copies):
+        g = torch.randn_like(p)
+        p.grad, c.grad = g * 512, g
+    ours.found_inf = torch.ones((), device=device)
+    ours.grad_scale = torch.full((), 512.0, device=device)
+    ours.step()
+    assert all(ours.state[p]["step"].item() == 0 for p in params)
+    assert all(torch.count_nonzero(ours.state[p]["exp_avg"]) == 0 for p in params)
+    ours.found_inf.zero_()
+    ours.step()
+    ref.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p.detach(), c.detach())
+
+
+# ---- state_dict ------------------------------------------------------------------------------
+
+def _save_load(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _drive(opt, params, steps, start):
+    for s in range(start, start + steps):
+        for p, g in zip(params, grads_for(params, s, set())):
+            p.grad = g.to(p.device, p.dtype)
+        opt.step()
+
+
+OPT_KW = {AdamW: dict(lr=0.01, weight_decay=0.1, amsgrad=True), Adam: dict(lr=0.01, weight_decay=0.1),
+          SGD: dict(lr=0.01, momentum=0.9, nesterov=True)}
+
+
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("direction", ["ours_to_torch", "torch_to_ours"])
+def test_state_dict_round_trip(device, cls, direction):
+    kw = OPT_KW[cls]
+    params = make_params(SHAPES, torch.float32, device)
+    other = [p.detach().clone().requires_grad_() for p in params]
+    tcls = TORCH_CLS[cls]
+    first, second = (cls, tcls) if direction == "ours_to_torch" else (tcls, cls)
+    o1 = first(params, **kw)
+    _drive(o1, params, 3, 0)
+    sd = _save_load(o1.state_dict())
+    for p, q in zip(params, other):
+        q.data.copy_(p.detach())
+    o2 = second(other, **kw)
+    o2.load_state_dict(sd)
+    if second is cls:
+        for q in other:
+            if "step" in o2.state[q]:
+                assert o2.state[q]["step"].device == q.device
+        assert all(g["fused"] for g in o2.param_groups)
+    _drive(o1, params, 4, 3)
+    _drive(o2, other, 4, 3)
+    for p, q in zip(params, other):
+        torch.testing.assert_close(p.detach(), q.detach())
+        for k, v in o1.state[p].items():
+            torch.testing.assert_close(o2.state[q][k].to(v.device, v.dtype), v)
+
+
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_state_dict_layout_matches_torch_fused(cls):
+    kw = OPT_KW[cls]
+    params = make_params(SHAPES, torch.float32, "cpu")
+    other = [p.detach().clone().requires_grad_() for p in params]
+    ours, theirs = cls(params, **kw), TORCH_CLS[cls](other, fused=True, **kw)
+    _drive(ours, params, 2, 0)
+    _drive(theirs, other, 2, 0)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert a["state"][k].keys() == b["state"][k].keys()
+        for name, v in a["state"][k].items():
+            w = b["state"][k][name]
+            assert (v.dtype, v.device, v.shape) == (w.dtype, w.device, w.shape), name
+            torch.testing.assert_close(v, w)
+
+
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16_master"])
+def test_resume_is_bitwise(cls, dtype, master):
+    kw = OPT_KW[cls]
+    params = make_params(SHAPES, dtype, "cpu")
+    opt = cls(params, master_weights=master, **kw)
+    _drive(opt, params, 3, 0)
+    sd = _save_load(opt.state_dict())
+    saved = [p.detach().clone() for p in params]
+    _drive(opt, params, 10, 3)
+    fresh = [s.clone().requires_grad_() for s in saved]
+    opt2 = cls(fresh, master_weights=master, **kw)
+    opt2.load_state_dict(sd)
+    _drive(opt2, fresh, 10, 3)
+    for p, q in zip(params, fresh):
+        assert torch.equal(p.detach(), q.detach())
+        for k, v in opt.state[p].items():
+            assert torch.equal(opt2.state[q][k], v), k
+
+
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_resume_across_devices(cls):
+    if not torch.cuda.is_available() or not fastmlp.WITH_CUDA:
+        pytest.skip("needs a CUDA GPU and fastmlp built with CUDA kernels")
+    kw = OPT_KW[cls]
+    params = make_params(SHAPES, torch.float32, "cpu")
+    opt = cls(params, **kw)
+    _drive(opt, params, 3, 0)
+    sd = _save_load(opt.state_dict())
+    cuda_params = [p.detach().cuda().requires_grad_() for p in params]
+    opt2 = cls(cuda_params, **kw)
+    opt2.load_state_dict(sd)
+    _drive(opt, params, 4, 3)
+    _drive(opt2, cuda_params, 4, 3)
+    for p, q in zip(params, cuda_params):
+        torch.testing.assert_close(q.detach().cpu(), p.detach())
+
+
+# ---- validation: torch's own errors ------------------------------------------------------------
+
+def _raises_like(fn_ours, fn_torch):
+    with pytest.raises(Exception) as theirs:
+        fn_torch()
+    with pytest.raises(type(theirs.value)) as ours:
+        fn_ours()
+    assert str(ours.value) == str(theirs.value)
+
+
+BAD_ADAM = [dict(lr=-1.0), dict(betas=(1.0, 0.999)), dict(betas=(0.9, -0.1)), dict(eps=-1e-8),
+            dict(weight_decay=-0.1), dict(differentiable=True)]
+BAD_SGD = [dict(lr=-1.0), dict(momentum=-0.5), dict(weight_decay=-0.1), dict(nesterov=True),
+           dict(nesterov=True, momentum=0.9, dampening=0.1)]
+
+
+@pytest.mark.parametrize("cls,kw", [(c, k) for c in (AdamW, Adam) for k in BAD_ADAM] + [(SGD, k) for k in BAD_SGD])
+def test_invalid_arguments(cls, kw):
+    p = [torch.zeros(3, requires_grad=True)]
+    _raises_like(lambda: cls(p, **kw), lambda: TORCH_CLS[cls](p, fused=True, **kw))
+
+
+@pytest.mark.parametrize("cls", [AdamW, Adam], ids=lambda c: c.__name__)
+def test_sparse_grad_error(cls):
+    def run(c):
+        p = torch.zeros(4, 2, requires_grad=True)
+        p.grad = torch.zeros(4, 2).to_sparse()
+        c([p]).step()
+
+    _raises_like(lambda: run(cls), lambda: run(TORCH_CLS[cls]))
+
+
+def test_sgd_sparse_grad_error():
+    def run(**kw):
+        p = torch.zeros(4, 2, requires_grad=True)
+        p.grad = torch.zeros(4, 2).to_sparse()
+        return p
+
+    p1, p2 = run(), run()
+    _raises_like(lambda: SGD([p1], lr=0.1).step(), lambda: torch.optim.SGD([p2], lr=0.1, fused=True).step())
+
+
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_integer_params_error(cls):
+    def run(c):
+        p = torch.zeros(3, dtype=torch.int64)
+        p.grad = torch.zeros(3, dtype=torch.int64)
+        c([p], lr=0.1, fused=True).step() if c in TORCH_CLS.values() else c([p], lr=0.1).step()
+
+    _raises_like(lambda: run(cls), lambda: run(TORCH_CLS[cls]))
+
+
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_signature_is_torchs(cls):
+    ours = inspect.signature(cls.__init__).parameters
+    theirs = inspect.signature(TORCH_CLS[cls].__init__).parameters
+    assert list(ours)[:-1] == list(theirs) and list(ours)[-1] == "master_weights"
+    for name, p in theirs.items():
+        assert ours[name].default is p.default or ours[name].default == p.default, name
+    assert issubclass(cls, torch.optim.Optimizer)
+
+
+def test_op_validation():
+    p = torch.zeros(3)
+    with pytest.raises(ValueError, match="exp_avgs to have 1 tensors"):
+        fastmlp.ops.adamw_step_([p], [p], [], [p], [], [torch.zeros(())], [], 0.1, None, 0.9, 0.99,
+                                0.0, 1e-8, False, False, True, None, None)
+    with pytest.raises(ValueError, match="one-element float32 tensor"):
+        fastmlp.ops.adamw_step_([p], [p.clone()], [p.clone()], [p.clone()], [], [torch.zeros((), dtype=torch.float64)],
+                                [], 0.1, None, 0.9, 0.99, 0.0, 1e-8, False, False, True, None, None)
+    with pytest.raises(ValueError, match="has shape"):
+        fastmlp.ops.sgd_step_([p], [torch.zeros(4)], [], [], 0.1, None, 0.0, 0.0, 0.0, False, False, False, None, None)
+
+
+def test_many_chunks_and_threads_deterministic():
+    # Several work items per tensor (> one 16k chunk) and results independent of the thread count.
+    params = [torch.randn(40000, requires_grad=True), torch.randn(3, 7000, requires_grad=True)]
+    results = []
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            ps = [p.detach().clone().requires_grad_() for p in params]
+            o = AdamW(ps, amsgrad=True)
+            _drive(o, ps, 3, 0)
+            results.append([p.detach() for p in ps])
+        finally:
+            torch.set_num_threads(old)
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    r = torch.optim.AdamW(ref, amsgrad=True, foreach=False)
+    _drive(r, ref, 3, 0)
+    for a, b, c in zip(*results, ref):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c.detach())
+
+
+# ---- CUDA only ---------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+def test_capturable_cuda_graph():
+    if not torch.cuda.is_available() or not fastmlp.WITH_CUDA:
+        pytest.skip("needs a CUDA GPU and fastmlp built with CUDA kernels")
+    params = make_params(SHAPES, torch.float32, "cuda")
+    ref_p = [p.detach().clone().requires_grad_() for p in params]
+    lr = torch.tensor(0.01, device="cuda")
+    opt = AdamW(params, lr=lr, capturable=True)
+    ref = torch.optim.AdamW(ref_p, lr=0.01, foreach=False)
+    static_g = [torch.zeros_like(p) for p in params]
+    for p, g in zip(params, static_g):
+        p.grad = g
+    # Warm up (creates state) on a side stream, then capture one step.
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for g, gg in zip(static_g, grads_for(params, 0, set())):
+            g.copy_(gg)
+        opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    for p, gg in zip(ref_p, grads_for(params, 0, set())):
+        p.grad = gg.float().cuda()
+    ref.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step in range(1, 6):
+        new_lr = 0.01 * 0.9**step
+        lr.fill_(new_lr)
+        for g, p, gg in zip(static_g, ref_p, grads_for(params, step, set())):
+            g.copy_(gg)
+            p.grad = gg.float().cuda()
+        graph.replay()
+        ref.param_groups[0]["lr"] = new_lr
+        ref.step()
+    torch.cuda.synchronize()
+    for p, r in zip(params, ref_p):
+        torch.testing.assert_close(p.detach(), r.detach())
+        assert opt.state[p]["step"].item() == 6
+
+
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_sparse_grad_error_after_fast_path(cls):
+    # Once the tensor lists are cached a sparse grad reaches the op first; the error is still torch's.
+    def run(c, **kw):
+        p = torch.zeros(4, 2, requires_grad=True)
+        opt = c([p], lr=0.1, **kw)
+        p.grad = torch.ones(4, 2)
+        opt.step()
+        opt.step()
+        p.grad = torch.ones(4, 2).to_sparse()
+        opt.step()
+
+    _raises_like(lambda: run(cls), lambda: run(TORCH_CLS[cls], fused=True))
+
+
+def _opcheck_args(device, amsgrad, master):
+    dtype = torch.bfloat16 if master else torch.float32
+    sdt = torch.float32 if master else dtype
+    ps = [torch.randn(5, 3, device=device, dtype=dtype), torch.randn(7, device=device, dtype=dtype)]
+    st = lambda: [torch.rand(p.shape, device=device, dtype=sdt) for p in ps]  # noqa: E731
+    return (ps, [torch.randn_like(p) for p in ps], st(), st(), st() if amsgrad else [],
+            [torch.full((), 2.0, device=device) for _ in ps], [p.float() for p in ps] if master else [],
+            0.01, None, 0.9, 0.99, 0.1, 1e-8, amsgrad, False, True, None, None)
+
+
+@pytest.mark.parametrize("amsgrad,master", [(False, False), (True, True)])
+def test_opcheck_adamw_step(device, amsgrad, master):
+    # Schema (mutation annotations) and fake kernel agree with the real kernel.
+    torch.library.opcheck(torch.ops.fastmlp.adamw_step_.default, _opcheck_args(device, amsgrad, master),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_sgd_step(device):
+    ps = [torch.randn(5, 3, device=device), torch.randn(7, device=device)]
+    args = (ps, [torch.randn_like(p) for p in ps], [torch.randn_like(p) for p in ps], [], 0.01, None, 0.9,
+            0.0, 0.1, True, False, False, None, None)
+    torch.library.opcheck(torch.ops.fastmlp.sgd_step_.default, args, test_utils=("test_schema", "test_faketensor"))
