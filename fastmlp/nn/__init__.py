@@ -1,6 +1,8 @@
 """Drop-in modules built on the fused ops."""
 
 from .convert import convert
+from .init import he_, init_, kaiming_, lsuv_, xavier_
 from .linear import FusedLinear
+from .mlp import MLP
 
-__all__ = ["FusedLinear", "convert"]
+__all__ = ["FusedLinear", "MLP", "convert", "he_", "init_", "kaiming_", "lsuv_", "xavier_"]

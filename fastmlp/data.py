@@ -1,0 +1,214 @@
+"""Fashion-MNIST from the standard IDX files, held whole on the training device.
+
+Layout is torchvision's: ``<root>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
+(uncompressed or ``.gz``). The root is ``data_dir`` if given, else ``$FASTMLP_DATA``, else a cache
+folder (``$XDG_CACHE_HOME/fastmlp`` or ``~/.cache/fastmlp``). Only the cache folder is ever
+downloaded into or written to: an explicit root may be read-only (CI's shared copy is), and a
+missing file there is an error, never a silent download.
+"""
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["DataError", "FILES", "DeviceDataset", "FashionMNIST", "resolve_root", "read_idx", "load_fashion_mnist"]
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+
+def _magic(ndim):
+    # IDX magic number: two zero bytes, the element type (0x08 = uint8), then the number of dimensions.
+    return 0x00000800 | ndim
+
+
+class DataError(RuntimeError):
+    """A dataset file is missing, corrupt or inconsistent; the message names the file."""
+
+
+def cache_root():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastmlp"
+
+
+def resolve_root(data_dir=None):
+    """(root, explicit): the dataset root and whether the user chose it (so it is never written to)."""
+    if data_dir:
+        return Path(data_dir).expanduser(), True
+    env = os.environ.get("FASTMLP_DATA")
+    if env:
+        return Path(env).expanduser(), True
+    return cache_root(), False
+
+
+def _find(raw, name):
+    for candidate in (raw / name, raw / (name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_idx(path, ndim):
+    """The uint8 tensor stored in one IDX file (raw or .gz), checked against its own header."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read {path}: {e}. Replace it with a fresh copy of the file.") from e
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path} is truncated: {len(data)} bytes, shorter than its {header}-byte IDX header.")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != _magic(ndim):
+        raise DataError(
+            f"{path} has a bad magic number 0x{magic:08x}: expected 0x{_magic(ndim):08x} (an IDX file of uint8 "
+            f"with {ndim} dimension{'s' if ndim > 1 else ''}). The file is corrupt or is not the file its name says."
+        )
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    count = 1
+    for d in dims:
+        count *= d
+    if len(data) != header + count:
+        raise DataError(
+            f"{path} has the wrong length: its header says {'x'.join(map(str, dims))} values "
+            f"({header + count} bytes with the header), but the file holds {len(data)} bytes. It is truncated or corrupt."
+        )
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(*dims)
+
+
+def _missing_message(raw, missing, explicit):
+    lines = [f"Fashion-MNIST files are missing from {raw}:"]
+    lines += [f"    {raw / n}   (or {n}.gz)" for n in missing]
+    lines.append(
+        "Put the four standard IDX files there (from https://github.com/zalandoresearch/fashion-mnist), or point "
+        "--data-dir / FASTMLP_DATA at a folder that holds FashionMNIST/raw/."
+    )
+    if explicit:
+        lines.append("Nothing is downloaded into a folder you chose; unset FASTMLP_DATA and --data-dir to download into "
+                     f"the cache folder {cache_root()}.")
+    return "\n".join(lines)
+
+
+def _download(root):
+    import torchvision  # only needed for the download
+
+    root.mkdir(parents=True, exist_ok=True)
+    torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+    torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+
+
+def load_fashion_mnist(data_dir=None, download=True):
+    """{"train_images": (60000, 28, 28) uint8, "train_labels": (60000,) int64, "test_images", "test_labels"}.
+
+    Raises DataError naming the file when one is missing, corrupt, or disagrees with its partner.
+    """
+    root, explicit = resolve_root(data_dir)
+    raw = root / "FashionMNIST" / "raw"
+    paths = {k: _find(raw, n) for k, n in FILES.items()}
+    missing = [FILES[k] for k, p in paths.items() if p is None]
+    if missing and download and not explicit:
+        try:
+            _download(root)
+        except Exception as e:  # noqa: BLE001  (any failure: offline, no torchvision, a mirror down)
+            raise DataError(f"downloading Fashion-MNIST through torchvision failed ({e}).\n"
+                            + _missing_message(raw, missing, explicit)) from e
+        paths = {k: _find(raw, n) for k, n in FILES.items()}
+        missing = [FILES[k] for k, p in paths.items() if p is None]
+    if missing:
+        raise DataError(_missing_message(raw, missing, explicit))
+
+    out = {}
+    for split in ("train", "test"):
+        ip, lp = paths[f"{split}_images"], paths[f"{split}_labels"]
+        images, labels = read_idx(ip, 3), read_idx(lp, 1)
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(f"{ip} holds {images.shape[0]} images but {lp} holds {labels.shape[0]} labels; "
+                            "the pair must match. One of the two files is from another dataset or truncated.")
+        if tuple(images.shape[1:]) != (28, 28):
+            raise DataError(f"{ip} holds images of {tuple(images.shape[1:])} pixels, expected 28 x 28.")
+        if labels.numel() and int(labels.max()) > 9:
+            raise DataError(f"{lp} holds label {int(labels.max())}; Fashion-MNIST labels are 0-9.")
+        out[f"{split}_images"], out[f"{split}_labels"] = images, labels.long()
+    return out
+
+
+class DeviceDataset:
+    """Inputs (N, 784) float and labels (N,) int64, all on one device; batches are index slices."""
+
+    def __init__(self, x, y):
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"DeviceDataset: {x.shape[0]} inputs but {y.shape[0]} labels")
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def permutation(self, seed, epoch):
+        """The epoch's shuffle, a pure function of (seed, epoch), so a resumed run sees the same order."""
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        return torch.randperm(len(self), generator=g).to(self.x.device)
+
+    def batches(self, batch_size, order=None, start=0):
+        """Yields (x, y) batches of batch_size (the last may be smaller), from batch index ``start``."""
+        n = len(self)
+        for i in range(start * batch_size, n, batch_size):
+            if order is None:
+                yield self.x[i:i + batch_size], self.y[i:i + batch_size]
+            else:
+                idx = order[i:i + batch_size]
+                yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+    def num_batches(self, batch_size):
+        return -(-len(self) // batch_size)
+
+
+@dataclass
+class FashionMNIST:
+    """The three splits on one device, normalised with the training split's mean and std."""
+
+    train: DeviceDataset
+    val: DeviceDataset | None
+    test: DeviceDataset
+    mean: float
+    std: float
+
+    @classmethod
+    def load(cls, data_dir=None, device="cpu", val_split=0.0, train_subset=0, split_seed=12345,
+             dtype=torch.float32, download=True):
+        if not 0.0 <= float(val_split) < 1.0:
+            raise ValueError(f"val_split must be a fraction in [0, 1), got {val_split!r}")
+        raw = load_fashion_mnist(data_dir, download=download)
+        x, y = raw["train_images"].reshape(-1, 784), raw["train_labels"]
+        n_val = int(round(len(x) * float(val_split)))
+        xv = yv = None
+        if n_val:
+            # A fixed split (not the run's seed) so runs with different seeds validate on the same images.
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))
+            xv, yv = x[perm[:n_val]], y[perm[:n_val]]
+            x, y = x[perm[n_val:]], y[perm[n_val:]]
+        if train_subset:
+            if train_subset < 0:
+                raise ValueError(f"train_subset must be >= 0 (0 = all), got {train_subset}")
+            x, y = x[:train_subset], y[:train_subset]
+        xf = x.to(torch.float64).div_(255)
+        mean, std = xf.mean().item(), xf.std().item()
+
+        def prep(images, labels):
+            t = images.to(device=device, dtype=torch.float32).div_(255).sub_(mean).div_(std).to(dtype)
+            return DeviceDataset(t, labels.to(device))
+
+        tx, ty = raw["test_images"].reshape(-1, 784), raw["test_labels"]
+        return cls(prep(x, y), prep(xv, yv) if n_val else None, prep(tx, ty), mean, std)

@@ -1,0 +1,224 @@
+"""Training diagnostics usable from any loop: per-layer statistics and a NaN/Inf guard.
+
+    mon = Monitor(model, every=50)           guard = AnomalyGuard(model)
+    for step, (x, y) in enumerate(batches):
+        mon.begin(step)                      # hooks only on monitored steps
+        loss = loss_fn(model(x), y); loss.backward()
+        mon.after_backward()
+        if not guard.check(loss, grad_norm): # one scalar read per step
+            raise guard.error(step, lambda: loss_fn(model(x), y).backward())
+        opt.step()
+        rec = mon.after_step()               # dict of floats on monitored steps, else None
+
+Everything is kept on the device and read back once per monitored step.
+"""
+
+import warnings
+
+import torch
+from torch import nn
+
+__all__ = ["Monitor", "AnomalyGuard", "AnomalyError", "layer_grad_norms", "total_grad_norm"]
+
+_ACTS = (nn.ReLU, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid)
+
+
+def _linear_layers(model):
+    if hasattr(model, "linears"):
+        return list(model.linears())
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _activation_points(model):
+    """[(name, module)] whose forward output is a hidden activation. In fastmlp.nn.MLP that is each
+    block's "act" slot (an nn.Identity after a FusedLinear, so the fused output passes through it);
+    elsewhere, activation modules and FusedLinear layers with a fused activation."""
+    points = []
+    for name, m in model.named_modules():
+        if name.endswith(".act") or name == "act":
+            points.append((name, m))
+    if points:
+        return points
+    for name, m in model.named_modules():
+        if isinstance(m, _ACTS) or getattr(m, "activation", "none") not in ("none", None):
+            points.append((name, m))
+    return points
+
+
+def layer_grad_norms(model):
+    """{layer name: L2 norm of the gradients of its parameters}, as 0-d device tensors (no sync)."""
+    out = {}
+    for name, m in _linear_layers(model):
+        grads = [p.grad for p in m.parameters() if p.grad is not None]
+        if grads:
+            out[name] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    return out
+
+
+def total_grad_norm(parameters):
+    """L2 norm over all gradients as a 0-d tensor on their device (no sync); 0 when none exist."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
+class Monitor:
+    """Per-layer gradient norm, update-to-weight ratio, activation mean/std and the fraction of dead
+    units (a unit whose output is <= 0 for every sample of the batch: a dead ReLU, or a GELU/SiLU
+    unit stuck in its flat negative half), every ``every`` steps.
+
+    after_step() returns {"step": s, "<layer>/grad_norm": ..., "<layer>/update_ratio": ...,
+    "<act>/act_mean", "<act>/act_std", "<act>/dead_frac"} on monitored steps, else None.
+    """
+
+    def __init__(self, model, every=50):
+        if not isinstance(every, int) or every < 0:
+            raise ValueError(f"Monitor: every must be an int >= 0 (0 = off), got {every!r}")
+        self.model, self.every = model, every
+        self.layers = _linear_layers(model)
+        self.points = _activation_points(model)
+        self._step = None
+        self._handles = []
+        self._acts = {}
+        self._grads = None
+        self._before = None
+
+    def wants(self, step):
+        return self.every > 0 and step % self.every == 0
+
+    def begin(self, step):
+        self._step = step if self.wants(step) else None
+        if self._step is None:
+            return
+        self._acts = {}
+        for name, m in self.points:
+            self._handles.append(m.register_forward_hook(self._act_hook(name)))
+
+    def _act_hook(self, name):
+        def hook(mod, args, out):
+            with torch.no_grad():
+                o = out.detach().float().reshape(-1, out.shape[-1])
+                self._acts[name] = torch.stack([o.mean(), o.std(), (~(o > 0).any(0)).float().mean()])
+        return hook
+
+    def after_backward(self):
+        if self._step is None:
+            return
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._grads = layer_grad_norms(self.model)
+        self._before = [m.weight.detach().clone() for _, m in self.layers]
+
+    def after_step(self):
+        if self._step is None or self._before is None:
+            return None
+        names, vals = ["step"], [torch.tensor(float(self._step), device=self._before[0].device)]
+        for (name, m), w0 in zip(self.layers, self._before):
+            w0f = w0.float()
+            ratio = torch.linalg.vector_norm(m.weight.detach().float() - w0f) / torch.linalg.vector_norm(w0f).clamp_min(1e-12)
+            if name in self._grads:
+                names.append(f"{name}/grad_norm"); vals.append(self._grads[name])
+            names.append(f"{name}/update_ratio"); vals.append(ratio)
+        for name, t in self._acts.items():
+            names += [f"{name}/act_mean", f"{name}/act_std", f"{name}/dead_frac"]
+            vals += list(t.unbind())
+        floats = torch.stack([v.float().to(vals[0].device) for v in vals]).tolist()  # the one sync
+        self._step, self._before, self._grads, self._acts = None, None, None, {}
+        rec = dict(zip(names, floats))
+        rec["step"] = int(rec["step"])
+        return rec
+
+
+class AnomalyError(RuntimeError):
+    """A NaN or Inf in the loss or gradients; ``step`` and ``layer`` say where it first appeared."""
+
+    def __init__(self, message, step=None, layer=None, where=None):
+        super().__init__(message)
+        self.step, self.layer, self.where = step, layer, where
+
+
+def _finite(t):
+    return bool(torch.isfinite(t).all())
+
+
+class AnomalyGuard:
+    """Cheap on the hot path: check() reads one boolean built from the loss and a gradient-norm
+    scalar. Only after a detection does locate() replay the step with hooks on every leaf module and
+    every parameter, to name the first layer whose output (forward) or gradient (backward) is not finite."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @staticmethod
+    def check(loss, grad_norm=None):
+        vals = loss.detach().float().reshape(1)
+        if grad_norm is not None:
+            vals = torch.cat([vals, grad_norm.detach().float().reshape(1).to(vals.device)])
+        return bool(torch.isfinite(vals).all())
+
+    def locate(self, replay):
+        """Runs ``replay()`` (forward and backward of the offending step, on the unchanged parameters)
+        under hooks. Returns (layer name, where) for the first non-finite value, or (None, reason)."""
+        events = []
+        handles = []
+        leaves = [(n, m) for n, m in self.model.named_modules() if n and not list(m.children())]
+
+        def fwd(name):
+            def hook(mod, args, out):
+                if events:
+                    return
+                ins = [a for a in args if torch.is_tensor(a)]
+                if ins and not all(_finite(a) for a in ins) and not any(e for e in events):
+                    events.append((name, "forward input (the batch itself)" if mod is leaves[0][1] else "forward input"))
+                elif torch.is_tensor(out) and not _finite(out):
+                    events.append((name, "forward output"))
+            return hook
+
+        def bwd(name):
+            def hook(mod, grad_in, grad_out):
+                if events:
+                    return
+                if any(g is not None and not _finite(g) for g in grad_out):
+                    events.append((name, "gradient of its output"))
+                elif any(g is not None and not _finite(g) for g in grad_in):
+                    events.append((name, "gradient of its input"))
+            return hook
+
+        def pgrad(name, pname):
+            def hook(g):
+                if not events and not _finite(g):
+                    events.append((name, f"gradient of {pname}"))
+            return hook
+
+        try:
+            for n, m in leaves:
+                handles.append(m.register_forward_hook(fwd(n)))
+                handles.append(m.register_full_backward_hook(bwd(n)))
+                for pn, p in m.named_parameters(recurse=False):
+                    if p.requires_grad:
+                        handles.append(p.register_hook(pgrad(n, pn)))
+            with warnings.catch_warnings():
+                # The first layer's input needs no gradient; torch warns that its hook sees outputs only.
+                warnings.simplefilter("ignore", UserWarning)
+                loss = replay()
+            if not events and loss is not None and not _finite(loss.detach()):
+                return None, "the loss (every layer's output was finite: check the labels and the loss inputs)"
+        finally:
+            for h in handles:
+                h.remove()
+        if events:
+            return events[0]
+        return None, "not reproduced on replay (a non-deterministic op?)"
+
+    def error(self, step, replay, context="", checkpoint=None):
+        """The AnomalyError for a detection at ``step``; ``replay`` as in locate()."""
+        layer, where = self.locate(replay)
+        where_s = f"layer '{layer}' ({where})" if layer else where
+        msg = f"non-finite loss or gradient at step {step}{context}: first appeared in {where_s}."
+        if checkpoint:
+            msg += f" Training stopped; the last good checkpoint is kept at {checkpoint}."
+        return AnomalyError(msg, step=step, layer=layer, where=where)
+
+

@@ -1,0 +1,82 @@
+"""MLP: a multi-layer perceptron from a width list, on fused layers or on plain torch modules."""
+
+from collections import OrderedDict
+
+from torch import nn
+
+from ..ops import check_activation
+from .linear import FusedLinear
+
+__all__ = ["MLP"]
+
+_TORCH_ACT = {
+    "relu": lambda: nn.ReLU(),
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": lambda: nn.SiLU(),
+}
+_NORMS = (None, "none", "batch", "layer")
+_IMPLS = ("fastmlp", "torch")
+
+
+class MLP(nn.Sequential):
+    """``widths[0] -> widths[1] -> ... -> widths[-1]``: each hidden block is linear, activation,
+    optional norm, optional dropout; the last block is a bare linear layer (logits).
+
+    impl="fastmlp" fuses linear and activation into one FusedLinear (the activation slot holds an
+    nn.Identity); impl="torch" uses nn.Linear followed by the nn activation module. Both build their
+    parameters in the same order with the same initialisation and have the same state_dict keys
+    (``{i}.linear.weight``, ``{i}.norm.weight``...), so with one seed they are the same model and
+    checkpoints move between them.
+
+    The norm sits after the activation so that linear and activation stay one fused op.
+    Inputs with more than two dimensions are flattened after the batch dimension.
+    """
+
+    def __init__(self, widths, activation="relu", dropout=0.0, norm=None, bias=True, impl="fastmlp",
+                 device=None, dtype=None):
+        widths = list(widths)
+        if len(widths) < 2 or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+            raise ValueError(f"MLP: widths must list at least two positive ints (input, ..., output), got {widths!r}")
+        check_activation(activation, "MLP")
+        if activation == "none":
+            raise ValueError("MLP: activation must be 'relu', 'gelu', 'gelu_tanh' or 'silu', got 'none'")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"MLP: dropout must be in [0, 1), got {dropout!r}")
+        if norm not in _NORMS:
+            raise ValueError(f"MLP: norm must be None, 'batch' or 'layer', got {norm!r}")
+        if impl not in _IMPLS:
+            raise ValueError(f"MLP: impl must be 'fastmlp' or 'torch', got {impl!r}")
+        kw = {"device": device, "dtype": dtype}
+        blocks = []
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+            last = i == len(widths) - 2
+            parts = OrderedDict()
+            if impl == "fastmlp":
+                parts["linear"] = FusedLinear(fan_in, fan_out, bias=bias, activation="none" if last else activation, **kw)
+            else:
+                parts["linear"] = nn.Linear(fan_in, fan_out, bias=bias, **kw)
+            if not last:
+                parts["act"] = nn.Identity() if impl == "fastmlp" else _TORCH_ACT[activation]()
+                if norm == "batch":
+                    parts["norm"] = nn.BatchNorm1d(fan_out, **kw)
+                elif norm == "layer":
+                    parts["norm"] = nn.LayerNorm(fan_out, **kw)
+                if dropout:
+                    parts["dropout"] = nn.Dropout(float(dropout))
+            blocks.append(nn.Sequential(parts))
+        super().__init__(*blocks)
+        self.widths, self.activation, self.impl = widths, activation, impl
+        self.dropout, self.norm = float(dropout), None if norm == "none" else norm
+
+    def forward(self, input):
+        if input.dim() > 2:
+            input = input.flatten(1)
+        return super().forward(input)
+
+    def linears(self):
+        """[(name, linear)] in forward order: the layers init functions and monitors act on."""
+        return [(f"{i}.linear", block.linear) for i, block in enumerate(self)]
+
+    def extra_repr(self):
+        return f"widths={self.widths}, activation={self.activation!r}, impl={self.impl!r}"

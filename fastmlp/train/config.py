@@ -1,0 +1,188 @@
+"""TrainConfig: every training option, loadable from YAML and overridable from the command line.
+
+Precedence, lowest first: the packaged recipe (fastmlp/configs/default.yaml, which equals the
+dataclass defaults), a --config YAML file, then command-line flags.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["TrainConfig", "ConfigError", "load_yaml", "DEFAULT_YAML"]
+
+DEFAULT_YAML = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+CHOICES = {
+    "activation": ("relu", "gelu", "gelu_tanh", "silu"),
+    "norm": ("none", "batch", "layer"),
+    "init": ("default", "xavier", "he", "kaiming", "lsuv"),
+    "impl": ("fastmlp", "torch"),
+    "optimizer": ("sgd", "adam", "adamw"),
+    "scheduler": ("none", "step", "cosine", "onecycle", "warmup_cosine"),
+    "amp": ("off", "bf16", "fp16"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or of the wrong type; the message names the option."""
+
+
+def _h(text, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # Run
+    name: str = _h("run name; the run folder is <out_dir>/<timestamp>-<name>", default="fmnist-mlp")
+    out_dir: str = _h("folder that holds the run folders", default="runs")
+    data_dir: str | None = _h("dataset root holding FashionMNIST/raw/ (default: $FASTMLP_DATA, else the cache)", default=None)
+    device: str = _h("auto (CUDA when present), cpu, cuda, cuda:N", default="auto")
+    seed: int = _h("seed for init, dropout and the shuffle", default=0)
+    deterministic: bool = _h("use only deterministic kernels", default=False)
+    # Data
+    val_split: float = _h("fraction of the training set held out for validation", default=0.0)
+    train_subset: int = _h("train on the first N training images only (0 = all)", default=0)
+    # Model
+    widths: list[int] = _h("layer widths, input first", default_factory=lambda: [784, 512, 512, 10])
+    activation: str = _h("relu | gelu | gelu_tanh | silu", default="gelu")
+    dropout: float = _h("dropout after each hidden layer", default=0.2)
+    norm: str = _h("none | batch | layer (after each hidden activation)", default="none")
+    init: str = _h("default (torch's nn.Linear init) | xavier | he | kaiming | lsuv", default="default")
+    impl: str = _h("fastmlp (fused modules and optimizers) | torch (nn.Linear, torch.optim)", default="fastmlp")
+    # Optimisation
+    optimizer: str = _h("sgd | adam | adamw", default="adamw")
+    lr: float = _h("learning rate (the peak for onecycle and warmup_cosine)", default=2e-3)
+    momentum: float = _h("SGD momentum", default=0.9)
+    nesterov: bool = _h("SGD Nesterov momentum", default=False)
+    betas: list[float] = _h("Adam/AdamW betas", default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = _h("weight decay (decoupled for adamw, L2 for sgd/adam)", default=0.05)
+    scheduler: str = _h("none | step | cosine | onecycle | warmup_cosine (stepped every optimizer step)", default="onecycle")
+    step_size: float = _h("step scheduler: epochs between decays", default=3.0)
+    gamma: float = _h("step scheduler: decay factor", default=0.1)
+    warmup_epochs: float = _h("warmup_cosine: epochs of linear warmup", default=1.0)
+    pct_start: float = _h("onecycle: fraction of steps spent increasing the lr", default=0.3)
+    min_lr: float = _h("cosine / warmup_cosine: final lr", default=0.0)
+    epochs: int = _h("epochs", default=10)
+    batch_size: int = _h("micro-batch size", default=256)
+    accum_steps: int = _h("micro-batches per optimizer step (effective batch = batch_size x accum_steps)", default=1)
+    clip_grad_norm: float = _h("clip the global gradient norm to this (0 = off)", default=0.0)
+    label_smoothing: float = _h("label smoothing for the cross-entropy", default=0.1)
+    amp: str = _h("off | bf16 | fp16 (autocast; fp16 adds a GradScaler)", default="off")
+    # Logging, checkpoints, safety
+    log_every: int = _h("steps between metrics.jsonl flushes and progress-bar loss updates", default=50)
+    monitor_every: int = _h("steps between per-layer monitor records (0 = off)", default=50)
+    checkpoint_every: int = _h("also checkpoint every N optimizer steps (0 = at epoch ends only)", default=0)
+    anomaly_guard: bool = _h("stop with the step and layer on a NaN/Inf loss or gradient", default=True)
+    progress: str = _h("auto (a bar when stderr is a terminal) | on | off", default="auto")
+    plots: bool = _h("write PNG plots into the run folder", default=True)
+
+    def validate(self):
+        def bad(opt, expected, got):
+            raise ConfigError(f"config option '{opt}' must be {expected}, got {got!r}")
+
+        for k, options in CHOICES.items():
+            if getattr(self, k) not in options:
+                bad(k, "one of " + ", ".join(options), getattr(self, k))
+        if self.progress not in ("auto", "on", "off"):
+            bad("progress", "auto, on or off", self.progress)
+        if not isinstance(self.widths, list) or len(self.widths) < 2 or not all(
+                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.widths):
+            bad("widths", "a list of at least two positive ints (input first)", self.widths)
+        if self.widths[0] != 784 or self.widths[-1] != 10:
+            bad("widths", "a list starting with 784 (28x28 pixels) and ending with 10 (classes) for Fashion-MNIST", self.widths)
+        for k in ("epochs", "batch_size", "accum_steps", "log_every"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(k, "an int >= 1", v)
+        for k in ("seed", "train_subset", "monitor_every", "checkpoint_every"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(k, "an int >= 0", v)
+        for k in ("lr", "weight_decay", "momentum", "clip_grad_norm", "min_lr", "warmup_epochs", "gamma"):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                bad(k, "a number >= 0", v)
+        if self.lr <= 0:
+            bad("lr", "a number > 0", self.lr)
+        if self.step_size <= 0:
+            bad("step_size", "a number of epochs > 0", self.step_size)
+        for k, hi in (("dropout", 1.0), ("val_split", 1.0), ("label_smoothing", 1.0), ("pct_start", 1.0)):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < hi:
+                bad(k, f"a number in [0, {hi:g})", v)
+        if not (isinstance(self.betas, list) and len(self.betas) == 2 and all(
+                isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            bad("betas", "two numbers in [0, 1)", self.betas)
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            bad("nesterov", "false unless optimizer is sgd with momentum > 0", self.nesterov)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            bad("device", "auto, cpu, cuda or cuda:N", self.device)
+        if self.amp == "fp16" and self.device == "cpu":
+            pass  # CPU autocast supports fp16; slower than bf16 but valid
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of option: value, got {type(d).__name__}")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}; known options: {', '.join(names)}")
+        kw = {}
+        for k, v in d.items():
+            kw[k] = _coerce(k, names[k], v, source)
+        return cls(**kw).validate()
+
+
+def _coerce(name, f, v, source):
+    """YAML gives ints where floats are meant (lr: 1) and vice versa; accept the lossless cases only."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if v is None:
+        if default is None:
+            return None
+        raise ConfigError(f"{source}: option '{name}' must not be null")
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise ConfigError(f"{source}: option '{name}' must be true or false, got {v!r}")
+        return v
+    if isinstance(default, float):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{source}: option '{name}' must be a number, got {v!r}")
+        return float(v)
+    if isinstance(default, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{source}: option '{name}' must be an int, got {v!r}")
+        return v
+    if isinstance(default, list):
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{source}: option '{name}' must be a list, got {v!r}")
+        return [(float(x) if isinstance(default[0], float) and isinstance(x, int) and not isinstance(x, bool) else x) for x in v]
+    if not isinstance(v, str):
+        raise ConfigError(f"{source}: option '{name}' must be a string, got {v!r}")
+    return v
+
+
+def load_yaml(path):
+    """The mapping in a YAML config file, with errors that name the file."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {p} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {p} must hold a mapping of option: value, got {type(data).__name__}")
+    return data

@@ -1,0 +1,95 @@
+"""PNG plots of a run, written atomically into the run folder."""
+
+import io
+from pathlib import Path
+
+from .checkpoint import atomic_write_bytes
+
+__all__ = ["write_plots", "plot_lr_find"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI machines and SSH sessions
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    fig.clf()
+
+
+def write_plots(run_dir, steps, epochs, monitor):
+    """steps: [{"step", "loss", "lr"}]; epochs: the metrics.csv rows; monitor: Monitor records.
+    Returns the written paths."""
+    plt = _plt()
+    run_dir = Path(run_dir)
+    out = []
+    if steps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.6, alpha=0.5, label="train loss (step)")
+        if epochs:
+            ax.plot([e["global_step"] for e in epochs], [e["train_loss"] for e in epochs], "o-", label="train loss (epoch mean)")
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
+        _save(fig, run_dir / "loss.png"); out.append(run_dir / "loss.png")
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.plot([s["step"] for s in steps], [s["lr"] for s in steps])
+        ax.set_xlabel("step"), ax.set_ylabel("learning rate"), ax.grid(alpha=0.3)
+        _save(fig, run_dir / "lr.png"); out.append(run_dir / "lr.png")
+        plt.close(fig)
+    if epochs:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ep = [e["epoch"] for e in epochs]
+        ax.plot(ep, [e["test_acc"] for e in epochs], "o-", label="test")
+        if any(e.get("val_acc") is not None for e in epochs):
+            ax.plot(ep, [e["val_acc"] for e in epochs], "s-", label="validation")
+        ax.set_xlabel("epoch"), ax.set_ylabel("accuracy"), ax.legend(), ax.grid(alpha=0.3)
+        _save(fig, run_dir / "accuracy.png"); out.append(run_dir / "accuracy.png")
+        plt.close(fig)
+    if monitor:
+        keys = sorted({k for r in monitor for k in r if k != "step"})
+        panels = [("grad_norm", "gradient norm", "log"), ("update_ratio", "update / weight", "log"),
+                  ("act_std", "activation std", "linear"), ("dead_frac", "dead-unit fraction", "linear")]
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+        for ax, (suffix, title, scale) in zip(axes.flat, panels):
+            for k in [k for k in keys if k.endswith("/" + suffix)]:
+                pts = [(r["step"], r[k]) for r in monitor if k in r]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k.rsplit("/", 1)[0])
+            ax.set_title(title), ax.set_xlabel("step"), ax.grid(alpha=0.3)
+            if scale == "log" and any(ax.get_lines()):
+                ax.set_yscale("log")
+            if ax.get_lines():
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        _save(fig, run_dir / "layers.png"); out.append(run_dir / "layers.png")
+        plt.close(fig)
+        # The per-layer gradient norms also get a plot of their own, the one most often looked at.
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k in [k for k in keys if k.endswith("/grad_norm")]:
+            pts = [(r["step"], r[k]) for r in monitor if k in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k.rsplit("/", 1)[0])
+        ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("gradient L2 norm"), ax.grid(alpha=0.3), ax.legend()
+        _save(fig, run_dir / "grad_norms.png"); out.append(run_dir / "grad_norms.png")
+        plt.close(fig)
+    return out
+
+
+def plot_lr_find(path, lrs, losses, smoothed, suggestion):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(lrs, losses, alpha=0.3, label="loss")
+    ax.plot(lrs, smoothed, label="smoothed loss")
+    if suggestion:
+        ax.axvline(suggestion, color="r", ls="--", label=f"suggested lr {suggestion:.2e}")
+    if smoothed:
+        ax.set_ylim(min(smoothed) * 0.9, max(smoothed[0] * 1.5, min(smoothed) * 1.5))
+    ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("loss"), ax.grid(alpha=0.3), ax.legend()
+    _save(fig, Path(path))
+    plt.close(fig)

@@ -1,0 +1,171 @@
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmlp.data import FILES, DataError, FashionMNIST, load_fashion_mnist, read_idx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def real_data_dir():
+    """FASTMLP_DATA, else ../shared/data/fashion-mnist; a missing dataset fails, never skips."""
+    d = os.environ.get("FASTMLP_DATA") or str(REPO.parent / "shared" / "data" / "fashion-mnist")
+    if not (Path(d) / "FashionMNIST" / "raw").is_dir():
+        pytest.fail(f"Fashion-MNIST not found at {d}: set FASTMLP_DATA to the folder holding FashionMNIST/raw/")
+    return d
+
+
+def idx_bytes(t, magic_ndim=None):
+    ndim = t.dim() if magic_ndim is None else magic_ndim
+    header = (0x0800 | ndim).to_bytes(4, "big") + b"".join(int(s).to_bytes(4, "big") for s in t.shape)
+    return header + t.to(torch.uint8).contiguous().numpy().tobytes()
+
+
+def write_dataset(root, n_train=20, n_test=10, gz=False, overrides=None):
+    raw = Path(root) / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    blobs = {
+        "train_images": idx_bytes(torch.randint(0, 256, (n_train, 28, 28), generator=g)),
+        "train_labels": idx_bytes(torch.randint(0, 10, (n_train,), generator=g)),
+        "test_images": idx_bytes(torch.randint(0, 256, (n_test, 28, 28), generator=g)),
+        "test_labels": idx_bytes(torch.randint(0, 10, (n_test,), generator=g)),
+    }
+    blobs.update(overrides or {})
+    for k, data in blobs.items():
+        if gz:
+            with gzip.open(raw / (FILES[k] + ".gz"), "wb") as f:
+                f.write(data)
+        else:
+            (raw / FILES[k]).write_bytes(data)
+    return raw
+
+
+def test_synthetic_roundtrip_raw_and_gz(tmp_path):
+    for gz in (False, True):
+        root = tmp_path / ("gz" if gz else "raw")
+        write_dataset(root, gz=gz)
+        d = load_fashion_mnist(root)
+        assert d["train_images"].shape == (20, 28, 28) and d["train_images"].dtype == torch.uint8
+        assert d["train_labels"].shape == (20,) and d["train_labels"].dtype == torch.int64
+        assert d["test_images"].shape == (10, 28, 28)
+
+
+def test_bad_magic_names_file(tmp_path):
+    good = idx_bytes(torch.zeros(20, dtype=torch.uint8))
+    raw = write_dataset(tmp_path, overrides={"train_labels": b"\x00\x00\x08\x03" + good[4:]})
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte has a bad magic number 0x00000803"):
+        load_fashion_mnist(tmp_path)
+    assert str(raw) in str(pytest.raises(DataError, load_fashion_mnist, tmp_path).value)
+
+
+def test_truncated_file_names_file(tmp_path):
+    full = idx_bytes(torch.zeros(10, 28, 28))
+    write_dataset(tmp_path, overrides={"test_images": full[:-100]})
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte has the wrong length"):
+        load_fashion_mnist(tmp_path)
+    write_dataset(tmp_path, overrides={"test_images": full[:10]})
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte is truncated"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_truncated_gz_names_file(tmp_path):
+    raw = write_dataset(tmp_path, gz=True)
+    p = raw / (FILES["train_images"] + ".gz")
+    p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_count_mismatch_names_both_files(tmp_path):
+    write_dataset(tmp_path, overrides={"train_labels": idx_bytes(torch.zeros(19, dtype=torch.uint8))})
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte holds 20 images but .*train-labels-idx1-ubyte holds 19"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_label_out_of_range(tmp_path):
+    write_dataset(tmp_path, overrides={"test_labels": idx_bytes(torch.full((10,), 12))})
+    with pytest.raises(DataError, match="label 12"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_read_idx_checks_ndim(tmp_path):
+    p = tmp_path / "x"
+    p.write_bytes(idx_bytes(torch.zeros(3, 2)))
+    assert read_idx(p, 2).shape == (3, 2)
+    with pytest.raises(DataError, match="bad magic"):
+        read_idx(p, 3)
+
+
+def test_missing_explicit_root_lists_files_and_never_downloads(tmp_path, monkeypatch):
+    import fastmlp.data as data
+
+    monkeypatch.setattr(data, "_download", lambda root: pytest.fail("must not download into an explicit root"))
+    raw = write_dataset(tmp_path)
+    (raw / FILES["test_labels"]).unlink()
+    monkeypatch.setenv("FASTMLP_DATA", str(tmp_path))
+    with pytest.raises(DataError) as e:
+        load_fashion_mnist()
+    msg = str(e.value)
+    assert str(raw / FILES["test_labels"]) in msg and FILES["train_images"] not in msg
+
+
+def test_missing_cache_tries_download_then_says_where(tmp_path, monkeypatch):
+    import fastmlp.data as data
+
+    calls = []
+
+    def offline(root):
+        calls.append(root)
+        raise OSError("network unreachable")
+
+    monkeypatch.delenv("FASTMLP_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(data, "_download", offline)
+    with pytest.raises(DataError, match="network unreachable") as e:
+        load_fashion_mnist()
+    assert calls == [tmp_path / "fastmlp"]
+    for name in FILES.values():
+        assert str(tmp_path / "fastmlp" / "FashionMNIST" / "raw" / name) in str(e.value)
+
+
+def test_data_dir_argument_wins_over_env(tmp_path, monkeypatch):
+    write_dataset(tmp_path / "a", n_train=7)
+    monkeypatch.setenv("FASTMLP_DATA", str(tmp_path / "nowhere"))
+    assert load_fashion_mnist(tmp_path / "a")["train_images"].shape[0] == 7
+
+
+def test_device_dataset_split_shuffle_and_normalisation(tmp_path):
+    write_dataset(tmp_path, n_train=100)
+    ds = FashionMNIST.load(tmp_path, val_split=0.2)
+    assert len(ds.train) == 80 and len(ds.val) == 20 and len(ds.test) == 10
+    assert ds.train.x.shape == (80, 784) and ds.train.x.dtype == torch.float32
+    assert abs(ds.train.x.mean().item()) < 1e-4 and abs(ds.train.x.std().item() - 1) < 1e-2
+    p0, p0b, p1 = ds.train.permutation(3, 0), ds.train.permutation(3, 0), ds.train.permutation(3, 1)
+    assert torch.equal(p0, p0b) and not torch.equal(p0, p1)
+    assert torch.equal(p0.sort().values, torch.arange(80))
+    sizes = [len(x) for x, _ in ds.train.batches(32, p0)]
+    assert sizes == [32, 32, 16]
+    # Resuming at batch 1 gives the same remaining batches.
+    rest = list(ds.train.batches(32, p0, start=1))
+    assert torch.equal(rest[0][0], list(ds.train.batches(32, p0))[1][0])
+    with pytest.raises(ValueError, match="val_split"):
+        FashionMNIST.load(tmp_path, val_split=1.5)
+
+
+def test_real_data_loads_without_writing(tmp_path):
+    src = Path(real_data_dir()) / "FashionMNIST" / "raw"
+    # A copy made of symlinks, so any file the loader wrote next to the data would show up.
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in src.iterdir():
+        (raw / f.name).symlink_to(f)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    ds = FashionMNIST.load(tmp_path, val_split=0.1)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert len(ds.train) == 54000 and len(ds.val) == 6000 and len(ds.test) == 10000
+    assert abs(ds.mean - 0.2861) < 2e-3 and abs(ds.std - 0.3528) < 2e-3
+    assert torch.bincount(ds.test.y, minlength=10).tolist() == [1000] * 10

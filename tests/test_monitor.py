@@ -1,0 +1,123 @@
+import pytest
+import torch
+from torch import nn
+
+from fastmlp.monitor import AnomalyGuard, Monitor, layer_grad_norms, total_grad_norm
+from fastmlp.nn import MLP
+
+
+def _step(model, opt, x, y, mon, step):
+    mon.begin(step)
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    mon.after_backward()
+    opt.step()
+    return mon.after_step()
+
+
+@pytest.mark.parametrize("impl", ["torch", "fastmlp"])
+def test_monitor_records(impl):
+    torch.manual_seed(0)
+    m = MLP([16, 32, 24, 4], activation="relu", impl=impl)
+    with torch.no_grad():
+        m[0].linear.bias[:5] = -1e3  # five units of layer 0 can never fire: dead ReLUs
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    mon = Monitor(m, every=2)
+    w00, b00 = m[0].linear.weight.detach().clone(), m[0].linear.bias.detach().clone()
+    w0, b0 = m[1].linear.weight.detach().clone(), m[1].linear.bias.detach().clone()
+    rec = _step(m, opt, x, y, mon, 0)
+    assert rec["step"] == 0
+    assert rec["0.act/dead_frac"] == pytest.approx(5 / 32)
+    assert 0 <= rec["1.act/dead_frac"] < 1
+    # Update ratio and gradient norm computed by hand.
+    upd = (m[1].linear.weight.detach() - w0).norm() / w0.norm()
+    assert rec["1.linear/update_ratio"] == pytest.approx(upd.item(), rel=1e-5)
+    # Plain SGD moved each parameter by -lr * grad, so the step reveals the layer's gradient norm.
+    g = torch.cat([(m[1].linear.weight.detach() - w0).flatten(), m[1].linear.bias.detach() - b0]) / 0.1
+    assert rec["1.linear/grad_norm"] == pytest.approx(g.norm().item(), rel=1e-4)
+    # Activation statistics of the post-activation outputs.
+    with torch.no_grad():  # the weights before the step produced the recorded activations
+        h = torch.relu(nn.functional.linear(x, w00, b00))
+    assert rec["0.act/act_mean"] == pytest.approx(h.mean().item(), rel=1e-4)
+    assert rec["0.act/act_std"] == pytest.approx(h.std().item(), rel=1e-4)
+    # Not a monitored step: nothing recorded, no hooks left behind.
+    assert _step(m, opt, x, y, mon, 1) is None
+    assert not any(blk.act._forward_hooks for blk in list(m)[:-1])
+
+
+def test_grad_norm_helpers_match_torch():
+    m = MLP([10, 7, 3], impl="torch")
+    m(torch.randn(5, 10)).sum().backward()
+    norms = layer_grad_norms(m)
+    w, b = m[0].linear.weight.grad, m[0].linear.bias.grad
+    assert norms["0.linear"].item() == pytest.approx(torch.cat([w.flatten(), b]).norm().item(), rel=1e-6)
+    total = torch.cat([p.grad.flatten() for p in m.parameters()]).norm()
+    assert total_grad_norm(m.parameters()).item() == pytest.approx(total.item(), rel=1e-6)
+
+
+def _replay(m, x, y):
+    def run():
+        m.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+    return run
+
+
+@pytest.mark.parametrize("impl", ["torch", "fastmlp"])
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_guard_names_layer_with_nan_weight(impl, layer):
+    torch.manual_seed(0)
+    m = MLP([12, 16, 16, 3], activation="gelu", impl=impl)
+    with torch.no_grad():
+        m[layer].linear.weight[2, 3] = float("nan")
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    guard = AnomalyGuard(m)
+    loss = _replay(m, x, y)()
+    assert not guard.check(loss, total_grad_norm(m.parameters()))
+    err = guard.error(17, _replay(m, x, y), checkpoint="runs/x/checkpoint.pt")
+    assert err.step == 17 and err.layer == f"{layer}.linear" and err.where == "forward output"
+    assert "step 17" in str(err) and f"'{layer}.linear'" in str(err) and "runs/x/checkpoint.pt" in str(err)
+
+
+def test_guard_names_bad_input_batch():
+    m = MLP([6, 5, 2], impl="torch")
+    x, y = torch.randn(4, 6), torch.randint(0, 2, (4,))
+    x[1, 2] = float("inf")
+    layer, where = AnomalyGuard(m).locate(_replay(m, x, y))
+    assert layer == "0.linear" and "batch" in where
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+class NanInBackward(nn.Module):
+    def forward(self, x):
+        return _NanGrad.apply(x)
+
+
+def test_guard_finds_backward_only_nan():
+    torch.manual_seed(0)
+    m = MLP([6, 5, 4, 2], impl="torch")
+    m[1].add_module("poison", NanInBackward())  # after block 1's activation: forward is clean
+    x, y = torch.randn(4, 6), torch.randint(0, 2, (4,))
+    loss = _replay(m, x, y)()
+    assert torch.isfinite(loss)
+    assert not AnomalyGuard.check(loss, total_grad_norm(m.parameters()))
+    layer, where = AnomalyGuard(m).locate(_replay(m, x, y))
+    assert layer == "1.poison" and "gradient" in where
+
+
+def test_guard_check_passes_finite():
+    assert AnomalyGuard.check(torch.tensor(1.0), torch.tensor(3.0))
+    assert not AnomalyGuard.check(torch.tensor(float("inf")), torch.tensor(3.0))
+    assert not AnomalyGuard.check(torch.tensor(1.0), torch.tensor(float("nan")))

@@ -1,0 +1,351 @@
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fastmlp.data import DeviceDataset, FashionMNIST
+from fastmlp.monitor import AnomalyError
+from fastmlp.train import ConfigError, Trainer, TrainConfig, build_scheduler
+from fastmlp.train.cli import check_overfit, lr_find, main
+from fastmlp.train.config import DEFAULT_YAML
+from fastmlp.train.engine import CHECKPOINT, new_run_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def real_data_dir():
+    """FASTMLP_DATA, else ../shared/data/fashion-mnist; a missing dataset fails, never skips."""
+    d = os.environ.get("FASTMLP_DATA") or str(REPO.parent / "shared" / "data" / "fashion-mnist")
+    if not (Path(d) / "FashionMNIST" / "raw").is_dir():
+        pytest.fail(f"Fashion-MNIST not found at {d}: set FASTMLP_DATA to the folder holding FashionMNIST/raw/")
+    return d
+
+
+def synthetic(n_train=512, n_test=256, seed=0):
+    """A learnable stand-in for Fashion-MNIST: noisy copies of ten class prototypes."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(10, 784, generator=g) * 0.3
+
+    def split(n):
+        y = torch.randint(0, 10, (n,), generator=g)
+        return DeviceDataset(torch.randn(n, 784, generator=g) + protos[y], y)
+
+    return FashionMNIST(split(n_train), None, split(n_test), 0.0, 1.0)
+
+
+def cfg_small(tmp_path, **kw):
+    base = dict(widths=[784, 32, 10], epochs=2, batch_size=64, impl="torch", out_dir=str(tmp_path / "runs"),
+                progress="off", plots=False, monitor_every=4, log_every=3, device="cpu", scheduler="none", lr=5e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---- configuration -----------------------------------------------------------------------------
+def test_recipe_yaml_equals_dataclass_defaults():
+    assert yaml.safe_load(DEFAULT_YAML.read_text()) == TrainConfig().to_dict()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"lr": -1.0}, "'lr'"), ({"lr": 0.0}, "'lr'"), ({"dropout": 1.0}, "'dropout'"),
+    ({"activation": "tanh"}, "'activation'"), ({"widths": [784, 10, 3]}, "'widths'"),
+    ({"batch_size": 0}, "'batch_size'"), ({"betas": [0.9]}, "'betas'"), ({"amp": "fp8"}, "'amp'"),
+    ({"nesterov": True, "optimizer": "adamw"}, "'nesterov'"), ({"epochs": "ten"}, "'epochs'"),
+    ({"learning_rate": 0.1}, "unknown option.*learning_rate"), ({"device": "tpu"}, "'device'"),
+])
+def test_bad_config_values_name_the_option(bad, match):
+    d = TrainConfig().to_dict()
+    d.update(bad)
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(d)
+
+
+def test_cli_precedence_and_errors(tmp_path, capsys):
+    from fastmlp.train.cli import build_parser, resolve_config
+
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 1\nepochs: 3\nwidths: [784, 100, 10]\n")
+    cfg, _ = resolve_config(build_parser().parse_args(["train", "--config", str(y), "--epochs", "4", "--no-plots"]))
+    assert (cfg.lr, cfg.epochs, cfg.widths, cfg.plots, cfg.optimizer) == (1.0, 4, [784, 100, 10], False, "adamw")
+    assert main(["train", "--scheduler", "linear"]) == 2
+    assert "'scheduler' must be one of" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "--config: no such file" in capsys.readouterr().err
+    y.write_text("- a list\n")
+    assert main(["train", "--config", str(y)]) == 2
+    assert "must hold a mapping" in capsys.readouterr().err
+
+
+def test_run_folders_are_never_reused(tmp_path):
+    a, b = new_run_dir(tmp_path, "x"), new_run_dir(tmp_path, "x")
+    assert a != b and a.is_dir() and b.is_dir()
+
+
+# ---- schedulers --------------------------------------------------------------------------------
+def _lrs(cfg, spe):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=cfg.lr)
+    s = build_scheduler(cfg, opt, spe)
+    out = []
+    for _ in range(cfg.epochs * spe):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    return out, opt
+
+
+def test_step_and_cosine_schedulers_match_closed_form():
+    spe = 10
+    lrs, _ = _lrs(TrainConfig(scheduler="step", lr=0.1, step_size=2.0, gamma=0.5, epochs=5), spe)
+    assert lrs == pytest.approx([0.1 * 0.5 ** (s // 20) for s in range(50)], rel=1e-12)
+    lrs, _ = _lrs(TrainConfig(scheduler="cosine", lr=0.1, min_lr=0.001, epochs=5), spe)
+    exp = [0.001 + (0.1 - 0.001) * (1 + math.cos(math.pi * s / 50)) / 2 for s in range(50)]
+    assert lrs == pytest.approx(exp, rel=1e-9)
+
+
+def test_warmup_cosine_matches_torch_sequential():
+    cfg = TrainConfig(scheduler="warmup_cosine", lr=0.02, warmup_epochs=1.5, min_lr=1e-4, epochs=4)
+    spe = 8
+    ours, _ = _lrs(cfg, spe)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=cfg.lr)
+    S = torch.optim.lr_scheduler
+    warm = 12
+    ref = S.SequentialLR(opt, [S.LinearLR(opt, start_factor=0.01, end_factor=1.0, total_iters=warm),
+                               S.CosineAnnealingLR(opt, T_max=32 - warm, eta_min=1e-4)], milestones=[warm])
+    theirs = []
+    for _ in range(32):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert ours == pytest.approx(theirs, rel=1e-9)
+    assert max(ours) == pytest.approx(0.02)
+
+
+def test_onecycle_matches_torch_and_peaks_at_lr():
+    cfg = TrainConfig(scheduler="onecycle", lr=2e-3, pct_start=0.25, epochs=3)
+    ours, opt = _lrs(cfg, 20)
+    p = torch.nn.Parameter(torch.zeros(1))
+    o2 = torch.optim.AdamW([p], lr=1.0)
+    ref = torch.optim.lr_scheduler.OneCycleLR(o2, max_lr=2e-3, total_steps=60, pct_start=0.25)
+    theirs = []
+    for _ in range(60):
+        theirs.append(o2.param_groups[0]["lr"])
+        o2.step()
+        ref.step()
+    assert ours == theirs
+    assert max(ours) == pytest.approx(2e-3) and ours.index(max(ours)) == 14
+    assert ours[0] == pytest.approx(2e-3 / 25)
+
+
+# ---- engine ------------------------------------------------------------------------------------
+def test_accumulation_equals_one_big_batch(tmp_path):
+    data = synthetic()
+    x, y = data.train.x[:256], data.train.y[:256]
+    grads = []
+    for bs, k in ((256, 1), (64, 4)):
+        t = Trainer(cfg_small(tmp_path, widths=[784, 48, 32, 10], dropout=0.0, batch_size=bs, accum_steps=k), data=data)
+        loss = t._forward_backward(x, y)
+        grads.append(([p.grad.clone() for p in t.model.parameters()], loss))
+    (g1, l1), (g4, l4) = grads
+    torch.testing.assert_close(l4, l1, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g4, g1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_runs_see_the_same_batches(tmp_path):
+    data = synthetic()
+    a = Trainer(cfg_small(tmp_path, dropout=0.0, batch_size=128, accum_steps=1, epochs=1, optimizer="sgd", scheduler="none",
+                          lr=0.05, label_smoothing=0.0), data=data).fit()
+    b = Trainer(cfg_small(tmp_path, dropout=0.0, batch_size=32, accum_steps=4, epochs=1, optimizer="sgd", scheduler="none",
+                          lr=0.05, label_smoothing=0.0), data=data).fit()
+    assert a["steps"] == b["steps"] == 4
+    assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4)
+
+
+def test_run_folder_contents(tmp_path):
+    cfg = cfg_small(tmp_path, plots=True, val_split=0.0)
+    s = Trainer(cfg, data=synthetic()).fit()
+    d = Path(s["run_dir"])
+    assert {"config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", CHECKPOINT, "loss.png", "accuracy.png",
+            "lr.png", "grad_norms.png", "layers.png"} <= {p.name for p in d.iterdir()}
+    assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
+    recs = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 17))  # 512 / 64 = 8 steps x 2 epochs
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 and "grad_norm" in r for r in recs)
+    assert [r["step"] for r in recs if "0.linear/grad_norm" in r] == [1, 5, 9, 13]  # monitor_every=4
+    csv_lines = (d / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("epoch,global_step,train_loss")
+    assert yaml.safe_load((d / "config.yaml").read_text()) == cfg.to_dict()
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 2 and summary["final_test_acc"] > 0.5
+    assert s["history"][1]["train_loss"] < s["history"][0]["train_loss"]
+
+
+def test_in_process_resume_is_bitwise_identical(tmp_path):
+    data = synthetic()
+    full = Trainer(cfg_small(tmp_path, epochs=3, name="full"), data=data).fit()
+    part = Trainer(cfg_small(tmp_path, epochs=3, name="part", checkpoint_every=5), data=data)
+    orig_step = part.train_step
+    calls = {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 13:  # mid-epoch 2, three steps after the step-10 checkpoint
+            raise KeyboardInterrupt
+        return orig_step(*a, **k)
+
+    part.train_step = dying_step
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    resumed = Trainer.resume(part.run_dir, overrides={"progress": "off"}, data=data)
+    assert (resumed.epoch, resumed.step_in_epoch, resumed.global_step) == (1, 2, 10)
+    s = resumed.fit()
+    la = [json.loads(l)["loss"] for l in (Path(full["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert la == lb and len(la) == 24
+    assert [h["test_acc"] for h in full["history"]] == [h["test_acc"] for h in s["history"]]
+
+
+def test_anomaly_guard_stops_names_layer_and_keeps_checkpoint(tmp_path):
+    data = synthetic()
+    t = Trainer(cfg_small(tmp_path, epochs=3, checkpoint_every=5, widths=[784, 32, 16, 10]), data=data)
+    calls = {"n": 0}
+
+    def poison(mod, args):
+        calls["n"] += mod.training  # evaluation forwards do not count
+        if calls["n"] == 12:  # the forward of step 12
+            with torch.no_grad():
+                mod.weight[0, 0] = float("nan")
+
+    t.model[1].linear.register_forward_pre_hook(poison)
+    with pytest.raises(AnomalyError) as e:
+        t.fit()
+    assert e.value.step == 12 and e.value.layer == "1.linear"  # 1-based, as in metrics.jsonl
+    assert "step 12 (epoch 2, batch 4)" in str(e.value) and "'1.linear'" in str(e.value) and CHECKPOINT in str(e.value)
+    ck = torch.load(t.run_dir / CHECKPOINT, weights_only=False)
+    assert ck["global_step"] == 10
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    summary = json.loads((t.run_dir / "summary.json").read_text())
+    assert summary["status"] == "anomaly" and summary["layer"] == "1.linear"
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_and_clipping_train(tmp_path, amp):
+    s = Trainer(cfg_small(tmp_path, amp=amp, clip_grad_norm=0.5, epochs=2), data=synthetic()).fit()
+    recs = [json.loads(l) for l in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    # Clipping: the logged pre-clip norms exceed the threshold, so the clip was exercised.
+    assert max(r["grad_norm"] for r in recs) > 0.5
+    assert s["history"][-1]["train_loss"] < s["history"][0]["train_loss"]
+
+
+@pytest.mark.parametrize("init", ["xavier", "he", "lsuv"])
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_inits_and_norms_train(tmp_path, init, norm):
+    s = Trainer(cfg_small(tmp_path, init=init, norm=norm, optimizer="sgd", nesterov=True, scheduler="cosine", lr=0.05,
+                          monitor_every=0, epochs=2), data=synthetic()).fit()
+    assert s["history"][-1]["train_loss"] < s["history"][0]["train_loss"]
+
+
+# ---- real data -----------------------------------------------------------------------------------
+def _cli(*args, env=None, **kw):
+    e = dict(os.environ, FASTMLP_DATA=real_data_dir(), PYTHONPATH=str(REPO))
+    e.update(env or {})
+    return subprocess.Popen([sys.executable, "-m", "fastmlp", *args], cwd=REPO, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_mid_epoch_then_resume_reproduces_losses(tmp_path):
+    args = ["train", "--impl", "torch", "--train-subset", "6000", "--batch-size", "32", "--widths", "784", "64", "10",
+            "--epochs", "2", "--checkpoint-every", "25", "--log-every", "10", "--monitor-every", "0",
+            "--progress", "off", "--no-plots", "--device", "cpu", "--out-dir", str(tmp_path)]
+    ref = _cli(*args, "--name", "ref")
+    out, _ = ref.communicate(timeout=240)
+    assert ref.returncode == 0, out
+    victim = _cli(*args, "--name", "victim")
+    ck = None
+    deadline = time.time() + 240
+    while time.time() < deadline and victim.poll() is None:
+        found = list(tmp_path.glob(f"*-victim/{CHECKPOINT}"))
+        if found:
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    run = next(tmp_path.glob("*-victim"))
+    ck = torch.load(run / CHECKPOINT, weights_only=False)
+    assert 0 < ck["step_in_epoch"] < 188, "the kill should land mid-epoch"
+    res = _cli("train", "--resume", str(run), "--progress", "off")
+    out, _ = res.communicate(timeout=240)
+    assert res.returncode == 0, out
+    assert "resuming" in out
+    loss = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
+    ref_dir = next(tmp_path.glob("*-ref"))
+    assert len(loss(ref_dir)) == 2 * 188
+    assert loss(run) == loss(ref_dir)
+    assert json.loads((run / "summary.json").read_text())["final_test_acc"] == \
+        json.loads((ref_dir / "summary.json").read_text())["final_test_acc"]
+
+
+def test_resume_refuses_config_changes(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--lr", "0.1"]) == 2
+    assert "--lr" in capsys.readouterr().err
+
+
+def test_check_overfit_and_lr_find(tmp_path, capsys):
+    base = TrainConfig(impl="torch", widths=[784, 128, 10], data_dir=real_data_dir(), device="cpu",
+                       out_dir=str(tmp_path), train_subset=2048)
+    passed, loss, steps = check_overfit(base, samples=32, max_steps=300)
+    assert passed and loss < 0.01
+    failed, loss, _ = check_overfit(dataclasses.replace(base, lr=1e-7), samples=32, max_steps=20)
+    assert not failed and "FAILED" in capsys.readouterr().out
+    r = lr_find(dataclasses.replace(base, batch_size=64), num_steps=60, start_lr=1e-6, end_lr=1.0)
+    assert 1e-6 <= r["suggested_lr"] <= 1.0
+    assert (Path(r["run_dir"]) / "lr_find.png").stat().st_size > 1000
+    assert len(r["lrs"]) >= 30 and r["lrs"] == sorted(r["lrs"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["torch", "fastmlp"])
+def test_default_model_two_epochs_real_data(tmp_path, impl):
+    cfg = TrainConfig(impl=impl, epochs=2, device="cpu", data_dir=real_data_dir(), out_dir=str(tmp_path),
+                      progress="off", plots=False)
+    s = Trainer(cfg).fit()
+    assert s["final_test_acc"] >= 0.85, s["history"]
+
+
+def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
+    assert main(["train", "--data-dir", str(tmp_path), "--impl", "torch", "--out-dir", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte") in err and "Nothing is downloaded" in err
+
+
+def test_compare_runs_both_impls(tmp_path, capsys, monkeypatch):
+    import fastmlp.train.engine as engine
+
+    try:
+        import fastmlp.optim  # noqa: F401
+    except ImportError:
+        # Before fastmlp.optim exists the fused impl trains its FusedLinear model with torch.optim;
+        # the comparison plumbing is what this test checks.
+        monkeypatch.setattr(engine, "optim_module", lambda impl: torch.optim)
+    rc = main(["train", "--compare", "--data-dir", real_data_dir(), "--train-subset", "2048", "--epochs", "1",
+               "--widths", "784", "64", "10", "--out-dir", str(tmp_path), "--no-plots", "--progress", "off",
+               "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "--- impl torch ---" in out and "--- impl fastmlp ---" in out and "speedup" in out
+    summaries = {json.loads(p.read_text())["impl"]: json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")}
+    assert set(summaries) == {"torch", "fastmlp"}
+    # Same seed, same data order, same initial weights: the two impls land within noise of each other.
+    assert abs(summaries["torch"]["final_test_acc"] - summaries["fastmlp"]["final_test_acc"]) < 0.02
