@@ -9,13 +9,15 @@ these counts (~2-5 us each), so "fewer launches than eager" is the target there.
 
 import argparse
 import json
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-import fastmlp
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fastmlp  # noqa: E402
 
 SHAPES = [(256, 512, 512), (4096, 4096, 4096)]  # (batch, in, out)
 ACTS = {"relu": torch.relu, "gelu": F.gelu}
