@@ -22,7 +22,7 @@
 # gpu_profile_h200.json, and commit them.
 #
 # Runtime switches the tests and benchmarks use (read on every call by the CUDA op):
-#   FASTMLP_CUBLASLT=0  force the at::mm + own-kernel fallback; FASTMLP_LT_RELU=0 /
+#   FASTMLP_CUBLASLT=0  force the at::mm + own-kernel fallback; FASTMLP_LT_RELU=1 (opt in) /
 #   FASTMLP_LT_GELU=0   disable cuBLASLt's RELU / GELU epilogues (e.g. to time both paths).
 set -uo pipefail
 

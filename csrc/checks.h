@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/string_view.h>
 #include <optional>
 #include <string>
@@ -14,6 +15,18 @@
 #include "activation.h"
 
 namespace fastmlp {
+
+// "[4, 6]". Error messages format shapes with this rather than streaming t.sizes(): on the H200
+// machine (torch 2.11, its own gcc) every TORCH_CHECK message that streamed an IntArrayRef
+// crashed the process with a segfault instead of raising; messages with plain numbers did not.
+inline std::string shape_str(c10::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(sizes[i]);
+  }
+  return s + "]";
+}
 
 inline Act parse_activation(c10::string_view name, const char* op) {
   if (name == "none") return Act::None;
@@ -58,12 +71,12 @@ inline Act check_linear_act_args(const at::Tensor& input, const at::Tensor& weig
   check_floating(weight, op, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 2, op,
                     ": weight must be 2-D (out_features, in_features), got a ", weight.dim(),
-                    "-D tensor of shape ", weight.sizes());
+                    "-D tensor of shape ", shape_str(weight.sizes()));
   TORCH_CHECK_VALUE(input.dim() >= 1, op,
                     ": input must have at least 1 dimension (*, in_features), got a 0-D tensor");
   TORCH_CHECK_VALUE(input.size(-1) == weight.size(1), op,
                     ": input.shape[-1] must equal in_features = weight.shape[1] = ",
-                    weight.size(1), ", got input of shape ", input.sizes());
+                    weight.size(1), ", got input of shape ", shape_str(input.sizes()));
   check_same_device(input, "input", weight, "weight", op);
   check_same_dtype(input, "input", weight, "weight", op);
   if (bias.has_value()) {
@@ -71,7 +84,7 @@ inline Act check_linear_act_args(const at::Tensor& input, const at::Tensor& weig
     check_floating(b, op, "bias");
     TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == weight.size(0), op,
                       ": bias must be 1-D of shape [out_features] = [", weight.size(0),
-                      "], got shape ", b.sizes());
+                      "], got shape ", shape_str(b.sizes()));
     check_same_device(input, "input", b, "bias", op);
     check_same_dtype(input, "input", b, "bias", op);
   }

@@ -153,6 +153,12 @@ def test_smoke_lt_matches_fallback(activation, dtype, out_f, monkeypatch):
         grads = linear_act_backward(g, x, w, y, saved, activation, [True, True, True])
         outs[lt] = (y, saved, *grads)
     names = ("y", "saved", "grad_x", "grad_w", "grad_b")
+    if activation == "relu":
+        # The two GEMMs sum in different orders, so a pre-activation within rounding of 0 can
+        # take opposite signs and flip ReLU's mask; the backward (the same at::mm either way) is
+        # then compared on different masks. Compare the forward only (the backward has its own
+        # tests against native).
+        names = names[:2]
     for name, a, e in zip(names, outs["1"], outs["0"]):
         assert a.shape == e.shape, name
         if a.numel():
@@ -160,9 +166,10 @@ def test_smoke_lt_matches_fallback(activation, dtype, out_f, monkeypatch):
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu_tanh", "gelu"])
-@pytest.mark.parametrize("env", ["FASTMLP_LT_RELU", "FASTMLP_LT_GELU"])
+@pytest.mark.parametrize("env", ["FASTMLP_LT_RELU=1", "FASTMLP_LT_GELU=0"])
 def test_smoke_epilogue_switches(activation, env, monkeypatch):
-    monkeypatch.setenv(env, "0")
+    name, value = env.split("=")
+    monkeypatch.setenv(name, value)
     x, w, b = make(64, 128, 256, torch.bfloat16)
     check_fwd_bwd(x, w, b, activation, torch.bfloat16)
 

@@ -56,8 +56,8 @@ void check_like_param(const at::Tensor& p, const at::Tensor& t, const char* op, 
                       size_t i, at::ScalarType dtype) {
   TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i,
               "] is sparse; fused optimizers take dense gradients only");
-  TORCH_CHECK_VALUE(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(),
-                    " but params[", i, "] has shape ", p.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", shape_str(t.sizes()),
+                    " but params[", i, "] has shape ", shape_str(p.sizes()));
   TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(),
               " but params[", i, "] is on ", p.device(),
               "; all tensors of one call must be on one device");

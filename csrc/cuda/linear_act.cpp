@@ -1,8 +1,9 @@
 // Fused linear + bias + activation on CUDA: host entry functions and the cuBLASLt GEMM.
 //
 // forward:  y = act(x W^T + b). One cuBLASLt matmul whose epilogue adds the bias and, where
-//           cuBLASLt has the activation, applies it: BIAS (none), RELU_BIAS (relu, when this
-//           GPU's epilogue keeps NaN: probed once per device and dtype), GELU_AUX_BIAS
+//           cuBLASLt has the activation, applies it: BIAS (none and, by default, relu: see
+//           below), RELU_BIAS (relu, opt-in with FASTMLP_LT_RELU=1, and only when this GPU's
+//           epilogue keeps NaN: probed once per device and dtype), GELU_AUX_BIAS
 //           (gelu_tanh in fp16/bf16, aux = pre-activation = the saved tensor). Exact-erf GELU and SiLU have no
 //           cuBLASLt epilogue: BIAS epilogue, then our one-pass epilogue kernel (which also
 //           writes `saved`). fp64, and any shape / alignment / dtype cuBLASLt refuses, take the
@@ -15,7 +16,10 @@
 // pre-activation passes its gradient as natively; a cuBLASLt RELU_AUX bit mask could not).
 //
 // Switches (read on every call, for tests and benchmarks): FASTMLP_CUBLASLT=0 forces the
-// fallback path; FASTMLP_LT_RELU=0 / FASTMLP_LT_GELU=0 disable the RELU / GELU epilogues.
+// fallback path; FASTMLP_LT_RELU=1 opts in to the RELU epilogue; FASTMLP_LT_GELU=0 disables
+// the GELU epilogue. The RELU epilogue is off by default because on an H200 (CUDA 13, torch
+// 2.11) it returned numbers where torch.relu returns NaN in fp16 (x with +-inf times an identity
+// W, so inf * 0 = NaN inside the GEMM), although the NaN probe below had passed.
 //
 // Layout: x is made contiguous (rows = prod(input.shape[:-1]), in), W contiguous (out, in).
 // Row-major y (rows, out) is column-major y^T (out x rows, ld = out), and y^T = W x^T, so the
@@ -330,7 +334,7 @@ bool forward_lt(Act act, const at::Tensor& x2, const at::Tensor& w, const std::o
   LtGemm g{x2.data_ptr(), w.data_ptr(), hb ? b.data_ptr() : nullptr, y.data_ptr(), nullptr, x2.size(0),
            x2.size(1), out_f, x2.scalar_type(), hb ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT};
   if (act == Act::None) return lt_matmul(g, x2) == CUBLAS_STATUS_SUCCESS;
-  if (act == Act::Relu && env_on("FASTMLP_LT_RELU", true) && relu_epilogue_ok(x2, hb)) {
+  if (act == Act::Relu && env_on("FASTMLP_LT_RELU", false) && relu_epilogue_ok(x2, hb)) {
     g.epi = hb ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
     if (lt_matmul(g, x2) == CUBLAS_STATUS_SUCCESS) return true;
     g.epi = hb ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
@@ -431,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
     const at::Tensor& saved, c10::string_view activation, std::array<bool, 3> output_mask) {
   const Act act = parse_activation(activation, kBwd);
   check_floating(grad_output, kBwd, "grad_output");
-  TORCH_CHECK_VALUE(weight.dim() == 2, kBwd, ": weight must be 2-D, got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, kBwd, ": weight must be 2-D, got shape ", shape_str(weight.sizes()));
   check_same_device(grad_output, "grad_output", weight, "weight", kBwd);
   check_same_device(grad_output, "grad_output", input, "input", kBwd);
   check_same_dtype(grad_output, "grad_output", weight, "weight", kBwd);
@@ -441,19 +445,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
   TORCH_CHECK_VALUE(grad_output.dim() >= 1 && grad_output.size(-1) == out_f, kBwd,
                     ": grad_output.shape[-1] must equal out_features = ", out_f, ", got shape ",
-                    grad_output.sizes());
+                    shape_str(grad_output.sizes()));
   TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == in_f, kBwd, ": input.shape[-1] must equal in_features = ",
-                    in_f, ", got shape ", input.sizes());
+                    in_f, ", got shape ", shape_str(input.sizes()));
   const int64_t rows = leading_rows(input);
-  TORCH_CHECK_VALUE(grad_output.numel() == rows * out_f, kBwd, ": grad_output of shape ", grad_output.sizes(),
-                    " does not match input of shape ", input.sizes(), " and out_features = ", out_f);
+  TORCH_CHECK_VALUE(grad_output.numel() == rows * out_f, kBwd, ": grad_output of shape ", shape_str(grad_output.sizes()),
+                    " does not match input of shape ", shape_str(input.sizes()), " and out_features = ", out_f);
   const at::Tensor g = grad_output.reshape({rows, out_f}).contiguous();
   TORCH_CHECK_VALUE(act != Act::Relu || output.numel() == g.numel(), kBwd,
-                    ": relu needs the forward output, got shape ", output.sizes());
+                    ": relu needs the forward output, got shape ", shape_str(output.sizes()));
   TORCH_CHECK_VALUE(!act_saves_preactivation(act) || saved.numel() == g.numel(), kBwd, ": ",
                     std::string(activation.data(), activation.size()),
                     " needs the pre-activation saved by the forward (save_for_backward=True), "
-                    "got saved of shape ", saved.sizes());
+                    "got saved of shape ", shape_str(saved.sizes()));
   at::Tensor y, z;
   if (act == Act::Relu) {
     check_same_device(grad_output, "grad_output", output, "output", kBwd);
