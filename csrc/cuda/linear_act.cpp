@@ -435,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
     const at::Tensor& saved, c10::string_view activation, std::array<bool, 3> output_mask) {
   const Act act = parse_activation(activation, kBwd);
   check_floating(grad_output, kBwd, "grad_output");
-  TORCH_CHECK_VALUE(weight.dim() == 2, kBwd, ": weight must be 2-D, got shape ", shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(weight.dim() == 2, kBwd, ": weight must be 2-D, got shape ", fastmlp::shape_str(weight.sizes()));
   check_same_device(grad_output, "grad_output", weight, "weight", kBwd);
   check_same_device(grad_output, "grad_output", input, "input", kBwd);
   check_same_dtype(grad_output, "grad_output", weight, "weight", kBwd);
@@ -445,19 +445,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
   TORCH_CHECK_VALUE(grad_output.dim() >= 1 && grad_output.size(-1) == out_f, kBwd,
                     ": grad_output.shape[-1] must equal out_features = ", out_f, ", got shape ",
-                    shape_str(grad_output.sizes()));
+                    fastmlp::shape_str(grad_output.sizes()));
   TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == in_f, kBwd, ": input.shape[-1] must equal in_features = ",
-                    in_f, ", got shape ", shape_str(input.sizes()));
+                    in_f, ", got shape ", fastmlp::shape_str(input.sizes()));
   const int64_t rows = leading_rows(input);
-  TORCH_CHECK_VALUE(grad_output.numel() == rows * out_f, kBwd, ": grad_output of shape ", shape_str(grad_output.sizes()),
-                    " does not match input of shape ", shape_str(input.sizes()), " and out_features = ", out_f);
+  TORCH_CHECK_VALUE(grad_output.numel() == rows * out_f, kBwd, ": grad_output of shape ", fastmlp::shape_str(grad_output.sizes()),
+                    " does not match input of shape ", fastmlp::shape_str(input.sizes()), " and out_features = ", out_f);
   const at::Tensor g = grad_output.reshape({rows, out_f}).contiguous();
   TORCH_CHECK_VALUE(act != Act::Relu || output.numel() == g.numel(), kBwd,
-                    ": relu needs the forward output, got shape ", shape_str(output.sizes()));
+                    ": relu needs the forward output, got shape ", fastmlp::shape_str(output.sizes()));
   TORCH_CHECK_VALUE(!act_saves_preactivation(act) || saved.numel() == g.numel(), kBwd, ": ",
                     std::string(activation.data(), activation.size()),
                     " needs the pre-activation saved by the forward (save_for_backward=True), "
-                    "got saved of shape ", shape_str(saved.sizes()));
+                    "got saved of shape ", fastmlp::shape_str(saved.sizes()));
   at::Tensor y, z;
   if (act == Act::Relu) {
     check_same_device(grad_output, "grad_output", output, "output", kBwd);
