@@ -88,6 +88,11 @@ cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 cxx_flags += ["-fno-math-errno", "-fno-trapping-math"]
 if native and not debug:
     cxx_flags.append("-march=native")
+# The C++ standard torch itself was built with. torch 2.11's cpp_extension defaults to C++17 while
+# its headers have C++20-only branches: on the H200 machine (torch 2.11, g++ 13) every
+# TORCH_CHECK message that streamed an integer segfaulted in the C++17 build, a sign of inline
+# functions compiled two ways (ODR). torch 2.14 already passes -std=c++20.
+cxx_flags.append("-std=c++20")
 sources = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT)) + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
 include_dirs = [os.path.join(ROOT, "csrc")]
 library_dirs, libraries, extra_link = [], [], []
