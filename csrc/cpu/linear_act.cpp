@@ -69,7 +69,7 @@ void epilogue(at::Tensor& y, at::Tensor& saved, const at::Tensor* bias, bool sav
 // act'(.) * dY for one element. ReLU reads the output like torch's threshold_backward
 // (y <= 0 -> 0), so a NaN pre-activation passes its gradient through as it does natively.
 template <Act A, typename acc_t, typename scalar_t>
-inline acc_t dz_of(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+FASTMLP_INLINE acc_t dz_of(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
                    const scalar_t* __restrict__ z, int64_t i) {
   const acc_t gi = static_cast<acc_t>(g[i]);
   if constexpr (A == Act::None) {
