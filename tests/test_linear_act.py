@@ -7,7 +7,6 @@ reference, plus a floor of a few ulps of the output scale.
 """
 
 import itertools
-import pickle
 
 import pytest
 import torch

@@ -330,15 +330,7 @@ def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
     assert str(tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte") in err and "Nothing is downloaded" in err
 
 
-def test_compare_runs_both_impls(tmp_path, capsys, monkeypatch):
-    import fastmlp.train.engine as engine
-
-    try:
-        import fastmlp.optim  # noqa: F401
-    except ImportError:
-        # Before fastmlp.optim exists the fused impl trains its FusedLinear model with torch.optim;
-        # the comparison plumbing is what this test checks.
-        monkeypatch.setattr(engine, "optim_module", lambda impl: torch.optim)
+def test_compare_runs_both_impls(tmp_path, capsys):
     rc = main(["train", "--compare", "--data-dir", real_data_dir(), "--train-subset", "2048", "--epochs", "1",
                "--widths", "784", "64", "10", "--out-dir", str(tmp_path), "--no-plots", "--progress", "off",
                "--device", "cpu"])

@@ -98,3 +98,28 @@ def health_check(optimizer):
         optimizer, "_cuda_graph_capture_health_check", None)
     if check is not None:
         check()
+
+
+class FusedStep:
+    """step() shared by the fused optimizers: one op call per (group, device, dtype) bucket, with
+    GradScaler's grad_scale / found_inf (set on the optimizer by GradScaler, as for torch's fused
+    optimizers) passed into the kernel. Subclasses implement _fm_step_group."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        health_check(self)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            self._fm_step_group(group, grad_scale, found_inf)
+        return loss

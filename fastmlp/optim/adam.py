@@ -13,10 +13,10 @@ import torch
 
 from .. import ops
 from ._common import (
+    FusedStep,
     _LOW_PRECISION,
     fp32_originals,
     group_by_device_dtype,
-    health_check,
     lr_args,
     move_step_to_fused_layout,
     normalise_groups,
@@ -47,7 +47,7 @@ class _Bucket:
         self.masters = [s["master_param"] for s in sts] if master else []
 
 
-class _FusedAdamBase:
+class _FusedAdamBase(FusedStep):
     _fm_decoupled = False
 
     def __init__(self, params, *args, master_weights=False, **kwargs):
@@ -90,25 +90,6 @@ class _FusedAdamBase:
 
     def _fm_uses_master(self, dtype):
         return self._fm_master and dtype in _LOW_PRECISION
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform a single optimization step.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model
-                and returns the loss.
-        """
-        health_check(self)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            self._fm_step_group(group, grad_scale, found_inf)
-        return loss
 
     def _fm_step_group(self, group, grad_scale, found_inf):
         params = group["params"]

@@ -14,10 +14,10 @@ import torch
 
 from .. import ops
 from ._common import (
+    FusedStep,
     _LOW_PRECISION,
     fp32_originals,
     group_by_device_dtype,
-    health_check,
     lr_args,
     normalise_groups,
     on_device,
@@ -28,7 +28,7 @@ from ._common import (
 __all__ = ["SGD"]
 
 
-class SGD(torch.optim.SGD):
+class SGD(FusedStep, torch.optim.SGD):
     __doc__ = torch.optim.SGD.__doc__
 
     def __init__(self, params, *args, master_weights=False, **kwargs):
@@ -71,25 +71,6 @@ class SGD(torch.optim.SGD):
             st["momentum_buffer"] = buf.float()
         if "master_param" not in st:
             st["master_param"] = p.detach().float()
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform a single optimization step.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model
-                and returns the loss.
-        """
-        health_check(self)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            self._fm_step_group(group, grad_scale, found_inf)
-        return loss
 
     def _fm_step_group(self, group, grad_scale, found_inf):
         params = group["params"]

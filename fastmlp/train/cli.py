@@ -9,10 +9,8 @@ Every TrainConfig option is a flag (--batch-size 128, --widths 784 256 10, --no-
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
-import time
 
 import torch
 

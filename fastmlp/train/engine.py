@@ -42,13 +42,11 @@ def resolve_device(spec):
 
 
 def optim_module(impl):
+    """torch.optim or fastmlp.optim (the fused multi-tensor drop-ins with the same signatures)."""
     if impl == "torch":
         return torch.optim
-    try:
-        from .. import optim  # noqa: PLC0415  (fastmlp.optim: fused multi-tensor optimizers)
-    except ImportError as e:
-        raise RuntimeError(f"--impl fastmlp needs fastmlp.optim, which this build does not provide ({e}); "
-                           "use --impl torch, or update fastmlp") from e
+    from .. import optim  # noqa: PLC0415  (imported here: fastmlp.train loads before the package finishes)
+
     return optim
 
 
