@@ -18,16 +18,11 @@ from fastmlp.train import ConfigError, Trainer, TrainConfig, build_scheduler
 from fastmlp.train.cli import check_overfit, lr_find, main
 from fastmlp.train.config import DEFAULT_YAML
 from fastmlp.train.engine import CHECKPOINT, new_run_dir
+from test_data import real_data_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def real_data_dir():
-    """FASTMLP_DATA, else ../shared/data/fashion-mnist; a missing dataset fails, never skips."""
-    d = os.environ.get("FASTMLP_DATA") or str(REPO.parent / "shared" / "data" / "fashion-mnist")
-    if not (Path(d) / "FashionMNIST" / "raw").is_dir():
-        pytest.fail(f"Fashion-MNIST not found at {d}: set FASTMLP_DATA to the folder holding FashionMNIST/raw/")
-    return d
 
 
 def synthetic(n_train=512, n_test=256, seed=0):

@@ -103,7 +103,17 @@ def health_check(optimizer):
 class FusedStep:
     """step() shared by the fused optimizers: one op call per (group, device, dtype) bucket, with
     GradScaler's grad_scale / found_inf (set on the optimizer by GradScaler, as for torch's fused
-    optimizers) passed into the kernel. Subclasses implement _fm_step_group."""
+    optimizers) passed into the kernel. Subclasses implement _fm_step_group; the per-group tensor
+    lists cached in _fm_cache are dropped whenever the groups change or the optimizer is unpickled."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_fm_master", False)
+        self._fm_cache = {}
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._fm_cache = {}
 
     @torch.no_grad()
     def step(self, closure=None):

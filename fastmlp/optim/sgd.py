@@ -39,15 +39,6 @@ class SGD(FusedStep, torch.optim.SGD):
 
     __init__.__signature__ = signature_with_master_weights(torch.optim.SGD)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("_fm_master", False)
-        self._fm_cache = {}
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        self._fm_cache = {}
-
     def load_state_dict(self, state_dict):
         keep = fp32_originals(self, state_dict, ("master_param", "momentum_buffer")) if self._fm_master else {}
         super().load_state_dict(state_dict)
