@@ -76,7 +76,7 @@ def make_copy(n_params, device):
     return lambda: dst.copy_(src), 16 * n_params
 
 
-def bench_case(name, shapes, device, repeats, warmup):
+def bench_case(name, shapes, device, repeats, warmup, burst):
     n = sum(torch.Size(s).numel() for s in shapes)
     fns = make_candidates(shapes, device)
     copy_fn, copy_bytes = make_copy(n, device)
@@ -87,13 +87,18 @@ def bench_case(name, shapes, device, repeats, warmup):
         for fn in fns.values():
             fn()
     sync()
+    # Interleaved bursts: each repeat runs every candidate for `burst` consecutive steps and keeps
+    # the steps after the first, so that every candidate is timed in the steady state of a training
+    # loop (its own state warm in the caches where it fits) and machine noise hits all of them alike.
     for _ in range(repeats):
         for k, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[k].append(time.perf_counter() - t0)
+            for b in range(burst):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                if b > 0:
+                    times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     copy_gbs = copy_bytes / med["copy (floor)"] / 1e9
     rows = []
@@ -105,7 +110,7 @@ def bench_case(name, shapes, device, repeats, warmup):
             "gb_s": gbs,
             "speedup_vs_torch_fused": None if is_copy else med["torch fused"] / t,
             "pct_of_copy_bw": 100.0 * gbs / copy_gbs,
-            "repeats": repeats,
+            "repeats": repeats, "timed_steps": len(times[k]),
         })
     return rows
 
@@ -115,6 +120,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repeats (~1 minute)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    ap.add_argument("--burst", type=int, default=4,
+                    help="consecutive steps per candidate per repeat; the first of each burst is not "
+                         "timed, so 1 + (burst - 1) x repeats steps are timed cold-free (default 4)")
     args = ap.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not (torch.cuda.is_available() and fastmlp.WITH_CUDA):
@@ -136,7 +144,7 @@ def main():
                 repeats = 50 if args.quick else 200
             else:
                 repeats = (20 if big else 30) if args.quick else (25 if big else 100)
-            rows += bench_case(name, shapes, device, repeats, warmup=3)
+            rows += bench_case(name, shapes, device, repeats, warmup=3, burst=args.burst)
     hdr = f"{'device':6} | {'case':20} | {'candidate':14} | {'median us':>10} | {'GB/s':>7} | {'vs fused':>8} | {'% of copy':>9}"
     print(hdr)
     print("-" * len(hdr))
