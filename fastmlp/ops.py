@@ -103,6 +103,12 @@ def _linear_act_backward_fake(grad_output, input, weight, output, saved, activat
 adamw_step_ = torch.ops.fastmlp.adamw_step_.default
 sgd_step_ = torch.ops.fastmlp.sgd_step_.default
 
+# Step plans (csrc/cpu/optim.cpp): a group's CPU parameters and state held in C++, so that a step
+# passes scalars only and reads each p.grad there. plan.step(...) takes the op's scalar arguments
+# and returns False, having changed nothing, when the general path (the op above) must run.
+AdamWPlan = torch.classes.fastmlp.AdamWPlan
+SGDPlan = torch.classes.fastmlp.SGDPlan
+
 
 def _check_optim_lists(op, params, named_lists):
     n = len(params)

@@ -458,6 +458,46 @@ def test_many_chunks_and_threads_deterministic():
         torch.testing.assert_close(a, c.detach())
 
 
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_cpu_step_plan_is_used_and_falls_back(cls, monkeypatch):
+    # Once a CPU group has state, steps go through its step plan (csrc/cpu/optim.cpp), which reads
+    # p.grad in C++ and never calls the op; a step the plan declines (a missing grad, a grad with
+    # other strides than its parameter) takes the general path through the op. All match torch.
+    kwargs = dict(lr=0.01, momentum=0.9, weight_decay=0.1) if cls is SGD else dict(weight_decay=0.1)
+    ours_p = make_params([(13, 9), (9,), (6, 4)], torch.float32, "cpu")
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    ours = cls(ours_p, **kwargs)
+    ref = TORCH_CLS[cls](ref_p, foreach=False, **kwargs)
+    op_name = "sgd_step_" if cls is SGD else "adamw_step_"
+    real_op = getattr(fastmlp.ops, op_name)
+    calls = []
+
+    def counting_op(*args, **kw):
+        calls.append(1)
+        return real_op(*args, **kw)
+
+    monkeypatch.setattr(fastmlp.ops, op_name, counting_op)
+    op_steps = []
+    for step in range(8):
+        gs = grads_for(ours_p, step, {1} if step == 4 else set())
+        for i, (o, r, g) in enumerate(zip(ours_p, ref_p, gs)):
+            if g is None:
+                o.grad = r.grad = None
+                continue
+            r.grad = g.float()
+            # Step 5: a dense grad whose strides differ from its parameter's.
+            o.grad = g.float().t().contiguous().t() if (step == 5 and i == 0) else g.float()
+        before = len(calls)
+        ours.step()
+        ref.step()
+        if len(calls) > before:
+            op_steps.append(step)
+        for o, r in zip(ours_p, ref_p):
+            torch.testing.assert_close(o.detach(), r.detach())
+    assert op_steps == [0, 4, 5]
+    assert_matches(ours, ref, ours_p, ref_p, torch.float32)
+
+
 # ---- CUDA only ---------------------------------------------------------------------------------
 
 @pytest.mark.cuda

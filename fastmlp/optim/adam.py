@@ -87,6 +87,12 @@ class _FusedAdamBase(FusedStep):
         cached = self._fm_cache.get(id(group))
         if (cached is not None and cached[0] is group and cached[1] == group["amsgrad"]
                 and cached[3] == len(params)):
+            plan = cached[4]
+            if plan is not None and not torch.compiler.is_compiling():
+                if self._fm_plan_step(group, plan, grad_scale, found_inf):
+                    return
+                self._fm_step_group_general(group, grad_scale, found_inf)
+                return
             grads = [p.grad for p in params]
             # Sparse grads are refused by the op before it changes anything; the general path
             # then raises torch's own error for them.
@@ -137,7 +143,20 @@ class _FusedAdamBase(FusedStep):
             _Bucket(device, idx, params, self.state, amsgrad, self._fm_uses_master(dtype))
             for (device, dtype), idx in group_by_device_dtype(params).items()
         ]
-        self._fm_cache[id(group)] = (group, amsgrad, buckets, len(params))
+        plan = None
+        if len(buckets) == 1 and buckets[0].device.type == "cpu":
+            b = buckets[0]
+            plan = ops.AdamWPlan(b.params, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters)
+        self._fm_cache[id(group)] = (group, amsgrad, buckets, len(params), plan)
+
+    def _fm_plan_step(self, group, plan, grad_scale, found_inf):
+        cpu = torch.device("cpu")
+        beta1, beta2 = group["betas"]
+        lr, lr_tensor = lr_args(group["lr"], cpu)
+        return plan.step(lr, lr_tensor, float(beta1), float(beta2), float(group["weight_decay"]),
+                         float(group["eps"]), group["maximize"],
+                         group.get("decoupled_weight_decay", self._fm_decoupled),
+                         on_device(grad_scale, cpu), on_device(found_inf, cpu))
 
     def _fm_launch(self, group, device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                    masters, grad_scale, found_inf):

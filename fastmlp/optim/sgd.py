@@ -69,6 +69,16 @@ class SGD(FusedStep, torch.optim.SGD):
         has_momentum = group["momentum"] != 0
         if (cached is not None and cached[0] is group and cached[1] == has_momentum
                 and cached[3] == len(params)):
+            plan = cached[4]
+            if plan is not None and not torch.compiler.is_compiling():
+                cpu = torch.device("cpu")
+                lr, lr_tensor = lr_args(group["lr"], cpu)
+                if plan.step(lr, lr_tensor, float(group["momentum"]), float(group["dampening"]),
+                             float(group["weight_decay"]), group["nesterov"], group["maximize"],
+                             on_device(grad_scale, cpu), on_device(found_inf, cpu)):
+                    return
+                self._fm_step_group_general(group, grad_scale, found_inf)
+                return
             grads = [p.grad for p in params]
             # Sparse grads are refused by the op before it changes anything; the general path
             # then raises torch's own error for them.
@@ -139,7 +149,11 @@ class SGD(FusedStep, torch.optim.SGD):
             bufs = [self.state[p]["momentum_buffer"] for p in bp] if has_momentum else []
             masters = [self.state[p]["master_param"] for p in bp] if self._fm_uses_master(dtype) else []
             buckets.append((device, idx, bp, bufs, masters))
-        self._fm_cache[id(group)] = (group, has_momentum, buckets, len(params))
+        plan = None
+        if len(buckets) == 1 and buckets[0][0].type == "cpu":
+            _, _, bp, bufs, masters = buckets[0]
+            plan = ops.SGDPlan(bp, bufs, masters)
+        self._fm_cache[id(group)] = (group, has_momentum, buckets, len(params), plan)
 
     def _fm_launch(self, group, device, params, grads, bufs, masters, is_first, grad_scale, found_inf):
         lr, lr_tensor = lr_args(group["lr"], device)
