@@ -120,11 +120,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_autograd(
   return {r[0], r[1], r[2]};
 }
 
+// dropout is linear in its input with a mask that is a pure function of (seed, shape): its
+// gradient is the same op on the incoming gradient. Calling it through the dispatcher (Autograd
+// key included) makes double backward work too.
+using DropoutSig = at::Tensor(const at::Tensor&, double, int64_t);
+
+const c10::TypedOperatorHandle<DropoutSig>& dropout_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastmlp::dropout", "").typed<DropoutSig>();
+  return op;
+}
+
+struct Dropout : public torch::autograd::Function<Dropout> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, double p, int64_t seed) {
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["seed"] = seed;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return dropout_op().call(input, p, seed);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dropout_op().call(g, ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt()),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor dropout_autograd(const at::Tensor& input, double p, int64_t seed) {
+  return Dropout::apply(input, p, seed);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
   m.impl("linear_act_forward", &linear_act_forward_autograd);
   m.impl("linear_act_backward", &linear_act_backward_autograd);
+  m.impl("dropout", &dropout_autograd);
 }
 
 }  // namespace fastmlp

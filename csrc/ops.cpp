@@ -18,6 +18,13 @@ TORCH_LIBRARY(fastmlp, m) {
       "linear_act_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor output, "
       "Tensor saved, str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
+  // ---- dropout ----
+  // input * keep / (1 - p), keep = 1 for each element whose counter-based hash of (seed, index in
+  // row-major order) clears p, else 0: the mask is a pure function of (seed, shape), so the
+  // backward is this same op applied to the gradient and nothing is saved. Kernel in
+  // csrc/cpu/dropout.cpp (CPU only; fastmlp.nn.Dropout uses torch's dropout elsewhere).
+  m.def("dropout(Tensor input, float p, int seed) -> Tensor");
+
   // ---- optimizers ----
   // Fused multi-tensor optimizer steps, updating every parameter of a group (one device, one
   // dtype) in place in one call; kernels in csrc/cpu/optim.cpp and csrc/cuda/optim.cu, front doors

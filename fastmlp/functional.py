@@ -1,8 +1,14 @@
 """Functional forms of the fused ops (like torch.nn.functional)."""
 
+import torch
+import torch.nn.functional as F
+
 from . import ops
 
-__all__ = ["linear_act"]
+__all__ = ["dropout", "linear_act"]
+
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_SEED_RANGE = 2**62
 
 
 def linear_act(input, weight, bias=None, activation="relu"):
@@ -15,3 +21,19 @@ def linear_act(input, weight, bias=None, activation="relu"):
     # save_for_backward=False: the C++ autograd kernel turns it on when a gradient can flow, so
     # inference skips writing the pre-activation.
     return ops.linear_act_forward(input, weight, bias, activation, False)[0]
+
+
+def dropout(input, p=0.5, training=True, inplace=False):
+    """Same arguments and result distribution as ``torch.nn.functional.dropout``.
+
+    In training on the CPU (0 < p < 1, not inplace, eager) the mask comes from the fastmlp.dropout
+    op: a counter-based hash of each element's index and a seed drawn from torch's default
+    generator (so ``torch.manual_seed`` reproduces it), computed in parallel and regenerated in the
+    backward instead of saved. Everywhere else (CUDA, inplace, torch.compile) this is torch's
+    dropout.
+    """
+    if (training and 0.0 < p < 1.0 and not inplace and input.device.type == "cpu"
+            and input.dtype in _FLOATING and not torch.compiler.is_compiling()):
+        seed = torch.randint(0, _SEED_RANGE, ()).item()
+        return ops.dropout(input, float(p), seed)
+    return F.dropout(input, p, training, inplace)

@@ -95,6 +95,25 @@ def _linear_act_backward_fake(grad_output, input, weight, output, saved, activat
     )
 
 
+# ---- dropout ----
+# input * keep(seed, i) / (1 - p), the mask a counter-based hash (csrc/cpu/dropout.cpp): the same
+# seed gives the same mask, and the backward is the same op on the gradient (csrc/autograd.cpp).
+
+dropout = torch.ops.fastmlp.dropout.default
+
+
+@torch.library.register_fake("fastmlp::dropout")
+def _dropout_fake(input, p, seed):
+    if input.dtype not in _FLOATING:
+        raise TypeError(
+            f"fastmlp.dropout: input must be a floating-point tensor (float32, float64, float16 or "
+            f"bfloat16), got {input.dtype}"
+        )
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"fastmlp.dropout: p must be in [0, 1), got {p}")
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
 # ---- optimizers ----
 # Fused multi-tensor optimizer steps (schemas and semantics in csrc/ops.cpp; front doors in
 # fastmlp/optim). Mutable ops returning nothing: the fake kernels only mirror the list-length,

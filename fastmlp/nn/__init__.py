@@ -1,8 +1,9 @@
 """Drop-in modules built on the fused ops."""
 
 from .convert import convert
+from .dropout import Dropout
 from .init import he_, init_, kaiming_, lsuv_, xavier_
 from .linear import FusedLinear
 from .mlp import MLP
 
-__all__ = ["FusedLinear", "MLP", "convert", "he_", "init_", "kaiming_", "lsuv_", "xavier_"]
+__all__ = ["Dropout", "FusedLinear", "MLP", "convert", "he_", "init_", "kaiming_", "lsuv_", "xavier_"]

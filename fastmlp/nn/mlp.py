@@ -5,6 +5,7 @@ from collections import OrderedDict
 from torch import nn
 
 from ..ops import check_activation
+from .dropout import Dropout
 from .linear import FusedLinear
 
 __all__ = ["MLP"]
@@ -24,7 +25,8 @@ class MLP(nn.Sequential):
     optional norm, optional dropout; the last block is a bare linear layer (logits).
 
     impl="fastmlp" fuses linear and activation into one FusedLinear (the activation slot holds an
-    nn.Identity); impl="torch" uses nn.Linear followed by the nn activation module. Both build their
+    nn.Identity) and uses fastmlp.nn.Dropout; impl="torch" uses nn.Linear followed by the nn
+    activation module, and nn.Dropout. Both build their
     parameters in the same order with the same initialisation and have the same state_dict keys
     (``{i}.linear.weight``, ``{i}.norm.weight``...), so with one seed they are the same model and
     checkpoints move between them.
@@ -63,7 +65,7 @@ class MLP(nn.Sequential):
                 elif norm == "layer":
                     parts["norm"] = nn.LayerNorm(fan_out, **kw)
                 if dropout:
-                    parts["dropout"] = nn.Dropout(float(dropout))
+                    parts["dropout"] = Dropout(float(dropout)) if impl == "fastmlp" else nn.Dropout(float(dropout))
             blocks.append(nn.Sequential(parts))
         super().__init__(*blocks)
         self.widths, self.activation, self.impl = widths, activation, impl

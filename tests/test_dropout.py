@@ -1,0 +1,160 @@
+"""fastmlp.dropout (CPU op), fastmlp.functional.dropout and fastmlp.nn.Dropout.
+
+The op's mask is a counter-based hash of (seed, element index): tests check its statistics
+(keep rate, independence of neighbours), that kept values are input / (1 - p) and dropped ones 0,
+that the backward applies the same mask, determinism (seed, thread count), every dtype, odd
+layouts, NaN, errors, gradcheck and opcheck; and that the module is a drop-in for nn.Dropout.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmlp
+from fastmlp import ops
+from fastmlp.functional import dropout
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def keep_mask(y):
+    return y != 0
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate_and_neighbour_independence(p):
+    n = 1 << 20
+    x = torch.ones(n)
+    y = ops.dropout(x, p, 1234)
+    k = keep_mask(y).double()
+    q = 1 - p
+    sigma = math.sqrt(q * (1 - q) / n)
+    assert abs(k.mean().item() - q) < 5 * sigma
+    # Adjacent elements (and elements one 512-wide row apart) are kept independently.
+    for lag in (1, 512):
+        both = (k[:-lag] * k[lag:]).mean().item()
+        s2 = math.sqrt(q * q * (1 - q * q) / (n - lag))
+        assert abs(both - q * q) < 6 * s2, (lag, both, q * q)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_values_and_backward(dtype):
+    p = 0.3
+    x = torch.randn(37, 129, dtype=torch.float64).to(dtype).requires_grad_()
+    y = ops.dropout(x, p, 99)
+    assert y.dtype == dtype and y.shape == x.shape
+    kept = keep_mask(y) | (x == 0)
+    # Kept: x / (1 - p) computed in float (double for float64) and rounded once; dropped: 0.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = 1.0 / (1.0 - p)
+    expect = torch.where(kept, (x.detach().to(acc) * torch.tensor(scale, dtype=acc)).to(dtype), torch.zeros((), dtype=dtype))
+    torch.testing.assert_close(y.detach(), expect, rtol=0, atol=0)
+    frac = kept.double().mean().item()
+    assert 0.6 < frac < 0.8
+    g = torch.randn_like(x)
+    (gx,) = torch.autograd.grad(y, x, g)
+    expect_g = torch.where(kept, (g.to(acc) * torch.tensor(scale, dtype=acc)).to(dtype), torch.zeros((), dtype=dtype))
+    torch.testing.assert_close(gx, expect_g, rtol=0, atol=0)
+
+
+def test_seed_determinism_and_thread_count():
+    x = torch.randn(300, 1000)
+    a = ops.dropout(x, 0.5, 7)
+    assert torch.equal(a, ops.dropout(x, 0.5, 7))
+    assert not torch.equal(keep_mask(a), keep_mask(ops.dropout(x, 0.5, 8)))
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(a, ops.dropout(x, 0.5, 7))
+    finally:
+        torch.set_num_threads(old)
+    # functional.dropout draws its seed from torch's generator: manual_seed reproduces it.
+    torch.manual_seed(3)
+    b = dropout(x, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(b, dropout(x, 0.5))
+
+
+def test_layouts_and_edge_shapes():
+    base = torch.randn(64, 48)
+    xt = base.t()  # non-contiguous: the mask follows the logical (row-major) order
+    assert torch.equal(ops.dropout(xt, 0.4, 5), ops.dropout(xt.contiguous(), 0.4, 5))
+    sliced = torch.randn(10, 20)[:, ::3]
+    assert torch.equal(ops.dropout(sliced, 0.4, 5), ops.dropout(sliced.contiguous(), 0.4, 5))
+    assert ops.dropout(torch.randn(0, 7), 0.5, 1).shape == (0, 7)
+    assert ops.dropout(torch.randn(()), 0.5, 1).shape == ()
+    x3 = torch.randn(2, 3, 4)
+    assert torch.equal(ops.dropout(x3, 0.5, 11).flatten(), ops.dropout(x3.flatten(), 0.5, 11))
+    # p = 0 keeps everything exactly.
+    assert torch.equal(ops.dropout(base, 0.0, 1), base)
+
+
+def test_nan_and_inf_propagate_like_torch():
+    x = torch.tensor([float("nan"), float("inf"), 1.0, 2.0] * 256)
+    for y in (ops.dropout(x, 0.5, 21), F.dropout(x, 0.5, training=True)):
+        # NaN stays NaN whether kept or dropped (x * 0); a dropped Inf becomes NaN, a kept one Inf.
+        assert torch.isnan(y[0::4]).all()
+        inf = y[1::4]
+        assert (torch.isinf(inf) | torch.isnan(inf)).all()
+        assert torch.isinf(inf).any() and torch.isnan(inf).any()
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match=r"fastmlp\.dropout: p must be in \[0, 1\), got 1"):
+        ops.dropout(torch.randn(3), 1.0, 0)
+    with pytest.raises(ValueError, match="p must be in"):
+        ops.dropout(torch.randn(3), -0.1, 0)
+    with pytest.raises(TypeError, match="input must be a floating-point tensor.*got Long"):
+        ops.dropout(torch.arange(3), 0.5, 0)
+
+
+def test_gradcheck_and_opcheck():
+    x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.dropout(t, 0.35, 17), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: ops.dropout(t, 0.35, 17), (x,))
+    for args in [(torch.randn(5, 7), 0.2, 3), (torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True), 0.5, 9),
+                 (torch.randn(0, 4), 0.1, 1), (torch.randn(8, 16).t(), 0.7, 2)]:
+        torch.library.opcheck(ops.dropout, args)
+
+
+def test_module_is_a_drop_in():
+    ours, ref = fastmlp.nn.Dropout(0.25), nn.Dropout(0.25)
+    assert repr(ours) == repr(ref) and ours.state_dict() == ref.state_dict() == {}
+    assert isinstance(ours, nn.Dropout)
+    x = torch.randn(64, 32)
+    y = ours(x)
+    assert 0.6 < keep_mask(y).float().mean().item() < 0.9
+    ours.eval()
+    assert torch.equal(ours(x), x)
+    # Cases torch handles and the op does not take: p = 1, inplace; both match torch exactly.
+    assert torch.equal(fastmlp.nn.Dropout(1.0)(x), torch.zeros_like(x))
+    xi = x.clone()
+    torch.manual_seed(5)
+    a = fastmlp.nn.Dropout(0.5, inplace=True)(xi)
+    torch.manual_seed(5)
+    b = nn.Dropout(0.5, inplace=True)(x.clone())
+    assert a is xi and torch.equal(a, b)
+
+
+def test_mlp_uses_it_and_compiles():
+    m = fastmlp.nn.MLP([20, 16, 4], activation="gelu", dropout=0.2)
+    assert isinstance(m[0].dropout, fastmlp.nn.Dropout)
+    assert type(fastmlp.nn.MLP([20, 16, 4], dropout=0.2, impl="torch")[0].dropout) is nn.Dropout
+    x = torch.randn(8, 20)
+    m(x).sum().backward()
+    # Under torch.compile the module is torch's dropout, traced without a graph break.
+    compiled = torch.compile(m, fullgraph=True)
+    out = compiled(x)
+    assert out.shape == (8, 4) and torch.isfinite(out).all()
+
+
+def test_cuda_falls_back_to_torch(device):
+    if device == "cpu":
+        pytest.skip("the CUDA fallback")
+    x = torch.randn(32, 16, device=device, requires_grad=True)
+    y = fastmlp.nn.Dropout(0.5)(x)
+    y.sum().backward()
+    assert y.device == x.device and torch.equal(keep_mask(y), x.grad != 0)
