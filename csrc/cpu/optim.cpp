@@ -387,6 +387,11 @@ void adam_dispatch(const Slots& d, const Items& items, bool amsgrad,
   // acc_t once, as the tensor ops do with their scalar arguments.
   std::vector<AdamScalars<acc_t>> scalars(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
+    // Parameters of a group usually share their step count: two pow() per distinct count.
+    if (i > 0 && steps[i] == steps[i - 1]) {
+      scalars[i] = scalars[i - 1];
+      continue;
+    }
     const double bc1 = 1.0 - std::pow(beta1, steps[i]);
     const double bc2 = 1.0 - std::pow(beta2, steps[i]);
     scalars[i] = {static_cast<acc_t>(lr / bc1), static_cast<acc_t>(1.0 / std::sqrt(bc2)),
@@ -422,7 +427,7 @@ bool skip_step(const std::optional<at::Tensor>& found_inf) {
 std::vector<double> bump_steps(at::TensorList state_steps) {
   std::vector<double> steps(state_steps.size());
   for (size_t i = 0; i < state_steps.size(); ++i) {
-    float* s = state_steps[i].data_ptr<float>();
+    float* s = static_cast<float*>(state_steps[i].data_ptr());  // validated float32
     *s += 1.f;
     steps[i] = *s;
   }
