@@ -616,6 +616,22 @@ class StepPlan : public torch::CustomClassHolder {
     }
     return true;
   }
+
+  enum class Start { Decline, Skip, Run };
+
+  // The common start of a step: gather this step's pointers (Decline: the general path must run),
+  // validate the scalar tensors, honour found_inf (Skip: nothing to do).
+  Start start(Slots& sl, const std::optional<at::Tensor>& lr_tensor,
+              const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, const char* op) const {
+    if (!gather(sl)) return Start::Decline;
+    if (slots_[0].empty()) return Start::Skip;
+    const at::Device cpu(at::kCPU);
+    check_lr_tensor(lr_tensor, cpu, op);
+    check_scalar_tensor(grad_scale, cpu, op, "grad_scale");
+    check_scalar_tensor(found_inf, cpu, op, "found_inf");
+    return skip_step(found_inf) ? Start::Skip : Start::Run;
+  }
 };
 
 class AdamWPlan : public StepPlan {
@@ -639,13 +655,8 @@ class AdamWPlan : public StepPlan {
             double weight_decay, double eps, bool maximize, bool decoupled_weight_decay,
             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
     Slots sl;
-    if (!gather(sl)) return false;
-    if (slots_[0].empty()) return true;
-    const at::Device cpu(at::kCPU);
-    check_lr_tensor(lr_tensor, cpu, kAdamW);
-    check_scalar_tensor(grad_scale, cpu, kAdamW, "grad_scale");
-    check_scalar_tensor(found_inf, cpu, kAdamW, "found_inf");
-    if (skip_step(found_inf)) return true;
+    const Start st = start(sl, lr_tensor, grad_scale, found_inf, kAdamW);
+    if (st != Start::Run) return st == Start::Skip;
     const double gscale = inv_scale(grad_scale);
     const std::vector<double> steps = bump_steps(steps_);
     adam_cpu(sl, dtype_, !slots_[5].empty(), !slots_[4].empty(), steps, read_lr(lr, lr_tensor),
@@ -668,13 +679,8 @@ class SGDPlan : public StepPlan {
             double dampening, double weight_decay, bool nesterov, bool maximize,
             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
     Slots sl;
-    if (!gather(sl)) return false;
-    if (slots_[0].empty()) return true;
-    const at::Device cpu(at::kCPU);
-    check_lr_tensor(lr_tensor, cpu, kSGD);
-    check_scalar_tensor(grad_scale, cpu, kSGD, "grad_scale");
-    check_scalar_tensor(found_inf, cpu, kSGD, "found_inf");
-    if (skip_step(found_inf)) return true;
+    const Start st = start(sl, lr_tensor, grad_scale, found_inf, kSGD);
+    if (st != Start::Run) return st == Start::Skip;
     sgd_cpu(sl, dtype_, !slots_[3].empty(), !slots_[2].empty(), read_lr(lr, lr_tensor), momentum,
             dampening, weight_decay, nesterov, maximize, /*is_first_step=*/false, inv_scale(grad_scale));
     return true;
