@@ -6,6 +6,7 @@ gradient norms stay on the device and are read back in one batch every log_every
 """
 
 import csv
+import gc
 import io
 import json
 import math
@@ -358,8 +359,6 @@ class Trainer:
         return sys.stderr.isatty()
 
     def fit(self):
-        from tqdm.auto import tqdm  # noqa: PLC0415
-
         cfg = self.cfg
         self.model.train()
         show = self._progress()
@@ -370,6 +369,21 @@ class Trainer:
                         f"train {n_train}  steps/epoch {self.steps_per_epoch}")
         else:
             self._print(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.global_step}")
+        # Every full collection of Python's cyclic GC walks every tracked object, and importing torch
+        # leaves ~300k of them: 140 ms per collection here, ~7% of a CPU epoch. Freezing what exists
+        # once the run is set up (gc.freeze) leaves collections only what training allocates. (No
+        # gc.collect() first: it would cost such a collection; garbage frozen here is freed later.)
+        gc.freeze()
+        try:
+            self._fit_epochs(show, n_train)
+        finally:
+            gc.unfreeze()
+        return self.finish()
+
+    def _fit_epochs(self, show, n_train):
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        cfg = self.cfg
         while self.epoch < cfg.epochs:
             epoch = self.epoch
             order = self.data.train.permutation(cfg.seed, epoch)
@@ -411,7 +425,6 @@ class Trainer:
             self.epoch, self.step_in_epoch, self.epoch_losses, self.epoch_time = epoch + 1, 0, [], 0.0
             self._write_csv()
             self._save_checkpoint()
-        return self.finish()
 
     def finish(self):
         steps, monitor = [], []
