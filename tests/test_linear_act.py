@@ -116,6 +116,33 @@ def test_parity_large_odd(device, act, dtype):
     assert_matches_native(x, w, b, act, relative=dtype != torch.float64)  # native fp64 is the reference itself
 
 
+@pytest.mark.parametrize("rows", [100, 1000], ids=["column_split", "row_blocks"])
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_cpu_backward_same_for_any_thread_count(act, rows):
+    # The bias gradient's summation order is fixed by the shape alone (csrc/cpu/linear_act.cpp).
+    x = torch.randn(rows, 96)
+    w = torch.randn(300, 96) / 10
+    b = torch.randn(300)
+    g = torch.randn(rows, 300)
+    out, saved = ops.linear_act_forward(x, w, b, act, True)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(ops.linear_act_backward(g, x, w, out, saved, act, [True, True, True]))
+    finally:
+        torch.set_num_threads(old)
+    # Bitwise equal bias gradients (ours); grad_x and grad_w come from the BLAS, whose own
+    # blocking may change with the thread count, so they are only compared to a reference.
+    for r in results[1:]:
+        assert torch.equal(results[0][2], r[2])
+    z = torch.addmm(b, x, w.t())
+    dz = g * (z > 0) if act == "relu" else g * torch.ops.aten.gelu_backward(torch.ones_like(z), z)
+    torch.testing.assert_close(results[0][2], dz.double().sum(0).float())
+    torch.testing.assert_close(results[0][0], dz @ w, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("rg", [c for c in itertools.product([False, True], repeat=3)], ids=lambda c: "".join("xwb"[i] if v else "_" for i, v in enumerate(c)))
 def test_requires_grad_combinations(device, act, rg):
