@@ -133,3 +133,33 @@ class FusedStep:
         for group in self.param_groups:
             self._fm_step_group(group, grad_scale, found_inf)
         return loss
+
+    def _fm_step_group(self, group, grad_scale, found_inf):
+        """One group: its CPU step plan, else the cached tensor lists, else the general path.
+
+        The cache (built by the subclass's _fm_build_cache once every parameter has state) is
+        (group, flag, buckets, number of params, plan or None); flag is what changes the state
+        layout (amsgrad, momentum on/off). A plan that declines (a missing grad, an odd layout)
+        and a missing grad on the cached path both fall back to the general path, which has
+        torch's own per-parameter logic and errors.
+        """
+        params = group["params"]
+        cached = self._fm_cache.get(id(group))
+        if (cached is not None and cached[0] is group and cached[1] == self._fm_cache_flag(group)
+                and cached[3] == len(params)):
+            plan = cached[4]
+            if plan is not None and not torch.compiler.is_compiling():
+                if self._fm_plan_step(group, plan, grad_scale, found_inf):
+                    return
+            else:
+                grads = [p.grad for p in params]
+                if not any(g is None for g in grads):
+                    try:
+                        self._fm_cached_launch(group, cached[2], grads, grad_scale, found_inf)
+                        return
+                    except RuntimeError:
+                        # A sparse grad is refused by the op before anything changes; the general
+                        # path raises torch's own error for it.
+                        if not any(g.is_sparse for g in grads):
+                            raise
+        self._fm_step_group_general(group, grad_scale, found_inf)

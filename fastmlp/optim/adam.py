@@ -82,33 +82,14 @@ class _FusedAdamBase(FusedStep):
     def _fm_uses_master(self, dtype):
         return self._fm_master and dtype in _LOW_PRECISION
 
-    def _fm_step_group(self, group, grad_scale, found_inf):
-        params = group["params"]
-        cached = self._fm_cache.get(id(group))
-        if (cached is not None and cached[0] is group and cached[1] == group["amsgrad"]
-                and cached[3] == len(params)):
-            plan = cached[4]
-            if plan is not None and not torch.compiler.is_compiling():
-                if self._fm_plan_step(group, plan, grad_scale, found_inf):
-                    return
-                self._fm_step_group_general(group, grad_scale, found_inf)
-                return
-            grads = [p.grad for p in params]
-            # Sparse grads are refused by the op before it changes anything; the general path
-            # then raises torch's own error for them.
-            if not any(g is None for g in grads):
-                n = len(params)
-                try:
-                    for b in cached[2]:
-                        self._fm_launch(group, b.device, b.params, pick(grads, b.idx, n), b.exp_avgs,
-                                        b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters, grad_scale,
-                                        found_inf)
-                except RuntimeError:
-                    if not any(g.is_sparse for g in grads):
-                        raise
-                    self._fm_step_group_general(group, grad_scale, found_inf)
-                return
-        self._fm_step_group_general(group, grad_scale, found_inf)
+    def _fm_cache_flag(self, group):
+        return group["amsgrad"]
+
+    def _fm_cached_launch(self, group, buckets, grads, grad_scale, found_inf):
+        n = len(grads)
+        for b in buckets:
+            self._fm_launch(group, b.device, b.params, pick(grads, b.idx, n), b.exp_avgs, b.exp_avg_sqs,
+                            b.max_exp_avg_sqs, b.steps, b.masters, grad_scale, found_inf)
 
     def _fm_step_group_general(self, group, grad_scale, found_inf):
         pw, grads, m, v, vmax, steps = [], [], [], [], [], []

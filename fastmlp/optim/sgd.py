@@ -63,37 +63,20 @@ class SGD(FusedStep, torch.optim.SGD):
         if "master_param" not in st:
             st["master_param"] = p.detach().float()
 
-    def _fm_step_group(self, group, grad_scale, found_inf):
-        params = group["params"]
-        cached = self._fm_cache.get(id(group))
-        has_momentum = group["momentum"] != 0
-        if (cached is not None and cached[0] is group and cached[1] == has_momentum
-                and cached[3] == len(params)):
-            plan = cached[4]
-            if plan is not None and not torch.compiler.is_compiling():
-                cpu = torch.device("cpu")
-                lr, lr_tensor = lr_args(group["lr"], cpu)
-                if plan.step(lr, lr_tensor, float(group["momentum"]), float(group["dampening"]),
-                             float(group["weight_decay"]), group["nesterov"], group["maximize"],
-                             on_device(grad_scale, cpu), on_device(found_inf, cpu)):
-                    return
-                self._fm_step_group_general(group, grad_scale, found_inf)
-                return
-            grads = [p.grad for p in params]
-            # Sparse grads are refused by the op before it changes anything; the general path
-            # then raises torch's own error for them.
-            if not any(g is None for g in grads):
-                n = len(params)
-                try:
-                    for device, idx, bp, bufs, masters in cached[2]:
-                        self._fm_launch(group, device, bp, pick(grads, idx, n), bufs, masters, False,
-                                        grad_scale, found_inf)
-                except RuntimeError:
-                    if not any(g.is_sparse for g in grads):
-                        raise
-                    self._fm_step_group_general(group, grad_scale, found_inf)
-                return
-        self._fm_step_group_general(group, grad_scale, found_inf)
+    def _fm_cache_flag(self, group):
+        return group["momentum"] != 0
+
+    def _fm_plan_step(self, group, plan, grad_scale, found_inf):
+        cpu = torch.device("cpu")
+        lr, lr_tensor = lr_args(group["lr"], cpu)
+        return plan.step(lr, lr_tensor, float(group["momentum"]), float(group["dampening"]),
+                         float(group["weight_decay"]), group["nesterov"], group["maximize"],
+                         on_device(grad_scale, cpu), on_device(found_inf, cpu))
+
+    def _fm_cached_launch(self, group, buckets, grads, grad_scale, found_inf):
+        n = len(grads)
+        for device, idx, bp, bufs, masters in buckets:
+            self._fm_launch(group, device, bp, pick(grads, idx, n), bufs, masters, False, grad_scale, found_inf)
 
     def _fm_step_group_general(self, group, grad_scale, found_inf):
         pw, grads, bufs = [], [], []
