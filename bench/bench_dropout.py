@@ -1,0 +1,80 @@
+"""Benchmark: fastmlp.functional.dropout vs torch's dropout (eager and torch.compile), on the CPU.
+
+For each activation shape (batch x width), in one process and interleaved (the protocol of
+bench_linear_act.py): forward, and forward+backward (autograd.grad of the input). The floor is a
+copy of the tensor (read it, write the output): dropout cannot move less memory.
+
+    python bench/bench_dropout.py                 # p = 0.2, the training recipe's rate
+    python bench/bench_dropout.py --json out.json
+
+torch's CPU dropout draws its Bernoulli mask with the generator on one thread and saves it for the
+backward; fastmlp's mask is a hash of (seed, element index), computed on every core, regenerated in
+the backward instead of saved (csrc/cpu/dropout.cpp).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fastmlp  # noqa: E402
+from bench_linear_act import machine_name, time_interleaved  # noqa: E402
+from fastmlp.functional import dropout  # noqa: E402
+
+
+def candidates(batch, width, p, mode):
+    x = torch.randn(batch, width, requires_grad=True)
+    g = torch.randn(batch, width)
+    xd = x.detach()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: F.dropout(t, p, training=True), dynamic=False)
+    fns = {"native": lambda t: F.dropout(t, p, training=True), "compiled": compiled,
+           "fastmlp": lambda t: dropout(t, p, training=True)}
+    if mode == "fwd":
+        out = {k: (lambda f=f: f(xd)) for k, f in fns.items()}
+    else:
+        out = {k: (lambda f=f: torch.autograd.grad(f(x), x, g)) for k, f in fns.items()}
+    out["floor"] = lambda: xd.clone()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--p", type=float, default=0.2)
+    ap.add_argument("--shapes", default="256x512,1024x512,4096x2048", help="comma list of BATCHxWIDTH")
+    ap.add_argument("--repeats", type=int, default=25)
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args(argv)
+    if args.repeats < 20:
+        ap.error("--repeats must be at least 20 (the protocol takes the median of >= 20 samples)")
+    if not 0.0 < args.p < 1.0:
+        ap.error(f"--p must be in (0, 1), got {args.p}")
+    machine = machine_name("cpu")
+    print(f"fastmlp {fastmlp.__version__} dropout benchmark (p = {args.p}) on {machine}")
+    print(f"median of {args.repeats} interleaved samples; floor = a copy of the tensor")
+    hdr = f"{'shape':>10} {'mode':>6} | {'native ms':>9} {'compiled ms':>11} {'fastmlp ms':>10} {'floor ms':>8} | {'vs native':>9} {'vs compiled':>11}"
+    print(hdr)
+    rows = []
+    for shape in args.shapes.split(","):
+        batch, width = (int(v) for v in shape.split("x"))
+        for mode in ("fwd", "fwdbwd"):
+            t = time_interleaved(candidates(batch, width, args.p, mode), "cpu", args.repeats)
+            row = {"shape": shape, "mode": mode, "p": args.p, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+                   "speedup_vs_native": t["native"] / t["fastmlp"], "speedup_vs_compiled": t["compiled"] / t["fastmlp"]}
+            rows.append(row)
+            print(f"{shape:>10} {mode:>6} | {row['native_ms']:9.3f} {row['compiled_ms']:11.3f} {row['fastmlp_ms']:10.3f} "
+                  f"{row['floor_ms']:8.3f} | {row['speedup_vs_native']:8.2f}x {row['speedup_vs_compiled']:10.2f}x", flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "torch": torch.__version__, "repeats": args.repeats, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
