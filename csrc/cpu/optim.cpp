@@ -568,9 +568,10 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
 // GIL round trip whenever a Python-owned tensor's last C++ reference is dropped): 240 us of a
 // 200-tensor step that does 1 ms of math. A plan holds the group's parameters and state tensors
 // once and reads each gradient from p.grad itself, so a step crosses from Python with scalars
-// only. step() returns false, having changed nothing, when a gradient is missing or does not
-// match its parameter's dtype, shape or layout, or a tensor changed layout since the plan was
-// made; fastmlp.optim then takes the general path (the op, and torch's own errors).
+// only. A parameter whose grad is None is skipped (state untouched). step() returns false, having
+// changed nothing, when a gradient does not match its parameter's dtype, shape or layout, or a
+// tensor changed layout since the plan was made; fastmlp.optim then takes the general path (the
+// op, and torch's own errors).
 
 class StepPlan : public torch::CustomClassHolder {
  protected:
@@ -585,33 +586,37 @@ class StepPlan : public torch::CustomClassHolder {
     if (!slots_[0].empty()) dtype_ = slots_[0][0].scalar_type();
   }
 
-  // Pointers of this step's tensors, or false (nothing changed) when the general path must run.
-  bool gather(Slots& sl) const {
+  // This step's pointers for the parameters that have a gradient, their indices in `active`; a
+  // parameter whose grad is None is skipped with its state untouched, as torch.optim does (frozen
+  // layers never leave the plan). False, having changed nothing, when the general path must run.
+  bool gather(Slots& sl, std::vector<size_t>& active) const {
     const auto& P = slots_[0];
     const size_t n = P.size();
     sl.ptr.assign(slots_.size(), {});
-    sl.numel.resize(n);
-    for (size_t s = 0; s < slots_.size(); ++s) {
-      if (s == 1 || !slots_[s].empty()) sl.ptr[s].resize(n);
-    }
+    sl.numel.clear();
+    active.clear();
     for (size_t i = 0; i < n; ++i) {
       const at::Tensor& p = P[i];
       const at::Tensor& g = p.grad();
-      if (!g.defined() || g.layout() != at::kStrided || !g.device().is_cpu() ||
-          p.scalar_type() != dtype_ || g.scalar_type() != dtype_ || g.sizes() != p.sizes()) {
+      if (!g.defined()) continue;
+      if (g.layout() != at::kStrided || !g.device().is_cpu() || p.scalar_type() != dtype_ ||
+          g.scalar_type() != dtype_ || g.sizes() != p.sizes()) {
         return false;
       }
       const bool dense = p.numel() == 0 || (p.is_non_overlapping_and_dense() &&
                                             g.is_non_overlapping_and_dense() && g.strides() == p.strides());
       if (!dense) return false;
-      sl.numel[i] = p.numel();
-      sl.ptr[0][i] = p.data_ptr();
-      sl.ptr[1][i] = const_cast<void*>(g.const_data_ptr());
       for (size_t s = 2; s < slots_.size(); ++s) {
         if (slots_[s].empty()) continue;
         const at::Tensor& t = slots_[s][i];
         if (t.sizes() != p.sizes() || (p.numel() > 0 && t.strides() != p.strides())) return false;
-        sl.ptr[s][i] = t.data_ptr();
+      }
+      active.push_back(i);
+      sl.numel.push_back(p.numel());
+      sl.ptr[0].push_back(p.data_ptr());
+      sl.ptr[1].push_back(const_cast<void*>(g.const_data_ptr()));
+      for (size_t s = 2; s < slots_.size(); ++s) {
+        if (!slots_[s].empty()) sl.ptr[s].push_back(slots_[s][i].data_ptr());
       }
     }
     return true;
@@ -621,11 +626,11 @@ class StepPlan : public torch::CustomClassHolder {
 
   // The common start of a step: gather this step's pointers (Decline: the general path must run),
   // validate the scalar tensors, honour found_inf (Skip: nothing to do).
-  Start start(Slots& sl, const std::optional<at::Tensor>& lr_tensor,
+  Start start(Slots& sl, std::vector<size_t>& active, const std::optional<at::Tensor>& lr_tensor,
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, const char* op) const {
-    if (!gather(sl)) return Start::Decline;
-    if (slots_[0].empty()) return Start::Skip;
+    if (!gather(sl, active)) return Start::Decline;
+    if (active.empty()) return Start::Skip;
     const at::Device cpu(at::kCPU);
     check_lr_tensor(lr_tensor, cpu, op);
     check_scalar_tensor(grad_scale, cpu, op, "grad_scale");
@@ -655,10 +660,14 @@ class AdamWPlan : public StepPlan {
             double weight_decay, double eps, bool maximize, bool decoupled_weight_decay,
             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
     Slots sl;
-    const Start st = start(sl, lr_tensor, grad_scale, found_inf, kAdamW);
+    std::vector<size_t> active;
+    const Start st = start(sl, active, lr_tensor, grad_scale, found_inf, kAdamW);
     if (st != Start::Run) return st == Start::Skip;
     const double gscale = inv_scale(grad_scale);
-    const std::vector<double> steps = bump_steps(steps_);
+    std::vector<at::Tensor> steps_now;
+    steps_now.reserve(active.size());
+    for (size_t i : active) steps_now.push_back(steps_[i]);
+    const std::vector<double> steps = bump_steps(steps_now);
     adam_cpu(sl, dtype_, !slots_[5].empty(), !slots_[4].empty(), steps, read_lr(lr, lr_tensor),
              beta1, beta2, weight_decay, eps, maximize, decoupled_weight_decay, gscale);
     return true;
@@ -679,7 +688,8 @@ class SGDPlan : public StepPlan {
             double dampening, double weight_decay, bool nesterov, bool maximize,
             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
     Slots sl;
-    const Start st = start(sl, lr_tensor, grad_scale, found_inf, kSGD);
+    std::vector<size_t> active;
+    const Start st = start(sl, active, lr_tensor, grad_scale, found_inf, kSGD);
     if (st != Start::Run) return st == Start::Skip;
     sgd_cpu(sl, dtype_, !slots_[3].empty(), !slots_[2].empty(), read_lr(lr, lr_tensor), momentum,
             dampening, weight_decay, nesterov, maximize, /*is_first_step=*/false, inv_scale(grad_scale));
