@@ -6,10 +6,11 @@ Groups carry fused=True: the state layout is torch.optim's fused=True one (step 
 the param's device), so torch's load_state_dict places every tensor right in both directions and a
 state_dict loaded into torch.optim runs torch's fused kernels on identical state.
 
-step() costs one C++ op call per (group, device, dtype). The tensor lists the ops take are cached
-per group once every parameter has state, so a step with all gradients present does no
-per-parameter Python work beyond reading p.grad; a step where some gradient is None (or the first
-steps, while state is created lazily) takes the general path through torch's own _init_group.
+step() costs one C++ call per (group, device, dtype). Once every parameter of a group has state,
+a CPU group gets a step plan (csrc/cpu/optim.cpp) that holds its tensors and reads p.grad in C++,
+so a step does no per-parameter Python work at all; other groups cache the op's tensor lists and
+read p.grad in Python. The first steps (while state is created lazily) and steps a plan declines
+take the general path through torch's own _init_group.
 """
 
 import inspect
