@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .ops import _FLOATING
 
 __all__ = ["dropout", "linear_act"]
 
-_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _SEED_RANGE = 2**62
 
 

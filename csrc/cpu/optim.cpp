@@ -211,6 +211,11 @@ Slots slots_of(const DenseGroup& d) {
   return sl;
 }
 
+// Whether t can be walked as a flat array in step with p (elementwise math ignores the order).
+inline bool shares_dense_layout(const at::Tensor& p, const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() && t.strides() == p.strides();
+}
+
 DenseGroup make_dense(const std::vector<at::TensorList>& slots, const std::vector<bool>& mutated) {
   DenseGroup d;
   d.work.resize(slots.size());
@@ -223,7 +228,7 @@ DenseGroup make_dense(const std::vector<at::TensorList>& slots, const std::vecto
     for (size_t s = 0; s < slots.size() && ok; ++s) {
       if (slots[s].empty()) continue;
       const at::Tensor& t = slots[s][i];
-      ok = t.is_non_overlapping_and_dense() && t.strides() == p.strides();
+      ok = shares_dense_layout(p, t);
     }
     if (ok) continue;
     for (size_t s = 0; s < slots.size(); ++s) {
@@ -431,12 +436,14 @@ bool skip_step(const std::optional<at::Tensor>& found_inf) {
   return found_inf.has_value() && found_inf->item<float>() != 0.f;
 }
 
-std::vector<double> bump_steps(at::TensorList state_steps) {
-  std::vector<double> steps(state_steps.size());
-  for (size_t i = 0; i < state_steps.size(); ++i) {
-    float* s = static_cast<float*>(state_steps[i].data_ptr());  // validated float32
+// Adds 1 to each step counter (only those listed in `only`, when given); returns the new counts.
+std::vector<double> bump_steps(at::TensorList state_steps, const std::vector<size_t>* only = nullptr) {
+  const size_t n = only ? only->size() : state_steps.size();
+  std::vector<double> steps(n);
+  for (size_t k = 0; k < n; ++k) {
+    float* s = static_cast<float*>(state_steps[only ? (*only)[k] : k].data_ptr());  // validated float32
     *s += 1.f;
-    steps[i] = *s;
+    steps[k] = *s;
   }
   return steps;
 }
@@ -610,13 +617,12 @@ class StepPlan : public torch::CustomClassHolder {
           g.scalar_type() != dtype_ || g.sizes() != p.sizes()) {
         return false;
       }
-      const bool dense = p.numel() == 0 || (p.is_non_overlapping_and_dense() &&
-                                            g.is_non_overlapping_and_dense() && g.strides() == p.strides());
-      if (!dense) return false;
+      const bool empty = p.numel() == 0;
+      if (!empty && !(shares_dense_layout(p, p) && shares_dense_layout(p, g))) return false;
       for (size_t s = 2; s < slots_.size(); ++s) {
         if (slots_[s].empty()) continue;
         const at::Tensor& t = slots_[s][i];
-        if (t.sizes() != p.sizes() || (p.numel() > 0 && t.strides() != p.strides())) return false;
+        if (t.sizes() != p.sizes() || (!empty && !shares_dense_layout(p, t))) return false;
       }
       active.push_back(i);
       sl.numel.push_back(p.numel());
@@ -671,10 +677,7 @@ class AdamWPlan : public StepPlan {
     const Start st = start(sl, active, lr_tensor, grad_scale, found_inf, kAdamW);
     if (st != Start::Run) return st == Start::Skip;
     const double gscale = inv_scale(grad_scale);
-    std::vector<at::Tensor> steps_now;
-    steps_now.reserve(active.size());
-    for (size_t i : active) steps_now.push_back(steps_[i]);
-    const std::vector<double> steps = bump_steps(steps_now);
+    const std::vector<double> steps = bump_steps(steps_, &active);
     adam_cpu(sl, dtype_, !slots_[5].empty(), !slots_[4].empty(), steps, read_lr(lr, lr_tensor),
              beta1, beta2, weight_decay, eps, maximize, decoupled_weight_decay, gscale);
     return true;
