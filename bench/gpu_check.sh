@@ -8,17 +8,18 @@
 # non-zero. Reads nothing from the network. Budget: about 5 minutes on an H100.
 #
 # Writes exactly these files under $OUT (at most 8 come back from the device):
-#   gpu_check.log          everything below, tee'd as it runs (so a timeout still returns it)
-#   versions.txt           nvidia-smi, python, torch, nvcc, GPU name and arch
+#   gpu_check.log          everything below, tee'd as it runs (so a timeout still returns it),
+#                          starting with nvidia-smi, python, torch, nvcc, GPU name and arch
 #   build.log              the in-place rebuild for this GPU's arch only
 #   pytest_cuda.xml        junit of the CUDA test grid (pytest -m cuda)
 #   bench_linear_act.json  bench/bench_linear_act.py --device cuda --quick
 #   bench_optim.json       bench/bench_optim.py --device cuda --quick (when that script exists)
+#   bench_mlp.json         bench/bench_mlp.py --device cuda: the whole training step
 #   gpu_profile.json       kernel launches per call: fastmlp vs eager vs compiled
 #   summary.txt            one line per step: name, exit status, seconds
 #
 # Afterwards (on the session's machine): copy the JSON results worth keeping to bench/results/
-# with the GPU in the name (versions.txt has it), e.g. bench/results/linear_act_h200.json and
+# with the GPU in the name (the log's first lines have it), e.g. bench/results/linear_act_h200.json and
 # gpu_profile_h200.json, and commit them.
 #
 # Runtime switches the tests and benchmarks use (read on every call by the CUDA op):
@@ -94,8 +95,7 @@ build() {
 export -f build
 export PY OUT
 
-versions > "$OUT/versions.txt" 2>&1
-cat "$OUT/versions.txt" | tee -a "$LOG"
+versions 2>&1 | tee -a "$LOG"
 
 # Fatal steps: nothing after them means anything if they fail.
 KEEP=$KEEP_GOING; KEEP_GOING=0
@@ -115,6 +115,7 @@ fi
 if [ -f bench/bench_optim.py ]; then
     step bench_optim 60 "$PY" bench/bench_optim.py --device cuda --quick --json "$OUT/bench_optim.json"
 fi
+step bench_mlp 150 "$PY" bench/bench_mlp.py --device cuda --json "$OUT/bench_mlp.json"
 step profile 120 "$PY" bench/gpu_profile.py --json "$OUT/gpu_profile.json"
 
 echo "=== done: $( [ $FAILED -eq 0 ] && echo all steps passed || echo some step FAILED )" | tee -a "$LOG"

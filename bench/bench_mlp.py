@@ -1,0 +1,236 @@
+"""Whole training step of an MLP: fastmlp against PyTorch eager and torch.compile, in one run.
+
+One step = zero_grad, forward, cross-entropy loss (label smoothing 0.1), backward, AdamW step:
+what `fastmlp train` does per batch, on random data of the same shape. Candidates, each with its
+own copy of the same initial weights and the same batch, run interleaved in this process:
+
+  torch eager          nn.Linear + activation + nn.Dropout, torch.optim.AdamW() (torch's default
+                       implementation for the device: for-loop on the CPU, foreach on CUDA)
+  torch eager fused    the same model, torch.optim.AdamW(fused=True)
+  torch.compile        torch.compile(model) (default mode), torch.optim.AdamW(fused=True)
+  fastmlp              fastmlp.nn.MLP (FusedLinear, fastmlp.nn.Dropout), fastmlp.optim.AdamW
+  fastmlp compiled     torch.compile of the fastmlp model (our ops are opaque to Inductor)
+  gemm floor           the step's matrix products alone: per layer X W^T and dZ^T X, and dZ W for
+                       every layer but the first (no gradient flows into the data)
+
+Each sample times enough steps to last >= 5 ms after one untimed step; the table reports the median
+of --repeats samples per candidate, the speedup of fastmlp over each baseline, and the floor's
+share of each candidate's time.
+
+    python bench/bench_mlp.py                                  # default model, batch 256, CPU
+    python bench/bench_mlp.py --batch 64 --json out.json
+    python bench/bench_mlp.py --device cuda --amp bf16
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fastmlp  # noqa: E402
+from fastmlp.nn import MLP  # noqa: E402
+
+CANDIDATES = ("torch eager", "torch eager fused", "torch.compile", "fastmlp", "fastmlp compiled", "gemm floor")
+AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def machine_name(device):
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(model, opt, x, y, amp, device):
+    """One training step; fp16 goes through a GradScaler as in `fastmlp train --amp fp16`."""
+    scaler = torch.amp.GradScaler(device) if amp is torch.float16 else None
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        ctx = torch.autocast(device, dtype=amp) if amp is not None else contextlib.nullcontext()
+        with ctx:
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    step.model, step.x, step.y = model, x, y  # for inspection (tests)
+    return step
+
+
+def make_floor(widths, batch, dtype, device):
+    gen = torch.Generator().manual_seed(1)
+    mats = []
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        x = torch.randn(batch, fan_in, generator=gen).to(device, dtype)
+        w = torch.randn(fan_out, fan_in, generator=gen).to(device, dtype)
+        dz = torch.randn(batch, fan_out, generator=gen).to(device, dtype)
+        mats.append((x, w, dz, i > 0))
+
+    def floor():
+        for x, w, dz, grad_input in mats:
+            torch.mm(x, w.t())
+            if grad_input:
+                torch.mm(dz, w)
+            torch.mm(dz.t(), x)
+
+    return floor
+
+
+def build(args):
+    device, amp = args.device, AMP[args.amp]
+    torch.manual_seed(0)
+    ref = MLP(args.widths, activation=args.activation, dropout=args.dropout, impl="torch", device=device)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(args.batch, args.widths[0], generator=gen).to(device)
+    y = torch.randint(0, args.widths[-1], (args.batch,), generator=gen).to(device)
+    lr, wd = 2e-3, 0.05
+
+    def torch_model():
+        return copy.deepcopy(ref)
+
+    def fastmlp_model():
+        m = MLP(args.widths, activation=args.activation, dropout=args.dropout, impl="fastmlp", device=device)
+        m.load_state_dict(ref.state_dict())
+        return m
+
+    makers = {
+        "torch eager": lambda: (torch_model(), lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd)),
+        "torch eager fused": lambda: (torch_model(), lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True)),
+        "torch.compile": lambda: (torch_model(), lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True)),
+        "fastmlp": lambda: (fastmlp_model(), lambda ps: fastmlp.optim.AdamW(ps, lr=lr, weight_decay=wd)),
+        "fastmlp compiled": lambda: (fastmlp_model(), lambda ps: fastmlp.optim.AdamW(ps, lr=lr, weight_decay=wd)),
+    }
+    fns = {}
+    for name in args.candidates:
+        if name == "gemm floor":
+            fns[name] = make_floor(args.widths, args.batch, amp or torch.float32, device)
+            continue
+        model, make_opt = makers[name]()
+        model.train()
+        opt = make_opt(model.parameters())
+        if "compile" in name:
+            model = torch.compile(model)
+        fns[name] = make_step(model, opt, x, y, amp, device)
+    return fns
+
+
+def time_interleaved(fns, device, repeats, min_sample_s=5e-3):
+    """Median seconds per call of each fn; each sample runs one untimed call, then k timed ones."""
+    names = list(fns)
+    compile_s = {}
+    for name, fn in fns.items():  # warm-up, compilation included
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        sync(device)
+        compile_s[name] = time.perf_counter() - t0
+    inner = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        inner[name] = max(1, min(200, math.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-7))))
+    samples = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn, k = fns[name], inner[name]
+            fn()
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - t0) / k)
+    return {n: statistics.median(s) for n, s in samples.items()}, compile_s
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--widths", default="784,512,512,10", help="comma list: input, hidden..., classes")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--activation", default="gelu", choices=["relu", "gelu", "gelu_tanh", "silu"])
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--amp", default="off", choices=list(AMP))
+    p.add_argument("--candidates", default=",".join(CANDIDATES),
+                   help=f"comma list, some of: {', '.join(CANDIDATES)}")
+    p.add_argument("--repeats", type=int, default=25)
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    try:
+        args.widths = [int(v) for v in args.widths.split(",")]
+    except ValueError:
+        p.error(f"--widths: expected a comma list of ints, got {args.widths!r}")
+    if len(args.widths) < 2 or min(args.widths) < 1:
+        p.error(f"--widths: expected at least two positive widths, got {args.widths}")
+    if args.batch < 1:
+        p.error(f"--batch must be positive, got {args.batch}")
+    if not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.repeats < 20:
+        p.error("--repeats must be at least 20 (the protocol takes the median of >= 20 samples)")
+    args.candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    for c in args.candidates:
+        if c not in CANDIDATES:
+            p.error(f"--candidates: unknown {c!r}; expected some of {', '.join(CANDIDATES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if args.amp == "fp16" and args.device == "cpu":
+        p.error("--amp fp16 is for CUDA (GradScaler); use --amp bf16 on the CPU")
+
+    machine = machine_name(args.device)
+    model_desc = (f"{'-'.join(map(str, args.widths))} {args.activation}, dropout {args.dropout}, batch {args.batch}, "
+                  f"amp {args.amp}")
+    print(f"fastmlp {fastmlp.__version__} training-step benchmark on {machine}")
+    print(f"model {model_desc}; median of {args.repeats} interleaved samples")
+    med, compile_s = time_interleaved(build(args), args.device, args.repeats)
+
+    rows = []
+    floor = med.get("gemm floor")
+    fast = med.get("fastmlp")
+    print(f"{'candidate':>18} | {'ms / step':>9} | {'samples/s':>10} | {'fastmlp speedup':>15} | {'floor share':>11} | {'warm-up s':>9}")
+    for name, t in med.items():
+        row = {"candidate": name, "ms_per_step": t * 1e3, "samples_per_s": args.batch / t,
+               "fastmlp_speedup": (t / fast) if fast and name != "fastmlp" and name != "gemm floor" else None,
+               "floor_share": (floor / t) if floor else None, "warmup_s": compile_s[name]}
+        rows.append(row)
+        sp = f"{row['fastmlp_speedup']:.2f}x" if row["fastmlp_speedup"] else "-"
+        fs = f"{100 * row['floor_share']:.0f}%" if row["floor_share"] else "-"
+        print(f"{name:>18} | {row['ms_per_step']:9.3f} | {row['samples_per_s']:10.0f} | {sp:>15} | {fs:>11} | "
+              f"{compile_s[name]:9.1f}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "device": args.device, "torch": torch.__version__,
+                       "model": model_desc, "repeats": args.repeats, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
