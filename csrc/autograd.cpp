@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_autograd(
 // dropout is linear in its input with a mask that is a pure function of (seed, shape): its
 // gradient is the same op on the incoming gradient. Calling it through the dispatcher (Autograd
 // key included) makes double backward work too.
-using DropoutSig = at::Tensor(const at::Tensor&, double, int64_t);
+using DropoutSig = at::Tensor(const at::Tensor&, double, const at::Tensor&);
 
 const c10::TypedOperatorHandle<DropoutSig>& dropout_op() {
   static const auto op =
@@ -132,7 +132,7 @@ const c10::TypedOperatorHandle<DropoutSig>& dropout_op() {
 }
 
 struct Dropout : public torch::autograd::Function<Dropout> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, double p, int64_t seed) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, double p, const at::Tensor& seed) {
     ctx->saved_data["p"] = p;
     ctx->saved_data["seed"] = seed;
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -142,12 +142,12 @@ struct Dropout : public torch::autograd::Function<Dropout> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& g = grads[0];
     if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
-    return {dropout_op().call(g, ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt()),
+    return {dropout_op().call(g, ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toTensor()),
             at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor dropout_autograd(const at::Tensor& input, double p, int64_t seed) {
+at::Tensor dropout_autograd(const at::Tensor& input, double p, const at::Tensor& seed) {
   return Dropout::apply(input, p, seed);
 }
 

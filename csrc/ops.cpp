@@ -23,7 +23,9 @@ TORCH_LIBRARY(fastmlp, m) {
   // row-major order) clears p, else 0: the mask is a pure function of (seed, shape), so the
   // backward is this same op applied to the gradient and nothing is saved. Kernel in
   // csrc/cpu/dropout.cpp (CPU only; fastmlp.nn.Dropout uses torch's dropout elsewhere).
-  m.def("dropout(Tensor input, float p, int seed) -> Tensor");
+  // seed: a one-element int64 CPU tensor, so that torch.compile traces the seed's draw
+  // (torch.randint) into the graph instead of baking one Python int into it.
+  m.def("dropout(Tensor input, float p, Tensor seed) -> Tensor");
 
   // ---- optimizers ----
   // Fused multi-tensor optimizer steps, updating every parameter of a group (one device, one

@@ -26,14 +26,15 @@ def linear_act(input, weight, bias=None, activation="relu"):
 def dropout(input, p=0.5, training=True, inplace=False):
     """Same arguments and result distribution as ``torch.nn.functional.dropout``.
 
-    In training on the CPU (0 < p < 1, not inplace, eager) the mask comes from the fastmlp.dropout
-    op: a counter-based hash of each element's index and a seed drawn from torch's default
-    generator (so ``torch.manual_seed`` reproduces it), computed in parallel and regenerated in the
-    backward instead of saved. Everywhere else (CUDA, inplace, torch.compile) this is torch's
-    dropout.
+    In training on the CPU (0 < p < 1, not inplace) the mask comes from the fastmlp.dropout op: a
+    counter-based hash of each element's index and a seed drawn from torch's default generator (so
+    ``torch.manual_seed`` reproduces it), computed in parallel and regenerated in the backward
+    instead of saved. Under torch.compile the seed's draw is part of the graph, so every call of
+    the compiled model draws a new mask. Everywhere else (CUDA, inplace, p = 0 or 1) this is
+    torch's dropout.
     """
     if (training and 0.0 < p < 1.0 and not inplace and input.device.type == "cpu"
-            and input.dtype in _FLOATING and not torch.compiler.is_compiling()):
-        seed = torch.randint(0, _SEED_RANGE, ()).item()
+            and input.dtype in _FLOATING):
+        seed = torch.randint(0, _SEED_RANGE, (), dtype=torch.int64)
         return ops.dropout(input, float(p), seed)
     return F.dropout(input, p, training, inplace)

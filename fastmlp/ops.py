@@ -104,6 +104,11 @@ dropout = torch.ops.fastmlp.dropout.default
 
 @torch.library.register_fake("fastmlp::dropout")
 def _dropout_fake(input, p, seed):
+    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device.type != "cpu":
+        raise ValueError(
+            f"fastmlp.dropout: seed must be a one-element int64 CPU tensor, got {seed.dtype} of shape "
+            f"{list(seed.shape)} on {seed.device}"
+        )
     if input.dtype not in _FLOATING:
         raise TypeError(
             f"fastmlp.dropout: input must be a floating-point tensor (float32, float64, float16 or "

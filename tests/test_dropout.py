@@ -24,11 +24,16 @@ def keep_mask(y):
     return y != 0
 
 
+def drop(x, p, seed):
+    """The op with an int seed (its schema takes the seed as a one-element int64 tensor)."""
+    return ops.dropout(x, p, torch.tensor(seed))
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keep_rate_and_neighbour_independence(p):
     n = 1 << 20
     x = torch.ones(n)
-    y = ops.dropout(x, p, 1234)
+    y = drop(x, p, 1234)
     k = keep_mask(y).double()
     q = 1 - p
     sigma = math.sqrt(q * (1 - q) / n)
@@ -44,7 +49,7 @@ def test_keep_rate_and_neighbour_independence(p):
 def test_values_and_backward(dtype):
     p = 0.3
     x = torch.randn(37, 129, dtype=torch.float64).to(dtype).requires_grad_()
-    y = ops.dropout(x, p, 99)
+    y = drop(x, p, 99)
     assert y.dtype == dtype and y.shape == x.shape
     kept = keep_mask(y) | (x == 0)
     # Kept: x / (1 - p) computed in float (double for float64) and rounded once; dropped: 0.
@@ -62,13 +67,13 @@ def test_values_and_backward(dtype):
 
 def test_seed_determinism_and_thread_count():
     x = torch.randn(300, 1000)
-    a = ops.dropout(x, 0.5, 7)
-    assert torch.equal(a, ops.dropout(x, 0.5, 7))
-    assert not torch.equal(keep_mask(a), keep_mask(ops.dropout(x, 0.5, 8)))
+    a = drop(x, 0.5, 7)
+    assert torch.equal(a, drop(x, 0.5, 7))
+    assert not torch.equal(keep_mask(a), keep_mask(drop(x, 0.5, 8)))
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert torch.equal(a, ops.dropout(x, 0.5, 7))
+        assert torch.equal(a, drop(x, 0.5, 7))
     finally:
         torch.set_num_threads(old)
     # functional.dropout draws its seed from torch's generator: manual_seed reproduces it.
@@ -81,20 +86,20 @@ def test_seed_determinism_and_thread_count():
 def test_layouts_and_edge_shapes():
     base = torch.randn(64, 48)
     xt = base.t()  # non-contiguous: the mask follows the logical (row-major) order
-    assert torch.equal(ops.dropout(xt, 0.4, 5), ops.dropout(xt.contiguous(), 0.4, 5))
+    assert torch.equal(drop(xt, 0.4, 5), drop(xt.contiguous(), 0.4, 5))
     sliced = torch.randn(10, 20)[:, ::3]
-    assert torch.equal(ops.dropout(sliced, 0.4, 5), ops.dropout(sliced.contiguous(), 0.4, 5))
-    assert ops.dropout(torch.randn(0, 7), 0.5, 1).shape == (0, 7)
-    assert ops.dropout(torch.randn(()), 0.5, 1).shape == ()
+    assert torch.equal(drop(sliced, 0.4, 5), drop(sliced.contiguous(), 0.4, 5))
+    assert drop(torch.randn(0, 7), 0.5, 1).shape == (0, 7)
+    assert drop(torch.randn(()), 0.5, 1).shape == ()
     x3 = torch.randn(2, 3, 4)
-    assert torch.equal(ops.dropout(x3, 0.5, 11).flatten(), ops.dropout(x3.flatten(), 0.5, 11))
+    assert torch.equal(drop(x3, 0.5, 11).flatten(), drop(x3.flatten(), 0.5, 11))
     # p = 0 keeps everything exactly.
-    assert torch.equal(ops.dropout(base, 0.0, 1), base)
+    assert torch.equal(drop(base, 0.0, 1), base)
 
 
 def test_nan_and_inf_propagate_like_torch():
     x = torch.tensor([float("nan"), float("inf"), 1.0, 2.0] * 256)
-    for y in (ops.dropout(x, 0.5, 21), F.dropout(x, 0.5, training=True)):
+    for y in (drop(x, 0.5, 21), F.dropout(x, 0.5, training=True)):
         # NaN stays NaN whether kept or dropped (x * 0); a dropped Inf becomes NaN, a kept one Inf.
         assert torch.isnan(y[0::4]).all()
         inf = y[1::4]
@@ -104,19 +109,24 @@ def test_nan_and_inf_propagate_like_torch():
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match=r"fastmlp\.dropout: p must be in \[0, 1\), got 1"):
-        ops.dropout(torch.randn(3), 1.0, 0)
+        drop(torch.randn(3), 1.0, 0)
     with pytest.raises(ValueError, match="p must be in"):
-        ops.dropout(torch.randn(3), -0.1, 0)
+        drop(torch.randn(3), -0.1, 0)
     with pytest.raises(TypeError, match="input must be a floating-point tensor.*got Long"):
-        ops.dropout(torch.arange(3), 0.5, 0)
+        drop(torch.arange(3), 0.5, 0)
+    for seed, what in [(torch.tensor(1.0), "Float"), (torch.tensor([1, 2]), r"shape \[2\]"),
+                       (torch.tensor(1, dtype=torch.int32), "Int")]:
+        with pytest.raises(ValueError, match=f"seed must be a one-element int64 CPU tensor, got .*{what}"):
+            ops.dropout(torch.randn(3), 0.5, seed)
 
 
 def test_gradcheck_and_opcheck():
     x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: ops.dropout(t, 0.35, 17), (x,))
-    assert torch.autograd.gradgradcheck(lambda t: ops.dropout(t, 0.35, 17), (x,))
-    for args in [(torch.randn(5, 7), 0.2, 3), (torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True), 0.5, 9),
-                 (torch.randn(0, 4), 0.1, 1), (torch.randn(8, 16).t(), 0.7, 2)]:
+    assert torch.autograd.gradcheck(lambda t: drop(t, 0.35, 17), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: drop(t, 0.35, 17), (x,))
+    for args in [(torch.randn(5, 7), 0.2, torch.tensor(3)),
+                 (torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True), 0.5, torch.tensor(9)),
+                 (torch.randn(0, 4), 0.1, torch.tensor(1)), (torch.randn(8, 16).t(), 0.7, torch.tensor([2]))]:
         torch.library.opcheck(ops.dropout, args)
 
 
@@ -145,10 +155,49 @@ def test_mlp_uses_it_and_compiles():
     assert type(fastmlp.nn.MLP([20, 16, 4], dropout=0.2, impl="torch")[0].dropout) is nn.Dropout
     x = torch.randn(8, 20)
     m(x).sum().backward()
-    # Under torch.compile the module is torch's dropout, traced without a graph break.
     compiled = torch.compile(m, fullgraph=True)
     out = compiled(x)
     assert out.shape == (8, 4) and torch.isfinite(out).all()
+
+
+def test_compiled_dropout_is_the_op_with_a_fresh_mask_per_call():
+    """Under torch.compile(fullgraph=True) the op (not torch's dropout) runs, the seed is drawn
+    inside the graph (a new mask per call, reproducible from torch.manual_seed), and the backward
+    applies the forward's mask."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    backend = CompileCounterWithBackend("aot_eager")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return backend(gm, example_inputs)
+
+    f = torch.compile(lambda t: dropout(t, 0.5) * 2.0, backend=capture, fullgraph=True)
+    x = torch.randn(64, 33, requires_grad=True)
+    torch.manual_seed(0)
+    a = f(x)
+    b = f(x)
+    assert backend.frame_count == 1
+    assert any("fastmlp.dropout" in str(n.target) for g in graphs for n in g.graph.nodes)
+    assert not torch.equal(keep_mask(a), keep_mask(b))
+    for y in (a, b):
+        kept = keep_mask(y)
+        assert 0.35 < kept.float().mean().item() < 0.65
+        torch.testing.assert_close(y[kept], x.detach()[kept] * 4.0)
+    torch.manual_seed(0)
+    assert torch.equal(f(x), a)
+    (g,) = torch.autograd.grad(a.sum(), x)
+    assert torch.equal(g != 0, keep_mask(a))
+    torch.testing.assert_close(g[keep_mask(a)], torch.full_like(g[keep_mask(a)], 4.0))
+    # Inductor (the default backend) draws the seed with its own RNG lowering (as for torch's own
+    # compiled dropout, the masks differ from eager's), still from the default generator.
+    fi = torch.compile(lambda t: dropout(t, 0.5), fullgraph=True)
+    torch.manual_seed(1)
+    c1, c2 = fi(x), fi(x)
+    torch.manual_seed(1)
+    assert torch.equal(fi(x), c1) and not torch.equal(keep_mask(c1), keep_mask(c2))
+    torch.testing.assert_close(c1[keep_mask(c1)], x.detach()[keep_mask(c1)] * 2.0)
 
 
 def test_cuda_falls_back_to_torch(device):
