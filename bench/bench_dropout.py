@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
-from bench_linear_act import machine_name, time_interleaved  # noqa: E402
+from common import machine_name, time_interleaved  # noqa: E402
 from fastmlp.functional import dropout  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def main(argv=None):
     for shape in args.shapes.split(","):
         batch, width = (int(v) for v in shape.split("x"))
         for mode in ("fwd", "fwdbwd"):
-            t = time_interleaved(candidates(batch, width, args.p, mode), "cpu", args.repeats)
+            t, _ = time_interleaved(candidates(batch, width, args.p, mode), "cpu", args.repeats)
             row = {"shape": shape, "mode": mode, "p": args.p, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
                    "speedup_vs_native": t["native"] / t["fastmlp"], "speedup_vs_compiled": t["compiled"] / t["fastmlp"]}
             rows.append(row)

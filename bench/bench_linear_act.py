@@ -7,6 +7,9 @@ For each shape (batch x in -> out), activation and dtype, in one process and int
   fastmlp   fastmlp.functional.linear_act
   floor     the GEMMs alone, in the layouts the op uses: X W^T (forward); dZ W and dZ^T X
             (backward). No implementation of the layer can beat it; "% of floor" is floor / time.
+  kernels   (fwdbwd only) fastmlp's forward and backward ops called directly, without autograd:
+            what the fused kernels cost. fastmlp minus kernels is the autograd engine's share
+            (torch.autograd.grad and the graph), which every candidate but the floor pays.
 
 Forward+backward ("fwdbwd") runs the forward and autograd.grad for input, weight and bias (a
 hidden layer: all three gradients). Each sample times enough calls to last >= 2 ms; candidates
@@ -21,16 +24,16 @@ import argparse
 import json
 import math
 import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
+from common import machine_name, time_interleaved  # noqa: E402
+from fastmlp import ops as fm_ops  # noqa: E402
 from fastmlp.functional import linear_act  # noqa: E402
 
 NATIVE_ACT = {
@@ -41,51 +44,6 @@ NATIVE_ACT = {
     "silu": F.silu,
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def machine_name(device):
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads (torch {torch.__version__})"
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(fns, device, repeats, min_sample_s=2e-3):
-    """Median seconds per call of each fn, sampled in rotating order."""
-    names = list(fns)
-    for fn in fns.values():  # warm-up (and compilation)
-        for _ in range(3):
-            fn()
-    sync(device)
-    inner = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        one = max(time.perf_counter() - t0, 1e-7)
-        inner[name] = max(1, min(1000, math.ceil(min_sample_s / one)))
-    samples = {n: [] for n in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            fn, k = fns[name], inner[name]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(k):
-                fn()
-            sync(device)
-            samples[name].append((time.perf_counter() - t0) / k)
-    return {n: statistics.median(s) for n, s in samples.items()}
 
 
 def candidates(batch, in_f, out_f, act, dtype, device, mode):
@@ -115,7 +73,16 @@ def candidates(batch, in_f, out_f, act, dtype, device, mode):
             torch.mm(gd, wd)
             torch.mm(gd.t(), xd)
 
-    return {"native": with_grad(native), "compiled": with_grad(compiled), "fastmlp": with_grad(fused), "floor": floor}
+        bd = b.detach()
+
+        def kernels():
+            y, saved = fm_ops.linear_act_forward(xd, wd, bd, act, True)
+            fm_ops.linear_act_backward(gd, xd, wd, y, saved, act, [True, True, True])
+
+    fns = {"native": with_grad(native), "compiled": with_grad(compiled), "fastmlp": with_grad(fused), "floor": floor}
+    if mode != "fwd":
+        fns["kernels"] = kernels
+    return fns
 
 
 def run_grid(args):
@@ -125,7 +92,7 @@ def run_grid(args):
             for batch in args.batches:
                 for in_f, out_f in args.widths:
                     for mode in args.modes:
-                        t = time_interleaved(
+                        t, _ = time_interleaved(
                             candidates(batch, in_f, out_f, act, DTYPES[dtype_name], args.device, mode),
                             args.device, args.repeats,
                         )
@@ -138,19 +105,24 @@ def run_grid(args):
                         row["speedup_vs_native"] = t["native"] / t["fastmlp"]
                         row["speedup_vs_compiled"] = t["compiled"] / t["fastmlp"]
                         row["pct_of_floor"] = 100 * t["floor"] / t["fastmlp"]
+                        if "kernels" in t:
+                            row["kernels_ms"] = t["kernels"] * 1e3
+                            row["kernels_pct_of_floor"] = 100 * t["floor"] / t["kernels"]
                         rows.append(row)
                         print_row(row)
     return rows
 
 
-HEADER = f"{'shape':>16} {'act':>9} {'dtype':>8} {'mode':>6} | {'native ms':>9} {'compiled ms':>11} {'fastmlp ms':>10} | {'vs native':>9} {'vs compiled':>11} {'% of floor':>10}"
+HEADER = (f"{'shape':>16} {'act':>9} {'dtype':>8} {'mode':>6} | {'native ms':>9} {'compiled ms':>11} {'fastmlp ms':>10} | "
+          f"{'vs native':>9} {'vs compiled':>11} {'% of floor':>10} | {'kernels % of floor':>18}")
 
 
 def print_row(r):
     print(
         f"{r['shape']:>16} {r['activation']:>9} {r['dtype']:>8} {r['mode']:>6} | {r['native_ms']:9.3f} "
         f"{r['compiled_ms']:11.3f} {r['fastmlp_ms']:10.3f} | {r['speedup_vs_native']:8.2f}x "
-        f"{r['speedup_vs_compiled']:10.2f}x {r['pct_of_floor']:9.1f}%",
+        f"{r['speedup_vs_compiled']:10.2f}x {r['pct_of_floor']:9.1f}% | "
+        + (f"{r['kernels_pct_of_floor']:17.1f}%" if "kernels_pct_of_floor" in r else f"{'-':>18}"),
         flush=True,
     )
 
@@ -167,6 +139,8 @@ def summary(rows):
             "geomean_fastmlp_over_floor": geomean([r["fastmlp_ms"] / r["floor_ms"] for r in rs]),
             "geomean_native_over_floor": geomean([r["native_ms"] / r["floor_ms"] for r in rs]),
             "geomean_compiled_over_floor": geomean([r["compiled_ms"] / r["floor_ms"] for r in rs]),
+            "geomean_kernels_over_floor": (geomean([r["kernels_ms"] / r["floor_ms"] for r in rs])
+                                           if all("kernels_ms" in r for r in rs) else None),
             "geomean_speedup_vs_native": geomean([r["speedup_vs_native"] for r in rs]),
             "geomean_speedup_vs_compiled": geomean([r["speedup_vs_compiled"] for r in rs]),
             "slower_than_native": [f"{r['shape']} {r['activation']} {r['dtype']}" for r in rs if r["speedup_vs_native"] < 1],
@@ -227,7 +201,9 @@ def main(argv=None):
     for mode, s in summ.items():
         print(
             f"[{mode}] geomean time / floor: fastmlp {s['geomean_fastmlp_over_floor']:.3f}x, native "
-            f"{s['geomean_native_over_floor']:.3f}x, compiled {s['geomean_compiled_over_floor']:.3f}x; "
+            f"{s['geomean_native_over_floor']:.3f}x, compiled {s['geomean_compiled_over_floor']:.3f}x"
+            + (f", fastmlp kernels without autograd {s['geomean_kernels_over_floor']:.3f}x"
+               if s["geomean_kernels_over_floor"] is not None else "") + "; "
             f"slower than native: {len(s['slower_than_native'])}, slower than compiled: {len(s['slower_than_compiled'])}"
         )
     if args.json:

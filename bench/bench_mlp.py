@@ -26,39 +26,20 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
+from common import machine_name, time_interleaved  # noqa: E402
 from fastmlp.nn import MLP  # noqa: E402
 
 CANDIDATES = ("torch eager", "torch eager fused", "torch.compile", "fastmlp", "fastmlp compiled", "gemm floor")
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def machine_name(device):
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {torch.get_num_threads()} threads (torch {torch.__version__})"
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_step(model, opt, x, y, amp, device):
@@ -139,36 +120,6 @@ def build(args):
     return fns
 
 
-def time_interleaved(fns, device, repeats, min_sample_s=5e-3):
-    """Median seconds per call of each fn; each sample runs one untimed call, then k timed ones."""
-    names = list(fns)
-    compile_s = {}
-    for name, fn in fns.items():  # warm-up, compilation included
-        t0 = time.perf_counter()
-        for _ in range(3):
-            fn()
-        sync(device)
-        compile_s[name] = time.perf_counter() - t0
-    inner = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        inner[name] = max(1, min(200, math.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-7))))
-    samples = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            fn, k = fns[name], inner[name]
-            fn()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(k):
-                fn()
-            sync(device)
-            samples[name].append((time.perf_counter() - t0) / k)
-    return {n: statistics.median(s) for n, s in samples.items()}, compile_s
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -208,7 +159,8 @@ def main(argv=None):
                   f"amp {args.amp}")
     print(f"fastmlp {fastmlp.__version__} training-step benchmark on {machine}")
     print(f"model {model_desc}; median of {args.repeats} interleaved samples")
-    med, compile_s = time_interleaved(build(args), args.device, args.repeats)
+    med, compile_s = time_interleaved(build(args), args.device, args.repeats, min_sample_s=5e-3,
+                                      untimed_first=True, max_inner=200)
 
     rows = []
     floor = med.get("gemm floor")

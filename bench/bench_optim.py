@@ -15,28 +15,18 @@ our GB/s over it. The MLP's state fits in a large L3, the 16M tensor's does not.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastmlp  # noqa: E402
+from common import gc_paused, machine_name  # noqa: E402
 
 BYTES_PER_PARAM = 28
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cases(quick):
@@ -90,15 +80,16 @@ def bench_case(name, shapes, device, repeats, warmup, burst):
     # Interleaved bursts: each repeat runs every candidate for `burst` consecutive steps and keeps
     # the steps after the first, so that every candidate is timed in the steady state of a training
     # loop (its own state warm in the caches where it fits) and machine noise hits all of them alike.
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            for b in range(burst):
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                if b > 0:
-                    times[k].append(time.perf_counter() - t0)
+    with gc_paused():  # (as timeit does; see bench/common.py)
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                for b in range(burst):
+                    sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    if b > 0:
+                        times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     copy_gbs = copy_bytes / med["copy (floor)"] / 1e9
     rows = []
@@ -130,7 +121,7 @@ def main():
             sys.exit("--device cuda needs a GPU and fastmlp built with its CUDA kernels")
         devices.remove("cuda")
     machine = {
-        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": machine_name("cpu").split(",")[0], "threads": torch.get_num_threads(), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if "cuda" in devices else None,
     }
     print(f"# fastmlp.optim.AdamW step time | CPU: {machine['cpu']} ({machine['threads']} threads)"

@@ -69,3 +69,9 @@ def test_bench_linear_act_tiny_grid(tmp_path):
             assert r[k] > 0
         assert r["speedup_vs_native"] == pytest.approx(r["native_ms"] / r["fastmlp_ms"])
         assert r["pct_of_floor"] == pytest.approx(100 * r["floor_ms"] / r["fastmlp_ms"])
+    fwdbwd = saved["rows"][1]
+    assert fwdbwd["kernels_ms"] > 0 and "kernels_ms" not in saved["rows"][0]
+    assert fwdbwd["kernels_pct_of_floor"] == pytest.approx(100 * fwdbwd["floor_ms"] / fwdbwd["kernels_ms"])
+    assert saved["summary"]["fwd"]["geomean_kernels_over_floor"] is None
+    assert saved["summary"]["fwdbwd"]["geomean_kernels_over_floor"] == pytest.approx(
+        fwdbwd["kernels_ms"] / fwdbwd["floor_ms"])
