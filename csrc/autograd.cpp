@@ -134,7 +134,9 @@ const c10::TypedOperatorHandle<DropoutSig>& dropout_op() {
 struct Dropout : public torch::autograd::Function<Dropout> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, double p, const at::Tensor& seed) {
     ctx->saved_data["p"] = p;
-    ctx->saved_data["seed"] = seed;
+    // Saved as a variable, so that changing the seed in place before the backward is caught by
+    // autograd's version check instead of silently drawing another mask.
+    ctx->save_for_backward({seed});
     at::AutoDispatchBelowADInplaceOrView guard;
     return dropout_op().call(input, p, seed);
   }
@@ -142,7 +144,7 @@ struct Dropout : public torch::autograd::Function<Dropout> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& g = grads[0];
     if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
-    return {dropout_op().call(g, ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toTensor()),
+    return {dropout_op().call(g, ctx->saved_data["p"].toDouble(), ctx->get_saved_variables()[0]),
             at::Tensor(), at::Tensor()};
   }
 };

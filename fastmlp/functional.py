@@ -35,6 +35,6 @@ def dropout(input, p=0.5, training=True, inplace=False):
     """
     if (training and 0.0 < p < 1.0 and not inplace and input.device.type == "cpu"
             and input.dtype in _FLOATING):
-        seed = torch.randint(0, _SEED_RANGE, (), dtype=torch.int64)
+        seed = torch.randint(0, _SEED_RANGE, (), dtype=torch.int64, device="cpu")
         return ops.dropout(input, float(p), seed)
     return F.dropout(input, p, training, inplace)

@@ -120,6 +120,22 @@ def test_bad_inputs():
             ops.dropout(torch.randn(3), 0.5, seed)
 
 
+def test_seed_changed_before_backward_is_caught():
+    x = torch.randn(16, requires_grad=True)
+    seed = torch.tensor(3)
+    y = ops.dropout(x, 0.5, seed)
+    seed.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_default_device_does_not_move_the_seed():
+    x = torch.randn(32, 8)
+    with torch.device("meta"):
+        y = dropout(x, 0.5)
+    assert y.device.type == "cpu" and 0 < keep_mask(y).float().mean().item() < 1
+
+
 def test_gradcheck_and_opcheck():
     x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: drop(t, 0.35, 17), (x,))
