@@ -53,6 +53,8 @@ class TrainConfig:
     norm: str = _h("none | batch | layer (after each hidden activation)", default="none")
     init: str = _h("default (torch's nn.Linear init) | xavier | he | kaiming | lsuv", default="default")
     impl: str = _h("fastmlp (fused modules and optimizers) | torch (nn.Linear, torch.optim)", default="fastmlp")
+    compile: bool = _h("torch.compile the model for the training steps (monitored steps, the anomaly "
+                       "guard's replay and evaluation run it eagerly)", default=False)
     # Optimisation
     optimizer: str = _h("sgd | adam | adamw", default="adamw")
     lr: float = _h("learning rate (the peak for onecycle and warmup_cosine)", default=2e-3)

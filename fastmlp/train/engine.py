@@ -151,6 +151,10 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.data = data if data is not None else load_data(cfg, self.device)
         self.model = build_model(cfg, self.device, self.data)
+        # The compiled module shares the model's parameters; checkpoints, the monitor's hooks, the
+        # anomaly replay and evaluation use the eager module (hooks added to a compiled module
+        # would recompile it at every monitored step).
+        self.compiled = torch.compile(self.model) if cfg.compile else None
         self.optimizer = build_optimizer(cfg, self.model)
         self.eff_batch = cfg.batch_size * cfg.accum_steps
         self.steps_per_epoch = self.data.train.num_batches(self.eff_batch)
@@ -266,13 +270,16 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def _forward_backward(self, xb, yb):
+    def _forward_backward(self, xb, yb, eager=False):
         n = xb.shape[0]
+        model = self.model
+        if self.compiled is not None and not eager and not self.monitor.wants(self.global_step):
+            model = self.compiled
         total = None
         chunks = [(xb, yb)] if self.cfg.accum_steps == 1 else zip(xb.split(self.cfg.batch_size), yb.split(self.cfg.batch_size))
         for xm, ym in chunks:
             with self._autocast():
-                loss = self.criterion(self.model(xm), ym)
+                loss = self.criterion(model(xm), ym)
             if self.cfg.accum_steps > 1:
                 # Weighted by micro-batch size, so a short last micro-batch still gives the big batch's mean.
                 loss = loss * (xm.shape[0] / n)
@@ -324,7 +331,7 @@ class Trainer:
         def replay():
             self.optimizer.zero_grad(set_to_none=True)
             self._set_rng_state(rng)
-            return self._forward_backward(xb, yb)
+            return self._forward_backward(xb, yb, eager=True)
 
         self._flush()
         ckpt = self.run_dir / CHECKPOINT if self.has_checkpoint else None
