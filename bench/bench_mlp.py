@@ -99,24 +99,29 @@ def build(args):
         m.load_state_dict(ref.state_dict())
         return m
 
-    makers = {
-        "torch eager": lambda: (torch_model(), lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd)),
-        "torch eager fused": lambda: (torch_model(), lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True)),
-        "torch.compile": lambda: (torch_model(), lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True)),
-        "fastmlp": lambda: (fastmlp_model(), lambda ps: fastmlp.optim.AdamW(ps, lr=lr, weight_decay=wd)),
-        "fastmlp compiled": lambda: (fastmlp_model(), lambda ps: fastmlp.optim.AdamW(ps, lr=lr, weight_decay=wd)),
+    optimizers = {
+        "torch": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd),
+        "torch fused": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True),
+        "fastmlp": lambda ps: fastmlp.optim.AdamW(ps, lr=lr, weight_decay=wd),
+    }
+    # candidate: (model, optimizer, compiled)
+    setups = {
+        "torch eager": (torch_model, "torch", False),
+        "torch eager fused": (torch_model, "torch fused", False),
+        "torch.compile": (torch_model, "torch fused", True),
+        "fastmlp": (fastmlp_model, "fastmlp", False),
+        "fastmlp compiled": (fastmlp_model, "fastmlp", True),
     }
     fns = {}
     for name in args.candidates:
         if name == "gemm floor":
             fns[name] = make_floor(args.widths, args.batch, amp or torch.float32, device)
             continue
-        model, make_opt = makers[name]()
+        make_model, opt_name, compiled = setups[name]
+        model = make_model()
         model.train()
-        opt = make_opt(model.parameters())
-        if "compile" in name:
-            model = torch.compile(model)
-        fns[name] = make_step(model, opt, x, y, amp, device)
+        opt = optimizers[opt_name](model.parameters())
+        fns[name] = make_step(torch.compile(model) if compiled else model, opt, x, y, amp, device)
     return fns
 
 

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastmlp  # noqa: E402
-from common import gc_paused, machine_name  # noqa: E402
+from common import cpu_model, gc_paused  # noqa: E402
 
 BYTES_PER_PARAM = 28
 
@@ -121,7 +121,7 @@ def main():
             sys.exit("--device cuda needs a GPU and fastmlp built with its CUDA kernels")
         devices.remove("cuda")
     machine = {
-        "cpu": machine_name("cpu").split(",")[0], "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if "cuda" in devices else None,
     }
     print(f"# fastmlp.optim.AdamW step time | CPU: {machine['cpu']} ({machine['threads']} threads)"

@@ -84,6 +84,11 @@ class Monitor:
         self._grads = None
         self._before = None
 
+    @property
+    def instrumenting(self):
+        """Whether this step's forward hooks are installed (between begin and after_backward)."""
+        return bool(self._handles)
+
     def wants(self, step):
         return self.every > 0 and step % self.every == 0
 

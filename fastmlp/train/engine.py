@@ -273,7 +273,7 @@ class Trainer:
     def _forward_backward(self, xb, yb, eager=False):
         n = xb.shape[0]
         model = self.model
-        if self.compiled is not None and not eager and not self.monitor.wants(self.global_step):
+        if self.compiled is not None and not eager and not self.monitor.instrumenting:
             model = self.compiled
         total = None
         chunks = [(xb, yb)] if self.cfg.accum_steps == 1 else zip(xb.split(self.cfg.batch_size), yb.split(self.cfg.batch_size))
