@@ -10,6 +10,10 @@ For each shape (batch x in -> out), activation and dtype, in one process and int
   kernels   (fwdbwd only) fastmlp's forward and backward ops called directly, without autograd:
             what the fused kernels cost. fastmlp minus kernels is the autograd engine's share
             (torch.autograd.grad and the graph), which every candidate but the floor pays.
+  autograd floor  (fwdbwd only) the same three GEMMs issued through the autograd engine:
+            torch.autograd.grad(torch.mm(x, W.t()), (x, W), g), whose MmBackward runs g W and
+            (g^T x)^T, the op's layouts. The least any one-node autograd op of this layer can
+            take; fastmlp / autograd floor is what the fusion itself costs over bare GEMMs.
 
 Forward+backward ("fwdbwd") runs the forward and autograd.grad for input, weight and bias (a
 hidden layer: all three gradients). Each sample times enough calls to last >= 2 ms; candidates
@@ -75,6 +79,9 @@ def candidates(batch, in_f, out_f, act, dtype, device, mode):
 
         bd = b.detach()
 
+        def autograd_floor():
+            torch.autograd.grad(torch.mm(x, w.t()), (x, w), g)
+
         def kernels():
             y, saved = fm_ops.linear_act_forward(xd, wd, bd, act, True)
             fm_ops.linear_act_backward(gd, xd, wd, y, saved, act, [True, True, True])
@@ -82,6 +89,7 @@ def candidates(batch, in_f, out_f, act, dtype, device, mode):
     fns = {"native": with_grad(native), "compiled": with_grad(compiled), "fastmlp": with_grad(fused), "floor": floor}
     if mode != "fwd":
         fns["kernels"] = kernels
+        fns["autograd_floor"] = autograd_floor
     return fns
 
 
@@ -108,13 +116,15 @@ def run_grid(args):
                         if "kernels" in t:
                             row["kernels_ms"] = t["kernels"] * 1e3
                             row["kernels_pct_of_floor"] = 100 * t["floor"] / t["kernels"]
+                            row["autograd_floor_ms"] = t["autograd_floor"] * 1e3
+                            row["pct_of_autograd_floor"] = 100 * t["autograd_floor"] / t["fastmlp"]
                         rows.append(row)
                         print_row(row)
     return rows
 
 
 HEADER = (f"{'shape':>16} {'act':>9} {'dtype':>8} {'mode':>6} | {'native ms':>9} {'compiled ms':>11} {'fastmlp ms':>10} | "
-          f"{'vs native':>9} {'vs compiled':>11} {'% of floor':>10} | {'kernels % of floor':>18}")
+          f"{'vs native':>9} {'vs compiled':>11} {'% of floor':>10} | {'kernels % of floor':>18} {'% of autograd floor':>19}")
 
 
 def print_row(r):
@@ -122,7 +132,8 @@ def print_row(r):
         f"{r['shape']:>16} {r['activation']:>9} {r['dtype']:>8} {r['mode']:>6} | {r['native_ms']:9.3f} "
         f"{r['compiled_ms']:11.3f} {r['fastmlp_ms']:10.3f} | {r['speedup_vs_native']:8.2f}x "
         f"{r['speedup_vs_compiled']:10.2f}x {r['pct_of_floor']:9.1f}% | "
-        + (f"{r['kernels_pct_of_floor']:17.1f}%" if "kernels_pct_of_floor" in r else f"{'-':>18}"),
+        + (f"{r['kernels_pct_of_floor']:17.1f}% {r['pct_of_autograd_floor']:18.1f}%" if "kernels_pct_of_floor" in r
+           else f"{'-':>18} {'-':>19}"),
         flush=True,
     )
 
@@ -141,6 +152,10 @@ def summary(rows):
             "geomean_compiled_over_floor": geomean([r["compiled_ms"] / r["floor_ms"] for r in rs]),
             "geomean_kernels_over_floor": (geomean([r["kernels_ms"] / r["floor_ms"] for r in rs])
                                            if all("kernels_ms" in r for r in rs) else None),
+            "geomean_autograd_floor_over_floor": (geomean([r["autograd_floor_ms"] / r["floor_ms"] for r in rs])
+                                                  if all("autograd_floor_ms" in r for r in rs) else None),
+            "geomean_fastmlp_over_autograd_floor": (geomean([r["fastmlp_ms"] / r["autograd_floor_ms"] for r in rs])
+                                                    if all("autograd_floor_ms" in r for r in rs) else None),
             "geomean_speedup_vs_native": geomean([r["speedup_vs_native"] for r in rs]),
             "geomean_speedup_vs_compiled": geomean([r["speedup_vs_compiled"] for r in rs]),
             "slower_than_native": [f"{r['shape']} {r['activation']} {r['dtype']}" for r in rs if r["speedup_vs_native"] < 1],
@@ -202,7 +217,8 @@ def main(argv=None):
         print(
             f"[{mode}] geomean time / floor: fastmlp {s['geomean_fastmlp_over_floor']:.3f}x, native "
             f"{s['geomean_native_over_floor']:.3f}x, compiled {s['geomean_compiled_over_floor']:.3f}x"
-            + (f", fastmlp kernels without autograd {s['geomean_kernels_over_floor']:.3f}x"
+            + (f", fastmlp kernels without autograd {s['geomean_kernels_over_floor']:.3f}x; autograd floor "
+               f"{s['geomean_autograd_floor_over_floor']:.3f}x, fastmlp over it {s['geomean_fastmlp_over_autograd_floor']:.3f}x"
                if s["geomean_kernels_over_floor"] is not None else "") + "; "
             f"slower than native: {len(s['slower_than_native'])}, slower than compiled: {len(s['slower_than_compiled'])}"
         )

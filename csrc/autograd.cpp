@@ -79,6 +79,9 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     // ReLU's derivative is read from the output (CPU) or from `saved` (a backend's mask).
     ctx->save_for_backward({input, weight, act == Act::Relu ? y : at::Tensor(), saved});
     ctx->mark_non_differentiable({saved});
+    // No gradient flows into `saved`; without this autograd would allocate and zero-fill one
+    // for it on every backward (an output-sized buffer, page faults included).
+    ctx->set_materialize_grads(false);
     return {y, saved};
   }
 

@@ -75,3 +75,8 @@ def test_bench_linear_act_tiny_grid(tmp_path):
     assert saved["summary"]["fwd"]["geomean_kernels_over_floor"] is None
     assert saved["summary"]["fwdbwd"]["geomean_kernels_over_floor"] == pytest.approx(
         fwdbwd["kernels_ms"] / fwdbwd["floor_ms"])
+    assert fwdbwd["autograd_floor_ms"] > 0 and "autograd_floor_ms" not in saved["rows"][0]
+    assert fwdbwd["pct_of_autograd_floor"] == pytest.approx(100 * fwdbwd["autograd_floor_ms"] / fwdbwd["fastmlp_ms"])
+    assert saved["summary"]["fwdbwd"]["geomean_fastmlp_over_autograd_floor"] == pytest.approx(
+        fwdbwd["fastmlp_ms"] / fwdbwd["autograd_floor_ms"])
+    assert saved["summary"]["fwd"]["geomean_autograd_floor_over_floor"] is None

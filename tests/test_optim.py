@@ -424,6 +424,76 @@ def test_signature_is_torchs(cls):
     assert issubclass(cls, torch.optim.Optimizer)
 
 
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_step_hooks_and_profiler_like_torch(cls):
+    """step() skips torch's profiling wrapper when nothing observes it, so the hooks and the
+    profiler label must still behave exactly as torch.optim's: same calls, order, arguments."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    assert inspect.signature(cls.step) == inspect.signature(TORCH_CLS[cls].step)
+
+    def run(c):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(5, 3))
+        opt = c([p], lr=0.1)
+        calls = []
+
+        def closure():
+            calls.append("closure")
+            return torch.tensor(1.5)
+
+        def pre(o, args, kwargs):
+            assert o is opt and args[0] is opt
+            calls.append(("pre", len(args), sorted(kwargs)))
+            # A pre hook may replace the arguments: swap in our closure.
+            return (opt,), {"closure": closure}
+
+        def post(o, args, kwargs):
+            calls.append(("post", len(args), sorted(kwargs)))
+
+        p.grad = torch.ones(5, 3)
+        opt.step()  # no hooks: the fast path
+        h1 = opt.register_step_pre_hook(pre)
+        h2 = opt.register_step_post_hook(post)
+        h3 = register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre"))
+        h4 = register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post"))
+        try:
+            loss = opt.step()
+        finally:
+            for h in (h1, h2, h3, h4):
+                h.remove()
+        calls.append(("loss", float(loss)))
+        opt.step()  # hooks removed: not called again
+        with torch.profiler.profile() as prof:
+            opt.step()
+        labels = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+        return calls, p.detach().clone(), labels
+
+    ours, p_ours, labels_ours = run(cls)
+    theirs, p_theirs, labels_theirs = run(TORCH_CLS[cls])
+    assert ours == theirs
+    assert ours == ["global pre", ("pre", 1, []), "closure", ("post", 1, ["closure"]), "global post",
+                    ("loss", 1.5)]
+    torch.testing.assert_close(p_ours, p_theirs)
+    assert labels_ours == [f"Optimizer.step#{cls.__name__}.step"]
+    assert labels_theirs == labels_ours
+
+
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_bad_pre_hook_result_raises_like_torch(cls):
+    def run(c):
+        p = torch.nn.Parameter(torch.randn(3))
+        p.grad = torch.ones(3)
+        opt = c([p], lr=0.1)
+        opt.register_step_pre_hook(lambda o, a, k: "not a tuple")
+        opt.step()
+
+    with pytest.raises(RuntimeError, match="must return None or a tuple of"):
+        run(cls)
+    with pytest.raises(RuntimeError, match="must return None or a tuple of"):
+        run(TORCH_CLS[cls])
+
+
 def test_op_validation():
     p = torch.zeros(3)
     with pytest.raises(ValueError, match="exp_avgs to have 1 tensors"):
