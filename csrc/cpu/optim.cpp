@@ -607,22 +607,28 @@ class StepPlan : public torch::CustomClassHolder {
     const auto& P = slots_[0];
     const size_t n = P.size();
     sl.ptr.assign(slots_.size(), {});
+    for (size_t s = 0; s < slots_.size(); ++s) {
+      if (s < 2 || !slots_[s].empty()) sl.ptr[s].reserve(n);
+    }
     sl.numel.clear();
+    sl.numel.reserve(n);
     active.clear();
+    active.reserve(n);
     for (size_t i = 0; i < n; ++i) {
       const at::Tensor& p = P[i];
       const at::Tensor& g = p.grad();
       if (!g.defined()) continue;
+      const c10::IntArrayRef sizes = p.sizes();
       if (g.layout() != at::kStrided || !g.device().is_cpu() || p.scalar_type() != dtype_ ||
-          g.scalar_type() != dtype_ || g.sizes() != p.sizes()) {
+          g.scalar_type() != dtype_ || g.sizes() != sizes) {
         return false;
       }
       const bool empty = p.numel() == 0;
-      if (!empty && !(shares_dense_layout(p, p) && shares_dense_layout(p, g))) return false;
+      if (!empty && !(p.is_non_overlapping_and_dense() && shares_dense_layout(p, g))) return false;
       for (size_t s = 2; s < slots_.size(); ++s) {
         if (slots_[s].empty()) continue;
         const at::Tensor& t = slots_[s][i];
-        if (t.sizes() != p.sizes() || (!empty && !shares_dense_layout(p, t))) return false;
+        if (t.sizes() != sizes || (!empty && !shares_dense_layout(p, t))) return false;
       }
       active.push_back(i);
       sl.numel.push_back(p.numel());
