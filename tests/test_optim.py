@@ -569,6 +569,53 @@ def test_cpu_step_plan_is_used_and_falls_back(cls, monkeypatch):
     assert_matches(ours, ref, ours_p, ref_p, torch.float32)
 
 
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_cpu_plan_packs_state_and_declines_safely(cls, monkeypatch):
+    # The plan's state lives in one buffer per key (pack_state), read through one storage and
+    # per-parameter offsets. A parameter whose strides changed since the plan was made (steps 3 and
+    # 4: to the transposed layout, which its state does not share, and back) and a state storage
+    # resized in place (step 5, which reallocates its memory) make the plan decline: the general
+    # path runs those steps, and everything still matches torch.
+    if cls is SGD:
+        kwargs, keys = dict(lr=0.01, momentum=0.9, weight_decay=0.1), ["momentum_buffer"]
+    else:
+        kwargs, keys = dict(weight_decay=0.1, amsgrad=True), ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"]
+    ours_p = make_params([(13, 9), (9,), (6, 4)], torch.float32, "cpu")
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    ours = cls(ours_p, **kwargs)
+    ref = TORCH_CLS[cls](ref_p, foreach=False, **kwargs)
+    op_name = "sgd_step_" if cls is SGD else "adamw_step_"
+    real_op = getattr(fastmlp.ops, op_name)
+    calls = []
+    monkeypatch.setattr(fastmlp.ops, op_name, lambda *a, **k: (calls.append(1), real_op(*a, **k))[1])
+    op_steps = []
+    for step in range(8):
+        if step in (3, 4):  # same values, the other dense layout; back at step 4
+            with torch.no_grad():
+                ours_p[0].data = (ours_p[0].detach().t().contiguous().t() if step == 3
+                                  else ours_p[0].detach().contiguous())
+        if step == 5:
+            storage = ours.state[ours_p[1]][keys[0]].untyped_storage()
+            storage.resize_(storage.nbytes() + 64)
+        gs = grads_for(ours_p, step, set())
+        for o, r, g in zip(ours_p, ref_p, gs):
+            r.grad = g.float()
+            o.grad = torch.empty_like(o).copy_(g.float())  # the parameter's own layout
+        before = len(calls)
+        ours.step()
+        ref.step()
+        if len(calls) > before:
+            op_steps.append(step)
+        if step == 0 or step == 4:
+            for key in keys:  # one buffer per key after the first step (and again after step 4)
+                ptrs = {ours.state[p][key].untyped_storage().data_ptr() for p in ours_p}
+                assert len(ptrs) == 1, key
+        for o, r in zip(ours_p, ref_p):
+            torch.testing.assert_close(o.detach(), r.detach())
+    assert op_steps == [0, 3, 4, 5]
+    assert_matches(ours, ref, ours_p, ref_p, torch.float32)
+
+
 # ---- CUDA only ---------------------------------------------------------------------------------
 
 @pytest.mark.cuda

@@ -87,6 +87,43 @@ def fp32_originals(optimizer, state_dict, keys):
     return out
 
 
+def _dense(t):
+    """Whether t's elements fill numel() consecutive elements of memory (any dim order)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.size()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def pack_state(params, state, keys):
+    """Moves each key's state tensors of params into one buffer, in order, as views of it.
+
+    The CPU step plans read a packed slot through one storage and per-parameter offsets instead of
+    touching every state tensor's metadata at every step (csrc/cpu/optim.cpp, Packed). Values,
+    shapes and strides are unchanged and state[p][key] stays a tensor of its own shape, so
+    state_dict() and torch.optim see the usual layout (a saved state_dict stores the shared buffer
+    once). Keys whose tensors are missing, of mixed dtype or device, or not dense stay as they are.
+    """
+    for key in keys:
+        ts = [state[p].get(key) for p in params]
+        if not ts or any(not torch.is_tensor(t) for t in ts):
+            continue
+        dtype, device = ts[0].dtype, ts[0].device
+        if any(t.dtype != dtype or t.device != device or not _dense(t) for t in ts):
+            continue
+        if all(t.untyped_storage().data_ptr() == ts[0].untyped_storage().data_ptr() for t in ts):
+            continue  # already one buffer
+        flat = torch.empty(sum(t.numel() for t in ts), dtype=dtype, device=device)
+        offset = 0
+        for p, t in zip(params, ts):
+            view = flat.as_strided(t.size(), t.stride(), offset)
+            view.copy_(t)
+            state[p][key] = view
+            offset += t.numel()
+
+
 def normalise_groups(optimizer):
     """Flags of our layout after a load (the state_dict may come from torch's for-loop)."""
     for group in optimizer.param_groups:

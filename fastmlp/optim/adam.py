@@ -21,6 +21,7 @@ from ._common import (
     move_step_to_fused_layout,
     normalise_groups,
     on_device,
+    pack_state,
     pick,
     signature_with_master_weights,
 )
@@ -127,6 +128,9 @@ class _FusedAdamBase(FusedStep):
         plan = None
         if len(buckets) == 1 and buckets[0].device.type == "cpu":
             b = buckets[0]
+            pack_state(b.params, self.state, need + (("master_param",) if b.masters else ()))
+            b = _Bucket(b.device, b.idx, params, self.state, amsgrad, bool(b.masters))
+            buckets = [b]
             plan = ops.AdamWPlan(b.params, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters)
         self._fm_cache[id(group)] = (group, amsgrad, buckets, len(params), plan)
 

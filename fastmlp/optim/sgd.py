@@ -21,6 +21,7 @@ from ._common import (
     lr_args,
     normalise_groups,
     on_device,
+    pack_state,
     pick,
     signature_with_master_weights,
 )
@@ -134,7 +135,12 @@ class SGD(FusedStep, torch.optim.SGD):
             buckets.append((device, idx, bp, bufs, masters))
         plan = None
         if len(buckets) == 1 and buckets[0][0].type == "cpu":
-            _, _, bp, bufs, masters = buckets[0]
+            device, idx, bp, bufs, masters = buckets[0]
+            pack_state(bp, self.state, (("momentum_buffer",) if has_momentum else ())
+                       + (("master_param",) if masters else ()))
+            bufs = [self.state[p]["momentum_buffer"] for p in bp] if has_momentum else []
+            masters = [self.state[p]["master_param"] for p in bp] if masters else []
+            buckets = [(device, idx, bp, bufs, masters)]
             plan = ops.SGDPlan(bp, bufs, masters)
         self._fm_cache[id(group)] = (group, has_momentum, buckets, len(params), plan)
 
