@@ -616,6 +616,28 @@ def test_cpu_plan_packs_state_and_declines_safely(cls, monkeypatch):
     assert_matches(ours, ref, ours_p, ref_p, torch.float32)
 
 
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_mixed_dtype_group_uses_cached_lists(cls, monkeypatch):
+    # A group of float32 and float64 parameters has two (device, dtype) buckets: no step plan, the
+    # op is called once per bucket from cached tensor lists (the path CUDA groups take).
+    kwargs = dict(lr=0.01, momentum=0.9) if cls is SGD else dict(weight_decay=0.1)
+    ours_p = make_params([(5, 3)], torch.float32, "cpu") + make_params([(4,)], torch.float64, "cpu")
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    ours, ref = cls(ours_p, **kwargs), TORCH_CLS[cls](ref_p, foreach=False, **kwargs)
+    op_name = "sgd_step_" if cls is SGD else "adamw_step_"
+    real_op = getattr(fastmlp.ops, op_name)
+    calls = []
+    monkeypatch.setattr(fastmlp.ops, op_name, lambda *a, **k: (calls.append(1), real_op(*a, **k))[1])
+    for step in range(4):
+        for o, r, g in zip(ours_p, ref_p, grads_for(ours_p, step, set())):
+            o.grad, r.grad = g.to(o.dtype), g.to(r.dtype)
+        ours.step()
+        ref.step()
+    assert len(calls) == 8 and not ours._fm_cache[id(ours.param_groups[0])][4]
+    for o, r in zip(ours_p, ref_p):
+        assert_matches(ours, ref, [o], [r], o.dtype)
+
+
 # ---- CUDA only ---------------------------------------------------------------------------------
 
 @pytest.mark.cuda
