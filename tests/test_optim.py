@@ -528,6 +528,17 @@ def test_many_chunks_and_threads_deterministic():
         torch.testing.assert_close(a, c.detach())
 
 
+def counted_pair(cls, ours_p, kwargs, monkeypatch):
+    """(ours, torch's for-loop optimizer on copies of ours_p, the copies, calls): calls gets an
+    entry per call of fastmlp's op, i.e. per step (group, bucket) not taken by a step plan."""
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    op_name = "sgd_step_" if cls is SGD else "adamw_step_"
+    real_op = getattr(fastmlp.ops, op_name)
+    calls = []
+    monkeypatch.setattr(fastmlp.ops, op_name, lambda *a, **k: (calls.append(1), real_op(*a, **k))[1])
+    return cls(ours_p, **kwargs), TORCH_CLS[cls](ref_p, foreach=False, **kwargs), ref_p, calls
+
+
 @pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
 def test_cpu_step_plan_is_used_and_falls_back(cls, monkeypatch):
     # Once a CPU group has state, steps go through its step plan (csrc/cpu/optim.cpp), which reads
@@ -536,18 +547,7 @@ def test_cpu_step_plan_is_used_and_falls_back(cls, monkeypatch):
     # general path through the op. All match torch.
     kwargs = dict(lr=0.01, momentum=0.9, weight_decay=0.1) if cls is SGD else dict(weight_decay=0.1)
     ours_p = make_params([(13, 9), (9,), (6, 4)], torch.float32, "cpu")
-    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
-    ours = cls(ours_p, **kwargs)
-    ref = TORCH_CLS[cls](ref_p, foreach=False, **kwargs)
-    op_name = "sgd_step_" if cls is SGD else "adamw_step_"
-    real_op = getattr(fastmlp.ops, op_name)
-    calls = []
-
-    def counting_op(*args, **kw):
-        calls.append(1)
-        return real_op(*args, **kw)
-
-    monkeypatch.setattr(fastmlp.ops, op_name, counting_op)
+    ours, ref, ref_p, calls = counted_pair(cls, ours_p, kwargs, monkeypatch)
     op_steps = []
     for step in range(8):
         gs = grads_for(ours_p, step, {1} if step == 4 else set())
@@ -581,13 +581,7 @@ def test_cpu_plan_packs_state_and_declines_safely(cls, monkeypatch):
     else:
         kwargs, keys = dict(weight_decay=0.1, amsgrad=True), ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"]
     ours_p = make_params([(13, 9), (9,), (6, 4)], torch.float32, "cpu")
-    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
-    ours = cls(ours_p, **kwargs)
-    ref = TORCH_CLS[cls](ref_p, foreach=False, **kwargs)
-    op_name = "sgd_step_" if cls is SGD else "adamw_step_"
-    real_op = getattr(fastmlp.ops, op_name)
-    calls = []
-    monkeypatch.setattr(fastmlp.ops, op_name, lambda *a, **k: (calls.append(1), real_op(*a, **k))[1])
+    ours, ref, ref_p, calls = counted_pair(cls, ours_p, kwargs, monkeypatch)
     op_steps = []
     for step in range(8):
         if step in (3, 4):  # same values, the other dense layout; back at step 4
@@ -622,12 +616,7 @@ def test_mixed_dtype_group_uses_cached_lists(cls, monkeypatch):
     # op is called once per bucket from cached tensor lists (the path CUDA groups take).
     kwargs = dict(lr=0.01, momentum=0.9) if cls is SGD else dict(weight_decay=0.1)
     ours_p = make_params([(5, 3)], torch.float32, "cpu") + make_params([(4,)], torch.float64, "cpu")
-    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
-    ours, ref = cls(ours_p, **kwargs), TORCH_CLS[cls](ref_p, foreach=False, **kwargs)
-    op_name = "sgd_step_" if cls is SGD else "adamw_step_"
-    real_op = getattr(fastmlp.ops, op_name)
-    calls = []
-    monkeypatch.setattr(fastmlp.ops, op_name, lambda *a, **k: (calls.append(1), real_op(*a, **k))[1])
+    ours, ref, ref_p, calls = counted_pair(cls, ours_p, kwargs, monkeypatch)
     for step in range(4):
         for o, r, g in zip(ours_p, ref_p, grads_for(ours_p, step, set())):
             o.grad, r.grad = g.to(o.dtype), g.to(r.dtype)
