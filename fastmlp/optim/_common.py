@@ -9,8 +9,8 @@ state_dict loaded into torch.optim runs torch's fused kernels on identical state
 step() costs one C++ call per (group, device, dtype). Once every parameter of a group has state,
 a CPU group gets a step plan (csrc/cpu/optim.cpp) that holds its tensors and reads p.grad in C++,
 so a step does no per-parameter Python work at all; its state is packed into one buffer per key
-(pack_state), so the plan does not touch each state tensor's metadata either; other groups cache the op's tensor lists and
-read p.grad in Python. The first steps (while state is created lazily) and steps a plan declines
+(pack_state), so the plan does not touch each state tensor's metadata either. Other groups cache
+the op's tensor lists and read p.grad in Python. The first steps (while state is created lazily) and steps a plan declines
 take the general path through torch's own _init_group.
 """
 
@@ -90,6 +90,8 @@ def fp32_originals(optimizer, state_dict, keys):
 
 def _dense(t):
     """Whether t's elements fill numel() consecutive elements of memory (any dim order)."""
+    if t.numel() == 0:
+        return True
     expected = 1
     for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.size()) if sz != 1):
         if stride != expected:
