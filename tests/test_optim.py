@@ -7,6 +7,8 @@ fp16 for-loop goes non-finite with eps=1e-8). Every test runs on the CPU and, wi
 
 import inspect
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -625,6 +627,45 @@ def test_mixed_dtype_group_uses_cached_lists(cls, monkeypatch):
     assert len(calls) == 8 and not ours._fm_cache[id(ours.param_groups[0])][4]
     for o, r in zip(ours_p, ref_p):
         assert_matches(ours, ref, [o], [r], o.dtype)
+
+
+PACK_MEMORY_SCRIPT = """
+import torch, fastmlp
+import fastmlp.optim.adam as adam
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+# 64 MB tensors: above glibc's largest mmap threshold, so a freed one leaves the RSS at once.
+ps = [torch.nn.Parameter(torch.randn(16 * 1024 * 1024)) for _ in range(4)]
+for p in ps:
+    p.grad = torch.randn_like(p)
+opt = fastmlp.optim.AdamW(ps)
+growth = []
+real = adam.pack_state
+
+def measured(*args, **kwargs):
+    before = rss_mb()
+    real(*args, **kwargs)
+    growth.append(rss_mb() - before)
+
+adam.pack_state = measured
+opt.step()
+assert len(growth) == 1, growth
+# Packing exp_avg, exp_avg_sq (256 MB each) and the step counters: a copy of the whole state
+# would add 512 MB; copying tensor by tensor and freeing each old one adds about one tensor.
+assert growth[0] < 100, growth
+assert len({opt.state[p]["exp_avg"].untyped_storage().data_ptr() for p in ps}) == 1
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_packing_state_never_holds_two_copies():
+    # A separate process, so that nothing else in the test session holds memory or references.
+    r = subprocess.run([sys.executable, "-c", PACK_MEMORY_SCRIPT], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 # ---- CUDA only ---------------------------------------------------------------------------------

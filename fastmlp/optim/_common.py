@@ -118,13 +118,17 @@ def pack_state(params, state, keys):
             continue
         if all(t.untyped_storage().data_ptr() == ts[0].untyped_storage().data_ptr() for t in ts):
             continue  # already one buffer
+        # The buffer's pages are only committed as they are written, and each old tensor is freed
+        # once copied (the caller holds no other reference), so memory never holds two copies.
         flat = torch.empty(sum(t.numel() for t in ts), dtype=dtype, device=device)
         offset = 0
-        for p, t in zip(params, ts):
+        for i, p in enumerate(params):
+            t, ts[i] = ts[i], None
             view = flat.as_strided(t.size(), t.stride(), offset)
             view.copy_(t)
             state[p][key] = view
             offset += t.numel()
+            del t
 
 
 def normalise_groups(optimizer):
@@ -243,3 +247,9 @@ class FusedStep:
                         if not any(g.is_sparse for g in grads):
                             raise
             self._fm_step_group_general(group, grad_scale, found_inf)
+        # Rebuilt with no other reference to the state tensors left (the general step's lists, the
+        # old cache entry and its plan), so that packing the state for a CPU plan frees each old
+        # state tensor as soon as it is copied.
+        cached = plan = None
+        self._fm_cache.pop(id(group), None)
+        self._fm_build_cache(group)

@@ -109,7 +109,6 @@ class _FusedAdamBase(FusedStep):
                             [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts],
                             [st["max_exp_avg_sq"] for st in sts] if amsgrad else [],
                             [st["step"] for st in sts], masters, grad_scale, found_inf)
-        self._fm_build_cache(group)
 
     def _fm_build_cache(self, group):
         params = group["params"]
@@ -121,17 +120,22 @@ class _FusedAdamBase(FusedStep):
                 return
             if self._fm_uses_master(p.dtype) and "master_param" not in st:
                 return
-        buckets = [
-            _Bucket(device, idx, params, self.state, amsgrad, self._fm_uses_master(dtype))
-            for (device, dtype), idx in group_by_device_dtype(params).items()
-        ]
+        kinds = group_by_device_dtype(params)
         plan = None
-        if len(buckets) == 1 and buckets[0].device.type == "cpu":
-            b = buckets[0]
-            pack_state(b.params, self.state, need + (("master_param",) if b.masters else ()))
-            b = _Bucket(b.device, b.idx, params, self.state, amsgrad, bool(b.masters))
+        if len(kinds) == 1 and next(iter(kinds))[0].type == "cpu":
+            (device, dtype), idx = next(iter(kinds.items()))
+            master = self._fm_uses_master(dtype)
+            # Packed before the bucket holds the state tensors, so each old one is freed as soon
+            # as it is copied (no second copy of the whole state at any time).
+            pack_state([params[i] for i in idx], self.state, need + (("master_param",) if master else ()))
+            b = _Bucket(device, idx, params, self.state, amsgrad, master)
             buckets = [b]
             plan = ops.AdamWPlan(b.params, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters)
+        else:
+            buckets = [
+                _Bucket(device, idx, params, self.state, amsgrad, self._fm_uses_master(dtype))
+                for (device, dtype), idx in kinds.items()
+            ]
         self._fm_cache[id(group)] = (group, amsgrad, buckets, len(params), plan)
 
     def _fm_plan_step(self, group, plan, grad_scale, found_inf):

@@ -107,7 +107,6 @@ class SGD(FusedStep, torch.optim.SGD):
                 [st["momentum_buffer"] for st in sts] if has_momentum else [],
                 [st["master_param"] for st in sts] if self._fm_uses_master(dtype) else [],
                 is_first, grad_scale, found_inf)
-        self._fm_build_cache(group)
 
     def _fm_raise_sparse(self, group, pw, grads, bufs):
         # torch.optim.SGD(fused=True)'s own error, whatever this torch version words it as.
@@ -127,20 +126,21 @@ class SGD(FusedStep, torch.optim.SGD):
                 return
             if self._fm_uses_master(p.dtype) and "master_param" not in st:
                 return
+        kinds = group_by_device_dtype(params)
+        cpu_plan = len(kinds) == 1 and next(iter(kinds))[0].type == "cpu"
         buckets = []
-        for (device, dtype), idx in group_by_device_dtype(params).items():
+        for (device, dtype), idx in kinds.items():
             bp = [params[i] for i in idx]
+            master = self._fm_uses_master(dtype)
+            if cpu_plan:  # (packed before the lists below hold the old state tensors)
+                pack_state(bp, self.state, (("momentum_buffer",) if has_momentum else ())
+                           + (("master_param",) if master else ()))
             bufs = [self.state[p]["momentum_buffer"] for p in bp] if has_momentum else []
-            masters = [self.state[p]["master_param"] for p in bp] if self._fm_uses_master(dtype) else []
+            masters = [self.state[p]["master_param"] for p in bp] if master else []
             buckets.append((device, idx, bp, bufs, masters))
         plan = None
-        if len(buckets) == 1 and buckets[0][0].type == "cpu":
-            device, idx, bp, bufs, masters = buckets[0]
-            pack_state(bp, self.state, (("momentum_buffer",) if has_momentum else ())
-                       + (("master_param",) if masters else ()))
-            bufs = [self.state[p]["momentum_buffer"] for p in bp] if has_momentum else []
-            masters = [self.state[p]["master_param"] for p in bp] if masters else []
-            buckets = [(device, idx, bp, bufs, masters)]
+        if cpu_plan:
+            _, _, bp, bufs, masters = buckets[0]
             plan = ops.SGDPlan(bp, bufs, masters)
         self._fm_cache[id(group)] = (group, has_momentum, buckets, len(params), plan)
 
