@@ -436,16 +436,23 @@ bool skip_step(const std::optional<at::Tensor>& found_inf) {
   return found_inf.has_value() && found_inf->item<float>() != 0.f;
 }
 
-// Adds 1 to each step counter (only those listed in `only`, when given); returns the new counts.
-std::vector<double> bump_steps(at::TensorList state_steps, const std::vector<size_t>* only = nullptr) {
-  const size_t n = only ? only->size() : state_steps.size();
+// Adds 1 to n float32 step counters, the k-th at counter_at(k); returns the new counts.
+template <typename CounterAt>
+std::vector<double> count_steps(size_t n, const CounterAt& counter_at) {
   std::vector<double> steps(n);
   for (size_t k = 0; k < n; ++k) {
-    float* s = static_cast<float*>(state_steps[only ? (*only)[k] : k].data_ptr());  // validated float32
+    float* s = counter_at(k);
     *s += 1.f;
     steps[k] = *s;
   }
   return steps;
+}
+
+// Adds 1 to each step counter (only those listed in `only`, when given); returns the new counts.
+std::vector<double> bump_steps(at::TensorList state_steps, const std::vector<size_t>* only = nullptr) {
+  return count_steps(only ? only->size() : state_steps.size(), [&](size_t k) {
+    return static_cast<float*>(state_steps[only ? (*only)[k] : k].data_ptr());  // validated float32
+  });
 }
 
 // The AdamW/Adam update over validated slots; steps already counted.
@@ -747,12 +754,9 @@ class AdamWPlan : public StepPlan {
     }
     char* b = packed_steps_->base();
     if (b == nullptr) return false;
-    steps.resize(active.size());
-    for (size_t k = 0; k < active.size(); ++k) {
-      float* s = reinterpret_cast<float*>(b + packed_steps_->offset[active[k]]);
-      *s += 1.f;
-      steps[k] = *s;
-    }
+    steps = count_steps(active.size(), [&](size_t k) {
+      return reinterpret_cast<float*>(b + packed_steps_->offset[active[k]]);
+    });
     return true;
   }
 

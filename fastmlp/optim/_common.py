@@ -10,8 +10,8 @@ step() costs one C++ call per (group, device, dtype). Once every parameter of a 
 a CPU group gets a step plan (csrc/cpu/optim.cpp) that holds its tensors and reads p.grad in C++,
 so a step does no per-parameter Python work at all; its state is packed into one buffer per key
 (pack_state), so the plan does not touch each state tensor's metadata either. Other groups cache
-the op's tensor lists and read p.grad in Python. The first steps (while state is created lazily) and steps a plan declines
-take the general path through torch's own _init_group.
+the op's tensor lists and read p.grad in Python. The first steps (while state is created lazily)
+and steps a plan declines take the general path through torch's own _init_group.
 """
 
 import functools
@@ -38,6 +38,15 @@ def group_by_device_dtype(params, *lists):
     for i, p in enumerate(params):
         buckets.setdefault((p.device, p.dtype), []).append(i)
     return buckets
+
+
+def single_cpu_kind(kinds):
+    """The (device, dtype) of kinds (group_by_device_dtype's result) when it is one CPU kind, the
+    groups that get a step plan; else None."""
+    if len(kinds) != 1:
+        return None
+    kind = next(iter(kinds))
+    return kind if kind[0].type == "cpu" else None
 
 
 def pick(lst, idx, n):
@@ -124,11 +133,9 @@ def pack_state(params, state, keys):
         offset = 0
         for i, p in enumerate(params):
             t, ts[i] = ts[i], None
-            view = flat.as_strided(t.size(), t.stride(), offset)
-            view.copy_(t)
-            state[p][key] = view
+            state[p][key] = flat.as_strided(t.size(), t.stride(), offset).copy_(t)
             offset += t.numel()
-            del t
+        del t
 
 
 def normalise_groups(optimizer):

@@ -24,6 +24,7 @@ from ._common import (
     pack_state,
     pick,
     signature_with_master_weights,
+    single_cpu_kind,
 )
 
 __all__ = ["Adam", "AdamW"]
@@ -121,21 +122,19 @@ class _FusedAdamBase(FusedStep):
             if self._fm_uses_master(p.dtype) and "master_param" not in st:
                 return
         kinds = group_by_device_dtype(params)
-        plan = None
-        if len(kinds) == 1 and next(iter(kinds))[0].type == "cpu":
-            (device, dtype), idx = next(iter(kinds.items()))
-            master = self._fm_uses_master(dtype)
-            # Packed before the bucket holds the state tensors, so each old one is freed as soon
+        cpu = single_cpu_kind(kinds)
+        if cpu is not None:
+            # Packed before the buckets hold the state tensors, so each old one is freed as soon
             # as it is copied (no second copy of the whole state at any time).
-            pack_state([params[i] for i in idx], self.state, need + (("master_param",) if master else ()))
-            b = _Bucket(device, idx, params, self.state, amsgrad, master)
-            buckets = [b]
+            pack_state(params, self.state, need + (("master_param",) if self._fm_uses_master(cpu[1]) else ()))
+        buckets = [
+            _Bucket(device, idx, params, self.state, amsgrad, self._fm_uses_master(dtype))
+            for (device, dtype), idx in kinds.items()
+        ]
+        plan = None
+        if cpu is not None:
+            b = buckets[0]
             plan = ops.AdamWPlan(b.params, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters)
-        else:
-            buckets = [
-                _Bucket(device, idx, params, self.state, amsgrad, self._fm_uses_master(dtype))
-                for (device, dtype), idx in kinds.items()
-            ]
         self._fm_cache[id(group)] = (group, amsgrad, buckets, len(params), plan)
 
     def _fm_plan_step(self, group, plan, grad_scale, found_inf):

@@ -24,6 +24,7 @@ from ._common import (
     pack_state,
     pick,
     signature_with_master_weights,
+    single_cpu_kind,
 )
 
 __all__ = ["SGD"]
@@ -127,19 +128,18 @@ class SGD(FusedStep, torch.optim.SGD):
             if self._fm_uses_master(p.dtype) and "master_param" not in st:
                 return
         kinds = group_by_device_dtype(params)
-        cpu_plan = len(kinds) == 1 and next(iter(kinds))[0].type == "cpu"
+        cpu = single_cpu_kind(kinds)
+        if cpu is not None:  # (packed before the lists below hold the old state tensors)
+            pack_state(params, self.state, (("momentum_buffer",) if has_momentum else ())
+                       + (("master_param",) if self._fm_uses_master(cpu[1]) else ()))
         buckets = []
         for (device, dtype), idx in kinds.items():
             bp = [params[i] for i in idx]
-            master = self._fm_uses_master(dtype)
-            if cpu_plan:  # (packed before the lists below hold the old state tensors)
-                pack_state(bp, self.state, (("momentum_buffer",) if has_momentum else ())
-                           + (("master_param",) if master else ()))
             bufs = [self.state[p]["momentum_buffer"] for p in bp] if has_momentum else []
-            masters = [self.state[p]["master_param"] for p in bp] if master else []
+            masters = [self.state[p]["master_param"] for p in bp] if self._fm_uses_master(dtype) else []
             buckets.append((device, idx, bp, bufs, masters))
         plan = None
-        if cpu_plan:
+        if cpu is not None:
             _, _, bp, bufs, masters = buckets[0]
             plan = ops.SGDPlan(bp, bufs, masters)
         self._fm_cache[id(group)] = (group, has_momentum, buckets, len(params), plan)
