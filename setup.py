@@ -109,32 +109,38 @@ if with_cuda:
     define_macros.append(("FASTMLP_WITH_CUDA", "1"))
     nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
     nvcc_flags += ["--expt-relaxed-constexpr", "-std=c++17"]
-    # cuBLAS/cuBLASLt headers and libraries may live only in the nvidia/cu13 pip package next to
-    # torch (the toolkit then lacks them). That folder also holds copies of the CUDA runtime
-    # headers, so it goes in as a *system* include, searched after the toolkit's -I folder: the
-    # toolkit's own headers win and only what it lacks (cublasLt.h, cublas_v2.h, ...) comes from pip.
-    if not os.path.isfile(os.path.join(cuda_home, "include", "cublasLt.h")):
-        found = False
-        try:
-            import nvidia
+    # cuBLASLt (ours) and the libraries torch's CUDA headers include (ATen/cuda/CUDAContextLight.h:
+    # cublas_v2.h, cusparse.h, cusolverDn.h) may live only in the nvidia pip packages next to torch
+    # (the toolkit then lacks them), possibly spread over several site-packages (a venv with
+    # --system-site-packages sees both). Those folders also hold copies of the CUDA runtime
+    # headers, so each goes in as a *system* include, searched after the toolkit's -I folder: the
+    # toolkit's own headers win and only what it lacks comes from pip.
+    missing = [h for h in ("cublasLt.h", "cublas_v2.h", "cusparse.h", "cusolverDn.h")
+               if not os.path.isfile(os.path.join(cuda_home, "include", h))]
+    try:
+        import nvidia
 
-            for base in nvidia.__path__:
-                for sub in ("cu13", "cublas"):
-                    inc, lib = os.path.join(base, sub, "include"), os.path.join(base, sub, "lib")
-                    if not found and os.path.isfile(os.path.join(inc, "cublasLt.h")):
-                        found = True
-                        cxx_flags += ["-isystem", inc]
-                        nvcc_flags += ["-isystem", inc]
-                        library_dirs.append(lib)
-                        extra_link.append(f"-Wl,-rpath,{lib}")
-        except ImportError:
-            pass
-        if not found:
-            fail(
-                f"cublasLt.h is neither in the CUDA toolkit ({cuda_home}) nor in a pip nvidia package. "
-                "Install the toolkit's cuBLAS (e.g. apt install libcublas-dev-13-0) or "
-                "`pip install nvidia-cublas`, or build without CUDA: FASTMLP_CUDA=0."
-            )
+        pip_dirs = [os.path.join(base, sub) for base in nvidia.__path__ if os.path.isdir(base)
+                    for sub in sorted(os.listdir(base), key=lambda d: d != "cu13")]
+    except ImportError:
+        pip_dirs = []
+    for d in pip_dirs:
+        inc, lib = os.path.join(d, "include"), os.path.join(d, "lib")
+        found = [h for h in missing if os.path.isfile(os.path.join(inc, h))]
+        if found:
+            missing = [h for h in missing if h not in found]
+            cxx_flags += ["-isystem", inc]
+            nvcc_flags += ["-isystem", inc]
+            if os.path.isdir(lib):
+                library_dirs.append(lib)
+                extra_link.append(f"-Wl,-rpath,{lib}")
+    if missing:
+        fail(
+            f"{', '.join(missing)} not found, neither in the CUDA toolkit ({cuda_home}) nor in a pip nvidia "
+            "package. Install the toolkit's math libraries (e.g. apt install cuda-libraries-dev-13-0) or "
+            "the pip packages torch depends on (nvidia-cublas, nvidia-cusparse, nvidia-cusolver), or build "
+            "without CUDA: FASTMLP_CUDA=0."
+        )
     lt_dirs = library_dirs + [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
     if any(os.path.exists(os.path.join(d, "libcublasLt.so")) for d in lt_dirs):
         libraries.append("cublasLt")
