@@ -58,7 +58,6 @@ namespace {
 
 constexpr const char* kFwd = "fastmlp.linear_act_forward";
 constexpr const char* kBwd = "fastmlp.linear_act_backward";
-constexpr uint64_t kMaxWorkspace = uint64_t(32) << 20;  // cuBLAS's own choice for Hopper
 
 bool env_on(const char* name, bool dflt) {
   const char* v = std::getenv(name);
@@ -192,9 +191,14 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
 
   const uint32_t al_a = pointer_alignment(g.w), al_b = pointer_alignment(g.x), al_d = pointer_alignment(g.d);
   const int device = like.get_device();
+  // torch's own cuBLASLt workspace for this handle and stream, and its size: the one nn.Linear's
+  // addmm passes, so the heuristic sees what it sees for eager (with a larger limit it picked a
+  // split-K kernel plus a separate reduction kernel, one launch more than eager's GEMM on the
+  // H200 at 256x512x512 fp32), and no allocation per call.
+  const uint64_t ws_limit = at::cuda::getCUDABlasLtWorkspaceSize();
   const AlgoKey key{device, static_cast<int64_t>(g.st), static_cast<int64_t>(compute),
                     static_cast<int64_t>(g.epi), g.out_f, g.rows, g.in_f, al_a, al_b, al_d,
-                    g.bias != nullptr, aux_ld, static_cast<int64_t>(kMaxWorkspace)};
+                    g.bias != nullptr, aux_ld, static_cast<int64_t>(ws_limit)};
   AlgoEntry entry;
   bool cached = false;
   {
@@ -207,9 +211,8 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
   }
   if (!cached) {
     FASTMLP_LT_TRY(cublasLtMatmulPreferenceCreate(&desc.pref));
-    const uint64_t ws = kMaxWorkspace;
     FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                        &ws, sizeof(ws)));
+                                                        &ws_limit, sizeof(ws_limit)));
     // Tell the heuristic the real pointer alignment (it assumes 256 bytes otherwise), so it never
     // picks a kernel that would issue misaligned vector loads on an offset view.
     FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
@@ -234,13 +237,9 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
     g_algo_cache[key] = entry;
   }
   if (!entry.ok) return CUBLAS_STATUS_NOT_SUPPORTED;
-  at::Tensor workspace;
-  void* ws_ptr = nullptr;
-  if (entry.workspace > 0) {
-    // From the caching allocator, on the current stream: safe under concurrent streams and graphs.
-    workspace = at::empty({static_cast<int64_t>(entry.workspace)}, like.options().dtype(at::kByte));
-    ws_ptr = workspace.data_ptr();
-  }
+  // Per (handle, stream), as for torch's own GEMMs: calls on one stream never overlap, and torch
+  // keeps it valid while a graph is captured.
+  void* ws_ptr = entry.workspace > 0 ? at::cuda::getCUDABlasLtWorkspace() : nullptr;
   const float alpha = 1.0f, beta = 0.0f;
   const cublasStatus_t s = cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), desc.op, &alpha, g.w, desc.a,
                                           g.x, desc.b, &beta, g.d, desc.d, g.d, desc.d, &entry.algo, ws_ptr,
