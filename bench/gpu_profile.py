@@ -1,79 +1,216 @@
-"""Kernel launches per training call (forward + backward of one layer): fastmlp vs eager vs compiled.
+"""Where a layer's forward + backward spends its time on the GPU: launches, device time, host time.
 
-    python3 bench/gpu_profile.py [--json PATH]
+    python3 bench/gpu_profile.py [--json PATH] [--shapes 64x512x512,4096x2048x2048]
 
-Counts the CUDA kernels (and memsets/copies) torch.profiler sees per call, for relu and gelu in
-fp32 and bf16 at one launch-bound and one compute-bound shape. Launch-bound layers are limited by
-these counts (~2-5 us each), so "fewer launches than eager" is the target there.
+For relu and gelu in fp32 and bf16, at a launch-bound and a compute-bound shape, each candidate's
+call (forward + torch.autograd.grad for input, weight and bias, as bench_linear_act.py times it):
+  fastmlp         fastmlp.functional.linear_act
+  eager           F.linear + activation
+  compiled        the same under torch.compile (a fresh compile per row)
+  floor           the three GEMMs alone (X W^T, dZ W, dZ^T X), no autograd
+  autograd_floor  the same GEMMs through the autograd engine (torch.mm(x, W.t()) and its grad)
+
+and for each, per call:
+  launches   CUDA kernels + memsets + copies seen by torch.profiler
+  device_us  the sum of those kernels' durations: the GPU's work, whatever the host does
+  host_us    CPU time to issue one call (k calls timed without synchronising, then one sync)
+  wall_us    k calls and the final sync, per call: max(host, device) when they overlap
+  kernels    each kernel's name with its launches per call, in launch order
+  host_ops   the CPU ops with the most self time under the profiler (where host_us goes)
+
+Launch-bound calls are limited by host_us and launches; compute-bound ones by device_us, where
+fastmlp's device_us / floor's device_us is the fusion's cost on the GPU itself. Runs on the CPU
+too (--device cpu, for the tests): no kernels there, only host and wall time.
 """
 
 import argparse
+import collections
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
+from common import gc_paused, machine_name, sync  # noqa: E402
 
-SHAPES = [(256, 512, 512), (4096, 4096, 4096)]  # (batch, in, out)
-ACTS = {"relu": torch.relu, "gelu": F.gelu}
+SHAPES = "64x512x512,4096x2048x2048"  # (batch, in, out): bench_linear_act --device cuda --quick's extremes
+ACTS = {"relu": F.relu, "gelu": F.gelu}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CANDIDATES = ("fastmlp", "eager", "compiled", "floor", "autograd_floor")
 
 
-def count(fn, iters=5):
+def parse_shapes(s):
+    out = []
+    for item in s.split(","):
+        parts = [int(v) for v in item.lower().split("x")]
+        if len(parts) != 3 or min(parts) < 1:
+            raise argparse.ArgumentTypeError(f"--shapes: expected BATCHxINxOUT items, got {item!r}")
+        out.append(tuple(parts))
+    return out
+
+
+def device_events(prof):
+    """The profiler's device-side events (kernels, memsets, copies) in start order."""
+    cuda = torch.autograd.DeviceType.CUDA
+    events = [e for e in prof.events() if e.device_type == cuda]
+    return sorted(events, key=lambda e: e.time_range.start)
+
+
+def per_call(events, iters):
+    """(launches, device microseconds, [[kernel, launches], ...] in first-launch order), per call."""
+    counts = collections.Counter(e.name for e in events)
+    order = list(dict.fromkeys(e.name for e in events))
+    device_us = sum(e.time_range.end - e.time_range.start for e in events)
+    return len(events) / iters, device_us / iters, [[k, counts[k] / iters] for k in order]
+
+
+def host_ops(prof, iters, top=12):
+    """The CPU ops with the most self time, [[name, self us, calls], ...] per call (profiled, so
+    inflated by the profiler's own cost: for where the host time goes, not for how much)."""
+    cpu = torch.autograd.DeviceType.CPU
+    ops = [e for e in prof.key_averages() if e.device_type == cpu and e.key != "cudaDeviceSynchronize"]
+    ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [[e.key, e.self_cpu_time_total / iters, e.count / iters] for e in ops[:top]]
+
+
+def profile_fn(fn, device, iters=5):
+    """(launches, device us, kernels, host ops) per call; see per_call and host_ops."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(iters):
             fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    names = sorted({e.key for e in events})
-    return sum(e.count for e in events) / iters, names
+        sync(device)
+    return (*per_call(device_events(prof), iters), host_ops(prof, iters))
 
 
-def main():
+def host_and_wall(fn, device, calls=20, repeats=7):
+    """Medians over `repeats` of: seconds to issue one call, seconds per call including the sync."""
+    hosts, walls = [], []
+    with gc_paused():
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            t1 = time.perf_counter()
+            sync(device)
+            t2 = time.perf_counter()
+            hosts.append((t1 - t0) / calls)
+            walls.append((t2 - t0) / calls)
+    return statistics.median(hosts), statistics.median(walls)
+
+
+def candidates(batch, in_f, out_f, act_name, dtype, device):
+    act = ACTS[act_name]
+    x = torch.randn(batch, in_f, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5).requires_grad_()
+    b = torch.zeros(out_f, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(batch, out_f, device=device, dtype=dtype)
+    xd, wd = x.detach(), w.detach()
+
+    def eager_fn(x, w, b):
+        return act(F.linear(x, w, b))
+
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(eager_fn, dynamic=False)
+
+    def call(f):
+        return lambda: torch.autograd.grad(f(x, w, b), (x, w, b), g)
+
+    def floor():
+        torch.mm(xd, wd.t())
+        torch.mm(g, wd)
+        torch.mm(g.t(), xd)
+
+    return {
+        "fastmlp": call(lambda x, w, b: fastmlp.functional.linear_act(x, w, b, act_name)),
+        "eager": call(eager_fn),
+        "compiled": call(compiled_fn),
+        "floor": floor,
+        "autograd_floor": lambda: torch.autograd.grad(torch.mm(x, w.t()), (x, w), g),
+    }
+
+
+def measure_row(batch, in_f, out_f, act_name, dtype_name, device):
+    row = {"shape": [batch, in_f, out_f], "dtype": dtype_name, "activation": act_name}
+    for name, fn in candidates(batch, in_f, out_f, act_name, DTYPES[dtype_name], device).items():
+        launches, device_us, kernels, ops = profile_fn(fn, device)
+        host_s, wall_s = host_and_wall(fn, device)
+        row[name] = {"launches": launches, "device_us": device_us, "host_us": host_s * 1e6,
+                     "wall_us": wall_s * 1e6, "kernels": kernels, "host_ops": ops}
+    return row
+
+
+def launch_bound(row):
+    # The issue's definitions: launch-bound batch <= 1024 and width <= 1024; compute-bound
+    # batch x width >= 1024 x 2048.
+    batch, in_f, out_f = row["shape"]
+    return batch <= 1024 and max(in_f, out_f) <= 1024
+
+
+def summarise(rows):
+    out = {"launch_bound": [], "compute_bound": []}
+    for r in rows:
+        f, e, fl = r["fastmlp"], r["eager"], r["floor"]
+        item = {"row": f"{'x'.join(map(str, r['shape']))} {r['activation']} {r['dtype']}",
+                "launches_fastmlp": f["launches"], "launches_eager": e["launches"],
+                "fewer_launches_than_eager": f["launches"] < e["launches"],
+                "wall_vs_eager": e["wall_us"] / f["wall_us"],
+                "device_over_floor": f["device_us"] / fl["device_us"] if fl["device_us"] > 0 else None,
+                "wall_over_floor": f["wall_us"] / fl["wall_us"],
+                "host_bound": f["host_us"] >= f["device_us"]}
+        out["launch_bound" if launch_bound(r) else "compute_bound"].append(item)
+    return out
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--shapes", type=parse_shapes, default=parse_shapes(SHAPES))
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--activations", default="relu,gelu")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_profile.py needs a CUDA GPU")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible")
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
-    print(f"{'shape':>18} {'dtype':>9} {'act':>5} | {'fastmlp':>7} {'eager':>6} {'compiled':>8}")
-    for n, i, o in SHAPES:
-        for dtype in (torch.float32, torch.bfloat16):
-            for name, act in ACTS.items():
-                x = torch.randn(n, i, device="cuda", dtype=dtype, requires_grad=True)
-                w = (torch.randn(o, i, device="cuda", dtype=dtype) / i**0.5).requires_grad_()
-                b = torch.zeros(o, device="cuda", dtype=dtype, requires_grad=True)
-                g = torch.randn(n, o, device="cuda", dtype=dtype)
-
-                def eager_fn(x, w, b):
-                    return act(F.linear(x, w, b))
-
-                torch._dynamo.reset()
-                compiled_fn = torch.compile(eager_fn)
-
-                def run(f):
-                    return lambda: torch.autograd.grad(f(x, w, b), (x, w, b), g)
-
-                ours = run(lambda x, w, b: fastmlp.functional.linear_act(x, w, b, name))
-                n_ours, k_ours = count(ours)
-                n_eager, k_eager = count(run(eager_fn))
-                n_comp, k_comp = count(run(compiled_fn))
-                row = dict(shape=[n, i, o], dtype=str(dtype).replace("torch.", ""), activation=name,
-                           launches_fastmlp=n_ours, launches_eager=n_eager, launches_compiled=n_comp,
-                           kernels_fastmlp=k_ours, kernels_eager=k_eager, kernels_compiled=k_comp)
-                rows.append(row)
-                print(f"{str((n, i, o)):>18} {row['dtype']:>9} {name:>5} | {n_ours:7.1f} {n_eager:6.1f} {n_comp:8.1f}")
+    print(f"{'shape':>16} {'dtype':>8} {'act':>4} | launches: {'fastmlp':>7} {'eager':>5} {'compiled':>8} "
+          f"{'floor':>5} | device us: {'fastmlp':>7} {'eager':>7} {'floor':>7} | host us: {'fastmlp':>7} "
+          f"{'eager':>7} {'ag floor':>8} | wall us: {'fastmlp':>7} {'eager':>7}")
+    for batch, in_f, out_f in args.shapes:
+        for dtype_name in args.dtypes.split(","):
+            for act_name in args.activations.split(","):
+                r = measure_row(batch, in_f, out_f, act_name, dtype_name, args.device)
+                rows.append(r)
+                print(f"{'x'.join(map(str, r['shape'])):>16} {dtype_name:>8} {act_name:>4} | "
+                      f"{r['fastmlp']['launches']:17.1f} {r['eager']['launches']:5.1f} "
+                      f"{r['compiled']['launches']:8.1f} {r['floor']['launches']:5.1f} | "
+                      f"{r['fastmlp']['device_us']:18.1f} {r['eager']['device_us']:7.1f} {r['floor']['device_us']:7.1f} | "
+                      f"{r['fastmlp']['host_us']:16.1f} {r['eager']['host_us']:7.1f} {r['autograd_floor']['host_us']:8.1f} | "
+                      f"{r['fastmlp']['wall_us']:16.1f} {r['eager']['wall_us']:7.1f}", flush=True)
+    summary = summarise(rows)
+    for kind, items in summary.items():
+        for it in items:
+            dev = f"{it['device_over_floor']:.3f}x" if it["device_over_floor"] is not None else "-"
+            print(f"{kind:>13}: {it['row']:>28}: launches {it['launches_fastmlp']:.0f} vs eager "
+                  f"{it['launches_eager']:.0f}; wall {it['wall_vs_eager']:.2f}x eager; device time {dev} "
+                  f"the floor's; {'host' if it['host_bound'] else 'device'}-bound")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"machine": machine_name(args.device), "torch": torch.__version__, "rows": rows,
+                       "summary": summary}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 import bench_linear_act  # noqa: E402
 import bench_mlp  # noqa: E402
+import gpu_profile  # noqa: E402
 
 
 def test_bench_mlp_runs_every_eager_candidate(tmp_path):
@@ -80,3 +82,43 @@ def test_bench_linear_act_tiny_grid(tmp_path):
     assert saved["summary"]["fwdbwd"]["geomean_fastmlp_over_autograd_floor"] == pytest.approx(
         fwdbwd["fastmlp_ms"] / fwdbwd["autograd_floor_ms"])
     assert saved["summary"]["fwd"]["geomean_autograd_floor_over_floor"] is None
+
+
+def _event(name, start, end):
+    return types.SimpleNamespace(name=name, time_range=types.SimpleNamespace(start=start, end=end))
+
+
+def test_gpu_profile_per_call_counts_and_times_device_events():
+    # Two calls of: gemm, epilogue, gemm (the second call's events interleaved as a profiler lists them).
+    events = [_event("gemm", 0, 10), _event("epi", 10, 12), _event("gemm", 12, 20),
+              _event("gemm", 30, 40), _event("epi", 40, 43), _event("gemm", 43, 50)]
+    launches, device_us, kernels = gpu_profile.per_call(events, iters=2)
+    assert launches == 3
+    assert device_us == pytest.approx((10 + 2 + 8 + 10 + 3 + 7) / 2)
+    assert kernels == [["gemm", 2], ["epi", 1]]
+
+
+def test_gpu_profile_runs_every_candidate_on_the_cpu(tmp_path):
+    out = tmp_path / "profile.json"
+    gpu_profile.main(["--device", "cpu", "--shapes", "4x8x6", "--dtypes", "float32", "--activations", "relu",
+                      "--json", str(out)])
+    saved = json.loads(out.read_text())
+    (row,) = saved["rows"]
+    assert row["shape"] == [4, 8, 6] and row["activation"] == "relu"
+    for name in gpu_profile.CANDIDATES:
+        r = row[name]
+        assert r["host_us"] > 0 and r["wall_us"] >= r["host_us"] * 0.5
+        assert r["launches"] == 0 and r["device_us"] == 0 and r["kernels"] == []  # no GPU kernels on the CPU
+        assert r["host_ops"] and all(us >= 0 and calls > 0 for _, us, calls in r["host_ops"])
+    assert any(name.startswith("fastmlp::linear_act") for name, _, _ in row["fastmlp"]["host_ops"])
+    assert any(name == "aten::mm" for name, _, _ in row["floor"]["host_ops"])
+    (item,) = saved["summary"]["launch_bound"]
+    assert saved["summary"]["compute_bound"] == []
+    assert item["wall_vs_eager"] == pytest.approx(row["eager"]["wall_us"] / row["fastmlp"]["wall_us"])
+    assert item["device_over_floor"] is None and item["host_bound"] is True
+
+
+def test_gpu_profile_rejects_bad_shapes(capsys):
+    with pytest.raises(SystemExit):
+        gpu_profile.main(["--device", "cpu", "--shapes", "4x8"])
+    assert "BATCHxINxOUT" in capsys.readouterr().err
