@@ -1,6 +1,8 @@
 """The build and loader: readable errors instead of undefined symbols."""
 
+import re
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,3 +31,64 @@ def test_ops_are_registered_for_cpu_autograd_and_autocast():
         for key in ("CPU", "Autograd"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), (name, key)
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fastmlp::linear_act_forward", "AutocastCPU")
+
+
+# ---- error messages are built without iostreams (csrc/checks.h, msg) ------------------------------
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_CHECK = re.compile(r"\b(TORCH_CHECK(?:_VALUE|_TYPE)?|TORCH_WARN(?:_ONCE)?)\s*\(")
+
+
+def _top_level_args(src, open_paren):
+    """The top-level comma-separated arguments of the call whose '(' is at open_paren."""
+    depth, i, start, args, quote = 0, open_paren, open_paren + 1, [], None
+    while True:
+        c = src[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if depth == 0:
+                return args + [src[start:i].strip()]
+        elif c == "," and depth == 1:
+            args.append(src[start:i].strip())
+            start = i + 1
+        i += 1
+
+
+def message_parts_of_checks(src):
+    """[(line, macro, message parts)] for every TORCH_CHECK* / TORCH_WARN* call in src."""
+    out = []
+    for m in _CHECK.finditer(src):
+        if src[max(0, m.start() - 8):m.start()] == "#define ":
+            continue
+        args = _top_level_args(src, m.end() - 1)
+        parts = args if m.group(1).startswith("TORCH_WARN") else args[1:]
+        out.append((src.count("\n", 0, m.start()) + 1, m.group(1), parts))
+    return out
+
+
+def test_message_parser_sees_streamed_parts():
+    src = 'TORCH_CHECK(a(b, c) == 1, op, ": got ", n);\nTORCH_CHECK_VALUE(x, fastmlp::msg(op, ", ", n));\n'
+    assert message_parts_of_checks(src) == [(1, "TORCH_CHECK", ["op", '": got "', "n"]),
+                                            (2, "TORCH_CHECK_VALUE", ['fastmlp::msg(op, ", ", n)'])]
+
+
+def test_every_check_passes_one_finished_message():
+    """Each TORCH_CHECK / TORCH_WARN in csrc gets at most one message argument (a literal or
+    fastmlp::msg(...)), so c10::str never streams a number inside the extension: on the H200
+    machine that crashed the process instead of raising (see msg in csrc/checks.h)."""
+    bad = []
+    for path in sorted(CSRC.rglob("*")):
+        if path.suffix not in (".h", ".cpp", ".cu", ".cuh"):
+            continue
+        for line, macro, parts in message_parts_of_checks(path.read_text()):
+            if len(parts) > 1:
+                bad.append(f"{path.relative_to(CSRC)}:{line}: {macro} with {len(parts)} message parts")
+    assert not bad, "wrap the message in fastmlp::msg(...):\n" + "\n".join(bad)
