@@ -105,8 +105,9 @@ KEEP_GOING=$KEEP
 # Errors first, in their own process: on the H200 (session 1, torch 2.11) every error our C++
 # checks raised with an integer in its message killed the process (SIGSEGV), CPU tensors too,
 # which took the whole test grid down with it. Not reproduced with torch 2.11 on the development
-# machine (g++ 12, C++17 or C++20). If it crashes again: a native backtrace when gdb is there, and
-# the grid below runs without these tests so that it still reports everything else.
+# machine (g++ 12, C++17 or C++20); since then no message is built by streaming a number (msg in
+# csrc/checks.h). If it crashes again: a native backtrace when gdb is there, and the grid below
+# runs without these tests so that it still reports everything else.
 ERRORS_K="bad_inputs or device_mismatch or raises"
 step errors 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_linear_act.py tests/test_linear_act_cuda.py -k "$ERRORS_K"
 GRID_K=()
