@@ -32,7 +32,9 @@ def _linear_layers(model):
 def _activation_points(model):
     """[(name, module)] whose forward output is a hidden activation. In fastmlp.nn.MLP that is each
     block's "act" slot (an nn.Identity after a FusedLinear, so the fused output passes through it);
-    elsewhere, activation modules and FusedLinear layers with a fused activation."""
+    elsewhere, activation modules and FusedLinear layers with a fused activation: leaf modules only,
+    so a container that merely records its activation's name (an MLP without hidden layers, whose
+    output is the logits) is not taken for one."""
     points = []
     for name, m in model.named_modules():
         if name.endswith(".act") or name == "act":
@@ -40,6 +42,8 @@ def _activation_points(model):
     if points:
         return points
     for name, m in model.named_modules():
+        if next(m.children(), None) is not None:
+            continue
         if isinstance(m, _ACTS) or getattr(m, "activation", "none") not in ("none", None):
             points.append((name, m))
     return points

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastmlp.monitor import AnomalyGuard, Monitor, layer_grad_norms, total_grad_norm
-from fastmlp.nn import MLP
+from fastmlp.monitor import AnomalyGuard, Monitor, _activation_points, layer_grad_norms, total_grad_norm
+from fastmlp.nn import MLP, FusedLinear
 
 
 def _step(model, opt, x, y, mon, step):
@@ -45,6 +45,22 @@ def test_monitor_records(impl):
     # Not a monitored step: nothing recorded, no hooks left behind.
     assert _step(m, opt, x, y, mon, 1) is None
     assert not any(blk.act._forward_hooks for blk in list(m)[:-1])
+
+
+@pytest.mark.parametrize("impl", ["torch", "fastmlp"])
+def test_activation_points_are_hidden_activations_only(impl):
+    # No hidden layer: the MLP's output is the logits, not an activation (it was recorded as "/act_std").
+    assert _activation_points(MLP([16, 4], activation="relu", impl=impl)) == []
+    assert [n for n, _ in _activation_points(MLP([16, 8, 4], activation="gelu", impl=impl))] == ["0.act"]
+    # Outside fastmlp.nn.MLP: activation modules and fused layers with an activation, by name.
+    seq = nn.Sequential(FusedLinear(16, 8, activation="silu"), nn.Linear(8, 8), nn.ReLU(),
+                        FusedLinear(8, 4, activation="none"))
+    assert [n for n, _ in _activation_points(seq)] == ["0", "2"]
+    mon = Monitor(MLP([16, 4], impl=impl), every=1)
+    m = mon.model
+    rec = _step(m, torch.optim.SGD(m.parameters(), lr=0.1), torch.randn(8, 16), torch.randint(0, 4, (8,)), mon, 0)
+    assert not [k for k in rec if k.endswith(("/act_mean", "/act_std", "/dead_frac"))]
+    assert "0.linear/grad_norm" in rec
 
 
 def test_grad_norm_helpers_match_torch():
