@@ -32,17 +32,14 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import fastmlp  # noqa: E402
+import bench_linear_act  # noqa: E402
 from common import gc_paused, machine_name, sync  # noqa: E402
 
 SHAPES = "64x512x512,4096x2048x2048"  # (batch, in, out): bench_linear_act --device cuda --quick's extremes
-ACTS = {"relu": F.relu, "gelu": F.gelu}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CANDIDATES = ("fastmlp", "eager", "compiled", "floor", "autograd_floor")
 
 
@@ -111,39 +108,14 @@ def host_and_wall(fn, device, calls=20, repeats=7):
 
 
 def candidates(batch, in_f, out_f, act_name, dtype, device):
-    act = ACTS[act_name]
-    x = torch.randn(batch, in_f, device=device, dtype=dtype, requires_grad=True)
-    w = (torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5).requires_grad_()
-    b = torch.zeros(out_f, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(batch, out_f, device=device, dtype=dtype)
-    xd, wd = x.detach(), w.detach()
-
-    def eager_fn(x, w, b):
-        return act(F.linear(x, w, b))
-
-    torch._dynamo.reset()
-    compiled_fn = torch.compile(eager_fn, dynamic=False)
-
-    def call(f):
-        return lambda: torch.autograd.grad(f(x, w, b), (x, w, b), g)
-
-    def floor():
-        torch.mm(xd, wd.t())
-        torch.mm(g, wd)
-        torch.mm(g.t(), xd)
-
-    return {
-        "fastmlp": call(lambda x, w, b: fastmlp.functional.linear_act(x, w, b, act_name)),
-        "eager": call(eager_fn),
-        "compiled": call(compiled_fn),
-        "floor": floor,
-        "autograd_floor": lambda: torch.autograd.grad(torch.mm(x, w.t()), (x, w), g),
-    }
+    """bench_linear_act's forward + backward callables for one row, under this script's names."""
+    fns = bench_linear_act.candidates(batch, in_f, out_f, act_name, dtype, device, "fwdbwd")
+    return {name: fns["native" if name == "eager" else name] for name in CANDIDATES}
 
 
 def measure_row(batch, in_f, out_f, act_name, dtype_name, device):
     row = {"shape": [batch, in_f, out_f], "dtype": dtype_name, "activation": act_name}
-    for name, fn in candidates(batch, in_f, out_f, act_name, DTYPES[dtype_name], device).items():
+    for name, fn in candidates(batch, in_f, out_f, act_name, bench_linear_act.DTYPES[dtype_name], device).items():
         launches, device_us, kernels, ops = profile_fn(fn, device)
         host_s, wall_s = host_and_wall(fn, device)
         row[name] = {"launches": launches, "device_us": device_us, "host_us": host_s * 1e6,

@@ -21,13 +21,13 @@ namespace fastmlp {
 
 // Error and warning messages: msg(parts...) concatenates its parts into one std::string without
 // iostreams, and every TORCH_CHECK / TORCH_WARN here passes that one string (c10::str hands a
-// single std::string through untouched). On the H200 machine (torch 2.11, g++ 13) every message
-// that c10::str built by streaming a number into an std::ostringstream inside this extension
-// crashed the process (SIGSEGV) instead of raising, for CPU tensors too, while messages made of
-// strings only raised normally: numbers written through the stream's num_put facet are the common
-// factor (a libstdc++ facet mix-up between this library and torch's is the likely cause). Numbers
-// go through std::to_string / snprintf here instead; the text is what the stream would print,
-// except bools, written as Python's True / False.
+// single std::string through untouched; FASTMLP_CHECK* below do this for the checks). On the H200
+// machine (torch 2.11, g++ 13) every message that c10::str built by streaming a number into an
+// std::ostringstream inside this extension crashed the process (SIGSEGV) instead of raising, for
+// CPU tensors too, while messages made of strings only raised normally: numbers written through
+// the stream's num_put facet are the common factor (a libstdc++ facet mix-up between this library
+// and torch's is the likely cause). Numbers go through std::to_string / snprintf here instead; the
+// text is what the stream would print, except bools, written as Python's True / False.
 namespace msg_detail {
 inline void put(std::string& s, const char* v) { s += v; }
 inline void put(std::string& s, const std::string& v) { s += v; }
@@ -54,6 +54,12 @@ std::string msg(const Parts&... parts) {
   return s;
 }
 
+// TORCH_CHECK, TORCH_CHECK_VALUE and TORCH_CHECK_TYPE with their message parts joined by msg (only
+// when the check fails): the checks every source file here uses.
+#define FASTMLP_CHECK(cond, ...) TORCH_CHECK(cond, ::fastmlp::msg(__VA_ARGS__))
+#define FASTMLP_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::fastmlp::msg(__VA_ARGS__))
+#define FASTMLP_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::fastmlp::msg(__VA_ARGS__))
+
 // "[4, 6]", for messages (see msg).
 inline std::string shape_str(c10::IntArrayRef sizes) {
   std::string s = "[";
@@ -70,31 +76,30 @@ inline Act parse_activation(c10::string_view name, const char* op) {
   if (name == "gelu") return Act::Gelu;
   if (name == "gelu_tanh") return Act::GeluTanh;
   if (name == "silu") return Act::Silu;
-  TORCH_CHECK_VALUE(false, fastmlp::msg(op, ": unknown activation '", std::string(name.data(), name.size()),
-                    "'; expected one of: none, relu, gelu, gelu_tanh, silu"));
+  FASTMLP_CHECK_VALUE(false, op, ": unknown activation '", std::string(name.data(), name.size()),
+                      "'; expected one of: none, relu, gelu, gelu_tanh, silu");
 }
 
 inline void check_floating(const at::Tensor& t, const char* op, const char* arg) {
   const auto st = t.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-                   fastmlp::msg(op, ": ", arg,
-                   " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
-                   st));
+  FASTMLP_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                     op, ": ", arg,
+                     " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ", st);
 }
 
 inline void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b,
                              const char* b_name, const char* op) {
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), fastmlp::msg(op, ": expected ", a_name, " and ", b_name,
-                   " to have the same dtype, but got ", a_name, ": ", a.scalar_type(), ", ",
-                   b_name, ": ", b.scalar_type(),
-                   " (cast them, or run under torch.autocast to mix precisions)"));
+  FASTMLP_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": expected ", a_name, " and ", b_name,
+                     " to have the same dtype, but got ", a_name, ": ", a.scalar_type(), ", ",
+                     b_name, ": ", b.scalar_type(),
+                     " (cast them, or run under torch.autocast to mix precisions)");
 }
 
 inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
                               const char* b_name, const char* op) {
-  TORCH_CHECK(a.device() == b.device(), fastmlp::msg(op, ": expected ", a_name, " and ", b_name,
-              " on the same device, but got ", a_name, " on ", a.device(), " and ", b_name,
-              " on ", b.device()));
+  FASTMLP_CHECK(a.device() == b.device(), op, ": expected ", a_name, " and ", b_name,
+                " on the same device, but got ", a_name, " on ", a.device(), " and ", b_name,
+                " on ", b.device());
 }
 
 // The forward op's contract: input (*, in_features), weight (out_features, in_features),
@@ -105,22 +110,22 @@ inline Act check_linear_act_args(const at::Tensor& input, const at::Tensor& weig
   const Act act = parse_activation(activation, op);
   check_floating(input, op, "input");
   check_floating(weight, op, "weight");
-  TORCH_CHECK_VALUE(weight.dim() == 2, fastmlp::msg(op,
-                    ": weight must be 2-D (out_features, in_features), got a ", weight.dim(),
-                    "-D tensor of shape ", shape_str(weight.sizes())));
-  TORCH_CHECK_VALUE(input.dim() >= 1, fastmlp::msg(op,
-                    ": input must have at least 1 dimension (*, in_features), got a 0-D tensor"));
-  TORCH_CHECK_VALUE(input.size(-1) == weight.size(1), fastmlp::msg(op,
-                    ": input.shape[-1] must equal in_features = weight.shape[1] = ",
-                    weight.size(1), ", got input of shape ", shape_str(input.sizes())));
+  FASTMLP_CHECK_VALUE(weight.dim() == 2, op,
+                      ": weight must be 2-D (out_features, in_features), got a ", weight.dim(),
+                      "-D tensor of shape ", shape_str(weight.sizes()));
+  FASTMLP_CHECK_VALUE(input.dim() >= 1, op,
+                      ": input must have at least 1 dimension (*, in_features), got a 0-D tensor");
+  FASTMLP_CHECK_VALUE(input.size(-1) == weight.size(1), op,
+                      ": input.shape[-1] must equal in_features = weight.shape[1] = ",
+                      weight.size(1), ", got input of shape ", shape_str(input.sizes()));
   check_same_device(input, "input", weight, "weight", op);
   check_same_dtype(input, "input", weight, "weight", op);
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     check_floating(b, op, "bias");
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == weight.size(0), fastmlp::msg(op,
-                      ": bias must be 1-D of shape [out_features] = [", weight.size(0),
-                      "], got shape ", shape_str(b.sizes())));
+    FASTMLP_CHECK_VALUE(b.dim() == 1 && b.size(0) == weight.size(0), op,
+                        ": bias must be 1-D of shape [out_features] = [", weight.size(0),
+                        "], got shape ", shape_str(b.sizes()));
     check_same_device(input, "input", b, "bias", op);
     check_same_dtype(input, "input", b, "bias", op);
   }

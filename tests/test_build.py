@@ -82,8 +82,9 @@ def test_message_parser_sees_streamed_parts():
 
 def test_every_check_passes_one_finished_message():
     """Each TORCH_CHECK / TORCH_WARN in csrc gets at most one message argument (a literal or
-    fastmlp::msg(...)), so c10::str never streams a number inside the extension: on the H200
-    machine that crashed the process instead of raising (see msg in csrc/checks.h)."""
+    fastmlp::msg(...), which the FASTMLP_CHECK* macros pass), so c10::str never streams a number
+    inside the extension: on the H200 machine that crashed the process instead of raising (see msg
+    in csrc/checks.h)."""
     bad = []
     for path in sorted(CSRC.rglob("*")):
         if path.suffix not in (".h", ".cpp", ".cu", ".cuh"):
@@ -91,4 +92,4 @@ def test_every_check_passes_one_finished_message():
         for line, macro, parts in message_parts_of_checks(path.read_text()):
             if len(parts) > 1:
                 bad.append(f"{path.relative_to(CSRC)}:{line}: {macro} with {len(parts)} message parts")
-    assert not bad, "wrap the message in fastmlp::msg(...):\n" + "\n".join(bad)
+    assert not bad, "use FASTMLP_CHECK* (or wrap the message in fastmlp::msg(...)):\n" + "\n".join(bad)

@@ -78,12 +78,12 @@ void dropout_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
 
 at::Tensor dropout_cpu(const at::Tensor& input, double p, const at::Tensor& seed_tensor) {
   check_floating(input, kDropout, "input");
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, fastmlp::msg(kDropout, ": p must be in [0, 1), got ", p));
-  TORCH_CHECK_VALUE(seed_tensor.scalar_type() == at::kLong && seed_tensor.numel() == 1 &&
-                        seed_tensor.device().is_cpu(),
-                    fastmlp::msg(kDropout, ": seed must be a one-element int64 CPU tensor, got ",
-                    seed_tensor.scalar_type(), " of shape ", shape_str(seed_tensor.sizes()), " on ",
-                    seed_tensor.device()));
+  FASTMLP_CHECK_VALUE(p >= 0.0 && p < 1.0, kDropout, ": p must be in [0, 1), got ", p);
+  FASTMLP_CHECK_VALUE(seed_tensor.scalar_type() == at::kLong && seed_tensor.numel() == 1 &&
+                          seed_tensor.device().is_cpu(),
+                      kDropout, ": seed must be a one-element int64 CPU tensor, got ",
+                      seed_tensor.scalar_type(), " of shape ", shape_str(seed_tensor.sizes()), " on ",
+                      seed_tensor.device());
   const int64_t seed = seed_tensor.item<int64_t>();
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty_like(x);

@@ -201,12 +201,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
   const int64_t rows = leading_rows(input);
   const at::Tensor g = grad_output.reshape({rows, out_f}).contiguous();
-  TORCH_CHECK_VALUE(act != Act::Relu || output.numel() == g.numel(), fastmlp::msg(kBwd,
-                    ": relu needs the forward output, got shape ", shape_str(output.sizes())));
-  TORCH_CHECK_VALUE(!act_saves_preactivation(act) || saved.numel() == g.numel(), fastmlp::msg(kBwd,
-                    ": ", std::string(activation.data(), activation.size()),
-                    " needs the pre-activation saved by the forward (save_for_backward=True), "
-                    "got saved of shape ", shape_str(saved.sizes())));
+  FASTMLP_CHECK_VALUE(act != Act::Relu || output.numel() == g.numel(), kBwd,
+                      ": relu needs the forward output, got shape ", shape_str(output.sizes()));
+  FASTMLP_CHECK_VALUE(!act_saves_preactivation(act) || saved.numel() == g.numel(), kBwd,
+                      ": ", std::string(activation.data(), activation.size()),
+                      " needs the pre-activation saved by the forward (save_for_backward=True), "
+                      "got saved of shape ", shape_str(saved.sizes()));
   const at::Tensor y = act == Act::Relu ? output.reshape({rows, out_f}).contiguous() : output;
   const at::Tensor z = act_saves_preactivation(act) ? saved.contiguous() : saved;
   const auto opts = grad_output.options();

@@ -56,40 +56,40 @@ constexpr const char* kSGD = "fastmlp.sgd_step_";
 namespace {
 
 void check_list_size(at::TensorList list, size_t n, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(list.size() == n, fastmlp::msg(op, ": expected ", name, " to have ", n,
-                    " tensors (one per parameter), got ", list.size()));
+  FASTMLP_CHECK_VALUE(list.size() == n, op, ": expected ", name, " to have ", n,
+                      " tensors (one per parameter), got ", list.size());
 }
 
 void check_like_param(const at::Tensor& p, const at::Tensor& t, const char* op, const char* name,
                       size_t i, at::ScalarType dtype) {
-  TORCH_CHECK(t.layout() == at::kStrided, fastmlp::msg(op, ": ", name, "[", i,
-              "] is sparse; fused optimizers take dense gradients only"));
-  TORCH_CHECK_VALUE(t.sizes() == p.sizes(), fastmlp::msg(op, ": ", name, "[", i, "] has shape ", shape_str(t.sizes()),
-                    " but params[", i, "] has shape ", shape_str(p.sizes())));
-  TORCH_CHECK(t.device() == p.device(), fastmlp::msg(op, ": ", name, "[", i, "] is on ", t.device(),
-              " but params[", i, "] is on ", p.device(),
-              "; all tensors of one call must be on one device"));
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, fastmlp::msg(op, ": ", name, "[", i, "] has dtype ",
-                   t.scalar_type(), ", expected ", dtype));
+  FASTMLP_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i,
+                "] is sparse; fused optimizers take dense gradients only");
+  FASTMLP_CHECK_VALUE(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", shape_str(t.sizes()),
+                      " but params[", i, "] has shape ", shape_str(p.sizes()));
+  FASTMLP_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(),
+                " but params[", i, "] is on ", p.device(),
+                "; all tensors of one call must be on one device");
+  FASTMLP_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ",
+                     t.scalar_type(), ", expected ", dtype);
 }
 
 void check_scalar_tensor(const std::optional<at::Tensor>& t, const at::Device& dev,
                          const char* op, const char* name) {
   if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->numel() == 1, fastmlp::msg(op, ": ", name, " must have one element, got ", t->numel()));
-  TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, fastmlp::msg(op, ": ", name, " must be float32, got ",
-                   t->scalar_type()));
-  TORCH_CHECK(t->device() == dev, fastmlp::msg(op, ": ", name, " is on ", t->device(),
-              " but the parameters are on ", dev, " (move it with .to(param.device))"));
+  FASTMLP_CHECK_VALUE(t->numel() == 1, op, ": ", name, " must have one element, got ", t->numel());
+  FASTMLP_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                     t->scalar_type());
+  FASTMLP_CHECK(t->device() == dev, op, ": ", name, " is on ", t->device(),
+                " but the parameters are on ", dev, " (move it with .to(param.device))");
 }
 
 void check_lr_tensor(const std::optional<at::Tensor>& lr, const at::Device& dev, const char* op) {
   if (!lr.has_value()) return;
-  TORCH_CHECK_VALUE(lr->numel() == 1, fastmlp::msg(op, ": lr must have one element, got ", lr->numel()));
-  TORCH_CHECK_TYPE(lr->scalar_type() == at::kFloat || lr->scalar_type() == at::kDouble, fastmlp::msg(op,
-                   ": a tensor lr must be float32 or float64, got ", lr->scalar_type()));
-  TORCH_CHECK(lr->device() == dev || lr->device().is_cpu(), fastmlp::msg(op, ": lr is on ", lr->device(),
-              " but the parameters are on ", dev));
+  FASTMLP_CHECK_VALUE(lr->numel() == 1, op, ": lr must have one element, got ", lr->numel());
+  FASTMLP_CHECK_TYPE(lr->scalar_type() == at::kFloat || lr->scalar_type() == at::kDouble, op,
+                     ": a tensor lr must be float32 or float64, got ", lr->scalar_type());
+  FASTMLP_CHECK(lr->device() == dev || lr->device().is_cpu(), op, ": lr is on ", lr->device(),
+                " but the parameters are on ", dev);
 }
 
 // Common part: params non-empty-dtype floating, one device, one dtype; grads match; master
@@ -104,22 +104,22 @@ at::ScalarType check_common(at::TensorList params, at::TensorList grads,
   const at::Tensor& p0 = params[0];
   for (size_t i = 0; i < n; ++i) {
     check_floating(params[i], op, "params");
-    TORCH_CHECK_TYPE(params[i].scalar_type() == p0.scalar_type(), fastmlp::msg(op,
-                     ": all params of one call must have one dtype, got ", p0.scalar_type(),
-                     " and ", params[i].scalar_type(),
-                     " (group the parameters by dtype, as fastmlp.optim does)"));
-    TORCH_CHECK(params[i].device() == p0.device(), fastmlp::msg(op,
-                ": all params of one call must be on one device, got ", p0.device(), " and ",
-                params[i].device()));
+    FASTMLP_CHECK_TYPE(params[i].scalar_type() == p0.scalar_type(), op,
+                       ": all params of one call must have one dtype, got ", p0.scalar_type(),
+                       " and ", params[i].scalar_type(),
+                       " (group the parameters by dtype, as fastmlp.optim does)");
+    FASTMLP_CHECK(params[i].device() == p0.device(), op,
+                  ": all params of one call must be on one device, got ", p0.device(), " and ",
+                  params[i].device());
     check_like_param(params[i], grads[i], op, "grads", i, p0.scalar_type());
     if (!master_params.empty()) {
       check_like_param(params[i], master_params[i], op, "master_params", i, at::kFloat);
     }
   }
   if (!master_params.empty()) {
-    TORCH_CHECK_TYPE(p0.scalar_type() == at::kHalf || p0.scalar_type() == at::kBFloat16, fastmlp::msg(op,
-                     ": an fp32 master copy is only kept for float16/bfloat16 params, got ",
-                     p0.scalar_type()));
+    FASTMLP_CHECK_TYPE(p0.scalar_type() == at::kHalf || p0.scalar_type() == at::kBFloat16, op,
+                       ": an fp32 master copy is only kept for float16/bfloat16 params, got ",
+                       p0.scalar_type());
   }
   return master_params.empty() ? p0.scalar_type() : at::kFloat;
 }
@@ -138,10 +138,10 @@ void check_adamw_step_args(at::TensorList params, at::TensorList grads, at::Tens
   check_list_size(exp_avgs, n, op, "exp_avgs");
   check_list_size(exp_avg_sqs, n, op, "exp_avg_sqs");
   check_list_size(state_steps, n, op, "state_steps");
-  TORCH_CHECK_VALUE(amsgrad ? max_exp_avg_sqs.size() == n : max_exp_avg_sqs.empty(), fastmlp::msg(op,
-                    ": max_exp_avg_sqs must have one tensor per parameter with amsgrad=True and "
-                    "be empty otherwise, got ", max_exp_avg_sqs.size(), " for ", n,
-                    " params, amsgrad=", amsgrad));
+  FASTMLP_CHECK_VALUE(amsgrad ? max_exp_avg_sqs.size() == n : max_exp_avg_sqs.empty(), op,
+                      ": max_exp_avg_sqs must have one tensor per parameter with amsgrad=True and "
+                      "be empty otherwise, got ", max_exp_avg_sqs.size(), " for ", n,
+                      " params, amsgrad=", amsgrad);
   if (n == 0) return;
   const at::Device dev = params[0].device();
   for (size_t i = 0; i < n; ++i) {
@@ -150,9 +150,9 @@ void check_adamw_step_args(at::TensorList params, at::TensorList grads, at::Tens
     if (amsgrad) check_like_param(params[i], max_exp_avg_sqs[i], op, "max_exp_avg_sqs", i, state_dtype);
     const at::Tensor& s = state_steps[i];
     // The layout of torch.optim's fused=True: step is a float32 scalar on the param's device.
-    TORCH_CHECK_VALUE(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == dev, fastmlp::msg(op,
-                      ": state_steps[", i, "] must be a one-element float32 tensor on ", dev,
-                      ", got ", s.scalar_type(), " with ", s.numel(), " elements on ", s.device()));
+    FASTMLP_CHECK_VALUE(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == dev, op,
+                        ": state_steps[", i, "] must be a one-element float32 tensor on ", dev,
+                        ", got ", s.scalar_type(), " with ", s.numel(), " elements on ", s.device());
   }
   check_lr_tensor(lr_tensor, dev, op);
   check_scalar_tensor(grad_scale, dev, op, "grad_scale");
@@ -167,9 +167,9 @@ void check_sgd_step_args(at::TensorList params, at::TensorList grads,
   const char* op = kSGD;
   const size_t n = params.size();
   const at::ScalarType state_dtype = check_common(params, grads, master_params, op);
-  TORCH_CHECK_VALUE(momentum_buffers.empty() || momentum_buffers.size() == n, fastmlp::msg(op,
-                    ": momentum_buffers must be empty (momentum=0) or have one tensor per "
-                    "parameter, got ", momentum_buffers.size(), " for ", n, " params"));
+  FASTMLP_CHECK_VALUE(momentum_buffers.empty() || momentum_buffers.size() == n, op,
+                      ": momentum_buffers must be empty (momentum=0) or have one tensor per "
+                      "parameter, got ", momentum_buffers.size(), " for ", n, " params");
   if (n == 0) return;
   for (size_t i = 0; i < momentum_buffers.size(); ++i) {
     check_like_param(params[i], momentum_buffers[i], op, "momentum_buffers", i, state_dtype);
@@ -656,7 +656,7 @@ class StepPlan : public torch::CustomClassHolder {
 
   void init(const char* op) {
     for (const auto& p : slots_[0]) {
-      TORCH_CHECK(p.device().is_cpu(), fastmlp::msg(op, " plan: the parameters must be on the CPU, got ", p.device()));
+      FASTMLP_CHECK(p.device().is_cpu(), op, " plan: the parameters must be on the CPU, got ", p.device());
     }
     if (!slots_[0].empty()) dtype_ = slots_[0][0].scalar_type();
     packed_.assign(slots_.size(), std::nullopt);
@@ -851,7 +851,7 @@ cuda_optim::DType cuda_dtype(at::ScalarType st) {
     case at::kDouble: return cuda_optim::DType::Double;
     case at::kHalf: return cuda_optim::DType::Half;
     case at::kBFloat16: return cuda_optim::DType::BFloat16;
-    default: TORCH_CHECK_TYPE(false, fastmlp::msg("fastmlp optimizers: unsupported dtype ", st));
+    default: FASTMLP_CHECK_TYPE(false, "fastmlp optimizers: unsupported dtype ", st);
   }
 }
 
@@ -875,7 +875,7 @@ T* raw_or_null(const std::vector<at::Tensor>& v, size_t i) {
 }
 
 void check_cuda(const char* err, const char* op) {
-  TORCH_CHECK(err == nullptr, fastmlp::msg(op, ": CUDA kernel launch failed: ", err));
+  FASTMLP_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
 }
 
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

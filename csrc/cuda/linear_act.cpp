@@ -70,7 +70,7 @@ DType to_dtype(at::ScalarType st) {
     case at::kDouble: return DType::F64;
     case at::kHalf: return DType::F16;
     case at::kBFloat16: return DType::BF16;
-    default: TORCH_CHECK(false, fastmlp::msg("fastmlp: unsupported dtype ", st));
+    default: FASTMLP_CHECK(false, "fastmlp: unsupported dtype ", st);
   }
 }
 
@@ -93,8 +93,8 @@ int64_t leading_rows(const at::Tensor& t) {
 
 void check_launch(cudaError_t err, const char* op, const char* what, const Shape& shape) {
   if (err == cudaSuccess) return;
-  TORCH_CHECK(false, fastmlp::msg(op, ": CUDA launch of the ", what, " kernel failed for ", shape_str(shape), ": ",
-              cudaGetErrorString(err)));
+  FASTMLP_CHECK(false, op, ": CUDA launch of the ", what, " kernel failed for ", shape_str(shape), ": ",
+                cudaGetErrorString(err));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward_cuda(const at::Tensor& inp
                                                            const std::optional<at::Tensor>& bias,
                                                            c10::string_view activation, bool save_for_backward) {
   const Act act = check_linear_act_args(input, weight, bias, activation, kFwd);
-  TORCH_CHECK(input.is_cuda(), fastmlp::msg(kFwd, ": expected CUDA tensors, got input on ", input.device()));
+  FASTMLP_CHECK(input.is_cuda(), kFwd, ": expected CUDA tensors, got input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
   const int64_t rows = leading_rows(input);
@@ -431,34 +431,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
     const at::Tensor& saved, c10::string_view activation, std::array<bool, 3> output_mask) {
   const Act act = parse_activation(activation, kBwd);
   check_floating(grad_output, kBwd, "grad_output");
-  TORCH_CHECK_VALUE(weight.dim() == 2,
-                    fastmlp::msg(kBwd, ": weight must be 2-D, got shape ", fastmlp::shape_str(weight.sizes())));
+  FASTMLP_CHECK_VALUE(weight.dim() == 2, kBwd, ": weight must be 2-D, got shape ",
+                      fastmlp::shape_str(weight.sizes()));
   check_same_device(grad_output, "grad_output", weight, "weight", kBwd);
   check_same_device(grad_output, "grad_output", input, "input", kBwd);
   check_same_dtype(grad_output, "grad_output", weight, "weight", kBwd);
   check_same_dtype(grad_output, "grad_output", input, "input", kBwd);
-  TORCH_CHECK(grad_output.is_cuda(),
-              fastmlp::msg(kBwd, ": expected CUDA tensors, got grad_output on ", grad_output.device()));
+  FASTMLP_CHECK(grad_output.is_cuda(), kBwd, ": expected CUDA tensors, got grad_output on ",
+                grad_output.device());
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
-  TORCH_CHECK_VALUE(grad_output.dim() >= 1 && grad_output.size(-1) == out_f, fastmlp::msg(kBwd,
-                    ": grad_output.shape[-1] must equal out_features = ", out_f, ", got shape ",
-                    fastmlp::shape_str(grad_output.sizes())));
-  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == in_f,
-                    fastmlp::msg(kBwd, ": input.shape[-1] must equal in_features = ", in_f, ", got shape ",
-                                 fastmlp::shape_str(input.sizes())));
+  FASTMLP_CHECK_VALUE(grad_output.dim() >= 1 && grad_output.size(-1) == out_f, kBwd,
+                      ": grad_output.shape[-1] must equal out_features = ", out_f, ", got shape ",
+                      fastmlp::shape_str(grad_output.sizes()));
+  FASTMLP_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == in_f, kBwd,
+                      ": input.shape[-1] must equal in_features = ", in_f, ", got shape ",
+                      fastmlp::shape_str(input.sizes()));
   const int64_t rows = leading_rows(input);
-  TORCH_CHECK_VALUE(grad_output.numel() == rows * out_f,
-                    fastmlp::msg(kBwd, ": grad_output of shape ", fastmlp::shape_str(grad_output.sizes()),
-                                 " does not match input of shape ", fastmlp::shape_str(input.sizes()),
-                                 " and out_features = ", out_f));
+  FASTMLP_CHECK_VALUE(grad_output.numel() == rows * out_f, kBwd, ": grad_output of shape ",
+                      fastmlp::shape_str(grad_output.sizes()), " does not match input of shape ",
+                      fastmlp::shape_str(input.sizes()), " and out_features = ", out_f);
   const at::Tensor g = grad_output.reshape({rows, out_f}).contiguous();
-  TORCH_CHECK_VALUE(act != Act::Relu || output.numel() == g.numel(), fastmlp::msg(kBwd,
-                    ": relu needs the forward output, got shape ", fastmlp::shape_str(output.sizes())));
-  TORCH_CHECK_VALUE(!act_saves_preactivation(act) || saved.numel() == g.numel(), fastmlp::msg(kBwd, ": ",
-                    std::string(activation.data(), activation.size()),
-                    " needs the pre-activation saved by the forward (save_for_backward=True), "
-                    "got saved of shape ", fastmlp::shape_str(saved.sizes())));
+  FASTMLP_CHECK_VALUE(act != Act::Relu || output.numel() == g.numel(), kBwd,
+                      ": relu needs the forward output, got shape ", fastmlp::shape_str(output.sizes()));
+  FASTMLP_CHECK_VALUE(!act_saves_preactivation(act) || saved.numel() == g.numel(), kBwd, ": ",
+                      std::string(activation.data(), activation.size()),
+                      " needs the pre-activation saved by the forward (save_for_backward=True), "
+                      "got saved of shape ", fastmlp::shape_str(saved.sizes()));
   at::Tensor y, z;
   if (act == Act::Relu) {
     check_same_device(grad_output, "grad_output", output, "output", kBwd);
