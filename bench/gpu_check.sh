@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The one-call GPU check (see ../shared/DEVICE.md): run on a lent GPU machine as
 #
-#     bash bench/gpu_check.sh $OUT [--keep-going]
+#     bash bench/gpu_check.sh $OUT [--fail-fast]
 #
-# Fail-fast by default (a failed step stops the script with its exit status); --keep-going runs
-# the later steps anyway (useful when one run is all the device time there is) and still exits
-# non-zero. Reads nothing from the network. Budget: about 5 minutes on an H100.
+# Every step runs even when an earlier one failed (one run is usually all the device time there
+# is), and the script still exits non-zero; --fail-fast stops at the first failed step instead.
+# A failed build always stops it. Reads nothing from the network. The whole script keeps within
+# GPU_CHECK_BUDGET_S seconds (default 480, under the run tool's 540 s limit): each step's own
+# limit is cut to what is left, and a step with under 15 s left is skipped (rc=124 in the summary),
+# so a slow step costs the later ones their time, not the logs.
 #
 # Writes exactly these files under $OUT (at most 8 come back from the device):
 #   gpu_check.log          everything below, tee'd as it runs (so a timeout still returns it),
@@ -13,7 +16,7 @@
 #   build.log              the in-place rebuild for this GPU's arch only
 #   pytest_cuda.xml        junit of the CUDA test grid (pytest -m cuda)
 #   bench_linear_act.json  bench/bench_linear_act.py --device cuda --quick
-#   bench_optim.json       bench/bench_optim.py --device cuda --quick (when that script exists)
+#   bench_optim.json       bench/bench_optim.py --device cuda --quick
 #   bench_mlp.json         bench/bench_mlp.py --device cuda: the whole training step
 #   gpu_profile.json       per call: launches, device time, host time, kernels, host ops (fastmlp,
 #                          eager, compiled, the GEMM floor and the autograd floor)
@@ -28,9 +31,14 @@
 #   FASTMLP_LT_GELU=0   disable cuBLASLt's RELU / GELU epilogues (e.g. to time both paths).
 set -uo pipefail
 
-OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--keep-going]}
-KEEP_GOING=0
-[ "${2:-}" = "--keep-going" ] && KEEP_GOING=1
+OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--fail-fast]}
+KEEP_GOING=1
+case "${2:-}" in
+    "" | --keep-going) ;;
+    --fail-fast) KEEP_GOING=0 ;;
+    *) echo "gpu_check: unknown option ${2} (expected --fail-fast)" >&2; exit 2 ;;
+esac
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET_S:-480}))
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -46,20 +54,27 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/fastmlp-inductor-
 export HF_HUB_OFFLINE=1 PIP_NO_INDEX=1
 
 # step NAME TIMEOUT_S COMMAND...: runs the command with its output tee'd into the log, records
-# its status and time in the summary; stops the script on failure unless --keep-going.
+# its status and time in the summary; stops the script on failure under --fail-fast.
 step() {
     local name=$1 limit=$2
     shift 2
-    echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
-    local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
-    local rc=${PIPESTATUS[0]}
+    # What is left of the budget, less the 10 s timeout may take to kill a step that ignores TERM.
+    local left=$((DEADLINE - SECONDS - 10)) rc t0=$SECONDS
+    if [ "$left" -lt 15 ]; then
+        rc=124
+        echo "$name skipped: the ${GPU_CHECK_BUDGET_S:-480}s budget is spent" | tee -a "$LOG"
+    else
+        [ "$limit" -gt "$left" ] && limit=$left
+        echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
+        timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+        rc=${PIPESTATUS[0]}
+    fi
     echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$SUMMARY" >> "$LOG"
     if [ "$rc" -ne 0 ]; then
         FAILED=1
-        echo "=== $name FAILED (rc=$rc$([ "$rc" -eq 124 ] && echo ', timed out'))" | tee -a "$LOG"
+        echo "=== $name FAILED (rc=$rc$([ "$rc" -eq 124 ] && echo ', timed out or no time left'))" | tee -a "$LOG"
         if [ "$KEEP_GOING" -eq 0 ]; then
-            echo "gpu_check: stopping after $name (rerun with --keep-going to run the rest)" | tee -a "$LOG"
+            echo "gpu_check: stopping after $name" | tee -a "$LOG"
             cat "$SUMMARY"
             exit "$rc"
         fi
@@ -108,14 +123,19 @@ KEEP_GOING=$KEEP
 # machine (g++ 12, C++17 or C++20); since then no message is built by streaming a number (msg in
 # csrc/checks.h). If it crashes again: a native backtrace when gdb is there, and the grid below
 # runs without these tests so that it still reports everything else.
+# This step is a diagnosis, so it never stops the script, even under --fail-fast.
 ERRORS_K="bad_inputs or device_mismatch or raises"
+KEEP=$KEEP_GOING; KEEP_GOING=1
 step errors 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_linear_act.py tests/test_linear_act_cuda.py -k "$ERRORS_K"
-GRID_K=()
-if ! grep -q "^errors rc=[01] " "$SUMMARY"; then
-    GRID_K=(-k "not ($ERRORS_K)")
-    echo "=== errors crashed: the grid runs with ${GRID_K[*]}" | tee -a "$LOG"
+KEEP_GOING=$KEEP
+# The grid leaves out the smoke tests (their own step below) and, if the errors step crashed
+# (any status but pytest's 0 passed, 1 failed, 5 none collected), the error tests.
+GRID_K="not smoke"
+if ! grep -q "^errors rc=[015] " "$SUMMARY"; then
+    GRID_K="not smoke and not ($ERRORS_K)"
+    echo "=== errors crashed: the grid runs with -k \"$GRID_K\"" | tee -a "$LOG"
     if command -v gdb > /dev/null; then
-        timeout 120 gdb -q -batch -ex run -ex bt --args "$PY" -m pytest -q -x -p no:cacheprovider \
+        timeout 60 gdb -q -batch -ex run -ex bt --args "$PY" -m pytest -q -x -p no:cacheprovider \
             tests/test_linear_act.py -k "bad_inputs and cpu" 2>&1 | tail -n 60 | tee -a "$LOG"
     fi
 fi
@@ -124,16 +144,10 @@ fi
 step smoke 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_linear_act_cuda.py -k smoke
 
 # No -x: one device run has to show every failure, not the first.
-step tests 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs "${GRID_K[@]}" --junitxml="$OUT/pytest_cuda.xml"
+step tests 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs -k "$GRID_K" --junitxml="$OUT/pytest_cuda.xml"
 
-if [ -f bench/bench_linear_act.py ]; then
-    step bench_linear_act 150 "$PY" bench/bench_linear_act.py --device cuda --quick --json "$OUT/bench_linear_act.json"
-else
-    echo "bench/bench_linear_act.py not found: skipped" | tee -a "$LOG" "$SUMMARY"
-fi
-if [ -f bench/bench_optim.py ]; then
-    step bench_optim 60 "$PY" bench/bench_optim.py --device cuda --quick --json "$OUT/bench_optim.json"
-fi
+step bench_linear_act 150 "$PY" bench/bench_linear_act.py --device cuda --quick --json "$OUT/bench_linear_act.json"
+step bench_optim 60 "$PY" bench/bench_optim.py --device cuda --quick --json "$OUT/bench_optim.json"
 step profile 150 "$PY" bench/gpu_profile.py --json "$OUT/gpu_profile.json"
 # Last: two torch.compile warm-ups make it the slowest benchmark; a timeout here loses only it.
 step bench_mlp 150 "$PY" bench/bench_mlp.py --device cuda --json "$OUT/bench_mlp.json"

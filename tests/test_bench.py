@@ -122,3 +122,87 @@ def test_gpu_profile_rejects_bad_shapes(capsys):
     with pytest.raises(SystemExit):
         gpu_profile.main(["--device", "cpu", "--shapes", "4x8"])
     assert "BATCHxINxOUT" in capsys.readouterr().err
+
+
+# bench/gpu_check.sh runs only on a lent GPU, once, so its control flow is checked here with a
+# stand-in for python3 (PYTHON=...) that logs each call and exits with the status a case asks for.
+STUB_PYTHON = r"""#!/usr/bin/env bash
+echo "$*" >> "$STUB_LOG"
+case "$*" in
+    -) cat > /dev/null; echo "torch stub" ;;
+    *get_device_capability*) echo 9.0 ;;
+    *"setup.py"*) exit "${STUB_BUILD_RC:-0}" ;;
+    *"-m cuda"*) exit "${STUB_TESTS_RC:-0}" ;;
+    *"bad_inputs or device_mismatch"*) exit "${STUB_ERRORS_RC:-0}" ;;
+    *"-k smoke"*) sleep "${STUB_SMOKE_SLEEP:-0}" ;;
+esac
+exit 0
+"""
+GPU_CHECK_STEPS = ["build", "errors", "smoke", "tests", "bench_linear_act", "bench_optim", "profile", "bench_mlp"]
+
+
+def run_gpu_check(tmp_path, *args, **env):
+    import shutil
+    import subprocess
+
+    root = tmp_path / "repo"  # the script deletes fastmlp/_C*.so of the tree it sits in
+    (root / "bench").mkdir(parents=True)
+    (root / "fastmlp").mkdir()
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.sh"), root / "bench")
+    stub = tmp_path / "python3"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.touch()
+    out = tmp_path / "out"
+    full_env = dict(os.environ, PYTHON=str(stub), STUB_LOG=str(log), **{k: str(v) for k, v in env.items()})
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), str(out), *args], env=full_env,
+                          capture_output=True, text=True, timeout=120)
+    summary = {line.split()[0]: line.split()[1] for line in (out / "summary.txt").read_text().splitlines()}
+    return proc, summary, log.read_text().splitlines(), (out / "gpu_check.log").read_text()
+
+
+def test_gpu_check_runs_every_step_and_leaves_smoke_out_of_the_grid(tmp_path):
+    proc, summary, calls, _ = run_gpu_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list(summary) == GPU_CHECK_STEPS and set(summary.values()) == {"rc=0"}
+    grid = [c for c in calls if "-m cuda" in c]
+    assert len(grid) == 1 and "-k not smoke --junitxml" in grid[0]
+
+
+def test_gpu_check_keeps_going_after_an_error_crash_and_a_failed_grid(tmp_path):
+    # A segfault in the error tests (as on the H200 in session 1) and failing grid tests: every
+    # later step still runs, the grid leaves the error tests out, and the script exits non-zero.
+    proc, summary, calls, log = run_gpu_check(tmp_path, STUB_ERRORS_RC=139, STUB_TESTS_RC=1)
+    assert proc.returncode == 1
+    assert list(summary) == GPU_CHECK_STEPS
+    assert summary["errors"] == "rc=139" and summary["tests"] == "rc=1" and summary["bench_mlp"] == "rc=0"
+    grid = [c for c in calls if "-m cuda" in c]
+    assert len(grid) == 1 and "not smoke and not (bad_inputs or device_mismatch or raises)" in grid[0]
+    assert "errors crashed" in log
+
+
+def test_gpu_check_fail_fast_stops_but_not_for_the_errors_diagnosis(tmp_path):
+    proc, summary, _, _ = run_gpu_check(tmp_path, "--fail-fast", STUB_ERRORS_RC=1, STUB_TESTS_RC=1)
+    assert proc.returncode == 1
+    assert list(summary) == ["build", "errors", "smoke", "tests"]
+    proc, summary, _, _ = run_gpu_check(tmp_path / "b", STUB_BUILD_RC=2)  # a failed build always stops
+    assert proc.returncode == 2 and list(summary) == ["build"]
+
+
+def test_gpu_check_keeps_within_its_budget(tmp_path):
+    # 32 s budget, 10 s reserved for killing a step: smoke's 90 s limit is cut to the ~22 s left, it
+    # sleeps 9 s, and every later step finds < 15 s left: skipped as rc=124, not run.
+    proc, summary, calls, _ = run_gpu_check(tmp_path, GPU_CHECK_BUDGET_S=32, STUB_SMOKE_SLEEP=9)
+    assert proc.returncode == 1
+    assert summary["smoke"] == "rc=0"
+    assert all(summary[s] == "rc=124" for s in GPU_CHECK_STEPS[3:])
+    assert not any("-m cuda" in c or "bench/" in c for c in calls)
+
+
+def test_gpu_check_rejects_unknown_options(tmp_path):
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.sh")
+    proc = subprocess.run(["bash", script, str(tmp_path / "out"), "--keep-goin"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown option --keep-goin" in proc.stderr

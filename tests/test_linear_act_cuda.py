@@ -67,10 +67,12 @@ def assert_close(got, want, dtype, what=""):
 
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    # Through fp32_precision: reading the legacy allow_tf32 raises once a test has used the newer
+    # setting (torch rejects a mix of the two APIs).
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
     yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+    torch.backends.cuda.matmul.fp32_precision = old
 
 
 def make(rows, in_f, out_f, dtype, bias=True, requires_grad=True):
@@ -235,17 +237,50 @@ def test_device_mismatch():
                             [True, True, True])
 
 
-def test_tf32_follows_torch():
-    """fp32 is IEEE unless torch would use TF32. Each product is 1 + 2^-12, which TF32's 10-bit
-    mantissa rounds to 1; every partial sum of 4096 of them is exact in fp32 whatever the order,
-    so IEEE gives exactly 4097 and TF32 4096."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    x = torch.full((4, 4096), 1.0 + 2.0**-12, device="cuda")
-    w = torch.ones(8, 4096, device="cuda")
-    for activation in ("none", "relu", "gelu_tanh"):
-        y, saved = linear_act_forward(x, w, None, activation, True)
-        z = saved if activation == "gelu_tanh" else y
-        assert torch.all(z == 4097.0), f"{activation}: {z.flatten()[:4].tolist()}"
+@pytest.mark.parametrize("api", ["allow_tf32", "fp32_precision", "set_float32_matmul_precision"])
+def test_tf32_follows_torch(api):
+    """fp32 is IEEE unless torch would use TF32, whichever of torch's three ways set it (reading
+    the legacy flag raises once the newer one was used, so the op must not read it). Each product
+    is 1 + 2^-12, which TF32's 10-bit mantissa rounds to 1; every partial sum of 4096 of them is
+    exact in fp32 whatever the order, so IEEE gives exactly 4097 and TF32 4096."""
+    matmul = torch.backends.cuda.matmul
+    x = torch.full((256, 4096), 1.0 + 2.0**-12, device="cuda")
+    w = torch.ones(256, 4096, device="cuda")
+
+    def values():
+        native_z = F.linear(x, w)
+        zs = {}
+        for activation in ("none", "relu", "gelu_tanh"):
+            y, saved = linear_act_forward(x, w, None, activation, True)
+            zs[activation] = saved if activation == "gelu_tanh" else y
+        return native_z, zs
+
+    def allow(on):
+        if api == "allow_tf32":
+            matmul.allow_tf32 = on
+        elif api == "fp32_precision":
+            matmul.fp32_precision = "tf32" if on else "ieee"
+        else:
+            torch.set_float32_matmul_precision("high" if on else "highest")
+
+    old_matmul_precision = torch.get_float32_matmul_precision()
+    try:
+        allow(False)
+        _, zs = values()
+        for activation, z in zs.items():
+            assert torch.all(z == 4097.0), f"IEEE, {activation}: {z.flatten()[:4].tolist()}"
+        allow(True)
+        native_z, zs = values()
+        for activation, z in zs.items():
+            # TF32 allows, not requires, tensor-core kernels; where torch's own GEMM used them at
+            # this shape, ours must have too.
+            seen = set(z.unique().tolist())
+            assert seen <= {4096.0, 4097.0}, f"TF32, {activation}: values {sorted(seen)}"
+            if torch.all(native_z == 4096.0):
+                assert seen == {4096.0}, f"TF32, {activation}: native used TF32, ours gave {sorted(seen)}"
+    finally:
+        torch.set_float32_matmul_precision(old_matmul_precision)
+        matmul.fp32_precision = "ieee"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

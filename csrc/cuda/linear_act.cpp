@@ -138,7 +138,7 @@ struct AlgoEntry {
 };
 
 // Heuristic results keyed by everything the heuristic sees (pointers only through alignment).
-using AlgoKey = std::array<int64_t, 13>;
+using AlgoKey = std::array<int64_t, 14>;
 std::mutex g_algo_mutex;
 std::map<AlgoKey, AlgoEntry> g_algo_cache;
 
@@ -156,8 +156,15 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
   switch (g.st) {
     case at::kFloat:
       dt = CUDA_R_32F;
-      // IEEE fp32 unless torch itself would use TF32 for nn.Linear's matmul.
-      if (at::globalContext().allowTF32CuBLAS()) compute = CUBLAS_COMPUTE_32F_FAST_TF32;
+      // IEEE fp32 unless torch itself would use TF32 for nn.Linear's matmul: read as torch's own
+      // GEMMs read it (CUDABlas.cpp), through float32Precision, which both the legacy
+      // allow_tf32 flag and the newer fp32_precision setting write (allowTF32CuBLAS() raises once
+      // the newer one is used), and never inside an at::NoTF32Guard.
+      if (!at::NoTF32Guard::should_disable_tf32() &&
+          at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+              at::Float32Precision::TF32) {
+        compute = CUBLAS_COMPUTE_32F_FAST_TF32;
+      }
       break;
     case at::kHalf: dt = CUDA_R_16F; break;
     case at::kBFloat16: dt = CUDA_R_16BF; break;
@@ -193,9 +200,24 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
   // split-K kernel plus a separate reduction kernel, one launch more than eager's GEMM on the
   // H200 at 256x512x512 fp32), and no allocation per call.
   const uint64_t ws_limit = at::cuda::getCUDABlasLtWorkspaceSize();
+  // torch.backends.cuda.matmul.allow_fp16/bf16_reduced_precision_reduction, applied as torch's
+  // cuBLASLt GEMMs apply them: when reduced-precision reductions are disallowed, only split-K
+  // schemes that reduce in the compute type (fp32) or none at all (0: no restriction).
+  uint32_t reduction_mask = 0;
+  if (g.st == at::kHalf || g.st == at::kBFloat16) {
+    const auto option = g.st == at::kHalf ? at::globalContext().allowFP16ReductionCuBLAS()
+                                          : at::globalContext().allowBF16ReductionCuBLAS();
+    if (option == at::CuBLASReductionOption::DisallowReducedPrecisionAllowSplitK) {
+      reduction_mask = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    } else if (option == at::CuBLASReductionOption::DisallowReducedPrecisionDisallowSplitK) {
+      reduction_mask = CUBLASLT_REDUCTION_SCHEME_NONE;
+    }
+  }
+  // The heuristic reads the bias pointer's alignment too (cublasLt.h, BIAS_POINTER).
+  const uint32_t al_bias = g.bias != nullptr ? pointer_alignment(g.bias) : 0;
   const AlgoKey key{device, static_cast<int64_t>(g.st), static_cast<int64_t>(compute),
                     static_cast<int64_t>(g.epi), g.out_f, g.rows, g.in_f, al_a, al_b, al_d,
-                    g.bias != nullptr, aux_ld, static_cast<int64_t>(ws_limit)};
+                    al_bias, aux_ld, static_cast<int64_t>(ws_limit), reduction_mask};
   AlgoEntry entry;
   bool cached = false;
   {
@@ -220,6 +242,10 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
                                                         &al_d, sizeof(al_d)));
     FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                                         &al_d, sizeof(al_d)));
+    if (reduction_mask != 0) {
+      FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                                          &reduction_mask, sizeof(reduction_mask)));
+    }
     cublasLtMatmulHeuristicResult_t result{};
     int returned = 0;
     const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(at::cuda::getCurrentCUDABlasLtHandle(), desc.op,
