@@ -283,6 +283,26 @@ def test_tf32_follows_torch(api):
         matmul.fp32_precision = "ieee"
 
 
+@pytest.mark.parametrize("setting", [True, False, (False, False)], ids=["allowed", "no_reduced", "no_split_k"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_reduced_precision_reduction_settings(dtype, setting):
+    """torch.backends.cuda.matmul.allow_{fp16,bf16}_reduced_precision_reduction restrict the
+    cuBLASLt algorithms the op may pick (split-K reductions in fp32 only, or no split-K): each
+    setting runs and matches native under the same setting. Few rows and a long k, where the
+    heuristic likes split-K."""
+    name = "allow_fp16_reduced_precision_reduction" if dtype == torch.float16 else "allow_bf16_reduced_precision_reduction"
+    matmul = torch.backends.cuda.matmul
+    old = getattr(matmul, name)
+    setattr(matmul, name, setting)
+    try:
+        x, w, b = make(16, 8192, 64, dtype, requires_grad=False)
+        for activation in ("none", "gelu_tanh", "silu"):
+            assert_close(fastmlp.functional.linear_act(x, w, b, activation), native(x, w, b, activation), dtype,
+                         f"{activation}, {name}={setting}")
+    finally:
+        setattr(matmul, name, old)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_autocast_gradscaler(activation, dtype):
