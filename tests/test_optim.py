@@ -307,6 +307,72 @@ def test_state_dict_round_trip(device, cls, direction):
             torch.testing.assert_close(o2.state[q][k].to(v.device, v.dtype), v)
 
 
+def _state_edits(cls):
+    """Edits users make to optimizer state mid-run (reset moments, drop a parameter's state, swap
+    the whole state), each as fn(opt, params)."""
+    first = "momentum_buffer" if cls is SGD else "exp_avg"
+    edits = {
+        "clear": lambda o, ps: o.state.clear(),
+        "reset_one": lambda o, ps: o.state.__setitem__(ps[0], {}),
+        "del_one": lambda o, ps: o.state.__delitem__(ps[1]),
+        "pop_one": lambda o, ps: o.state.pop(ps[2]),
+        "new_state": lambda o, ps: setattr(o, "state", __import__("collections").defaultdict(dict)),
+        "replace_tensor": lambda o, ps: o.state[ps[0]].__setitem__(first, torch.zeros_like(ps[0])),
+        "update": lambda o, ps: o.state[ps[3]].update({first: torch.full_like(ps[3], 0.5)}),
+    }
+    if cls is not SGD:
+        edits["replace_step"] = lambda o, ps: o.state[ps[1]].__setitem__("step", torch.tensor(1.0))
+    return edits
+
+
+STATE_EDITS = [(c, n) for c in (AdamW, Adam, SGD) for n in _state_edits(c)]
+
+
+@pytest.mark.parametrize("cls,edit", STATE_EDITS, ids=[f"{c.__name__}-{n}" for c, n in STATE_EDITS])
+def test_state_edits_take_effect_like_torch(device, cls, edit):
+    # The cached fast paths (the CPU step plan, the CUDA tensor lists) hold the state tensors; an
+    # edit of opt.state between steps must be seen by the next step exactly as torch.optim sees it.
+    kw = OPT_KW[cls]
+    params = make_params(SHAPES, torch.float32, device)
+    other = [p.detach().clone().requires_grad_() for p in params]
+    ours, ref = cls(params, **kw), TORCH_CLS[cls](other, **kw, foreach=False)
+    fn = _state_edits(cls)[edit]
+    _drive(ours, params, 3, 0)
+    _drive(ref, other, 3, 0)
+    fn(ours, params)
+    fn(ref, other)
+    _drive(ours, params, 3, 3)
+    _drive(ref, other, 3, 3)
+    assert_matches(ours, ref, params, other, torch.float32)
+    assert [p in ours.state for p in params] == [q in ref.state for q in other]
+    sd = _save_load(ours.state_dict())  # weights_only: plain dicts only
+    assert all(type(st) is dict for st in sd["state"].values())
+    assert sd["state"].keys() == ref.state_dict()["state"].keys()
+
+
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_copied_optimizer_steps_its_own_state(cls):
+    import copy
+    import pickle
+
+    params = make_params(SHAPES, torch.float32, "cpu")
+    ours = cls(params, **OPT_KW[cls])
+    _drive(ours, params, 3, 0)
+    for copy_fn in (copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))):
+        clone = copy_fn(ours)
+        cp = clone.param_groups[0]["params"]
+        before = {id(p): {k: v.clone() for k, v in ours.state[p].items()} for p in params}
+        _drive(clone, cp, 2, 3)
+        for p in params:  # the original's state is untouched by the copy's steps
+            for k, v in ours.state[p].items():
+                assert torch.equal(v, before[id(p)][k])
+        _drive(ours, params, 2, 3)
+        for p, q in zip(params, cp):
+            torch.testing.assert_close(p.detach(), q.detach())
+        ours = cls(params, **OPT_KW[cls])
+        ours.load_state_dict(clone.state_dict())
+
+
 @pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
 def test_state_dict_layout_matches_torch_fused(cls):
     kw = OPT_KW[cls]

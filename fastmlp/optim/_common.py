@@ -14,6 +14,7 @@ the op's tensor lists and read p.grad in Python. The first steps (while state is
 and steps a plan declines take the general path through torch's own _init_group.
 """
 
+import collections
 import functools
 import inspect
 from itertools import chain
@@ -138,6 +139,116 @@ def pack_state(params, state, keys):
         del t
 
 
+class _Version:
+    __slots__ = ("n",)
+
+    def __init__(self):
+        self.n = 0
+
+
+class _Counting:
+    """dict's mutating methods, each first counting one change in self._fm_version (written out
+    with super() calls, which torch.compile traces, so a compiled optimizer step stays one graph)."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        self._fm_version.n += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._fm_version.n += 1
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        self._fm_version.n += 1
+        return super().__ior__(other)
+
+    def clear(self):
+        self._fm_version.n += 1
+        super().clear()
+
+    def pop(self, *args):
+        self._fm_version.n += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self._fm_version.n += 1
+        return super().popitem()
+
+    def setdefault(self, *args):
+        self._fm_version.n += 1
+        return super().setdefault(*args)
+
+    def update(self, *args, **kwargs):
+        self._fm_version.n += 1
+        super().update(*args, **kwargs)
+
+
+class ParamState(_Counting, dict):
+    """One parameter's optimizer state: a dict that counts its changes in its optimizer's state
+    version, so a cached step (plan or tensor lists) never keeps using a tensor the user replaced
+    or deleted (opt.state[p]["exp_avg"] = ..., del, clear()). Pickles, deep-copies and saves as a
+    plain dict, so state_dicts and checkpoints hold only builtin types."""
+
+    __slots__ = ("_fm_version",)
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+class OptimizerState(_Counting, collections.defaultdict):
+    """optimizer.state (a defaultdict(dict) in torch.optim) whose parameter states are ParamState
+    dicts sharing one change counter with it: assigning, deleting or clearing a parameter's state,
+    or the whole of it, counts too. A cached step is used only while the counter is where it was
+    when the cache was built; reading state costs nothing extra. Pickles as torch's own
+    defaultdict(dict) of plain dicts."""
+
+    __slots__ = ("_fm_version",)
+
+    def __init__(self, items=()):
+        super().__init__()
+        self._fm_version = _Version()
+        self.default_factory = self._new_param_state
+        for k, v in dict(items).items():
+            dict.__setitem__(self, k, self.adopt(v))
+
+    def _new_param_state(self):
+        st = ParamState()
+        st._fm_version = self._fm_version
+        return st
+
+    def adopt(self, st):
+        """st as a ParamState counting into this state's version (the same object when it is)."""
+        if type(st) is ParamState and st._fm_version is self._fm_version:
+            return st
+        if not isinstance(st, dict):
+            return st
+        out = self._new_param_state()
+        dict.update(out, st)
+        return out
+
+    def __reduce__(self):
+        return collections.defaultdict, (dict,), None, None, iter((k, dict(v) if isinstance(v, dict) else v)
+                                                                  for k, v in self.items())
+
+
+
+
+def track_state(optimizer, params):
+    """Makes optimizer.state an OptimizerState and the states of params ParamState dicts of it
+    (the same tensors; only dicts that were not yet tracked are replaced), and returns
+    (state, version): what a cache built now stays valid for."""
+    state = optimizer.state
+    if type(state) is not OptimizerState:
+        state = optimizer.state = OptimizerState(state)
+    for p in params:
+        st = dict.get(state, p)
+        if st is not None and (type(st) is not ParamState or st._fm_version is not state._fm_version):
+            dict.__setitem__(state, p, state.adopt(st))
+    return state, state._fm_version.n
+
+
 def normalise_groups(optimizer):
     """Flags of our layout after a load (the state_dict may come from torch's for-loop)."""
     for group in optimizer.param_groups:
@@ -165,6 +276,13 @@ class FusedStep:
         super().__setstate__(state)
         self.__dict__.setdefault("_fm_master", False)
         self._fm_cache = {}
+
+    def state_dict(self):
+        # Plain dicts, as torch.optim's: a ParamState would pickle as a call to dict, which
+        # torch.load(weights_only=True) refuses.
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) if isinstance(v, ParamState) else v for k, v in sd["state"].items()}
+        return sd
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -226,8 +344,9 @@ class FusedStep:
         """One group: its CPU step plan, else the cached tensor lists, else the general path.
 
         The cache (built by the subclass's _fm_build_cache once every parameter has state) is
-        (group, flag, buckets, number of params, plan or None); flag is what changes the state
-        layout (amsgrad, momentum on/off). A plan that declines (a missing grad, an odd layout)
+        (group, flag, buckets, number of params, plan or None, state, state version); flag is what
+        changes the state layout (amsgrad, momentum on/off); the state and its version (see
+        OptimizerState) change when the user replaces, deletes or clears any of it. A plan that declines (a missing grad, an odd layout)
         and a missing grad on the cached path both fall back to the general path, which has
         torch's own per-parameter logic and errors. The plan writes the tensors' memory from C++,
         outside autograd, so only the op paths need no_grad (the plan skips its cost).
@@ -235,7 +354,8 @@ class FusedStep:
         params = group["params"]
         cached = self._fm_cache.get(id(group))
         if (cached is None or cached[0] is not group or cached[1] != self._fm_cache_flag(group)
-                or cached[3] != len(params)):
+                or cached[3] != len(params) or cached[5] is not self.state
+                or cached[6] != self.state._fm_version.n):
             cached = None
         plan = cached[4] if cached is not None else None
         use_plan = plan is not None and not torch.compiler.is_compiling()
@@ -259,4 +379,9 @@ class FusedStep:
         # state tensor as soon as it is copied.
         cached = plan = None
         self._fm_cache.pop(id(group), None)
+        track_state(self, params)
         self._fm_build_cache(group)
+        entry = self._fm_cache.get(id(group))
+        if entry is not None:
+            # Valid while the state is this object and unchanged since now (packing included).
+            self._fm_cache[id(group)] = entry + track_state(self, ())
