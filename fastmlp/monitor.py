@@ -49,22 +49,29 @@ def _activation_points(model):
     return points
 
 
+def _norm(grads):
+    # Accumulated in float64: the sum of squares of finite fp32 gradients overflows fp32 once they
+    # reach ~1e19, and a diverging run gets there long before any gradient is Inf.
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)))
+
+
 def layer_grad_norms(model):
-    """{layer name: L2 norm of the gradients of its parameters}, as 0-d device tensors (no sync)."""
+    """{layer name: L2 norm of the gradients of its parameters}, as 0-d float64 device tensors (no sync)."""
     out = {}
     for name, m in _linear_layers(model):
         grads = [p.grad for p in m.parameters() if p.grad is not None]
         if grads:
-            out[name] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+            out[name] = _norm(grads)
     return out
 
 
 def total_grad_norm(parameters):
-    """L2 norm over all gradients as a 0-d tensor on their device (no sync); 0 when none exist."""
+    """L2 norm over all gradients as a 0-d float64 tensor on their device (no sync); 0 when none
+    exist. Infinite only when a gradient is (float64 does not overflow on finite fp32/fp16/bf16)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+        return torch.zeros((), dtype=torch.float64)
+    return _norm(grads)
 
 
 class Monitor:
@@ -213,19 +220,28 @@ class AnomalyGuard:
                 warnings.simplefilter("ignore", UserWarning)
                 loss = replay()
             if not events and loss is not None and not _finite(loss.detach()):
-                return None, "the loss (every layer's output was finite: check the labels and the loss inputs)"
+                return None, ("it first appeared in the loss (every layer's output was finite: check the labels "
+                              "and the loss inputs)")
         finally:
             for h in handles:
                 h.remove()
         if events:
             return events[0]
-        return None, "not reproduced on replay (a non-deterministic op?)"
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if params and torch.isfinite(total_grad_norm(params)):
+            # Every value finite in float64, so what the caller saw was a gradient norm taken in
+            # the gradients' own precision (torch.nn.utils.clip_grad_norm_ sums squares in fp32).
+            big = max((float(p.grad.detach().abs().max()) for p in params if p.grad.numel()), default=0.0)
+            return None, (f"the gradient norm overflowed although every loss, activation and gradient was "
+                          f"finite on replay (largest |gradient| {big:.3g}): the loss is diverging; lower "
+                          f"the learning rate")
+        return None, "it did not happen again on replay (a non-deterministic op?)"
 
     def error(self, step, replay, context="", checkpoint=None):
         """The AnomalyError for a detection at ``step``; ``replay`` as in locate()."""
         layer, where = self.locate(replay)
-        where_s = f"layer '{layer}' ({where})" if layer else where
-        msg = f"non-finite loss or gradient at step {step}{context}: first appeared in {where_s}."
+        where_s = f"first appeared in layer '{layer}' ({where})" if layer else where
+        msg = f"non-finite loss or gradient at step {step}{context}: {where_s}."
         if checkpoint:
             msg += f" Training stopped; the last good checkpoint is kept at {checkpoint}."
         return AnomalyError(msg, step=step, layer=layer, where=where)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -137,3 +139,42 @@ def test_guard_check_passes_finite():
     assert AnomalyGuard.check(torch.tensor(1.0), torch.tensor(3.0))
     assert not AnomalyGuard.check(torch.tensor(float("inf")), torch.tensor(3.0))
     assert not AnomalyGuard.check(torch.tensor(1.0), torch.tensor(float("nan")))
+
+
+def _huge_replay(m, x, y, scale):
+    def run():
+        m.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(m(x), y) * scale
+        loss.backward()
+        return loss
+    return run
+
+
+def test_grad_norm_of_huge_finite_gradients_is_finite():
+    # A diverging run: every gradient finite (~1e25) but the sum of their squares is far past
+    # float32's range. The guard must not call that a non-finite gradient.
+    torch.manual_seed(0)
+    m = MLP([12, 16, 3], impl="fastmlp")
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    loss = _huge_replay(m, x, y, 1e25)()
+    grads = [p.grad for p in m.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert not torch.isfinite(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))  # fp32 overflows
+    norm = total_grad_norm(m.parameters())
+    want = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+    assert math.isfinite(norm.item()) and norm.item() == pytest.approx(want, rel=1e-6)
+    assert all(math.isfinite(v.item()) for v in layer_grad_norms(m).values())
+    assert AnomalyGuard.check(loss, norm)
+
+
+def test_guard_explains_an_overflowed_norm():
+    # torch.nn.utils.clip_grad_norm_ sums squares in fp32, so with clipping on the norm the guard
+    # sees can overflow while every value is finite: the message says so instead of blaming a layer.
+    torch.manual_seed(0)
+    m = MLP([12, 16, 3], impl="torch")
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    err = AnomalyGuard(m).error(5, _huge_replay(m, x, y, 1e25))
+    assert err.layer is None
+    msg = str(err)
+    assert msg.startswith("non-finite loss or gradient at step 5: the gradient norm overflowed") and "lower the learning rate" in msg
+    assert "first appeared in" not in msg and "not reproduced" not in msg

@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastmlp
@@ -113,6 +114,34 @@ def test_convert_nested_and_every_activation_kind():
     x = torch.randn(4, 8)
     torch.testing.assert_close(model(x), ref(x))
     assert model.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_convert_keeps_modules_with_hooks_and_their_hooks_firing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8), nn.SiLU(),
+                          nn.Linear(8, 3))
+    ref = nn.Sequential(*[type(m)() if not isinstance(m, nn.Linear) else nn.Linear(m.in_features, m.out_features)
+                          for m in model])
+    ref.load_state_dict(model.state_dict())
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(("linear0 out", o.detach().clone())))
+    model[3].register_forward_pre_hook(lambda m, i: seen.append(("gelu in", i[0].detach().clone())))
+    with pytest.warns(UserWarning, match=r"0, 3 kept as they were, since they have hooks"):
+        fastmlp.convert(model)
+    assert type(model[0]) is nn.Linear and isinstance(model[1], nn.ReLU)  # hooked linear: untouched
+    assert isinstance(model[2], FusedLinear) and model[2].activation == "none" and isinstance(model[3], nn.GELU)
+    assert model[4].activation == "silu" and isinstance(model[5], nn.Identity)  # no hooks: fused
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(model(x), ref(x))
+    z0 = F.linear(x, ref[0].weight, ref[0].bias)
+    z2 = F.linear(torch.relu(z0), ref[2].weight, ref[2].bias)
+    assert [k for k, _ in seen] == ["linear0 out", "gelu in"]
+    torch.testing.assert_close(seen[0][1], z0)
+    torch.testing.assert_close(seen[1][1], z2)  # the activation still sees the pre-activation
+    lin = nn.Linear(3, 2)
+    lin.register_forward_hook(lambda m, i, o: None)
+    with pytest.warns(UserWarning, match="kept as they were"):
+        assert fastmlp.convert(lin) is lin
 
 
 def test_convert_plain_linear_and_bad_argument():

@@ -1,5 +1,7 @@
 """convert(): swap nn.Linear (+ activation) in an existing model for FusedLinear, in place."""
 
+import warnings
+
 from torch import nn
 
 from .linear import FusedLinear
@@ -13,6 +15,17 @@ def _activation_name(m):
     if type(m) is nn.GELU:
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(m.approximate)
     return None
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def _has_hooks(m):
+    """Whether m has hooks of its own (forward, backward, state_dict), which a replacement module
+    would not run."""
+    return any(getattr(m, d, None) for d in _HOOK_DICTS)
 
 
 def _fused_from(linear, activation):
@@ -34,25 +47,50 @@ def convert(module: nn.Module) -> nn.Module:
     other plain nn.Linear becomes FusedLinear(activation="none"). Returns the module.
 
     Subclasses of nn.Linear (FusedLinear among them) are left as they are, since their forward
-    may differ from a plain linear layer.
+    may differ from a plain linear layer. Modules with hooks of their own (forward, backward,
+    state_dict) keep them and keep running them: an nn.Linear with hooks stays as it is, and an
+    activation with hooks is not folded into the layer before it (that layer still becomes
+    FusedLinear(activation="none")); a warning names them. Register hooks after convert() to get
+    the fused layer. Hooks on the parameters themselves always keep working (they are shared).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fastmlp.convert: module must be a torch.nn.Module, got {type(module).__name__}")
     if type(module) is nn.Linear:
+        if _has_hooks(module):
+            _warn_hooked(["(the module itself)"])
+            return module
         return _fused_from(module, "none")
-    for parent in list(module.modules()):
+    hooked = []
+    for prefix, parent in list(module.named_modules()):
         names = list(parent._modules.keys())
         for i, name in enumerate(names):
             child = parent._modules[name]
             if type(child) is not nn.Linear:
                 continue
+            if _has_hooks(child):
+                hooked.append(f"{prefix}.{name}" if prefix else name)
+                continue
             act = None
             if isinstance(parent, nn.Sequential) and i + 1 < len(names):
-                act = _activation_name(parent._modules[names[i + 1]])
+                nxt = parent._modules[names[i + 1]]
+                act = _activation_name(nxt)
+                if act is not None and _has_hooks(nxt):
+                    hooked.append(f"{prefix}.{names[i + 1]}" if prefix else names[i + 1])
+                    act = None
             parent._modules[name] = _fused_from(child, act or "none")
             if act is not None:
                 parent._modules[names[i + 1]] = nn.Identity()
+    if hooked:
+        _warn_hooked(hooked)
     return module
+
+
+def _warn_hooked(names):
+    warnings.warn(
+        f"fastmlp.convert: {', '.join(names)} kept as they were, since they have hooks that a fused "
+        "layer would not run (an nn.Linear with hooks is not converted; an activation with hooks is not "
+        "fused into the layer before it). Register hooks after convert() to get the fused layers.",
+        UserWarning, stacklevel=3)
 
 
 __all__ = ["convert"]
