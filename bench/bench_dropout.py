@@ -47,7 +47,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--p", type=float, default=0.2)
     ap.add_argument("--shapes", default="256x512,1024x512,4096x2048", help="comma list of BATCHxWIDTH")
-    ap.add_argument("--repeats", type=int, default=25)
+    ap.add_argument("--repeats", type=int, default=25,
+                    help="timed samples per candidate, at least 20 (the median is reported)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     if args.repeats < 20:

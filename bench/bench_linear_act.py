@@ -182,7 +182,8 @@ def main(argv=None):
     p.add_argument("--activations", default="relu,gelu,silu")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--modes", default="fwd,fwdbwd")
-    p.add_argument("--repeats", type=int, default=25)
+    p.add_argument("--repeats", type=int, default=25,
+                    help="timed samples per candidate, at least 20 (the median is reported)")
     p.add_argument("--json", help="also write the rows and the summary here")
     args = p.parse_args(argv)
     if args.quick:

@@ -135,7 +135,8 @@ def main(argv=None):
     p.add_argument("--amp", default="off", choices=list(AMP))
     p.add_argument("--candidates", default=",".join(CANDIDATES),
                    help=f"comma list, some of: {', '.join(CANDIDATES)}")
-    p.add_argument("--repeats", type=int, default=25)
+    p.add_argument("--repeats", type=int, default=25,
+                    help="timed samples per candidate, at least 20 (the median is reported)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     try:

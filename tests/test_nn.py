@@ -150,3 +150,12 @@ def test_convert_plain_linear_and_bad_argument():
     assert isinstance(fused, FusedLinear) and fused.weight is lin.weight
     with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
         fastmlp.convert("not a module")
+
+
+@pytest.mark.parametrize("fourth", ["cpu", "cuda:0", torch.device("cpu"), torch.float16])
+def test_fused_linear_positional_device_gets_a_hint(fourth):
+    # nn.Linear(in, out, bias, device, dtype): written the nn.Linear way, the device lands in activation.
+    with pytest.raises(ValueError, match=r"activation \(the 4th argument\) got .* pass device= and dtype= by keyword"):
+        FusedLinear(3, 4, True, fourth)
+    with pytest.raises(ValueError, match="unknown activation 'tanh'; expected one of: none, relu"):
+        FusedLinear(3, 4, True, "tanh")

@@ -63,8 +63,9 @@ def test_torch_impl_converts_to_fused():
 @pytest.mark.parametrize("kw, match", [
     ({"widths": [10]}, "widths"),
     ({"widths": [10, 0, 2]}, "widths"),
-    ({"widths": [10, 2], "activation": "tanh"}, "activation"),
-    ({"widths": [10, 2], "activation": "none"}, "activation"),
+    # Only the activations an MLP accepts are listed ("none" would make it one linear map).
+    ({"widths": [10, 2], "activation": "tanh"}, "^MLP: activation must be 'relu', 'gelu', 'gelu_tanh' or 'silu', got 'tanh'$"),
+    ({"widths": [10, 2], "activation": "none"}, "got 'none'$"),
     ({"widths": [10, 2], "dropout": 1.0}, "dropout"),
     ({"widths": [10, 2], "norm": "group"}, "norm"),
     ({"widths": [10, 2], "impl": "jax"}, "impl"),

@@ -1,5 +1,6 @@
 """FusedLinear: nn.Linear followed by an activation, as one fused op."""
 
+import torch
 from torch import nn
 
 from .. import functional as F
@@ -9,12 +10,20 @@ from ..ops import check_activation
 class FusedLinear(nn.Linear):
     """``activation(nn.Linear(in_features, out_features, bias)(x))`` in one fused op.
 
-    A drop-in for nn.Linear (it is one): same parameters, initialisation and state_dict keys, so a
-    state_dict loads in both directions. ``activation`` is "none", "relu", "gelu" (exact erf, as
-    nn.GELU()), "gelu_tanh" (as nn.GELU(approximate="tanh")) or "silu".
+    An nn.Linear subclass with the same parameters, initialisation and state_dict keys, so a
+    state_dict loads in both directions. ``activation`` is "relu" (the default: a hidden layer),
+    "none" (exactly nn.Linear), "gelu" (exact erf, as nn.GELU()), "gelu_tanh" (as
+    nn.GELU(approximate="tanh")) or "silu". It comes fourth, where nn.Linear has ``device``: pass
+    device and dtype by keyword.
     """
 
     def __init__(self, in_features, out_features, bias=True, activation="relu", device=None, dtype=None):
+        if isinstance(activation, (torch.device, torch.dtype)) or (
+                isinstance(activation, str) and activation.split(":")[0] in ("cpu", "cuda", "meta", "mps", "xpu")):
+            raise ValueError(
+                f"FusedLinear: activation (the 4th argument) got {activation!r}, which looks like a "
+                f"{'dtype' if isinstance(activation, torch.dtype) else 'device'}; pass device= and dtype= by keyword "
+                "(nn.Linear takes device 4th, FusedLinear takes activation there)")
         check_activation(activation, "FusedLinear")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation

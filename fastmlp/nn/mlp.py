@@ -4,7 +4,6 @@ from collections import OrderedDict
 
 from torch import nn
 
-from ..ops import check_activation
 from .dropout import Dropout
 from .linear import FusedLinear
 
@@ -40,9 +39,8 @@ class MLP(nn.Sequential):
         widths = list(widths)
         if len(widths) < 2 or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
             raise ValueError(f"MLP: widths must list at least two positive ints (input, ..., output), got {widths!r}")
-        check_activation(activation, "MLP")
-        if activation == "none":
-            raise ValueError("MLP: activation must be 'relu', 'gelu', 'gelu_tanh' or 'silu', got 'none'")
+        if activation not in ("relu", "gelu", "gelu_tanh", "silu"):  # "none" would make it one linear map
+            raise ValueError(f"MLP: activation must be 'relu', 'gelu', 'gelu_tanh' or 'silu', got {activation!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"MLP: dropout must be in [0, 1), got {dropout!r}")
         if norm not in _NORMS:
