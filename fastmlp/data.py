@@ -89,9 +89,48 @@ def read_idx(path, ndim):
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(*dims)
 
 
-def _missing_message(raw, missing, explicit):
+def _has_all(folder):
+    try:
+        return all(_find(folder, n) is not None for n in FILES.values())
+    except OSError:
+        return False
+
+
+def _subdirs(folder, limit=64):
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir())[:limit]
+    except OSError:
+        return []
+
+
+def _suggest_root(root):
+    """(root to use, where the files are) when the four files sit near ``root`` in the expected
+    layout, a level or two off (``--data-dir .../FashionMNIST/raw``, ``.../FashionMNIST``, or the
+    folder above the root); (None, folder) when they sit in a folder of another layout; else None."""
+    near = [root.parent, root.parent.parent] + _subdirs(root)
+    for cand in near:
+        if cand != root and _has_all(cand / "FashionMNIST" / "raw"):
+            return cand, cand / "FashionMNIST" / "raw"
+    for folder in [root, root / "raw"] + [d for d in _subdirs(root) if d.name.lower() in ("raw", "fashionmnist")]:
+        if _has_all(folder):
+            return None, folder
+    return None
+
+
+def _missing_message(raw, missing, explicit, source="--data-dir"):
+    root = raw.parent.parent
     lines = [f"Fashion-MNIST files are missing from {raw}:"]
     lines += [f"    {raw / n}   (or {n}.gz)" for n in missing]
+    hint = _suggest_root(root) if explicit else None
+    if hint and hint[0] is not None:
+        use = f"--data-dir {hint[0]}" if source == "--data-dir" else f"FASTMLP_DATA={hint[0]}"
+        lines.append(f"The four files are in {hint[1]}: use {use} (the folder that holds "
+                     "FashionMNIST/raw/, not a folder inside it or above it).")
+    elif hint:
+        lines.append(f"The four files are in {hint[1]}, but fastmlp reads them from <root>/FashionMNIST/raw/: "
+                     f"move them to {raw}, or to a FashionMNIST/raw/ folder under another root.")
+    elif explicit and not root.exists():
+        lines.append(f"(The folder {root} does not exist.)")
     lines.append(
         "Put the four standard IDX files there (from https://github.com/zalandoresearch/fashion-mnist), or point "
         "--data-dir / FASTMLP_DATA at a folder that holds FashionMNIST/raw/."
@@ -116,6 +155,7 @@ def load_fashion_mnist(data_dir=None, download=True):
     Raises DataError naming the file when one is missing, corrupt, or disagrees with its partner.
     """
     root, explicit = resolve_root(data_dir)
+    source = "--data-dir" if data_dir else "FASTMLP_DATA"
     raw = root / "FashionMNIST" / "raw"
     paths = {k: _find(raw, n) for k, n in FILES.items()}
     missing = [FILES[k] for k, p in paths.items() if p is None]
@@ -128,7 +168,7 @@ def load_fashion_mnist(data_dir=None, download=True):
         paths = {k: _find(raw, n) for k, n in FILES.items()}
         missing = [FILES[k] for k, p in paths.items() if p is None]
     if missing:
-        raise DataError(_missing_message(raw, missing, explicit))
+        raise DataError(_missing_message(raw, missing, explicit, source))
 
     out = {}
     for split in ("train", "test"):
@@ -161,9 +201,10 @@ class DeviceDataset:
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
         return torch.randperm(len(self), generator=g).to(self.x.device)
 
-    def batches(self, batch_size, order=None, start=0):
-        """Yields (x, y) batches of batch_size (the last may be smaller), from batch index ``start``."""
-        n = len(self)
+    def batches(self, batch_size, order=None, start=0, min_size=1):
+        """Yields (x, y) batches of batch_size (the last may be smaller), from batch index ``start``.
+        A last batch of fewer than ``min_size`` samples is dropped (BatchNorm cannot train on 1)."""
+        n = self._used(batch_size, min_size)
         for i in range(start * batch_size, n, batch_size):
             if order is None:
                 yield self.x[i:i + batch_size], self.y[i:i + batch_size]
@@ -171,8 +212,17 @@ class DeviceDataset:
                 idx = order[i:i + batch_size]
                 yield self.x.index_select(0, idx), self.y.index_select(0, idx)
 
-    def num_batches(self, batch_size):
-        return -(-len(self) // batch_size)
+    def num_batches(self, batch_size, min_size=1):
+        return -(-self._used(batch_size, min_size) // batch_size)
+
+    def dropped(self, batch_size, min_size=1):
+        """How many samples ``batches(batch_size, min_size=min_size)`` leaves out (the short last batch)."""
+        return len(self) - self._used(batch_size, min_size)
+
+    def _used(self, batch_size, min_size):
+        n = len(self)
+        last = n % batch_size
+        return n - last if 0 < last < min_size else n
 
 
 @dataclass

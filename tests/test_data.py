@@ -169,3 +169,20 @@ def test_real_data_loads_without_writing(tmp_path):
     assert len(ds.train) == 54000 and len(ds.val) == 6000 and len(ds.test) == 10000
     assert abs(ds.mean - 0.2861) < 2e-3 and abs(ds.std - 0.3528) < 2e-3
     assert torch.bincount(ds.test.y, minlength=10).tolist() == [1000] * 10
+
+
+def test_missing_files_one_level_off_suggest_the_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("FASTMLP_DATA", raising=False)
+    raw = write_dataset(tmp_path / "root")
+    for given in (raw, raw.parent, tmp_path):
+        with pytest.raises(DataError, match=f"The four files are in {raw}: use --data-dir {tmp_path / 'root'} "):
+            load_fashion_mnist(given)
+    monkeypatch.setenv("FASTMLP_DATA", str(raw))
+    with pytest.raises(DataError, match=f"use FASTMLP_DATA={tmp_path / 'root'} "):
+        load_fashion_mnist()
+    flat = tmp_path / "flat"  # the four files, but not in a FashionMNIST/raw/ folder
+    flat.mkdir()
+    for f in raw.iterdir():
+        (flat / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(DataError, match=f"The four files are in {flat}, but fastmlp reads them from <root>/FashionMNIST/raw/"):
+        load_fashion_mnist(flat)

@@ -1,4 +1,5 @@
 import dataclasses
+import io
 import json
 import math
 import os
@@ -84,6 +85,76 @@ def test_cli_precedence_and_errors(tmp_path, capsys):
     y.write_text("- a list\n")
     assert main(["train", "--config", str(y)]) == 2
     assert "must hold a mapping" in capsys.readouterr().err
+
+
+def test_yaml_numeric_strings_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string: numeric strings count as numbers, exact ones as ints."""
+    from fastmlp.train.cli import build_parser, resolve_config
+
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 1e-3\nmin_lr: '5E-6'\nbatch_size: '128'\nepochs: 2.0\nbetas: [9e-1, 0.999]\nwidths: [784, '64', 10]\n")
+    cfg, _ = resolve_config(build_parser().parse_args(["train", "--config", str(y)]))
+    assert (cfg.lr, cfg.min_lr, cfg.batch_size, cfg.epochs, cfg.betas, cfg.widths) == \
+        (1e-3, 5e-6, 128, 2, [0.9, 0.999], [784, 64, 10])
+    assert isinstance(cfg.batch_size, int) and isinstance(cfg.lr, float)
+    for text, match in (("lr: fast", "option 'lr' must be a number, got 'fast'"),
+                        ("batch_size: '1.5'", "option 'batch_size' must be an int, got '1.5'"),
+                        ("lr: .nan", "'lr' must be a number > 0"), ("lr: 'inf'", "'lr' must be a number > 0")):
+        y.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=match):
+            resolve_config(build_parser().parse_args(["train", "--config", str(y)]))
+
+
+def test_validation_messages_are_consistent(tmp_path, capsys):
+    """One range per option (lr -1 and lr 0 give the same message); float lists show X in --help."""
+    msgs = []
+    for lr in (-1.0, 0.0):
+        with pytest.raises(ConfigError) as e:
+            TrainConfig(lr=lr).validate()
+        msgs.append(str(e.value).rsplit(",", 1)[0])
+    assert msgs[0] == msgs[1] == "config option 'lr' must be a number > 0"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--betas X [X ...]" in out and "--widths N [N ...]" in out
+
+
+def test_train_subset_larger_than_the_data_is_an_error(tmp_path):
+    from fastmlp.train.engine import load_data
+    from test_data import write_dataset
+
+    write_dataset(tmp_path, n_train=20)
+    assert len(load_data(TrainConfig(data_dir=str(tmp_path), train_subset=20), torch.device("cpu")).train) == 20
+    with pytest.raises(ConfigError, match=r"'train_subset' \(30\) is larger than the training split, which has 20 images"):
+        load_data(TrainConfig(data_dir=str(tmp_path), train_subset=30), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="which has 16 images once --val-split 0.2 holds out 4"):
+        load_data(TrainConfig(data_dir=str(tmp_path), train_subset=18, val_split=0.2), torch.device("cpu"))
+
+
+def test_data_dir_one_level_off_names_the_right_one(tmp_path, capsys):
+    from test_data import write_dataset
+
+    raw = write_dataset(tmp_path / "data", n_train=8)
+    for given in (raw, raw.parent, tmp_path):  # .../FashionMNIST/raw, .../FashionMNIST, the folder above
+        assert main(["train", "--data-dir", str(given), "--out-dir", str(tmp_path / "runs"), "--impl", "torch"]) == 1
+        err = capsys.readouterr().err
+        assert f"The four files are in {raw}: use --data-dir {tmp_path / 'data'} " in err and "Traceback" not in err
+
+
+def test_too_long_warmup_is_a_config_error_before_the_data_loads(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"'warmup_epochs' \(5\) must be shorter than the run, 'epochs' \(2\)"):
+        TrainConfig(scheduler="warmup_cosine", warmup_epochs=5.0, epochs=2).validate()
+    TrainConfig(scheduler="cosine", warmup_epochs=5.0, epochs=2).validate()  # only warmup_cosine warms up
+    # A missing --data-dir would be exit status 1: the config error comes first.
+    assert main(["train", "--scheduler", "warmup_cosine", "--warmup-epochs", "5", "--epochs", "2",
+                 "--data-dir", str(tmp_path / "no-data"), "--out-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "--warmup-epochs" in err and "'epochs' (2)" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+    # Shorter than the run in epochs, but rounded to every step of a 1-step run: still a ConfigError.
+    p = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(ConfigError, match="warmup_epochs.*1 step.*per epoch"):
+        build_scheduler(TrainConfig(scheduler="warmup_cosine", warmup_epochs=0.9, epochs=1), torch.optim.SGD([p], lr=0.1), 1)
 
 
 def test_run_folders_are_never_reused(tmp_path):
@@ -220,7 +291,7 @@ def test_in_process_resume_is_bitwise_identical(tmp_path, device, impl):
 
 def test_anomaly_guard_stops_names_layer_and_keeps_checkpoint(tmp_path):
     data = synthetic()
-    t = Trainer(cfg_small(tmp_path, epochs=3, checkpoint_every=5, widths=[784, 32, 16, 10]), data=data)
+    t = Trainer(cfg_small(tmp_path, epochs=3, checkpoint_every=5, widths=[784, 32, 16, 10], plots=True), data=data)
     calls = {"n": 0}
 
     def poison(mod, args):
@@ -238,7 +309,10 @@ def test_anomaly_guard_stops_names_layer_and_keeps_checkpoint(tmp_path):
     assert ck["global_step"] == 10
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     summary = json.loads((t.run_dir / "summary.json").read_text())
-    assert summary["status"] == "anomaly" and summary["layer"] == "1.linear"
+    assert summary["status"] == "anomaly" and summary["layer"] == "1.linear" and summary["step"] == 12
+    assert summary["checkpoint"]["step"] == 10
+    # The loss curve up to the NaN is the plot a user wants.
+    assert {"loss.png", "lr.png"} <= set(summary["plots"]) and (t.run_dir / "loss.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("impl", ["fastmlp", "torch"])
@@ -309,6 +383,113 @@ def test_inits_and_norms_train(tmp_path, init, norm):
     assert s["history"][-1]["train_loss"] < s["history"][0]["train_loss"]
 
 
+def test_batch_norm_leaves_out_a_last_batch_of_one(tmp_path):
+    """BatchNorm cannot train on one sample: a last batch of 1 is dropped (said once), a last
+    micro-batch of 1 joins the one before it, and configs with only 1-sample batches are errors."""
+    data = synthetic(n_train=129)
+    sizes = [len(x) for x, _ in data.train.batches(64, min_size=2)]
+    assert sizes == [64, 64] and data.train.num_batches(64, min_size=2) == 2 and data.train.dropped(64, 2) == 1
+    assert [len(x) for x, _ in data.train.batches(64)] == [64, 64, 1]
+    out = io.StringIO()
+    s = Trainer(cfg_small(tmp_path, norm="batch", epochs=2, name="drop"), data=data, out=out).fit()
+    assert s["steps"] == 4 and out.getvalue().count("left out (128 of 129 samples per epoch)") == 1
+    # batch 64 x accum 3: one step of 129 = micro-batches 64, 64, 1 -> 64, 65
+    t = Trainer(cfg_small(tmp_path, norm="batch", batch_size=64, accum_steps=3, epochs=1, name="merge"), data=data, out=out)
+    assert t._micro(129) == [64, 65] and t._micro(128) == [64, 64]
+    assert t.fit()["steps"] == 1 and "joins the micro-batch before it" in out.getvalue()
+    with pytest.raises(ConfigError, match="'batch_size' must be >= 2 with norm batch"):
+        cfg_small(tmp_path, norm="batch", batch_size=1).validate()
+    with pytest.raises(ConfigError, match="--samples must be >= 2 with --norm batch"):
+        check_overfit(cfg_small(tmp_path, norm="batch"), samples=1)
+    with pytest.raises(ConfigError, match="norm batch needs at least 2 training samples"):
+        Trainer(cfg_small(tmp_path, norm="batch"), data=synthetic(n_train=1))
+
+
+def _dying(trainer, at):
+    """Make trainer's train_step raise KeyboardInterrupt at its at-th call (a Ctrl-C mid-run)."""
+    orig, calls = trainer.train_step, {"n": 0}
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    trainer.train_step = step
+
+
+def test_interrupted_run_writes_summary_and_plots_and_says_where(tmp_path, monkeypatch, capsys):
+    data = synthetic()
+    t = Trainer(cfg_small(tmp_path, epochs=3, checkpoint_every=5, plots=True, name="int"), data=data)
+    _dying(t, 13)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    summary = json.loads((t.run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 12 and len(summary["history"]) == 1
+    assert summary["checkpoint"] == {"epochs_done": 1, "batches_into_epoch": 2, "step": 10}
+    assert (t.run_dir / "loss.png").is_file() and "loss.png" in summary["plots"]
+    msg = t.stop_message()
+    assert f"run folder {t.run_dir} has a checkpoint from epoch 2, step 10" in msg and f"--resume {t.run_dir}" in msg
+    # Before the first checkpoint; and a plotting failure neither hides the Ctrl-C nor loses the summary.
+    import fastmlp.train.plots as plots
+
+    def broken(*a, **k):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(plots, "write_plots", broken)
+    t = Trainer(cfg_small(tmp_path, plots=True, name="early"), data=data)
+    _dying(t, 3)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert "no checkpoint yet" in t.stop_message() and "cannot be resumed" in t.stop_message()
+    assert json.loads((t.run_dir / "summary.json").read_text())["status"] == "interrupted"
+    assert "no display" in capsys.readouterr().err
+
+
+def test_failed_resume_names_the_problem_and_changes_nothing(tmp_path, capsys):
+    from fastmlp.train.checkpoint import CheckpointError
+
+    data = synthetic()
+    t = Trainer(cfg_small(tmp_path, epochs=3, name="src"), data=data)
+    _dying(t, 9)  # first step of epoch 2: the epoch-1 checkpoint exists
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    good = torch.load(t.run_dir / CHECKPOINT, weights_only=False)
+
+    def case(name, ck):
+        d = tmp_path / name
+        d.mkdir()
+        for f in t.run_dir.iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+        torch.save(ck, d / CHECKPOINT)
+        return d
+
+    def snapshot(d):
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in d.iterdir()}
+
+    cases = [
+        (case("plain", good["model"]), "is not a fastmlp training checkpoint: it holds a model state_dict"),
+        (case("version", dict(good, version=99)), "saved by an incompatible version of fastmlp .*format 99"),
+        (case("weights", dict(good, config=dict(good["config"], widths=[784, 16, 10]))),
+         r"the weights do not match the model its config describes \(widths \[784, 16, 10\].*size mismatch"),
+    ]
+    for d, match in cases:
+        before = snapshot(d)
+        with pytest.raises(CheckpointError, match=match) as e:
+            Trainer.resume(d, overrides={"progress": "off"}, data=data)
+        assert str(d / CHECKPOINT) in str(e.value)
+        assert snapshot(d) == before
+    d = case("data", good)
+    before = snapshot(d)
+    with pytest.raises(CheckpointError, match="trained on other data: 512 training images"):
+        Trainer.resume(d, data=synthetic(n_train=500))
+    assert snapshot(d) == before
+    # Through the CLI: exit status 1, the message, no traceback.
+    assert main(["train", "--resume", str(cases[0][0])]) == 1
+    err = capsys.readouterr().err
+    assert "is not a fastmlp training checkpoint" in err and "Traceback" not in err
+
+
 # ---- real data -----------------------------------------------------------------------------------
 def _cli(*args, env=None, **kw):
     e = dict(os.environ, FASTMLP_DATA=real_data_dir(), PYTHONPATH=str(REPO))
@@ -353,6 +534,73 @@ def test_sigkill_mid_epoch_then_resume_reproduces_losses(tmp_path):
 def test_resume_refuses_config_changes(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--lr", "0.1"]) == 2
     assert "--lr" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path), "--compile"]) == 2
+    assert "drop --compile" in capsys.readouterr().err
+
+
+def test_cli_resume_interrupt_done_complete_and_checkpoint_path(tmp_path, monkeypatch, capsys):
+    """Ctrl-C names the run folder and its checkpoint; resume prints done:, accepts the checkpoint's
+    path and the options that cannot change results; a complete run is left untouched."""
+    args = ["train", "--data-dir", real_data_dir(), "--train-subset", "512", "--batch-size", "64", "--epochs", "2",
+            "--widths", "784", "16", "10", "--impl", "torch", "--device", "cpu", "--progress", "off",
+            "--out-dir", str(tmp_path), "--monitor-every", "0", "--no-plots"]
+    orig = Trainer.train_step
+    calls = {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 11:  # step 3 of epoch 2
+            raise KeyboardInterrupt
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step", dying)
+    assert main(args) == 130
+    run = next(tmp_path.glob("*-fmnist-mlp"))
+    err = capsys.readouterr().err
+    assert f"run folder {run} has a checkpoint from the end of epoch 1 (step 8)" in err
+    assert f"python -m fastmlp train --resume {run}" in err
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(Trainer, "train_step", orig)
+    # The checkpoint file's path; options that cannot change the results may differ.
+    assert main(["train", "--resume", str(run / CHECKPOINT), "--data-dir", real_data_dir(), "--log-every", "7",
+                 "--checkpoint-every", "3", "--no-anomaly-guard", "--progress", "off"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "done: test acc" in out and f"run folder {run}" in out
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()}
+    assert main(["train", "--resume", str(run), "--progress", "off"]) == 0
+    out = capsys.readouterr().out
+    assert f"run {run} is already complete: all 2 epochs trained (step 16)" in out and "resuming" not in out
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()} == before
+    assert main(["train", "--resume", str(run / "summary.json")]) == 2
+    assert f"Did you mean --resume {run}?" in capsys.readouterr().err
+
+
+def test_subcommands_honour_amp_and_warn_about_ignored_flags(tmp_path, monkeypatch, capsys):
+    real_autocast, seen = torch.autocast, []
+
+    def spy(device_type, dtype=None, enabled=True, **kw):
+        seen.append((dtype, enabled))
+        return real_autocast(device_type, dtype=dtype, enabled=enabled, **kw)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    common = ["--data-dir", real_data_dir(), "--train-subset", "512", "--widths", "784", "16", "10", "--impl", "torch",
+              "--device", "cpu", "--amp", "bf16", "--out-dir", str(tmp_path)]
+    assert main(["lr-find", *common, "--num-steps", "12", "--epochs", "3", "--compile", "--lr", "0.1", "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --compile has no effect" in err and "--epochs, --lr have no effect" in err
+    assert "--amp" not in err and "--no-plots" not in err and "--plots" not in err
+    assert seen and all(s == (torch.bfloat16, True) for s in seen)
+    assert not list(tmp_path.glob("*/lr_find.png")) and list(tmp_path.glob("*/lr_find.json"))  # --no-plots honoured
+    seen.clear()
+    main(["check-overfit", *common, "--samples", "8", "--max-steps", "10", "--accum-steps", "2", "--dropout", "0.5"])
+    err = capsys.readouterr().err
+    assert "--accum-steps has no effect (--samples sets its one batch)" in err and "--dropout has no effect" in err
+    assert seen and all(s == (torch.bfloat16, True) for s in seen)
+    with pytest.raises(SystemExit):
+        main(["check-overfit", "--help"])
+    out = capsys.readouterr().out
+    assert "--max-steps N" in out and "PASSED once the cross-entropy" in out and "--target-loss X" in out
 
 
 def test_check_overfit_and_lr_find(tmp_path, capsys):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save", "rng_state", "set_rng_state", "load_checkpoint"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save", "rng_state", "set_rng_state", "load_checkpoint",
+           "CheckpointError"]
 
 
 def _umask():
@@ -68,12 +69,39 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+VERSION = 1  # the checkpoint format written by _save_checkpoint; bump when an entry changes meaning
+_KEYS = ("version", "config", "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step_in_epoch",
+         "global_step", "history", "epoch_losses", "epoch_time")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resumed from; the message names the file and what is wrong with it."""
+
+
 def load_checkpoint(path):
+    """The checkpoint dict at path, checked to be a fastmlp training checkpoint of this format."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     try:
         # Our own checkpoints hold RNG states and Python objects (config dict, history), hence weights_only=False.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"--resume: {path} is not a readable fastmlp checkpoint ({e})") from e
+        raise CheckpointError(f"--resume: {path} is not a readable fastmlp checkpoint ({e})") from e
+    need = ("--resume needs the checkpoint.pt that `fastmlp train` writes (config, weights, optimizer and RNG "
+            "state together)")
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"--resume: {path} is not a fastmlp training checkpoint: it holds a "
+                              f"{type(ck).__name__}; {need}")
+    if "version" not in ck or "config" not in ck:
+        kind = "a model state_dict (weights only)" if ck and all(isinstance(v, torch.Tensor) for v in ck.values()) \
+            else "a dict without 'version' and 'config' entries"
+        raise CheckpointError(f"--resume: {path} is not a fastmlp training checkpoint: it holds {kind}; {need}")
+    if ck["version"] != VERSION:
+        raise CheckpointError(f"--resume: {path} was saved by an incompatible version of fastmlp (checkpoint format "
+                              f"{ck['version']!r}; this version reads format {VERSION}); start a new run, or resume "
+                              "with the fastmlp version that wrote it")
+    missing = [k for k in _KEYS if k not in ck]
+    if missing:
+        raise CheckpointError(f"--resume: {path} is not a complete fastmlp checkpoint: it lacks {', '.join(missing)}")
+    return ck

@@ -31,7 +31,7 @@ def _add_config_flags(p):
         if isinstance(default, bool):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, list):
-            g.add_argument(flag, nargs="+", type=type(default[0]), metavar="N", **kw)
+            g.add_argument(flag, nargs="+", type=type(default[0]), metavar="X" if isinstance(default[0], float) else "N", **kw)
         elif isinstance(default, float):
             g.add_argument(flag, type=float, metavar="X", **kw)
         elif isinstance(default, int):
@@ -44,20 +44,87 @@ def build_parser():
     p = argparse.ArgumentParser(prog="fastmlp", description="Train MLPs on Fashion-MNIST with fastmlp's fused kernels.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,check-overfit,lr-find}")
     t = sub.add_parser("train", help="train a model (the default recipe reaches ~0.91 test accuracy)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint, as if never stopped")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint, as if never stopped "
+                   f"(the run folder, or the checkpoint.pt in it); only {_flag_list(RESUME_MAY_CHANGE | {'monitor_every'})} "
+                   "may be given with it (--monitor-every not for a --compile run)")
     t.add_argument("--compare", action="store_true", help="run with --impl torch and --impl fastmlp, print both")
     _add_config_flags(t)
-    c = sub.add_parser("check-overfit", help="sanity check: overfit one small batch to near-zero loss")
-    c.add_argument("--samples", type=int, default=64, help="batch size to overfit")
-    c.add_argument("--max-steps", type=int, default=500)
-    c.add_argument("--target-loss", type=float, default=0.01)
+    c = sub.add_parser("check-overfit", help="sanity check: overfit one small batch to near-zero loss",
+                       description="Overfit one batch of --samples training images (dropout, label smoothing and "
+                                   "weight decay off, constant lr) until the loss is below --target-loss. "
+                                   f"Options without effect here: {_flag_list(IGNORED['check-overfit'])}.")
+    c.add_argument("--samples", type=int, default=64, metavar="N", help="batch size to overfit (default: 64)")
+    c.add_argument("--max-steps", type=int, default=500, metavar="N",
+                   help="optimizer steps before giving up: FAILED if the loss has not reached --target-loss (default: 500)")
+    c.add_argument("--target-loss", type=float, default=0.01, metavar="X",
+                   help="PASSED once the cross-entropy on the batch falls below this (default: 0.01)")
     _add_config_flags(c)
-    lf = sub.add_parser("lr-find", help="learning-rate range test with a plot and a suggested lr")
-    lf.add_argument("--start-lr", type=float, default=1e-7)
-    lf.add_argument("--end-lr", type=float, default=10.0)
-    lf.add_argument("--num-steps", type=int, default=100)
+    lf = sub.add_parser("lr-find", help="learning-rate range test with a plot and a suggested lr",
+                        description="Train with a learning rate rising exponentially from --start-lr to --end-lr, "
+                                    "one batch per step, and suggest the lr of the steepest loss descent. "
+                                    f"Options without effect here: {_flag_list(IGNORED['lr-find'])}.")
+    lf.add_argument("--start-lr", type=float, default=1e-7, metavar="X", help="first learning rate (default: 1e-7)")
+    lf.add_argument("--end-lr", type=float, default=10.0, metavar="X", help="last learning rate (default: 10)")
+    lf.add_argument("--num-steps", type=int, default=100, metavar="N",
+                    help="steps of the sweep, at most (it stops early once the loss diverges; default: 100)")
     _add_config_flags(lf)
     return p
+
+
+# Options that may differ on --resume: they cannot change the trained weights or the metrics, so the
+# resumed run stays identical to one never stopped. log_every only sets when metrics.jsonl is
+# flushed; checkpoint_every only when extra checkpoints are saved (saving reads state, draws no
+# random numbers); the anomaly guard only reads a flag per step; data_dir is where this machine
+# keeps the same dataset (the checkpoint records its size and mean, checked on resume).
+# monitor_every may change unless the run uses --compile: monitored steps run eagerly, the others
+# compiled, so their numerics differ.
+RESUME_MAY_CHANGE = {"device", "progress", "plots", "data_dir", "log_every", "checkpoint_every", "anomaly_guard"}
+
+# Options a subcommand does not use, with the reason; given on its command line, they get a warning.
+# (Both honour the data, model and optimizer options, --amp, --clip-grad-norm, --seed, --deterministic
+# and --device; lr-find also --batch-size, --label-smoothing, --name, --out-dir and --plots.)
+def _why(reason, *names):
+    return {n: reason for n in names}
+
+
+_SCHEDULE = ("epochs", "scheduler", "step_size", "gamma", "warmup_epochs", "pct_start", "min_lr")
+_LOGGING = ("log_every", "monitor_every", "checkpoint_every", "anomaly_guard", "progress")
+IGNORED = {
+    "check-overfit": {
+        **_why("it trains one batch at a constant --lr for at most --max-steps steps", *_SCHEDULE),
+        **_why("--samples sets its one batch", "batch_size", "accum_steps"),
+        **_why("it runs the model eagerly", "compile"),
+        **_why("it switches dropout, label smoothing and weight decay off to test memorisation alone",
+               "dropout", "label_smoothing", "weight_decay"),
+        **_why("it writes no run folder, log, checkpoint or plot, and stops on a non-finite loss by itself",
+               "name", "out_dir", "plots", *_LOGGING),
+    },
+    "lr-find": {
+        **_why("it sets the lr itself, rising from --start-lr to --end-lr over at most --num-steps steps",
+               "lr", *_SCHEDULE),
+        **_why("it takes one --batch-size batch per step", "accum_steps"),
+        **_why("it runs the model eagerly", "compile"),
+        **_why("it writes only lr_find.json and lr_find.png, and stops on a non-finite loss by itself", *_LOGGING),
+    },
+}
+
+
+def _flag_list(names):
+    return ", ".join("--" + n.replace("_", "-") for n in sorted(names))
+
+
+def warn_ignored(command, flags, err=None):
+    """Warn once about each command-line option that has no effect on this subcommand; returns them."""
+    err = err or sys.stderr
+    ignored = IGNORED.get(command, {})
+    given = sorted(k for k in flags if k in ignored)
+    by_reason = {}
+    for k in given:
+        by_reason.setdefault(ignored[k], []).append(k)
+    for reason, names in by_reason.items():
+        print(f"fastmlp {command}: warning: {_flag_list(names)} {'has' if len(names) == 1 else 'have'} no effect "
+              f"({reason}); ignored", file=err)
+    return given
 
 
 def resolve_config(args):
@@ -71,30 +138,64 @@ def resolve_config(args):
     return TrainConfig.from_dict(base, source=src), flags
 
 
+class _Stopped(Exception):
+    """A run ended by Ctrl-C; the message says where it is and whether it can be resumed."""
+
+
+def _fit(trainer):
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        raise _Stopped(trainer.stop_message()) from None
+
+
+def _done(s):
+    spe = f"{s['seconds_per_epoch']:.2f} s/epoch" if s.get("seconds_per_epoch") is not None else "no epochs timed"
+    acc = f"{s['final_test_acc']:.4f}" if s.get("final_test_acc") is not None else "-"
+    print(f"done: test acc {acc}, {spe}, run folder {s['run_dir']}")
+
+
+def _resume(args):
+    from .engine import Trainer, completed_summary, open_run  # noqa: PLC0415
+
+    _, flags = resolve_config(args)
+    if args.compare:
+        raise ConfigError("--resume and --compare cannot be combined")
+
+    def refuse(bad, allowed):
+        if bad:
+            raise ConfigError(f"--resume continues a run with its saved config; drop {_flag_list(bad)} "
+                              f"(only {_flag_list(allowed)} may change, as they cannot change the results)")
+
+    allowed = RESUME_MAY_CHANGE | {"monitor_every"}
+    refuse(sorted(set(flags) - allowed) + (["config"] if args.config else []), allowed)
+    run_dir, ck = open_run(args.resume)
+    if "monitor_every" in flags and ck["config"].get("compile"):
+        raise ConfigError("--resume: drop --monitor-every: the run uses --compile, where monitored steps run eagerly "
+                          "and the others compiled, so changing it would change the results")
+    epochs = ck["config"].get("epochs")
+    if isinstance(epochs, int) and completed_summary(run_dir, ck["epoch"], epochs) is not None:
+        print(f"run {run_dir} is already complete: all {epochs} epochs trained (step {ck['global_step']}); "
+              "nothing to do. Start a new run to train longer.")
+        return 0
+    _done(_fit(Trainer.resume(run_dir, overrides=flags, checkpoint=ck)))
+    return 0
+
+
 def _train(args):
     from .engine import Trainer  # noqa: PLC0415
 
     if args.resume:
-        _, flags = resolve_config(args)
-        allowed = {"device", "progress", "plots"}
-        bad = sorted(set(flags) - allowed) + (["config"] if args.config else [])
-        if bad:
-            raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join('--' + b.replace('_', '-') for b in bad)} "
-                              f"(only {', '.join('--' + a for a in sorted(allowed))} may change)")
-        if args.compare:
-            raise ConfigError("--resume and --compare cannot be combined")
-        Trainer.resume(args.resume, overrides=flags).fit()
-        return 0
+        return _resume(args)
     cfg, _ = resolve_config(args)
     if not args.compare:
-        s = Trainer(cfg).fit()
-        print(f"done: test acc {s['final_test_acc']:.4f}, {s['seconds_per_epoch']:.2f} s/epoch, run folder {s['run_dir']}")
+        _done(_fit(Trainer(cfg)))
         return 0
     results = {}
     for impl in ("torch", "fastmlp"):
         c = dataclasses.replace(cfg, impl=impl, name=f"{cfg.name}-{impl}")
         print(f"--- impl {impl} ---")
-        results[impl] = Trainer(c).fit()
+        results[impl] = _fit(Trainer(c))
     print_compare(results)
     return 0
 
@@ -116,33 +217,40 @@ def print_compare(results):
 def check_overfit(cfg, samples=64, max_steps=500, target_loss=0.01, out=None):
     """Overfit one batch with dropout, label smoothing, weight decay and the schedule switched off.
     Returns (passed, final loss, steps)."""
-    from .engine import build_model, build_optimizer, load_data, resolve_device  # noqa: PLC0415
+    from .engine import apply_deterministic, build_model, build_optimizer, load_data, min_batch, resolve_device  # noqa: PLC0415
 
     out = out or sys.stdout
     cfg = dataclasses.replace(cfg, dropout=0.0, label_smoothing=0.0, weight_decay=0.0).validate()
+    if max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {max_steps}")
+    if not (math.isfinite(target_loss) and target_loss > 0):
+        raise ConfigError(f"--target-loss must be a number > 0, got {target_loss}")
+    if samples < min_batch(cfg):
+        why = (" with --norm batch (BatchNorm normalises with the statistics of the batch, which needs at least 2 "
+               "samples)") if cfg.norm == "batch" else ""
+        raise ConfigError(f"--samples must be >= {min_batch(cfg)}{why}, got {samples}")
+    apply_deterministic(cfg)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
     if not 1 <= samples <= len(data.train):
-        raise ConfigError(f"--samples must be in [1, {len(data.train)}], got {samples}")
+        raise ConfigError(f"--samples must be in [{min_batch(cfg)}, {len(data.train)}], got {samples}")
     model = build_model(cfg, device, data)
     opt = build_optimizer(cfg, model)
     x, y = data.train.x[:samples], data.train.y[:samples]
-    loss_fn = torch.nn.CrossEntropyLoss()
+    step_fn = _step_fn(cfg, device, model, opt, torch.nn.CrossEntropyLoss())
     model.train()
     loss_v = math.inf
     for step in range(1, max_steps + 1):
-        loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = step_fn(x, y)
         if step % 10 == 0 or step == max_steps:
             loss_v = loss.item()
             if not math.isfinite(loss_v) or loss_v < target_loss:
                 break
     passed = math.isfinite(loss_v) and loss_v < target_loss
     if passed:
+        amp = f", amp {cfg.amp}" if cfg.amp != "off" else ""
         print(f"check-overfit PASSED: loss {loss_v:.4g} < {target_loss} after {step} steps on {samples} samples "
-              f"(impl {cfg.impl}, {cfg.optimizer} lr {cfg.lr:g})", file=out)
+              f"(impl {cfg.impl}, {cfg.optimizer} lr {cfg.lr:g}{amp})", file=out)
     else:
         print(f"check-overfit FAILED: loss is still {loss_v:.4g} (target {target_loss}) after {step} steps on one batch "
               f"of {samples}. The model cannot memorise a tiny batch: check the learning rate (--lr), the "
@@ -150,26 +258,50 @@ def check_overfit(cfg, samples=64, max_steps=500, target_loss=0.01, out=None):
     return passed, loss_v, step
 
 
+def _step_fn(cfg, device, model, opt, loss_fn):
+    """One optimizer step as the Trainer takes it (autocast and, for fp16, a GradScaler; gradient
+    clipping), for check-overfit and lr-find. Returns step(x, y) -> the loss tensor."""
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.clip_grad_norm > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        return loss.detach().float()
+
+    return step
+
+
 def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=None):
     """Exponentially increasing lr, one batch per step; stops when the smoothed loss passes 4x its
     best. Suggests the lr of the steepest descent of the smoothed loss. Returns a dict."""
-    from .engine import build_model, build_optimizer, load_data, new_run_dir, resolve_device  # noqa: PLC0415
+    from .engine import (apply_deterministic, build_model, build_optimizer, load_data, min_batch,  # noqa: PLC0415
+                         new_run_dir, resolve_device)
     from .checkpoint import atomic_write_json  # noqa: PLC0415
-    from .plots import plot_lr_find  # noqa: PLC0415
 
     out = out or sys.stdout
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"--start-lr and --end-lr must satisfy 0 < start < end, got {start_lr}, {end_lr}")
     if num_steps < 5:
         raise ConfigError(f"--num-steps must be >= 5, got {num_steps}")
+    apply_deterministic(cfg)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
     model = build_model(cfg, device, data)
     opt = build_optimizer(cfg, model, lr=start_lr)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    step_fn = _step_fn(cfg, device, model, opt, torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
     mult = (end_lr / start_lr) ** (1 / (num_steps - 1))
     order = data.train.permutation(cfg.seed, 0)
-    batches = data.train.batches(cfg.batch_size, order)
+    mb = min_batch(cfg)
+    batches = data.train.batches(cfg.batch_size, order, min_size=mb)
     lrs, losses, smoothed = [], [], []
     # An averaging window of ~5% of the sweep: long enough to steady the curve, short enough that
     # it still rises before an adaptive optimizer (which recovers from the spike) pulls the loss back.
@@ -179,16 +311,12 @@ def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=None):
         try:
             x, y = next(batches)
         except StopIteration:
-            batches = data.train.batches(cfg.batch_size, data.train.permutation(cfg.seed, i))
+            batches = data.train.batches(cfg.batch_size, data.train.permutation(cfg.seed, i), min_size=mb)
             x, y = next(batches)
         lr = start_lr * mult ** i
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        v = loss.item()
+        v = step_fn(x, y).item()
         if not math.isfinite(v):
             break
         avg = beta * avg + (1 - beta) * v
@@ -205,16 +333,21 @@ def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=None):
         if slopes:
             suggestion = lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)]
     run_dir = new_run_dir(cfg.out_dir, f"{cfg.name}-lr-find")
-    plot_lr_find(run_dir / "lr_find.png", lrs, losses, smoothed, suggestion)
+    plot = run_dir / "lr_find.png"
+    if cfg.plots:
+        from .plots import plot_lr_find  # noqa: PLC0415  (matplotlib is slow to import)
+
+        plot_lr_find(plot, lrs, losses, smoothed, suggestion)
+    where = f"see {plot}" if cfg.plots else f"see {run_dir / 'lr_find.json'}"
     result = {"suggested_lr": suggestion, "lrs": lrs, "losses": losses, "smoothed": smoothed,
               "min_loss_lr": lrs[min(range(len(smoothed)), key=smoothed.__getitem__)] if smoothed else None,
               "run_dir": str(run_dir), "config": cfg.to_dict()}
     atomic_write_json(run_dir / "lr_find.json", result)
     if suggestion is None:
-        print(f"lr-find: no clear descent in {len(lrs)} steps; see {run_dir / 'lr_find.png'}", file=out)
+        print(f"lr-find: no clear descent in {len(lrs)} steps; {where}", file=out)
     else:
         print(f"lr-find: suggested lr {suggestion:.2e} (steepest descent; the loss was lowest at "
-              f"{result['min_loss_lr']:.2e}). Plot: {run_dir / 'lr_find.png'}", file=out)
+              f"{result['min_loss_lr']:.2e}); {where}", file=out)
     return result
 
 
@@ -223,7 +356,8 @@ def main(argv=None):
     try:
         if args.command == "train":
             return _train(args)
-        cfg, _ = resolve_config(args)
+        cfg, flags = resolve_config(args)
+        warn_ignored(args.command, flags)
         if args.command == "check-overfit":
             passed, _, _ = check_overfit(cfg, args.samples, args.max_steps, args.target_loss)
             return 0 if passed else 1
@@ -235,14 +369,25 @@ def main(argv=None):
     except OSError as e:  # an unwritable --out-dir, a full disk: say which path, no traceback
         print(f"fastmlp {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except _Stopped as e:
+        print(f"fastmlp {args.command}: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume RUN_DIR if a checkpoint was written", file=sys.stderr)
+        if args.command != "train":
+            what = "; nothing was written"
+        elif getattr(args, "resume", None):
+            what = f"before training resumed; {args.resume} is as it was"
+        else:
+            what = "before training started; there is nothing to resume"
+        print(f"fastmlp {args.command}: interrupted {what}".replace(" ;", ";"), file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001
         from ..data import DataError  # noqa: PLC0415
         from ..monitor import AnomalyError  # noqa: PLC0415
+        from .checkpoint import CheckpointError  # noqa: PLC0415
 
-        if isinstance(e, (DataError, AnomalyError)) or (isinstance(e, (RuntimeError, ValueError)) and str(e).startswith("--")):
+        if isinstance(e, (DataError, AnomalyError, CheckpointError)) or (
+                isinstance(e, (RuntimeError, ValueError)) and str(e).startswith("--")):
             print(f"fastmlp {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -5,6 +5,7 @@ dataclass defaults), a --config YAML file, then command-line flags.
 """
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,21 +105,35 @@ class TrainConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(k, "an int >= 0", v)
-        for k in ("lr", "weight_decay", "momentum", "clip_grad_norm", "min_lr", "warmup_epochs", "gamma"):
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        # One range per option, so a second attempt never meets a different message (lr: -1, then 0).
+        for k in ("lr", "step_size"):
             v = getattr(self, k)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            if not number(v) or v <= 0:
+                bad(k, "a number > 0", v)
+        for k in ("weight_decay", "momentum", "clip_grad_norm", "min_lr", "warmup_epochs", "gamma"):
+            v = getattr(self, k)
+            if not number(v) or v < 0:
                 bad(k, "a number >= 0", v)
-        if self.lr <= 0:
-            bad("lr", "a number > 0", self.lr)
-        if self.step_size <= 0:
-            bad("step_size", "a number of epochs > 0", self.step_size)
         for k, hi in (("dropout", 1.0), ("val_split", 1.0), ("label_smoothing", 1.0), ("pct_start", 1.0)):
             v = getattr(self, k)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < hi:
+            if not number(v) or not 0 <= v < hi:
                 bad(k, f"a number in [0, {hi:g})", v)
         if not (isinstance(self.betas, list) and len(self.betas) == 2 and all(
-                isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+                number(b) and 0 <= b < 1 for b in self.betas)):
             bad("betas", "two numbers in [0, 1)", self.betas)
+        if self.scheduler == "warmup_cosine" and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"config option 'warmup_epochs' ({self.warmup_epochs:g}) must be shorter than the run, "
+                              f"'epochs' ({self.epochs}), with scheduler warmup_cosine: lower --warmup-epochs "
+                              "or raise --epochs")
+        if self.norm == "batch" and self.batch_size < 2:
+            raise ConfigError(f"config option 'batch_size' must be >= 2 with norm batch (BatchNorm normalises with "
+                              f"the statistics of the batch, which needs at least 2 samples), got {self.batch_size}")
+        if self.norm == "batch" and self.train_subset == 1:
+            raise ConfigError("config option 'train_subset' must not be 1 with norm batch (BatchNorm needs at least "
+                              "2 samples per training batch), got 1")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             bad("nesterov", "false unless optimizer is sgd with momentum > 0", self.nesterov)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -155,23 +170,44 @@ def _coerce(name, f, v, source):
         if not isinstance(v, bool):
             raise ConfigError(f"{source}: option '{name}' must be true or false, got {v!r}")
         return v
-    if isinstance(default, float):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{source}: option '{name}' must be a number, got {v!r}")
-        return float(v)
-    if isinstance(default, int):
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{source}: option '{name}' must be an int, got {v!r}")
-        return v
     if isinstance(default, list):
         if not isinstance(v, (list, tuple)):
             raise ConfigError(f"{source}: option '{name}' must be a list, got {v!r}")
-        return [(float(x) if isinstance(default[0], float) and isinstance(x, int) and not isinstance(x, bool) else x) for x in v]
+        return [_number(name, type(default[0]), x, source) for x in v]
+    if isinstance(default, (int, float)):
+        return _number(name, type(default), v, source)
     if not isinstance(v, str):
         raise ConfigError(f"{source}: option '{name}' must be a string, got {v!r}")
     return v
+
+
+def _number(name, kind, v, source):
+    """v as a float (kind float) or an int (kind int). YAML 1.1 reads 1e-3 (no dot) as a string, so
+    numeric strings count as numbers; an int option takes a float or string only when it is whole."""
+    what = "a number" if kind is float else "an int"
+    x = v
+    if isinstance(x, str):
+        try:
+            x = float(x.strip().replace("_", "")) if kind is float else _int_or_float(x.strip())
+        except ValueError:
+            raise ConfigError(f"{source}: option '{name}' must be {what}, got {v!r}") from None
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ConfigError(f"{source}: option '{name}' must be {what}, got {v!r}")
+    if kind is float:
+        return float(x)
+    if isinstance(x, float):
+        if not x.is_integer():
+            raise ConfigError(f"{source}: option '{name}' must be {what}, got {v!r}")
+        x = int(x)
+    return x
+
+
+def _int_or_float(s):
+    s = s.replace("_", "")
+    try:
+        return int(s)
+    except ValueError:
+        return float(s)
 
 
 def load_yaml(path):

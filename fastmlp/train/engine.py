@@ -24,13 +24,22 @@ from torch import nn
 from .. import nn as fnn
 from ..data import FashionMNIST
 from ..monitor import AnomalyError, AnomalyGuard, Monitor, total_grad_norm
-from .checkpoint import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint, rng_state, set_rng_state
-from .config import TrainConfig
+from .checkpoint import (CheckpointError, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint,
+                         rng_state, set_rng_state)
+from .config import ConfigError, TrainConfig
 
 __all__ = ["Trainer", "build_model", "build_optimizer", "build_scheduler", "resolve_device", "new_run_dir",
-           "optim_module", "load_data"]
+           "optim_module", "load_data", "open_run", "apply_deterministic", "min_batch", "completed_summary", "CheckpointError"]
 
 CHECKPOINT = "checkpoint.pt"
+
+
+def apply_deterministic(cfg):
+    """--deterministic: deterministic kernels only (process-wide)."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
 
 def resolve_device(spec):
@@ -52,7 +61,26 @@ def optim_module(impl):
 
 
 def load_data(cfg, device):
-    return FashionMNIST.load(cfg.data_dir, device=device, val_split=cfg.val_split, train_subset=cfg.train_subset)
+    data = FashionMNIST.load(cfg.data_dir, device=device, val_split=cfg.val_split, train_subset=cfg.train_subset)
+    check_data(cfg, data)
+    return data
+
+
+def check_data(cfg, data):
+    """The config errors that only the data can show (the size of the training split)."""
+    n = len(data.train)
+    if cfg.train_subset and n < cfg.train_subset:
+        held = f" once --val-split {cfg.val_split:g} holds out {len(data.val)}" if data.val is not None else ""
+        raise ConfigError(f"config option 'train_subset' ({cfg.train_subset}) is larger than the training split, "
+                          f"which has {n} images{held}; use at most {n}, or 0 for all of them")
+    if cfg.norm == "batch" and n < 2:
+        raise ConfigError(f"norm batch needs at least 2 training samples (BatchNorm normalises with batch "
+                          f"statistics), but the training split has {n}")
+
+
+def min_batch(cfg):
+    """The smallest training (micro-)batch the model can take: BatchNorm cannot train on one sample."""
+    return 2 if cfg.norm == "batch" else 1
 
 
 def build_model(cfg, device, data=None):
@@ -103,9 +131,10 @@ def build_scheduler(cfg, optimizer, steps_per_epoch):
     # warmup_cosine: torch's SequentialLR([LinearLR(start_factor=0.01), CosineAnnealingLR]) in closed
     # form, which resumes from a state_dict without SequentialLR's milestone bookkeeping.
     warm = max(1, round(cfg.warmup_epochs * steps_per_epoch))
-    if warm >= total:
-        raise ValueError(f"config option 'warmup_epochs' ({cfg.warmup_epochs}) must be shorter than the run "
-                         f"({cfg.epochs} epochs)")
+    if warm >= total:  # TrainConfig.validate catches warmup_epochs >= epochs; this is the rounding of short runs
+        raise ConfigError(f"config option 'warmup_epochs' ({cfg.warmup_epochs:g}) must be shorter than the run, "
+                          f"'epochs' ({cfg.epochs}): with {steps_per_epoch} step(s) per epoch the warmup takes {warm} "
+                          f"of the {total} steps; lower --warmup-epochs or raise --epochs")
     base, floor = cfg.lr, cfg.min_lr
 
     def factor(s):
@@ -144,12 +173,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir=None, data=None, out=None, _checkpoint=None):
         self.cfg = cfg.validate()
         self.out = out if out is not None else sys.stdout
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
+        apply_deterministic(cfg)
         self.device = resolve_device(cfg.device)
         self.data = data if data is not None else load_data(cfg, self.device)
+        check_data(cfg, self.data)
         self.model = build_model(cfg, self.device, self.data)
         # The compiled module shares the model's parameters; checkpoints, the monitor's hooks, the
         # anomaly replay and evaluation use the eager module (hooks added to a compiled module
@@ -157,7 +184,8 @@ class Trainer:
         self.compiled = torch.compile(self.model) if cfg.compile else None
         self.optimizer = build_optimizer(cfg, self.model)
         self.eff_batch = cfg.batch_size * cfg.accum_steps
-        self.steps_per_epoch = self.data.train.num_batches(self.eff_batch)
+        self.min_batch = min_batch(cfg)
+        self.steps_per_epoch = self.data.train.num_batches(self.eff_batch, self.min_batch)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
@@ -170,6 +198,7 @@ class Trainer:
         self.history, self.epoch_losses, self.epoch_time = [], [], 0.0
         self.pending = []
         self.has_checkpoint = False
+        self.last_checkpoint = None  # (epoch, step_in_epoch, global_step) of the checkpoint on disk
         if run_dir is None:
             self.run_dir = new_run_dir(cfg.out_dir, cfg.name)
         else:
@@ -182,26 +211,55 @@ class Trainer:
 
     # ---- resume ------------------------------------------------------------------------------
     @classmethod
-    def resume(cls, run_dir, out=None, overrides=None, data=None):
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"--resume: {run_dir} is not a run folder")
-        ck = load_checkpoint(run_dir / CHECKPOINT)
+    def resume(cls, run_dir, out=None, overrides=None, data=None, checkpoint=None):
+        """The Trainer of a stopped run, at its checkpoint. run_dir: the run folder, or the checkpoint
+        file in it. Nothing in the folder changes unless the checkpoint is valid for its config and data."""
+        if checkpoint is None:
+            run_dir, checkpoint = open_run(run_dir)
+        run_dir, ck = Path(run_dir), checkpoint
         cfg_dict = dict(ck["config"])
         cfg_dict.update(overrides or {})
         cfg = TrainConfig.from_dict(cfg_dict, source=f"{run_dir / CHECKPOINT}")
         return cls(cfg, run_dir=run_dir, out=out, data=data, _checkpoint=ck)
 
     def _restore(self, ck):
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        if self.scheduler is not None and ck["scheduler"] is not None:
-            self.scheduler.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        self.epoch, self.step_in_epoch, self.global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
-        self.history, self.epoch_losses, self.epoch_time = ck["history"], ck["epoch_losses"], ck["epoch_time"]
-        set_rng_state(ck["rng"])
+        path = self.run_dir / CHECKPOINT
+        saved = ck.get("data")
+        n_train = len(self.data.train)
+        if saved and (saved.get("n_train") != n_train or not math.isclose(saved.get("mean", math.nan), self.data.mean,
+                                                                        rel_tol=1e-6)):
+            raise CheckpointError(
+                f"--resume: {path} was trained on other data: {saved.get('n_train')} training images of mean "
+                f"{saved.get('mean', math.nan):.6f}, but the data now loaded (--data-dir {self.cfg.data_dir or 'default'}) "
+                f"gives {n_train} of mean {self.data.mean:.6f}; resume with the run's dataset")
+        try:
+            self.model.load_state_dict(ck["model"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            detail = " ".join(str(e).split())
+            raise CheckpointError(
+                f"--resume: {path}: the weights do not match the model its config describes (widths {self.cfg.widths}, "
+                f"norm {self.cfg.norm}, impl {self.cfg.impl}); the checkpoint was edited or is from another run. "
+                f"{detail[:600]}") from e
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+            if self.scheduler is not None and ck["scheduler"] is not None:
+                self.scheduler.load_state_dict(ck["scheduler"])
+            self.scaler.load_state_dict(ck["scaler"])
+            epoch, step_in_epoch, global_step = (int(ck[k]) for k in ("epoch", "step_in_epoch", "global_step"))
+            history, epoch_losses, epoch_time = list(ck["history"]), list(ck["epoch_losses"]), float(ck["epoch_time"])
+            set_rng_state(ck["rng"])
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
+            raise CheckpointError(f"--resume: {path}: the optimizer, scheduler or RNG state does not fit the run's "
+                                  f"config ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
+        if not (0 <= step_in_epoch < max(1, self.steps_per_epoch) and 0 <= epoch):
+            raise CheckpointError(f"--resume: {path}: its position (epoch {epoch + 1}, batch {step_in_epoch}) is not "
+                                  f"within an epoch of {self.steps_per_epoch} steps")
+        self.epoch, self.step_in_epoch, self.global_step = epoch, step_in_epoch, global_step
+        self.history, self.epoch_losses, self.epoch_time = history, epoch_losses, epoch_time
         self.has_checkpoint = True
+        self.last_checkpoint = (epoch, step_in_epoch, global_step)
+        if self.epoch >= self.cfg.epochs:
+            return  # nothing left to train: the folder is left as it is
         # Steps logged after the checkpoint (by the run that stopped) are about to be redone.
         path = self.run_dir / "metrics.jsonl"
         kept = []
@@ -224,9 +282,32 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "rng": rng_state(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "history": self.history, "epoch_losses": self.epoch_losses, "epoch_time": self.epoch_time,
+            # What the data was, so a resume on another machine (--data-dir) can tell it has the same.
+            "data": {"n_train": len(self.data.train), "mean": self.data.mean, "std": self.data.std,
+                     "steps_per_epoch": self.steps_per_epoch},
         }
         atomic_save(ck, self.run_dir / CHECKPOINT)
         self.has_checkpoint = True
+        self.last_checkpoint = (self.epoch, self.step_in_epoch, self.global_step)
+
+    def checkpoint_description(self):
+        """Where the checkpoint on disk stands, in words; None when none was written."""
+        if self.last_checkpoint is None:
+            return None
+        epoch, step_in_epoch, step = self.last_checkpoint
+        if step_in_epoch == 0:
+            return f"the end of epoch {epoch} (step {step})" if epoch else f"the start (step {step})"
+        return f"epoch {epoch + 1}, step {step} ({step_in_epoch} of {self.steps_per_epoch} batches into the epoch)"
+
+    def stop_message(self, what="interrupted"):
+        """What a stopped run left behind and how to continue it."""
+        where = self.checkpoint_description()
+        if where is None:
+            first = "at the end of epoch 1" + (f" or at step {self.cfg.checkpoint_every}" if self.cfg.checkpoint_every else "")
+            return (f"{what}; run folder {self.run_dir} has no checkpoint yet (the first is written {first}), so it "
+                    "cannot be resumed: start the run again")
+        return (f"{what}; run folder {self.run_dir} has a checkpoint from {where}. Continue it with: "
+                f"python -m fastmlp train --resume {self.run_dir}")
 
     # ---- logging -----------------------------------------------------------------------------
     def _flush(self):
@@ -234,8 +315,8 @@ class Trainer:
             return
         losses = torch.stack([p[2] for p in self.pending]).float()
         norms = torch.stack([p[3] if p[3] is not None else torch.full((), float("nan"), device=losses.device)
-                             for p in self.pending]).float()
-        lv, nv = torch.stack([losses, norms.to(losses.device)]).tolist()  # the one sync
+                             for p in self.pending]).double()  # a diverging run's norm can pass fp32's range
+        lv, nv = torch.stack([losses.double(), norms.to(losses.device)]).tolist()  # the one sync
         lines = []
         for (step, epoch, _, _, lr, mon), loss, gn in zip(self.pending, lv, nv):
             rec = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr}
@@ -276,7 +357,7 @@ class Trainer:
         if self.compiled is not None and not eager and not self.monitor.instrumenting:
             model = self.compiled
         total = None
-        chunks = [(xb, yb)] if self.cfg.accum_steps == 1 else zip(xb.split(self.cfg.batch_size), yb.split(self.cfg.batch_size))
+        chunks = [(xb, yb)] if self.cfg.accum_steps == 1 else zip(xb.split(self._micro(n)), yb.split(self._micro(n)))
         for xm, ym in chunks:
             with self._autocast():
                 loss = self.criterion(model(xm), ym)
@@ -286,6 +367,16 @@ class Trainer:
             self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total
+
+    def _micro(self, n):
+        """Micro-batch sizes for a batch of n: batch_size each, the remainder last; a remainder BatchNorm
+        cannot train on (1 sample) joins the micro-batch before it."""
+        bs = self.cfg.batch_size
+        sizes = [bs] * (n // bs) + ([n % bs] if n % bs else [])
+        if len(sizes) > 1 and sizes[-1] < self.min_batch:
+            last = sizes.pop()
+            sizes[-1] += last
+        return sizes
 
     def train_step(self, xb, yb, context=""):
         """One optimizer step on the batch (split into accum_steps micro-batches)."""
@@ -338,9 +429,7 @@ class Trainer:
         err = self.guard.error(step, replay, context=context, checkpoint=ckpt)
         if ckpt is None:
             err.args = (err.args[0] + " No checkpoint had been written yet.",)
-        atomic_write_json(self.run_dir / "summary.json", {"status": "anomaly", "error": str(err), "step": step,
-                                                          "layer": err.layer, "run_dir": str(self.run_dir)})
-        raise err
+        raise err  # fit() writes summary.json (status "anomaly") and the plots of the steps before it
 
     @torch.no_grad()
     def evaluate(self, ds):
@@ -366,16 +455,34 @@ class Trainer:
         return sys.stderr.isatty()
 
     def fit(self):
+        """Train the remaining epochs and return the summary. A run that stops early (Ctrl-C, an
+        anomaly, an error) still gets its summary.json (status interrupted / anomaly / failed) and
+        plots; the exception then propagates unchanged."""
         cfg = self.cfg
         self.model.train()
         show = self._progress()
         n_train = len(self.data.train)
+        if self.epoch >= cfg.epochs:
+            done = completed_summary(self.run_dir, self.epoch, cfg.epochs)
+            if done is not None:
+                self._print(f"run {self.run_dir} is already complete: all {cfg.epochs} epochs trained "
+                            f"(step {self.global_step}); nothing to do")
+                return done
+            self._print(f"all {cfg.epochs} epochs of {self.run_dir} were trained; writing its summary")
+            return self.finish()
         if self.epoch == 0 and self.step_in_epoch == 0:
             self._print(f"run folder {self.run_dir}  |  impl {cfg.impl}  device {self.device}  "
                         f"params {sum(p.numel() for p in self.model.parameters()):,}  "
                         f"train {n_train}  steps/epoch {self.steps_per_epoch}")
         else:
-            self._print(f"resuming {self.run_dir} at epoch {self.epoch + 1}, step {self.global_step}")
+            self._print(f"resuming {self.run_dir} from its checkpoint at {self.checkpoint_description()}")
+        dropped = self.data.train.dropped(self.eff_batch, self.min_batch)
+        if dropped:
+            self._print(f"note: norm batch: the last batch of each epoch would hold {dropped} sample, which BatchNorm "
+                        f"cannot train on; it is left out ({n_train - dropped} of {n_train} samples per epoch)")
+        elif self.cfg.accum_steps > 1 and self._micro(n_train % self.eff_batch or self.eff_batch)[-1] > self.cfg.batch_size:
+            self._print("note: norm batch: the last micro-batch of each epoch would hold 1 sample, which BatchNorm "
+                        "cannot train on; it joins the micro-batch before it")
         # Every full collection of Python's cyclic GC walks every tracked object, and importing torch
         # leaves ~300k of them: 140 ms per collection here, ~7% of a CPU epoch. Freezing what exists
         # once the run is set up (gc.freeze) leaves collections only what training allocates. (No
@@ -383,9 +490,31 @@ class Trainer:
         gc.freeze()
         try:
             self._fit_epochs(show, n_train)
+        except BaseException as e:
+            self._stopped(e)
+            raise
         finally:
             gc.unfreeze()
         return self.finish()
+
+    def _stopped(self, e):
+        """summary.json and plots for a run that ended early; never replaces the exception e."""
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "anomaly" if isinstance(e, AnomalyError) else "failed"
+        extra = {"error": str(e) or type(e).__name__, "checkpoint": None}
+        if self.last_checkpoint is not None:
+            extra["checkpoint"] = dict(zip(("epochs_done", "batches_into_epoch", "step"), self.last_checkpoint))
+        if isinstance(e, AnomalyError):
+            extra.update(step=e.step, layer=e.layer)
+        try:
+            self.finish(status=status, extra=extra)
+        except BaseException as pe:  # noqa: BLE001  (a second Ctrl-C, a plotting or disk error)
+            print(f"warning: could not write the summary and plots of the stopped run in {self.run_dir}: "
+                  f"{type(pe).__name__}: {pe}", file=sys.stderr)
+            try:
+                atomic_write_json(self.run_dir / "summary.json", {"status": status, "run_dir": str(self.run_dir),
+                                                                  "steps": self.global_step, **extra})
+            except BaseException:  # noqa: BLE001
+                pass
 
     def _fit_epochs(self, show, n_train):
         from tqdm.auto import tqdm  # noqa: PLC0415
@@ -397,7 +526,7 @@ class Trainer:
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not show, leave=False,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr)
             t0 = time.perf_counter()
-            for b, (xb, yb) in enumerate(self.data.train.batches(self.eff_batch, order, self.step_in_epoch),
+            for b, (xb, yb) in enumerate(self.data.train.batches(self.eff_batch, order, self.step_in_epoch, self.min_batch),
                                          start=self.step_in_epoch):
                 loss, gnorm, lr, mon = self.train_step(xb, yb, context=f" (epoch {epoch + 1}, batch {b + 1})")
                 self.global_step += 1
@@ -423,7 +552,8 @@ class Trainer:
             train_loss = sum(self.epoch_losses) / max(1, len(self.epoch_losses))
             row = {"epoch": epoch + 1, "global_step": self.global_step, "train_loss": train_loss, "val_acc": val_acc,
                    "test_acc": test_acc, "test_loss": test_loss, "lr": self.optimizer.param_groups[0]["lr"],
-                   "seconds": self.epoch_time, "samples_per_s": n_train / self.epoch_time}
+                   "seconds": self.epoch_time,
+                   "samples_per_s": (n_train - self.data.train.dropped(self.eff_batch, self.min_batch)) / self.epoch_time}
             self.history.append(row)
             val_s = f"{val_acc:.4f}" if val_acc is not None else "  -   "
             self._print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  val acc {val_s}  "
@@ -433,16 +563,23 @@ class Trainer:
             self._write_csv()
             self._save_checkpoint()
 
-    def finish(self):
+    def finish(self, status="completed", extra=None):
+        """Write summary.json (and the plots) from the history and metrics.jsonl; returns the summary."""
+        if status != "completed":
+            self._flush()  # the steps since the last flush belong on the loss curve
         steps, monitor = [], []
-        for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(line)
+        path = self.run_dir / "metrics.jsonl"
+        for line in (path.read_text().splitlines() if path.exists() else []):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
             steps.append(rec)
             if any(k.endswith("/grad_norm") for k in rec):
                 monitor.append(rec)
         secs = [r["seconds"] for r in self.history]
         summary = {
-            "status": "completed", "run_dir": str(self.run_dir), "impl": self.cfg.impl, "seed": self.cfg.seed,
+            "status": status, **(extra or {}), "run_dir": str(self.run_dir), "impl": self.cfg.impl, "seed": self.cfg.seed,
             "epochs": len(self.history), "steps": self.global_step,
             "final_test_acc": self.history[-1]["test_acc"] if self.history else None,
             "final_val_acc": self.history[-1]["val_acc"] if self.history else None,
@@ -456,11 +593,47 @@ class Trainer:
             "history": self.history,
         }
         if self.cfg.plots:
+            if status != "completed":  # the summary first, in case plotting fails or is interrupted
+                atomic_write_json(self.run_dir / "summary.json", summary)
             from .plots import write_plots  # noqa: PLC0415  (matplotlib is slow to import)
 
             summary["plots"] = [str(p.name) for p in write_plots(self.run_dir, steps, self.history, monitor)]
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+def open_run(path):
+    """(run folder, checkpoint dict) for ``--resume PATH``: PATH is a run folder, or the checkpoint
+    file inside one. Raises FileNotFoundError / CheckpointError naming the path; writes nothing."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.name != CHECKPOINT:
+            raise FileNotFoundError(f"--resume takes a run folder (the folder that holds {CHECKPOINT}); {p} is a file "
+                                    f"of another name. Did you mean --resume {p.parent}?")
+        p = p.parent
+    elif not p.is_dir():
+        raise FileNotFoundError(f"--resume: {p} does not exist; give the run folder (<out_dir>/<timestamp>-<name>)")
+    ck_path = p / CHECKPOINT
+    if not ck_path.is_file():
+        hint = ""
+        if (p / "config.yaml").is_file():
+            hint = (" The run stopped before its first checkpoint (written at the end of epoch 1, or every "
+                    "--checkpoint-every steps): start it again without --resume.")
+        elif any(p.glob(f"*/{CHECKPOINT}")):
+            hint = f" It holds run folders: give one of them, e.g. --resume {sorted(p.glob(f'*/{CHECKPOINT}'))[-1].parent}"
+        raise FileNotFoundError(f"--resume: {p} is not a resumable run folder: it has no {CHECKPOINT}.{hint}")
+    return p, load_checkpoint(ck_path)
+
+
+def completed_summary(run_dir, epoch, epochs):
+    """The summary of a run that finished all its epochs and wrote summary.json; else None."""
+    if epoch < epochs:
+        return None
+    try:
+        s = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return s if isinstance(s, dict) and s.get("status") == "completed" else None
 
 
 __all__ += ["AnomalyError"]
