@@ -263,6 +263,31 @@ def test_run_folder_contents(tmp_path):
     assert s["history"][1]["train_loss"] < s["history"][0]["train_loss"]
 
 
+def test_train_accuracy_val_loss_and_best_checkpoint(tmp_path):
+    d = synthetic(n_train=768)
+    data = FashionMNIST(DeviceDataset(d.train.x[:512], d.train.y[:512]), DeviceDataset(d.train.x[512:], d.train.y[512:]),
+                        d.test, 0.0, 1.0)
+    t = Trainer(cfg_small(tmp_path, epochs=4, dropout=0.0, plots=True), data=data)
+    s = t.fit()
+    h = s["history"]
+    assert all(0.0 <= r["train_acc"] <= 1.0 and r["val_loss"] > 0 for r in h)
+    assert h[-1]["train_acc"] > h[0]["train_acc"] and h[-1]["train_acc"] > 0.5
+    assert (h[-1]["val_acc"], h[-1]["val_loss"]) == pytest.approx(t.evaluate(data.val))  # the model as it ended
+    header = (Path(s["run_dir"]) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train_acc", "val_loss", "val_acc"} <= set(header)
+    best_row = max(h, key=lambda r: r["val_acc"])  # the first of equals
+    assert (s["best_val_acc"], s["best_epoch"], s["best_epoch_test_acc"]) == (
+        best_row["val_acc"], best_row["epoch"], best_row["test_acc"])
+    best = torch.load(s["best_checkpoint"], weights_only=True)
+    assert best["epoch"] == best_row["epoch"] and best["val_acc"] == best_row["val_acc"]
+    t.model.load_state_dict(best["model"])  # the weights of that epoch: they give its validation accuracy
+    assert t.evaluate(data.val)[0] == pytest.approx(best_row["val_acc"])
+    # Without a validation split nothing is chosen (choosing on the test set would flatter it).
+    s2 = Trainer(cfg_small(tmp_path, epochs=1), data=synthetic()).fit()
+    assert s2["best_val_acc"] is None and "best_checkpoint" not in s2
+    assert not (Path(s2["run_dir"]) / "best.pt").exists()
+
+
 @pytest.mark.parametrize("impl", ["torch", "fastmlp"])
 def test_in_process_resume_is_bitwise_identical(tmp_path, device, impl):
     data = synthetic_on(device)
@@ -287,6 +312,8 @@ def test_in_process_resume_is_bitwise_identical(tmp_path, device, impl):
     lb = [json.loads(l)["loss"] for l in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert la == lb and len(la) == 24
     assert [h["test_acc"] for h in full["history"]] == [h["test_acc"] for h in s["history"]]
+    # The epoch's training accuracy counts predictions from before the interruption too.
+    assert [h["train_acc"] for h in full["history"]] == [h["train_acc"] for h in s["history"]]
 
 
 def test_anomaly_guard_stops_names_layer_and_keeps_checkpoint(tmp_path):

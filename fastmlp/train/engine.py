@@ -32,6 +32,7 @@ __all__ = ["Trainer", "build_model", "build_optimizer", "build_scheduler", "reso
            "optim_module", "load_data", "open_run", "apply_deterministic", "min_batch", "completed_summary", "CheckpointError"]
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 
 
 def apply_deterministic(cfg):
@@ -196,6 +197,9 @@ class Trainer:
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.history, self.epoch_losses, self.epoch_time = [], [], 0.0
+        # Training-batch predictions that were right this epoch (with dropout on, as Keras reports
+        # train accuracy): counted on the device, read once per epoch.
+        self.epoch_correct = torch.zeros((), dtype=torch.long, device=self.device)
         self.pending = []
         self.has_checkpoint = False
         self.last_checkpoint = None  # (epoch, step_in_epoch, global_step) of the checkpoint on disk
@@ -247,6 +251,7 @@ class Trainer:
             self.scaler.load_state_dict(ck["scaler"])
             epoch, step_in_epoch, global_step = (int(ck[k]) for k in ("epoch", "step_in_epoch", "global_step"))
             history, epoch_losses, epoch_time = list(ck["history"]), list(ck["epoch_losses"]), float(ck["epoch_time"])
+            epoch_correct = int(ck.get("epoch_correct", 0))  # absent in checkpoints written before it existed
             set_rng_state(ck["rng"])
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
             raise CheckpointError(f"--resume: {path}: the optimizer, scheduler or RNG state does not fit the run's "
@@ -256,6 +261,7 @@ class Trainer:
                                   f"within an epoch of {self.steps_per_epoch} steps")
         self.epoch, self.step_in_epoch, self.global_step = epoch, step_in_epoch, global_step
         self.history, self.epoch_losses, self.epoch_time = history, epoch_losses, epoch_time
+        self.epoch_correct.fill_(epoch_correct)
         self.has_checkpoint = True
         self.last_checkpoint = (epoch, step_in_epoch, global_step)
         if self.epoch >= self.cfg.epochs:
@@ -282,6 +288,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "rng": rng_state(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "history": self.history, "epoch_losses": self.epoch_losses, "epoch_time": self.epoch_time,
+            "epoch_correct": int(self.epoch_correct),
             # What the data was, so a resume on another machine (--data-dir) can tell it has the same.
             "data": {"n_train": len(self.data.train), "mean": self.data.mean, "std": self.data.std,
                      "steps_per_epoch": self.steps_per_epoch},
@@ -289,6 +296,13 @@ class Trainer:
         atomic_save(ck, self.run_dir / CHECKPOINT)
         self.has_checkpoint = True
         self.last_checkpoint = (self.epoch, self.step_in_epoch, self.global_step)
+
+    def _save_best(self, row):
+        """best.pt: the model weights of the epoch with the highest validation accuracy so far (only
+        with a validation split: choosing on the test set would report an optimistic test accuracy)."""
+        atomic_save({"version": 1, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                     "epoch": row["epoch"], "val_acc": row["val_acc"], "test_acc": row["test_acc"]},
+                    self.run_dir / BEST)
 
     def checkpoint_description(self):
         """Where the checkpoint on disk stands, in words; None when none was written."""
@@ -334,7 +348,8 @@ class Trainer:
 
     def _write_csv(self):
         buf = io.StringIO()
-        fields = ["epoch", "global_step", "train_loss", "val_acc", "test_acc", "test_loss", "lr", "seconds", "samples_per_s"]
+        fields = ["epoch", "global_step", "train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "test_loss", "lr",
+                  "seconds", "samples_per_s"]
         w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for row in self.history:
@@ -360,7 +375,10 @@ class Trainer:
         chunks = [(xb, yb)] if self.cfg.accum_steps == 1 else zip(xb.split(self._micro(n)), yb.split(self._micro(n)))
         for xm, ym in chunks:
             with self._autocast():
-                loss = self.criterion(model(xm), ym)
+                out = model(xm)
+                loss = self.criterion(out, ym)
+            if not eager:  # (a replay of a step is not a new prediction)
+                self.epoch_correct += (out.detach().argmax(-1) == ym).sum()
             if self.cfg.accum_steps > 1:
                 # Weighted by micro-batch size, so a short last micro-batch still gives the big batch's mean.
                 loss = loss * (xm.shape[0] / n)
@@ -525,6 +543,7 @@ class Trainer:
             order = self.data.train.permutation(cfg.seed, epoch)
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not show, leave=False,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr)
+            bar_every = max(1, min(cfg.log_every, self.steps_per_epoch // 20))
             t0 = time.perf_counter()
             for b, (xb, yb) in enumerate(self.data.train.batches(self.eff_batch, order, self.step_in_epoch, self.min_batch),
                                          start=self.step_in_epoch):
@@ -536,6 +555,10 @@ class Trainer:
                     last = self._flush()
                     if show:
                         bar.set_postfix(loss=f"{last:.4f}", refresh=False)
+                elif show and self.global_step % bar_every == 0:
+                    # The bar's loss at least ~20 times an epoch, even when log_every is longer than
+                    # the epoch (one sync, and only while a bar is shown).
+                    bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
                 if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 \
                         and self.step_in_epoch < self.steps_per_epoch:
                     self.epoch_time += time.perf_counter() - t0
@@ -547,20 +570,26 @@ class Trainer:
                 torch.cuda.synchronize()
             self.epoch_time += time.perf_counter() - t0
             bar.close()
-            val_acc, _ = self.evaluate(self.data.val)
+            val_acc, val_loss = self.evaluate(self.data.val)
             test_acc, test_loss = self.evaluate(self.data.test)
             train_loss = sum(self.epoch_losses) / max(1, len(self.epoch_losses))
-            row = {"epoch": epoch + 1, "global_step": self.global_step, "train_loss": train_loss, "val_acc": val_acc,
+            n_seen = n_train - self.data.train.dropped(self.eff_batch, self.min_batch)
+            train_acc = int(self.epoch_correct) / n_seen
+            row = {"epoch": epoch + 1, "global_step": self.global_step, "train_loss": train_loss,
+                   "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
                    "test_acc": test_acc, "test_loss": test_loss, "lr": self.optimizer.param_groups[0]["lr"],
-                   "seconds": self.epoch_time,
-                   "samples_per_s": (n_train - self.data.train.dropped(self.eff_batch, self.min_batch)) / self.epoch_time}
+                   "seconds": self.epoch_time, "samples_per_s": n_seen / self.epoch_time}
+            best = max((r["val_acc"] for r in self.history if r.get("val_acc") is not None), default=None)
             self.history.append(row)
             val_s = f"{val_acc:.4f}" if val_acc is not None else "  -   "
-            self._print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  val acc {val_s}  "
-                        f"test acc {test_acc:.4f}  lr {row['lr']:.2e}  {self.epoch_time:6.2f} s  "
+            self._print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  acc {train_acc:.4f}  "
+                        f"val acc {val_s}  test acc {test_acc:.4f}  lr {row['lr']:.2e}  {self.epoch_time:6.2f} s  "
                         f"{row['samples_per_s']:8.0f} samples/s")
             self.epoch, self.step_in_epoch, self.epoch_losses, self.epoch_time = epoch + 1, 0, [], 0.0
+            self.epoch_correct.zero_()
             self._write_csv()
+            if val_acc is not None and (best is None or val_acc > best):
+                self._save_best(row)
             self._save_checkpoint()
 
     def finish(self, status="completed", extra=None):
@@ -583,8 +612,9 @@ class Trainer:
             "epochs": len(self.history), "steps": self.global_step,
             "final_test_acc": self.history[-1]["test_acc"] if self.history else None,
             "final_val_acc": self.history[-1]["val_acc"] if self.history else None,
-            "best_val_acc": max((r["val_acc"] for r in self.history if r["val_acc"] is not None), default=None),
+            **_best(self.history, self.run_dir),
             "final_train_loss": self.history[-1]["train_loss"] if self.history else None,
+            "final_train_acc": self.history[-1].get("train_acc") if self.history else None,
             "seconds_per_epoch": sum(secs) / len(secs) if secs else None,
             "seconds_per_epoch_median": sorted(secs)[len(secs) // 2] if secs else None,
             "samples_per_s": (len(self.data.train) * len(secs) / sum(secs)) if secs else None,
@@ -600,6 +630,17 @@ class Trainer:
             summary["plots"] = [str(p.name) for p in write_plots(self.run_dir, steps, self.history, monitor)]
         atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+def _best(history, run_dir):
+    rows = [r for r in history if r.get("val_acc") is not None]
+    if not rows:
+        return {"best_val_acc": None}
+    top = max(rows, key=lambda r: r["val_acc"])  # the first of equals, as _save_best keeps it
+    out = {"best_val_acc": top["val_acc"], "best_epoch": top["epoch"], "best_epoch_test_acc": top["test_acc"]}
+    if (Path(run_dir) / BEST).is_file():
+        out["best_checkpoint"] = str(Path(run_dir) / BEST)
+    return out
 
 
 def open_run(path):

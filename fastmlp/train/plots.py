@@ -50,14 +50,18 @@ def write_plots(run_dir, steps, epochs, monitor):
         ax.plot(ep, [e["test_acc"] for e in epochs], "o-", label="test")
         if any(e.get("val_acc") is not None for e in epochs):
             ax.plot(ep, [e["val_acc"] for e in epochs], "s-", label="validation")
+        if any(e.get("train_acc") is not None for e in epochs):  # (absent in runs from older versions)
+            ax.plot(ep, [e.get("train_acc") for e in epochs], "^--", label="train (dropout on)")
         ax.set_xlabel("epoch"), ax.set_ylabel("accuracy"), ax.legend(), ax.grid(alpha=0.3)
         _save(fig, run_dir / "accuracy.png"); out.append(run_dir / "accuracy.png")
         plt.close(fig)
     if monitor:
         keys = sorted({k for r in monitor for k in r if k != "step"})
         panels = [("grad_norm", "gradient norm", "log"), ("update_ratio", "update / weight", "log"),
-                  ("act_std", "activation std", "linear"), ("dead_frac", "dead-unit fraction", "linear")]
-        fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+                  ("dead_frac", "dead-unit fraction", "linear"), ("act_mean", "activation mean", "linear"),
+                  ("act_std", "activation std", "linear")]
+        fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+        axes.flat[-1].axis("off")
         for ax, (suffix, title, scale) in zip(axes.flat, panels):
             for k in [k for k in keys if k.endswith("/" + suffix)]:
                 pts = [(r["step"], r[k]) for r in monitor if k in r]
