@@ -814,3 +814,31 @@ def test_opcheck_sgd_step(device):
     args = (ps, [torch.randn_like(p) for p in ps], [torch.randn_like(p) for p in ps], [], 0.01, None, 0.9,
             0.0, 0.1, True, False, False, None, None)
     torch.library.opcheck(torch.ops.fastmlp.sgd_step_.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_replaced_state_is_freed_without_the_cyclic_gc(cls):
+    # opt.state must not be part of a reference cycle: a state the user replaces (or that
+    # load_state_dict replaces) would keep all its tensors until the cyclic collector ran, which
+    # never happens for objects gc.freeze() has frozen (the training engine freezes during a run).
+    import collections
+    import gc
+    import weakref
+
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    opt = cls([w], lr=0.01, **({"momentum": 0.9} if cls is SGD else {}))
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(3):
+            w.grad = torch.ones_like(w)
+            opt.step()
+        key = "momentum_buffer" if cls is SGD else "exp_avg"
+        ref = weakref.ref(opt.state[w][key])
+        opt.state = collections.defaultdict(dict)
+        w.grad = torch.ones_like(w)
+        opt.step()  # drops the fast path's cache, which held the old tensors
+        assert ref() is None
+    finally:
+        if was:
+            gc.enable()

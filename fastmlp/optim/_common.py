@@ -197,6 +197,18 @@ class ParamState(_Counting, dict):
         return dict, (dict(self),)
 
 
+class _ParamStateFactory:
+    __slots__ = ("version",)
+
+    def __init__(self, version):
+        self.version = version
+
+    def __call__(self):
+        st = ParamState()
+        st._fm_version = self.version
+        return st
+
+
 class OptimizerState(_Counting, collections.defaultdict):
     """optimizer.state (a defaultdict(dict) in torch.optim) whose parameter states are ParamState
     dicts sharing one change counter with it: assigning, deleting or clearing a parameter's state,
@@ -209,14 +221,14 @@ class OptimizerState(_Counting, collections.defaultdict):
     def __init__(self, items=()):
         super().__init__()
         self._fm_version = _Version()
-        self.default_factory = self._new_param_state
+        # Not a bound method of self: that would be a reference cycle, and a replaced state (with all
+        # its tensors) would then live until the cyclic garbage collector ran.
+        self.default_factory = _ParamStateFactory(self._fm_version)
         for k, v in dict(items).items():
             dict.__setitem__(self, k, self.adopt(v))
 
     def _new_param_state(self):
-        st = ParamState()
-        st._fm_version = self._fm_version
-        return st
+        return self.default_factory()
 
     def adopt(self, st):
         """st as a ParamState counting into this state's version (the same object when it is)."""
