@@ -842,3 +842,29 @@ def test_replaced_state_is_freed_without_the_cyclic_gc(cls):
     finally:
         if was:
             gc.enable()
+
+
+@pytest.mark.parametrize("how", ["item", "list"])
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_swapped_parameter_in_a_group_is_the_one_stepped(device, cls, how):
+    # A group's parameter replaced by another of the same count: torch steps the new one (fresh
+    # state) and leaves the old alone; the cached fast path must not keep stepping the old one.
+    kw = OPT_KW[cls]
+    params = make_params(SHAPES, torch.float32, device)
+    other = [p.detach().clone().requires_grad_() for p in params]
+    ours, ref = cls(params, **kw), TORCH_CLS[cls](other, **kw, foreach=False)
+    _drive(ours, params, 3, 0)
+    _drive(ref, other, 3, 0)
+    new = make_params([SHAPES[0]], torch.float32, device)[0]
+    new_ref = new.detach().clone().requires_grad_()
+    old, old_before = params[0], params[0].detach().clone()
+    for opt, p in ((ours, new), (ref, new_ref)):
+        if how == "item":
+            opt.param_groups[0]["params"][0] = p
+        else:
+            opt.param_groups[0]["params"] = [p] + opt.param_groups[0]["params"][1:]
+    params[0], other[0] = new, new_ref
+    _drive(ours, params, 3, 3)
+    _drive(ref, other, 3, 3)
+    assert_matches(ours, ref, params, other, torch.float32)
+    assert torch.equal(old.detach(), old_before)  # no longer in the optimizer: untouched

@@ -17,6 +17,7 @@ and steps a plan declines take the general path through torch's own _init_group.
 import collections
 import functools
 import inspect
+import operator
 from itertools import chain
 
 import torch
@@ -278,6 +279,11 @@ def health_check(optimizer):
         check()
 
 
+def _same_objects(a, b):
+    """Whether sequences a and b hold the very same objects, in order (never calls Tensor.__eq__)."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
+
+
 class FusedStep:
     """step() shared by the fused optimizers: one op call per (group, device, dtype) bucket, with
     GradScaler's grad_scale / found_inf (set on the optimizer by GradScaler, as for torch's fused
@@ -356,7 +362,7 @@ class FusedStep:
         """One group: its CPU step plan, else the cached tensor lists, else the general path.
 
         The cache (built by the subclass's _fm_build_cache once every parameter has state) is
-        (group, flag, buckets, number of params, plan or None, state, state version); flag is what
+        (group, flag, buckets, the params, plan or None, state, state version); flag is what
         changes the state layout (amsgrad, momentum on/off); the state and its version (see
         OptimizerState) change when the user replaces, deletes or clears any of it. A plan that declines (a missing grad, an odd layout)
         and a missing grad on the cached path both fall back to the general path, which has
@@ -366,8 +372,8 @@ class FusedStep:
         params = group["params"]
         cached = self._fm_cache.get(id(group))
         if (cached is None or cached[0] is not group or cached[1] != self._fm_cache_flag(group)
-                or cached[3] != len(params) or cached[5] is not self.state
-                or cached[6] != self.state._fm_version.n):
+                or cached[5] is not self.state or cached[6] != self.state._fm_version.n
+                or not _same_objects(cached[3], params)):
             cached = None
         plan = cached[4] if cached is not None else None
         use_plan = plan is not None and not torch.compiler.is_compiling()
@@ -395,5 +401,6 @@ class FusedStep:
         self._fm_build_cache(group)
         entry = self._fm_cache.get(id(group))
         if entry is not None:
-            # Valid while the state is this object and unchanged since now (packing included).
+            # Valid for these very parameters (a group's list can be edited in place), while the
+            # state is this object and unchanged since now (packing included).
             self._fm_cache[id(group)] = entry + track_state(self, ())

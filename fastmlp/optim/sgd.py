@@ -142,7 +142,7 @@ class SGD(FusedStep, torch.optim.SGD):
         if cpu is not None:
             _, _, bp, bufs, masters = buckets[0]
             plan = ops.SGDPlan(bp, bufs, masters)
-        self._fm_cache[id(group)] = (group, has_momentum, buckets, len(params), plan)
+        self._fm_cache[id(group)] = (group, has_momentum, buckets, tuple(params), plan)
 
     def _fm_launch(self, group, device, params, grads, bufs, masters, is_first, grad_scale, found_inf):
         lr, lr_tensor = lr_args(group["lr"], device)
