@@ -11,6 +11,13 @@
 // Double backward: the gradient computation is itself a Function whose backward raises a clear
 // error, so a first-order backward with create_graph=True works and only differentiating it fails.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/FuncTorchTLS.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -120,10 +127,49 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
   }
 };
 
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) and the torch.func transforms (grad,
+// vjp, jacrev, vmap): torch's C++ autograd Functions support neither (a tangent would be dropped
+// silently; a transform raises). There the ops run as the ATen ops they fuse, which carry tangents,
+// batching rules and their own backward: the same math, unfused.
+bool run_as_aten_ops(std::initializer_list<const at::Tensor*> ts) {
+  // The very test torch::autograd::Function::apply makes (it raises inside a transform).
+  if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
+    try {
+      functorch->checkSupportsCppAutogradFunction();
+    } catch (const c10::Error&) {
+      return true;
+    }
+  }
+  for (const at::Tensor* t : ts) {
+    if (t != nullptr && t->defined() && t->_fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_act_aten(const at::Tensor& input, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias, Act act) {
+  const at::Tensor z = at::linear(input, weight, bias);
+  at::Tensor y;
+  switch (act) {
+    case Act::Relu: y = at::relu(z); break;
+    case Act::Gelu: y = at::gelu(z); break;
+    case Act::GeluTanh: y = at::gelu(z, "tanh"); break;
+    case Act::Silu: y = at::silu(z); break;
+    default: y = z; break;
+  }
+  // The saved tensor is the op's own business (ATen's nodes keep what they need); an empty one is
+  // what the op returns when it saves nothing.
+  return {y, input.new_empty({0})};
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_act_forward_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::string_view activation, bool save_for_backward) {
   // Keep what the backward needs whenever a gradient can flow, whatever the caller passed.
+  const std::optional<at::Tensor>& b = bias;
+  if (run_as_aten_ops({&input, &weight, b.has_value() ? &*b : nullptr})) {
+    return linear_act_aten(input, weight, bias, parse_activation(activation, "fastmlp.linear_act_forward"));
+  }
   const bool needs_grad = torch::autograd::GradMode::is_enabled() &&
                           (input.requires_grad() || weight.requires_grad() ||
                            (bias.has_value() && bias->defined() && bias->requires_grad()));
@@ -175,6 +221,15 @@ struct Dropout : public torch::autograd::Function<Dropout> {
 };
 
 at::Tensor dropout_autograd(const at::Tensor& input, double p, const at::Tensor& seed) {
+  if (run_as_aten_ops({&input})) {
+    // The same mask (the op on ones: 0 or 1/(1-p)), applied with an ATen multiply.
+    at::Tensor scale;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      scale = dropout_op().call(at::ones_like(input), p, seed);
+    }
+    return at::mul(input, scale);
+  }
   if (!(torch::autograd::GradMode::is_enabled() && input.requires_grad())) {
     at::AutoDispatchBelowADInplaceOrView guard;  // nothing to record
     return dropout_op().call(input, p, seed);

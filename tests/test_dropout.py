@@ -223,3 +223,20 @@ def test_cuda_falls_back_to_torch(device):
     y = fastmlp.nn.Dropout(0.5)(x)
     y.sum().backward()
     assert y.device == x.device and torch.equal(keep_mask(y), x.grad != 0)
+
+
+def test_forward_ad_tangent_is_the_same_mask():
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(64, 33, dtype=torch.float64), torch.randn(64, 33, dtype=torch.float64)
+    torch.manual_seed(5)
+    y = dropout(x, 0.3)
+    torch.manual_seed(5)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(dropout(fwAD.make_dual(x, t), 0.3))
+    assert torch.equal(out.primal, y)
+    torch.testing.assert_close(out.tangent, torch.where(y == 0, 0.0, t / 0.7))
+    torch.manual_seed(5)
+    primal, tangent = torch.func.jvp(lambda x: dropout(x, 0.3), (x,), (t,))
+    assert torch.equal(primal, y)
+    torch.testing.assert_close(tangent, out.tangent)

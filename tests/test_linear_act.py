@@ -173,6 +173,32 @@ def test_gradcheck_float64(device, act):
         assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("act", ACTS)
+def test_forward_ad_and_torch_func_transforms_match_native(device, act):
+    # torch's C++ autograd Functions support neither forward-mode AD (the tangent was dropped: zeros)
+    # nor torch.func (it raised); there the op runs as the ATen ops it fuses.
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b = make((5, 7), 4, torch.float64, device, requires_grad=(False, False, False))
+    t = torch.randn_like(x)
+    tw = torch.randn_like(w)
+    ref_t = torch.func.jvp(lambda x, w: native(x, w, b, act), (x, w), (t, tw))[1]
+    got = torch.func.jvp(lambda x, w: linear_act(x, w, b, act), (x, w), (t, tw))
+    torch.testing.assert_close(got[0], native(x, w, b, act))
+    torch.testing.assert_close(got[1], ref_t)
+    with fwAD.dual_level():
+        out = linear_act(fwAD.make_dual(x, t), fwAD.make_dual(w, tw), b, act)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, ref_t)
+    g = torch.func.grad(lambda w: linear_act(x, w, b, act).pow(2).sum())(w)
+    torch.testing.assert_close(g, torch.func.grad(lambda w: native(x, w, b, act).pow(2).sum())(w))
+    # Per-sample gradients, the usual vmap(grad) use.
+    per = torch.func.vmap(torch.func.grad(lambda w, xi: linear_act(xi, w, b, act).sum()), in_dims=(None, 0))(w, x)
+    ref = torch.func.vmap(torch.func.grad(lambda w, xi: native(xi, w, b, act).sum()), in_dims=(None, 0))(w, x)
+    torch.testing.assert_close(per, ref)
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        torch.func.jvp(lambda x: linear_act(x, w, b, "tanh"), (x,), (t,))
+
+
 def test_double_backward_raises(device):
     x, w, b = make((4, 5), 3, torch.float64, device)
     y = linear_act(x, w, b, "gelu")
