@@ -53,6 +53,16 @@ except ImportError:
         "    pip install --no-build-isolation ."
     )
 
+if "pip-build-env" in (torch.__file__ or ""):
+    # pip's isolated build env: the extension compiles against a torch pip just downloaded there,
+    # which must be the very version the user runs, or import fails (the loader then says rebuild).
+    print(
+        f"fastmlp: WARNING: building in pip's isolated environment against the torch {torch.__version__} it "
+        "installed there, not against your own torch. Install with  pip install --no-build-isolation .  "
+        "(faster, and always matches the torch you run).",
+        file=sys.stderr,
+    )
+
 cuda_mode = os.environ.get("FASTMLP_CUDA", "auto").lower()
 if cuda_mode not in ("auto", "0", "1"):
     fail(f"FASTMLP_CUDA must be auto, 0 or 1, got {cuda_mode!r}")

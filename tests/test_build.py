@@ -93,3 +93,26 @@ def test_every_check_passes_one_finished_message():
             if len(parts) > 1:
                 bad.append(f"{path.relative_to(CSRC)}:{line}: {macro} with {len(parts)} message parts")
     assert not bad, "use FASTMLP_CHECK* (or wrap the message in fastmlp::msg(...)):\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("built_info", [False, True], ids=["never_built", "built_elsewhere"])
+def test_source_tree_shadowing_an_install_says_so(tmp_path, built_info):
+    # After `pip install .` the extension lives in site-packages; run from the checkout, Python
+    # imports the checkout instead, which has no _C: the error must say that, not "rebuild".
+    import shutil
+    import subprocess
+    import sys
+
+    pkg = Path(fastmlp.__file__).resolve().parent
+    src = tmp_path / "checkout"
+    ignore = ["_C*.so", "__pycache__"] + ([] if built_info else ["_build_info.py"])
+    shutil.copytree(pkg, src / "fastmlp", ignore=shutil.ignore_patterns(*ignore))
+    (src / "setup.py").write_text("# a source checkout\n")
+    site = tmp_path / "site"
+    (site / "fastmlp").mkdir(parents=True)
+    (site / "fastmlp" / "__init__.py").write_text("")
+    r = subprocess.run([sys.executable, "-c", "import fastmlp"], cwd=src, capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(site)}, timeout=120)
+    assert r.returncode != 0
+    assert f"importing the source tree {src}" in r.stderr and f"shadows the fastmlp installed in {site}" in r.stderr
+    assert "run from another directory" in r.stderr

@@ -284,7 +284,7 @@ def test_train_accuracy_val_loss_and_best_checkpoint(tmp_path):
     assert t.evaluate(data.val)[0] == pytest.approx(best_row["val_acc"])
     # Without a validation split nothing is chosen (choosing on the test set would flatter it).
     s2 = Trainer(cfg_small(tmp_path, epochs=1), data=synthetic()).fit()
-    assert s2["best_val_acc"] is None and "best_checkpoint" not in s2
+    assert s2["best_val_acc"] is None and s2["best_epoch"] is None and s2["best_checkpoint"] is None
     assert not (Path(s2["run_dir"]) / "best.pt").exists()
 
 

@@ -40,8 +40,16 @@ def _add_config_flags(p):
             g.add_argument(flag, type=str, metavar="S", **kw)
 
 
+def _version():
+    import fastmlp  # noqa: PLC0415
+
+    return (f"fastmlp {fastmlp.__version__} (torch {torch.__version__}, CUDA kernels "
+            f"{'built' if fastmlp.WITH_CUDA else 'not built'})")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="fastmlp", description="Train MLPs on Fashion-MNIST with fastmlp's fused kernels.")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,check-overfit,lr-find}")
     t = sub.add_parser("train", help="train a model (the default recipe reaches ~0.91 test accuracy)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint, as if never stopped "

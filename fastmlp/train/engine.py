@@ -348,7 +348,7 @@ class Trainer:
 
     def _write_csv(self):
         buf = io.StringIO()
-        fields = ["epoch", "global_step", "train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "test_loss", "lr",
+        fields = ["epoch", "global_step", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
                   "seconds", "samples_per_s"]
         w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -491,7 +491,8 @@ class Trainer:
         if self.epoch == 0 and self.step_in_epoch == 0:
             self._print(f"run folder {self.run_dir}  |  impl {cfg.impl}  device {self.device}  "
                         f"params {sum(p.numel() for p in self.model.parameters()):,}  "
-                        f"train {n_train}  steps/epoch {self.steps_per_epoch}")
+                        f"train {n_train}" + (f"  val {len(self.data.val)}" if self.data.val is not None else "")
+                        + f"  test {len(self.data.test)}  steps/epoch {self.steps_per_epoch}")
         else:
             self._print(f"resuming {self.run_dir} from its checkpoint at {self.checkpoint_description()}")
         dropped = self.data.train.dropped(self.eff_batch, self.min_batch)
@@ -635,12 +636,11 @@ class Trainer:
 def _best(history, run_dir):
     rows = [r for r in history if r.get("val_acc") is not None]
     if not rows:
-        return {"best_val_acc": None}
+        return {"best_val_acc": None, "best_epoch": None, "best_epoch_test_acc": None, "best_checkpoint": None}
     top = max(rows, key=lambda r: r["val_acc"])  # the first of equals, as _save_best keeps it
-    out = {"best_val_acc": top["val_acc"], "best_epoch": top["epoch"], "best_epoch_test_acc": top["test_acc"]}
-    if (Path(run_dir) / BEST).is_file():
-        out["best_checkpoint"] = str(Path(run_dir) / BEST)
-    return out
+    best = Path(run_dir) / BEST
+    return {"best_val_acc": top["val_acc"], "best_epoch": top["epoch"], "best_epoch_test_acc": top["test_acc"],
+            "best_checkpoint": str(best.resolve()) if best.is_file() else None}
 
 
 def open_run(path):

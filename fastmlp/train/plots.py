@@ -35,7 +35,13 @@ def write_plots(run_dir, steps, epochs, monitor):
         ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.6, alpha=0.5, label="train loss (step)")
         if epochs:
             ax.plot([e["global_step"] for e in epochs], [e["train_loss"] for e in epochs], "o-", label="train loss (epoch mean)")
-        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
+            # Evaluation losses are plain cross-entropy in eval mode; the train loss is the training
+            # objective (label smoothing, dropout on), which sits above it even without overfitting.
+            for key, marker, name in (("val_loss", "s--", "validation"), ("test_loss", "^--", "test")):
+                pts = [(e["global_step"], e[key]) for e in epochs if e.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker, label=f"{name} cross-entropy (eval mode)")
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
         _save(fig, run_dir / "loss.png"); out.append(run_dir / "loss.png")
         plt.close(fig)
 
@@ -52,6 +58,7 @@ def write_plots(run_dir, steps, epochs, monitor):
             ax.plot(ep, [e["val_acc"] for e in epochs], "s-", label="validation")
         if any(e.get("train_acc") is not None for e in epochs):  # (absent in runs from older versions)
             ax.plot(ep, [e.get("train_acc") for e in epochs], "^--", label="train (dropout on)")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_xlabel("epoch"), ax.set_ylabel("accuracy"), ax.legend(), ax.grid(alpha=0.3)
         _save(fig, run_dir / "accuracy.png"); out.append(run_dir / "accuracy.png")
         plt.close(fig)
