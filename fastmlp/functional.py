@@ -18,6 +18,10 @@ def linear_act(input, weight, bias=None, activation="relu"):
     activation: "none", "relu", "gelu" (exact, erf), "gelu_tanh" (tanh approximation) or "silu".
     Same result as ``act(torch.nn.functional.linear(input, weight, bias))``.
     """
+    if isinstance(bias, str):
+        raise TypeError(f"linear_act: bias must be a Tensor or None, got the string {bias!r}; the activation is "
+                        f"the 4th argument: linear_act(input, weight, bias, activation={bias!r}) or "
+                        f"linear_act(input, weight, activation={bias!r})")
     # save_for_backward=False: the C++ autograd kernel turns it on when a gradient can flow, so
     # inference skips writing the pre-activation.
     return ops.linear_act_forward(input, weight, bias, activation, False)[0]

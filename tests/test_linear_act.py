@@ -383,3 +383,9 @@ def test_pre_activation_saved_only_when_a_gradient_can_flow(device):
     assert saved.shape == (4, 5)  # the autograd kernel keeps what the backward needs
     with torch.no_grad():
         assert ops.linear_act_forward(x, w, b, "gelu", False)[1].numel() == 0
+
+
+def test_activation_passed_as_bias_gets_a_hint():
+    x, w, _ = make((3, 4), 2, torch.float32, "cpu")
+    with pytest.raises(TypeError, match=r"bias must be a Tensor or None, got the string 'relu'.*activation='relu'"):
+        linear_act(x, w, "relu")
