@@ -15,9 +15,12 @@ Switches (environment variables):
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
+
+import setuptools
 
 from setuptools import find_packages, setup
 
@@ -47,22 +50,14 @@ def find_cuda_home():
 def _setuptools_can_build_wheels():
     """setuptools < 70.1 builds wheels only through the separate `wheel` package (pip then fails
     with the unhelpful "invalid command 'bdist_wheel'"; a fresh venv's bundled setuptools is older)."""
-    import setuptools
-
     try:
         major, minor = (int(p) for p in setuptools.__version__.split(".")[:2])
     except ValueError:
         return True
-    if (major, minor) >= (70, 1):
-        return True
-    import importlib.util
-
-    return importlib.util.find_spec("wheel") is not None
+    return (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
 
 
 if {"bdist_wheel", "dist_info", "editable_wheel"} & set(sys.argv) and not _setuptools_can_build_wheels():
-    import setuptools
-
     fail(f"setuptools {setuptools.__version__} needs the 'wheel' package to build a wheel. Run\n"
          "    pip install 'setuptools>=64' wheel ninja\n"
          "then install again with --no-build-isolation.")

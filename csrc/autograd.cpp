@@ -166,8 +166,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::string_view activation, bool save_for_backward) {
   // Keep what the backward needs whenever a gradient can flow, whatever the caller passed.
-  const std::optional<at::Tensor>& b = bias;
-  if (run_as_aten_ops({&input, &weight, b.has_value() ? &*b : nullptr})) {
+  if (run_as_aten_ops({&input, &weight, bias.has_value() ? &*bias : nullptr})) {
     return linear_act_aten(input, weight, bias, parse_activation(activation, "fastmlp.linear_act_forward"));
   }
   const bool needs_grad = torch::autograd::GradMode::is_enabled() &&

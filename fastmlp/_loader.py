@@ -50,8 +50,9 @@ def load_extension():
     try:
         importlib.import_module("fastmlp._C")
     except (ImportError, OSError) as e:
-        if isinstance(e, ModuleNotFoundError) and _source_tree_hint():
-            raise ImportError(f"fastmlp's compiled extension is not in this tree ({e})." + _source_tree_hint()) from e
+        hint = _source_tree_hint() if isinstance(e, ModuleNotFoundError) else ""
+        if hint:
+            raise ImportError(f"fastmlp's compiled extension is not in this tree ({e})." + hint) from e
         raise ImportError(
             f"fastmlp's compiled extension failed to load ({e}). It was built against torch "
             f"{built}; torch {running} is running. {_REBUILD}"

@@ -228,16 +228,13 @@ class OptimizerState(_Counting, collections.defaultdict):
         for k, v in dict(items).items():
             dict.__setitem__(self, k, self.adopt(v))
 
-    def _new_param_state(self):
-        return self.default_factory()
-
     def adopt(self, st):
         """st as a ParamState counting into this state's version (the same object when it is)."""
         if type(st) is ParamState and st._fm_version is self._fm_version:
             return st
         if not isinstance(st, dict):
             return st
-        out = self._new_param_state()
+        out = self.default_factory()
         dict.update(out, st)
         return out
 
@@ -246,12 +243,9 @@ class OptimizerState(_Counting, collections.defaultdict):
                                                                   for k, v in self.items())
 
 
-
-
 def track_state(optimizer, params):
     """Makes optimizer.state an OptimizerState and the states of params ParamState dicts of it
-    (the same tensors; only dicts that were not yet tracked are replaced), and returns
-    (state, version): what a cache built now stays valid for."""
+    (the same tensors; only dicts that were not yet tracked are replaced)."""
     state = optimizer.state
     if type(state) is not OptimizerState:
         state = optimizer.state = OptimizerState(state)
@@ -259,7 +253,6 @@ def track_state(optimizer, params):
         st = dict.get(state, p)
         if st is not None and (type(st) is not ParamState or st._fm_version is not state._fm_version):
             dict.__setitem__(state, p, state.adopt(st))
-    return state, state._fm_version.n
 
 
 def normalise_groups(optimizer):
@@ -364,9 +357,9 @@ class FusedStep:
         The cache (built by the subclass's _fm_build_cache once every parameter has state) is
         (group, flag, buckets, the params, plan or None, state, state version); flag is what
         changes the state layout (amsgrad, momentum on/off); the state and its version (see
-        OptimizerState) change when the user replaces, deletes or clears any of it. A plan that declines (a missing grad, an odd layout)
-        and a missing grad on the cached path both fall back to the general path, which has
-        torch's own per-parameter logic and errors. The plan writes the tensors' memory from C++,
+        OptimizerState) change when the user replaces, deletes or clears any of it. A plan that
+        declines (a missing grad, an odd layout) and a missing grad on the cached path both fall
+        back to the general path, which has torch's own per-parameter logic and errors. The plan writes the tensors' memory from C++,
         outside autograd, so only the op paths need no_grad (the plan skips its cost).
         """
         params = group["params"]
@@ -403,4 +396,4 @@ class FusedStep:
         if entry is not None:
             # Valid for these very parameters (a group's list can be edited in place), while the
             # state is this object and unchanged since now (packing included).
-            self._fm_cache[id(group)] = entry + track_state(self, ())
+            self._fm_cache[id(group)] = entry + (self.state, self.state._fm_version.n)

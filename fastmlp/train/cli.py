@@ -164,7 +164,7 @@ def _done(s):
 
 
 def _resume(args):
-    from .engine import Trainer, completed_summary, open_run  # noqa: PLC0415
+    from .engine import Trainer, complete_message, completed_summary, open_run  # noqa: PLC0415
 
     _, flags = resolve_config(args)
     if args.compare:
@@ -183,8 +183,7 @@ def _resume(args):
                           "and the others compiled, so changing it would change the results")
     epochs = ck["config"].get("epochs")
     if isinstance(epochs, int) and completed_summary(run_dir, ck["epoch"], epochs) is not None:
-        print(f"run {run_dir} is already complete: all {epochs} epochs trained (step {ck['global_step']}); "
-              "nothing to do. Start a new run to train longer.")
+        print(complete_message(run_dir, epochs, ck["global_step"]))
         return 0
     _done(_fit(Trainer.resume(run_dir, overrides=flags, checkpoint=ck)))
     return 0

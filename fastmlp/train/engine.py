@@ -29,7 +29,8 @@ from .checkpoint import (CheckpointError, atomic_save, atomic_write_json, atomic
 from .config import ConfigError, TrainConfig
 
 __all__ = ["Trainer", "build_model", "build_optimizer", "build_scheduler", "resolve_device", "new_run_dir",
-           "optim_module", "load_data", "open_run", "apply_deterministic", "min_batch", "completed_summary", "CheckpointError"]
+           "optim_module", "load_data", "open_run", "apply_deterministic", "min_batch", "completed_summary",
+           "complete_message", "CheckpointError"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -176,8 +177,11 @@ class Trainer:
         self.out = out if out is not None else sys.stdout
         apply_deterministic(cfg)
         self.device = resolve_device(cfg.device)
-        self.data = data if data is not None else load_data(cfg, self.device)
-        check_data(cfg, self.data)
+        if data is None:
+            data = load_data(cfg, self.device)  # checked there
+        else:
+            check_data(cfg, data)
+        self.data = data
         self.model = build_model(cfg, self.device, self.data)
         # The compiled module shares the model's parameters; checkpoints, the monitor's hooks, the
         # anomaly replay and evaluation use the eager module (hooks added to a compiled module
@@ -372,7 +376,11 @@ class Trainer:
         if self.compiled is not None and not eager and not self.monitor.instrumenting:
             model = self.compiled
         total = None
-        chunks = [(xb, yb)] if self.cfg.accum_steps == 1 else zip(xb.split(self._micro(n)), yb.split(self._micro(n)))
+        if self.cfg.accum_steps == 1:
+            chunks = [(xb, yb)]
+        else:
+            sizes = self._micro(n)
+            chunks = zip(xb.split(sizes), yb.split(sizes))
         for xm, ym in chunks:
             with self._autocast():
                 out = model(xm)
@@ -483,8 +491,7 @@ class Trainer:
         if self.epoch >= cfg.epochs:
             done = completed_summary(self.run_dir, self.epoch, cfg.epochs)
             if done is not None:
-                self._print(f"run {self.run_dir} is already complete: all {cfg.epochs} epochs trained "
-                            f"(step {self.global_step}); nothing to do")
+                self._print(complete_message(self.run_dir, cfg.epochs, self.global_step))
                 return done
             self._print(f"all {cfg.epochs} epochs of {self.run_dir} were trained; writing its summary")
             return self.finish()
@@ -664,6 +671,11 @@ def open_run(path):
             hint = f" It holds run folders: give one of them, e.g. --resume {sorted(p.glob(f'*/{CHECKPOINT}'))[-1].parent}"
         raise FileNotFoundError(f"--resume: {p} is not a resumable run folder: it has no {CHECKPOINT}.{hint}")
     return p, load_checkpoint(ck_path)
+
+
+def complete_message(run_dir, epochs, step):
+    return (f"run {run_dir} is already complete: all {epochs} epochs trained (step {step}); nothing to do. "
+            "Start a new run to train longer.")
 
 
 def completed_summary(run_dir, epoch, epochs):
