@@ -22,6 +22,9 @@ def linear_act(input, weight, bias=None, activation="relu"):
         raise TypeError(f"linear_act: bias must be a Tensor or None, got the string {bias!r}; the activation is "
                         f"the 4th argument: linear_act(input, weight, bias, activation={bias!r}) or "
                         f"linear_act(input, weight, activation={bias!r})")
+    if input.layout != torch.strided or weight.layout != torch.strided:
+        raise TypeError(f"linear_act: input and weight must be dense tensors, got input.layout={input.layout} and "
+                        f"weight.layout={weight.layout}; call .to_dense() first")
     # save_for_backward=False: the C++ autograd kernel turns it on when a gradient can flow, so
     # inference skips writing the pre-activation.
     return ops.linear_act_forward(input, weight, bias, activation, False)[0]

@@ -144,6 +144,48 @@ def test_convert_keeps_modules_with_hooks_and_their_hooks_firing():
         assert fastmlp.convert(lin) is lin
 
 
+def test_convert_folds_only_where_the_sequential_runs_its_children_in_order():
+    # A Sequential subclass with its own forward may read the pre-activation (a residual here):
+    # folding the ReLU into the layer would change its output. Its linear still becomes "none".
+    class PreActResidual(nn.Sequential):
+        def forward(self, x):
+            h = self[0](x)
+            return self[1](h) + h
+
+    torch.manual_seed(0)
+    model = nn.Sequential(PreActResidual(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 8), nn.ReLU())
+    ref = nn.Sequential(PreActResidual(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 8), nn.ReLU())
+    ref.load_state_dict(model.state_dict())
+    fastmlp.convert(model)
+    assert model[0][0].activation == "none" and isinstance(model[0][1], nn.ReLU)
+    assert model[1].activation == "relu" and isinstance(model[2], nn.Identity)  # plain Sequential: folded
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(model(x), ref(x))
+    # fastmlp's MLP has a forward of its own, but its blocks are plain Sequentials: still folded.
+    mlp = fastmlp.nn.MLP([6, 5, 3], impl="torch")
+    fastmlp.convert(mlp)
+    assert mlp[0].linear.activation == "relu"
+
+
+def test_convert_keeps_shared_layers_shared_and_identity_in_the_models_mode():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin).eval()
+    fastmlp.convert(model)
+    assert isinstance(model[0], FusedLinear) and model[0] is model[2]  # one module, as before
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    fastmlp.convert(model)
+    assert isinstance(model[1], nn.Identity) and not any(m.training for m in model.modules())
+
+
+def test_jit_script_and_sparse_input_get_clear_errors():
+    with pytest.raises(RuntimeError, match="torch.jit.script does not support fastmlp's FusedLinear.*torch.jit.trace"):
+        torch.jit.script(nn.Sequential(FusedLinear(3, 2)))
+    with pytest.raises(RuntimeError, match="does not support fastmlp's Dropout"):
+        torch.jit.script(nn.Sequential(nn.Linear(3, 3), fastmlp.nn.Dropout(0.1)))
+    with pytest.raises(TypeError, match=r"input and weight must be dense tensors, got input.layout=torch.sparse_coo"):
+        fastmlp.functional.linear_act(torch.eye(3).to_sparse(), torch.randn(2, 3))
+
+
 def test_convert_plain_linear_and_bad_argument():
     lin = nn.Linear(3, 2)
     fused = fastmlp.convert(lin)

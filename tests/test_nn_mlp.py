@@ -67,6 +67,10 @@ def test_torch_impl_converts_to_fused():
     ({"widths": [10, 2], "activation": "tanh"}, "^MLP: activation must be 'relu', 'gelu', 'gelu_tanh' or 'silu', got 'tanh'$"),
     ({"widths": [10, 2], "activation": "none"}, "got 'none'$"),
     ({"widths": [10, 2], "dropout": 1.0}, "dropout"),
+    ({"widths": [10, 2], "dropout": "0.2"}, "^MLP: dropout must be a number in \\[0, 1\\), got '0.2'$"),
+    ({"widths": 10}, "^MLP: widths must list at least two positive ints"),
+    ({"widths": [10, 2.0]}, "widths"),
+    ({"widths": [10, True]}, "widths"),
     ({"widths": [10, 2], "norm": "group"}, "norm"),
     ({"widths": [10, 2], "impl": "jax"}, "impl"),
 ])
@@ -118,3 +122,88 @@ def test_lsuv_rejects_constant_batch():
     m = MLP([8, 4, 2], impl="torch")
     with pytest.raises(ValueError, match="variance"):
         lsuv_(m, torch.zeros(16, 8))
+
+
+def test_widths_accept_numpy_and_tensor_ints():
+    np = pytest.importorskip("numpy")
+    assert MLP(np.array([6, 5, 3])).widths == [6, 5, 3]
+    assert MLP(torch.tensor([6, 5, 3])).widths == [6, 5, 3]
+    assert all(type(w) is int for w in MLP((np.int64(4), 2)).widths)
+
+
+def test_he_gives_the_same_init_before_and_after_convert():
+    # convert() turns a linear it cannot fuse into FusedLinear("none"): like the nn.Linear it was,
+    # it says nothing of what follows, so He keeps the ReLU gain for it (it read "none" as linear).
+    def model():
+        return nn.Sequential(nn.Linear(400, 300), nn.Dropout(0.1), nn.ReLU(), nn.Linear(300, 10))
+
+    torch.manual_seed(0)
+    plain = he_(model())
+    torch.manual_seed(0)
+    converted = he_(fastmlp.convert(model()))
+    assert converted[0].activation == "none"
+    torch.testing.assert_close(converted[0].weight, plain[0].weight)
+    assert abs(plain[0].weight.var().item() - 2 / 400) / (2 / 400) < 0.05
+
+
+@pytest.mark.parametrize("init", [he_, xavier_, lambda m: lsuv_(m, torch.randn(8, 3))])
+def test_init_refuses_parametrized_weights(init):
+    # weight_norm computes .weight from other parameters: writing into it would change nothing.
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)))
+    with pytest.raises(ValueError, match="layer '2' computes its weight from other parameters"):
+        init(model)
+
+
+class _OutOfOrder(nn.Module):
+    """fc2 is registered first but called second; 'head' is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc2 = nn.Linear(50, 40)
+        self.head = nn.Linear(7, 3)
+        self.fc1 = nn.Linear(20, 50)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_lsuv_follows_the_forward_order_and_reports_what_it_reached():
+    torch.manual_seed(0)
+    m = _OutOfOrder()
+    x = torch.randn(256, 20) * 3 + 1
+    with pytest.warns(UserWarning, match="never calls head; left orthogonal"):
+        var = lsuv_(m, x, tol=0.02)
+    assert list(var) == ["fc1", "fc2"]
+    z1 = m.fc1(x)
+    z2 = m.fc2(torch.relu(z1))
+    assert abs(z1.var().item() - 1) < 0.02 and abs(z2.var().item() - 1) < 0.02
+    assert var["fc2"] == pytest.approx(z2.var().item(), rel=1e-5)  # what was measured, not a stale value
+
+
+def test_lsuv_max_iters_reports_the_last_measurement_and_warns_when_short():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    x = torch.randn(128, 20) * 5
+    var = lsuv_(m, x, max_iters=0)  # measure only: nothing rescaled, no warning
+    assert var["0"] == pytest.approx(m[0](x).var().item(), rel=1e-5) and var["0"] > 2
+    # A layer whose input scales with its own weight: each rescale by s moves its output by s^2,
+    # so it never converges (its variance flips between v and 1/v), and says so.
+    class SelfScaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(20, 30)
+
+        def forward(self, x):
+            return self.fc(x * self.fc.weight.norm())
+
+    m = SelfScaled()
+    with pytest.warns(UserWarning, match=r"not within 0.05 of 1 after 3 rescales: fc \("):
+        lsuv_(m, x, max_iters=3)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_iters must be an int >= 0"):
+            lsuv_(m, x, max_iters=bad)
+
+
+def test_lsuv_names_nan_batches():
+    with pytest.raises(ValueError, match="give NaN or Inf"):
+        lsuv_(MLP([8, 4, 2], impl="torch"), torch.full((16, 8), float("nan")))

@@ -28,6 +28,13 @@ def _has_hooks(m):
     return any(getattr(m, d, None) for d in _HOOK_DICTS)
 
 
+def _runs_in_order(parent):
+    """Whether parent feeds each child's output to the next child and nothing else: nn.Sequential's
+    own forward. Only there may an activation be folded into the linear layer before it; a subclass
+    with a forward of its own (a residual block reading the pre-activation, say) is not assumed to."""
+    return isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
+
+
 def _fused_from(linear, activation):
     fused = FusedLinear(
         linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -46,6 +53,12 @@ def convert(module: nn.Module) -> nn.Module:
     activation's slot becomes nn.Identity, so indices and state_dict keys do not change. Every
     other plain nn.Linear becomes FusedLinear(activation="none"). Returns the module.
 
+    Folding assumes each nn.Sequential runs its children in order, as its own forward does:
+    subclasses that define another forward only get their linear layers converted, and code that
+    calls a Sequential's linear layer on its own (``seq[0](x)``) after convert() gets the
+    activated output. A linear layer used in several places stays one shared module where it
+    becomes the same fused layer.
+
     Subclasses of nn.Linear (FusedLinear among them) are left as they are, since their forward
     may differ from a plain linear layer. Modules with hooks of their own (forward, backward,
     state_dict) keep them and keep running them: an nn.Linear with hooks stays as it is, and an
@@ -61,6 +74,7 @@ def convert(module: nn.Module) -> nn.Module:
             return module
         return _fused_from(module, "none")
     hooked = []
+    made = {}  # (id(linear), activation) -> its FusedLinear: a layer used twice stays one module
     for prefix, parent in list(module.named_modules()):
         names = list(parent._modules.keys())
         for i, name in enumerate(names):
@@ -71,15 +85,20 @@ def convert(module: nn.Module) -> nn.Module:
                 hooked.append(f"{prefix}.{name}" if prefix else name)
                 continue
             act = None
-            if isinstance(parent, nn.Sequential) and i + 1 < len(names):
+            if _runs_in_order(parent) and i + 1 < len(names):
                 nxt = parent._modules[names[i + 1]]
                 act = _activation_name(nxt)
                 if act is not None and _has_hooks(nxt):
                     hooked.append(f"{prefix}.{names[i + 1]}" if prefix else names[i + 1])
                     act = None
-            parent._modules[name] = _fused_from(child, act or "none")
+            key = (id(child), act or "none")
+            if key not in made:
+                made[key] = _fused_from(child, act or "none")
+            parent._modules[name] = made[key]
             if act is not None:
-                parent._modules[names[i + 1]] = nn.Identity()
+                identity = nn.Identity()
+                identity.train(nxt.training)
+                parent._modules[names[i + 1]] = identity
     if hooked:
         _warn_hooked(hooked)
     return module

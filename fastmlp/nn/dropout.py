@@ -3,6 +3,7 @@
 from torch import nn
 
 from ..functional import dropout
+from .linear import _not_scriptable
 
 __all__ = ["Dropout"]
 
@@ -13,3 +14,6 @@ class Dropout(nn.Dropout):
 
     def forward(self, input):
         return dropout(input, self.p, self.training, self.inplace)
+
+    def __prepare_scriptable__(self):
+        raise _not_scriptable(self)

@@ -1,6 +1,7 @@
 """Initialisation for every nn.Linear in a model (FusedLinear included): xavier_, he_ (kaiming_), lsuv_."""
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -17,12 +18,22 @@ def _linears(model):
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
         raise ValueError(f"init: {type(model).__name__} has no nn.Linear layers to initialise")
+    for name, m in found:
+        if "weight" not in m._parameters:
+            # weight_norm / spectral_norm / parametrize: m.weight is recomputed from other
+            # parameters, so writing into it would change nothing.
+            raise ValueError(
+                f"init: layer {name or '(the model itself)'!r} computes its weight from other parameters (a parametrization such as "
+                "weight_norm or spectral_norm); initialise the model before adding the parametrization")
     return found
 
 
 def _activation_after(model, linear):
-    act = getattr(linear, "activation", None)  # FusedLinear carries its own
-    if act is not None:
+    """The activation after a layer: a FusedLinear's own, else the model's ``activation``, else relu
+    (an nn.Linear, or a FusedLinear("none") that convert() made of one, says nothing of what
+    follows it, so both get the same answer)."""
+    act = getattr(linear, "activation", None)
+    if act is not None and act != "none":
         return act
     return getattr(model, "activation", "relu")
 
@@ -58,48 +69,96 @@ kaiming_ = he_
 @torch.no_grad()
 def lsuv_(model, batch, tol=0.05, max_iters=10):
     """Layer-sequential unit variance (Mishkin & Matas, 2016): orthogonal weights, zero biases,
-    then, layer by layer in forward order, the weights are rescaled until the layer's output (the
-    affine output, before its activation) has variance 1 within ``tol`` on ``batch``.
+    then, layer by layer in the order the forward calls them, the weights are rescaled (at most
+    ``max_iters`` times per layer) until the layer's output (the affine output, before its
+    activation) has variance 1 within ``tol`` on ``batch``. A layer called more than once is
+    measured on its first call.
 
     Runs the model in eval mode (no dropout noise) and restores its mode. Returns
-    {layer name: final output variance}; raises if a layer's output is constant on the batch.
+    {layer name: output variance measured after the last rescale}, in forward order; warns about
+    layers that did not reach the tolerance and about layers the forward never calls (left
+    orthogonal, not in the result). Raises if a layer's output has variance 0 or is not finite.
     """
     if not 0 < tol < 1:
         raise ValueError(f"lsuv_: tol must be in (0, 1), got {tol!r}")
-    layers = _linears(model)
-    for _, m in layers:
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
+        raise ValueError(f"lsuv_: max_iters must be an int >= 0, got {max_iters!r}")
+    layers = dict(_linears(model))
+    for m in layers.values():
         nn.init.orthogonal_(m.weight)
         if m.bias is not None:
             m.bias.zero_()
     was_training = model.training
     model.eval()
-    captured = {}
-
-    def grab(mod, args):
-        captured["x"] = args[0]
-
-    variances = {}
+    variances, unconverged = {}, []
     try:
-        for name, m in layers:
-            handle = m.register_forward_pre_hook(grab)
-            try:
-                for _ in range(max_iters + 1):
-                    model(batch)
-                    x = captured["x"].float()
-                    # The affine output itself: a FusedLinear's forward returns it after its activation.
-                    var = F.linear(x, m.weight.float(), None if m.bias is None else m.bias.float()).var().item()
-                    if not math.isfinite(var) or var == 0.0:
-                        raise ValueError(f"lsuv_: layer {name!r} has output variance {var} on the batch; "
-                                         "LSUV needs a batch whose inputs vary (use more than one sample)")
-                    if abs(var - 1.0) < tol:
-                        break
-                    m.weight.div_(math.sqrt(var))
-                variances[name] = var
-            finally:
-                handle.remove()
+        order = _call_order(model, batch, layers)
+        unused = [name for name in layers if name not in order]
+        for name in order:
+            m = layers[name]
+            for it in range(max_iters + 1):
+                var = _output_variance(model, batch, name, m)
+                if abs(var - 1.0) < tol:
+                    break
+                if it == max_iters:
+                    unconverged.append(f"{name} ({var:.3g})")
+                    break
+                m.weight.div_(math.sqrt(var))
+            variances[name] = var
     finally:
         model.train(was_training)
+    if unused:
+        warnings.warn(f"lsuv_: the forward on the batch never calls {', '.join(unused)}; left orthogonal "
+                      "and not rescaled", UserWarning, stacklevel=3)
+    if unconverged and max_iters > 0:
+        warnings.warn(f"lsuv_: output variance not within {tol} of 1 after {max_iters} rescales: "
+                      f"{', '.join(unconverged)} (a normalisation or parametrization after the layer can "
+                      "undo the rescale)", UserWarning, stacklevel=3)
     return variances
+
+
+def _call_order(model, batch, layers):
+    """Names of the layers in the order a forward on batch first calls them."""
+    order = []
+
+    def record(name):
+        def hook(mod, args):
+            if name not in order:
+                order.append(name)
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
+    try:
+        model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _output_variance(model, batch, name, m):
+    """Variance of layer m's affine output on its first call in a forward on batch."""
+    captured = []
+
+    def grab(mod, args):
+        if not captured:
+            captured.append(args[0])
+
+    handle = m.register_forward_pre_hook(grab)
+    try:
+        model(batch)
+    finally:
+        handle.remove()
+    x = captured[0].float()
+    # The affine output itself: a FusedLinear's forward returns it after its activation.
+    var = F.linear(x, m.weight.float(), None if m.bias is None else m.bias.float()).var().item()
+    if not math.isfinite(var):
+        raise ValueError(f"lsuv_: layer {name!r} has output variance {var} on the batch: the batch or the "
+                         "layers before it give NaN or Inf")
+    if var == 0.0:
+        raise ValueError(f"lsuv_: layer {name!r} has output variance 0 (a constant output) on the batch; LSUV needs a batch whose "
+                         "inputs vary (more than one sample, not all equal)")
+    return var
 
 
 def init_(model, method, batch=None):

@@ -33,3 +33,13 @@ class FusedLinear(nn.Linear):
 
     def extra_repr(self):
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+    def __prepare_scriptable__(self):
+        raise _not_scriptable(self)
+
+
+def _not_scriptable(module):
+    """The error torch.jit.script gets for fastmlp's modules (it calls __prepare_scriptable__ on each)."""
+    return RuntimeError(
+        f"torch.jit.script does not support fastmlp's {type(module).__name__} (TorchScript is deprecated "
+        "by torch): use torch.compile, torch.export or torch.jit.trace, which do")

@@ -1,5 +1,7 @@
 """MLP: a multi-layer perceptron from a width list, on fused layers or on plain torch modules."""
 
+import numbers
+import operator
 from collections import OrderedDict
 
 from torch import nn
@@ -19,6 +21,27 @@ _NORMS = (None, "none", "batch", "layer")
 _IMPLS = ("fastmlp", "torch")
 
 
+def _widths(widths):
+    """widths as a list of Python ints (numpy and 0-dim tensor ints too), or a ValueError."""
+    bad = ValueError(f"MLP: widths must list at least two positive ints (input, ..., output), got {widths!r}")
+    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+        raise bad
+    out = []
+    for w in widths:
+        if isinstance(w, bool):
+            raise bad
+        try:
+            w = operator.index(w)
+        except TypeError:
+            raise bad from None
+        if w <= 0:
+            raise bad
+        out.append(w)
+    if len(out) < 2:
+        raise bad
+    return out
+
+
 class MLP(nn.Sequential):
     """``widths[0] -> widths[1] -> ... -> widths[-1]``: each hidden block is linear, activation,
     optional norm, optional dropout; the last block is a bare linear layer (logits).
@@ -36,13 +59,11 @@ class MLP(nn.Sequential):
 
     def __init__(self, widths, activation="relu", dropout=0.0, norm=None, bias=True, impl="fastmlp",
                  device=None, dtype=None):
-        widths = list(widths)
-        if len(widths) < 2 or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
-            raise ValueError(f"MLP: widths must list at least two positive ints (input, ..., output), got {widths!r}")
+        widths = _widths(widths)
         if activation not in ("relu", "gelu", "gelu_tanh", "silu"):  # "none" would make it one linear map
             raise ValueError(f"MLP: activation must be 'relu', 'gelu', 'gelu_tanh' or 'silu', got {activation!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"MLP: dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MLP: dropout must be a number in [0, 1), got {dropout!r}")
         if norm not in _NORMS:
             raise ValueError(f"MLP: norm must be None, 'batch' or 'layer', got {norm!r}")
         if impl not in _IMPLS:
