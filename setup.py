@@ -114,6 +114,12 @@ cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 # promise to keep FP exception flags exact; without it gcc will not turn the NaN/overflow selects
 # in csrc/activation.h into blends, and the GELU/SiLU epilogue loops stay scalar.
 cxx_flags += ["-fno-math-errno", "-fno-trapping-math"]
+# No a*b+c contracted into one FMA: gcc contracts where it vectorises, so the vector loop body and
+# its scalar remainder would round differently, and which elements fall in which one depends on
+# the thread split: results then changed with torch.get_num_threads() (1 ulp in the optimizers'
+# updates and the gelu gradients). Without contraction every element gets the same arithmetic,
+# whatever the thread count. Measured cost: within this VM's noise.
+cxx_flags.append("-ffp-contract=off")
 if native and not debug:
     cxx_flags.append("-march=native")
 # The C++ standard torch itself was built with. torch 2.11's cpp_extension defaults to C++17 while

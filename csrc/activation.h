@@ -66,11 +66,13 @@ __device__ __forceinline__ float tanh(float x) { return ::tanhf(x); }
 FASTMLP_INLINE float bits_to_float(int32_t i) { float f; std::memcpy(&f, &i, 4); return f; }
 
 // exp(x): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r, then
-// scale by 2^k through the exponent bits. Overflow gives +inf, underflow 0, NaN stays NaN
-// (the NaN is carried through r; the selects only act on finite out-of-range inputs).
+// scale by 2^k through the exponent bits, in two halves 2^k1 * 2^k2 so that k from -150
+// (subnormal results) to 128 (just below FLT_MAX) stays a normal float's exponent and the
+// subnormal result is rounded once. Overflow gives +inf, underflow 0, NaN stays NaN (the
+// selects at the end; k is computed from a NaN-free value, as a NaN to int cast is undefined).
 FASTMLP_INLINE float exp(float x) {
-  const float xc = x > 88.0f ? 88.0f : (x < -87.0f ? -87.0f : x);
-  const float k = std::nearbyint(xc * 1.44269504088896341f);
+  const float xc = x > 88.72283935546875f ? 88.72283935546875f : (x < -103.97208f ? -103.97208f : x);
+  const float k = std::nearbyint((x != x ? 0.0f : xc) * 1.44269504088896341f);
   float r = xc - k * 0.693359375f;
   r = r - k * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -80,7 +82,10 @@ FASTMLP_INLINE float exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  float y = p * bits_to_float((static_cast<int32_t>(k) + 127) << 23);
+  const int32_t ki = static_cast<int32_t>(k);
+  const int32_t k1 = ki >> 1;  // floor(k / 2): k1, k - k1 in [-75, 64]
+  const int32_t k2 = ki - k1;
+  float y = p * bits_to_float((k1 + 127) << 23) * bits_to_float((k2 + 127) << 23);
   y = x > 88.72283935546875f ? INFINITY : y;
   y = x < -103.97208f ? 0.0f : y;
   y = x != x ? x : y;

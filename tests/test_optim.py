@@ -373,6 +373,64 @@ def test_copied_optimizer_steps_its_own_state(cls):
         ours.load_state_dict(clone.state_dict())
 
 
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_copied_optimizer_keeps_master_weights(cls):
+    import copy
+    import pickle
+
+    params = make_params(SHAPES, torch.bfloat16, "cpu")
+    ours = cls(params, master_weights=True, **OPT_KW[cls])
+    _drive(ours, params, 2, 0)
+    for copy_fn in (copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))):
+        clone = copy_fn(ours)
+        assert clone._fm_master
+        cp = clone.param_groups[0]["params"]
+        _drive(clone, cp, 2, 2)  # fp32 state stepped as master weights (it raised on the dtype)
+        assert all(clone.state[q]["master_param"].dtype == torch.float32 for q in cp)
+
+
+def test_plan_declines_a_parameter_resized_in_place():
+    # The CPU plan reads packed state at offsets fixed when it was made: a parameter given .data of
+    # another size with the same strides must not walk into its neighbour's state.
+    for cls, key in ((AdamW, "exp_avg"), (SGD, "momentum_buffer")):
+        a, b = torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(16))
+        opt = cls([a, b], lr=0.1, **({"momentum": 0.9} if cls is SGD else {}))
+        for _ in range(3):
+            a.grad, b.grad = torch.randn(16), torch.randn(16)
+            opt.step()
+        assert opt._fm_cache[id(opt.param_groups[0])][4] is not None  # the plan is in use
+        b_state = opt.state[b][key].clone()
+        a.data = torch.randn(32)
+        a.grad, b.grad = torch.ones(32), None
+        with pytest.raises(ValueError, match=r"has shape \[16\] but params\[0\] has shape \[32\]"):
+            opt.step()
+        assert torch.equal(opt.state[b][key], b_state)
+
+
+@pytest.mark.parametrize("cls,kw", [(AdamW, {}), (Adam, {}), (SGD, dict(lr=0.1, momentum=0.9, nesterov=True))],
+                         ids=["AdamW", "Adam", "SGD"])
+def test_results_do_not_depend_on_the_thread_count(cls, kw):
+    # The work split moves with torch.get_num_threads(); every element must get the same
+    # arithmetic wherever it falls (vector body or remainder), as torch.optim's results do.
+    def run(threads):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            g = torch.Generator().manual_seed(0)
+            ps = [torch.randn(n, generator=g).requires_grad_() for n in (5, 33333, 33333, 7)]
+            opt = cls(ps, **kw)
+            for _ in range(3):
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+            return ps
+        finally:
+            torch.set_num_threads(old)
+
+    for a, b in zip(run(1), run(2)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
 def test_state_dict_layout_matches_torch_fused(cls):
     kw = OPT_KW[cls]
@@ -441,7 +499,7 @@ def _raises_like(fn_ours, fn_torch):
 
 
 BAD_ADAM = [dict(lr=-1.0), dict(betas=(1.0, 0.999)), dict(betas=(0.9, -0.1)), dict(eps=-1e-8),
-            dict(weight_decay=-0.1), dict(differentiable=True)]
+            dict(weight_decay=-0.1)]
 BAD_SGD = [dict(lr=-1.0), dict(momentum=-0.5), dict(weight_decay=-0.1), dict(nesterov=True),
            dict(nesterov=True, momentum=0.9, dampening=0.1)]
 
@@ -463,13 +521,59 @@ def test_sparse_grad_error(cls):
 
 
 def test_sgd_sparse_grad_error():
-    def run(**kw):
-        p = torch.zeros(4, 2, requires_grad=True)
-        p.grad = torch.zeros(4, 2).to_sparse()
-        return p
+    # torch.optim.SGD's default supports sparse gradients; ours says it does not and what to use.
+    p = torch.zeros(4, 2, requires_grad=True)
+    p.grad = torch.zeros(4, 2).to_sparse()
+    with pytest.raises(RuntimeError, match=r"^fastmlp.optim.SGD does not support sparse gradients .*use torch.optim.SGD"):
+        SGD([p], lr=0.1).step()
 
-    p1, p2 = run(), run()
-    _raises_like(lambda: SGD([p1], lr=0.1).step(), lambda: torch.optim.SGD([p2], lr=0.1, fused=True).step())
+
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_foreach_accepted_and_differentiable_refused_by_name(cls):
+    # foreach picks torch's implementation; ours is always the fused kernel (torch.optim would say
+    # "`fused` and `foreach` cannot be `True` together", naming an option the user never passed).
+    params = make_params(SHAPES, torch.float32, "cpu")
+    other = [p.detach().clone().requires_grad_() for p in params]
+    ours = cls(params, foreach=True, **OPT_KW[cls])
+    ref = TORCH_CLS[cls](other, foreach=True, **OPT_KW[cls])
+    _drive(ours, params, 3, 0)
+    _drive(ref, other, 3, 0)
+    for p, q in zip(params, other):
+        torch.testing.assert_close(p.detach(), q.detach())
+    assert ours.param_groups[0]["fused"] and ours.param_groups[0]["foreach"] is None
+    with pytest.raises(RuntimeError, match=rf"^fastmlp.optim.{cls.__name__}: differentiable=True is not supported"):
+        cls(params, differentiable=True)
+
+
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_complex_parameters_refused_at_construction(cls):
+    ps = [torch.zeros(3, requires_grad=True), torch.zeros(2, dtype=torch.complex64, requires_grad=True)]
+    with pytest.raises(ValueError, match=rf"^fastmlp.optim.{cls.__name__}: parameter 1 of the group is complex"):
+        cls(ps)
+    opt = cls(ps[:1])
+    with pytest.raises(ValueError, match="is complex"):
+        opt.add_param_group({"params": ps[1:]})
+    assert len(opt.param_groups) == 1  # the refused group is not left behind
+
+
+def test_sgd_first_step_skipped_by_grad_scaler_seeds_no_buffer():
+    # torch.optim.SGD (GradScaler skips its step() on inf) seeds the momentum buffer at the first
+    # step that runs; with dampening a zero buffer would weight that gradient by 1 - dampening.
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.5)
+    p, q = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    ours, ref = SGD([p], **kw), torch.optim.SGD([q], foreach=False, **kw)
+    s_o, s_r = torch.amp.GradScaler("cpu", init_scale=4.0), torch.amp.GradScaler("cpu", init_scale=4.0)
+    for step in range(4):
+        for o, sc, x in ((ours, s_o, p), (ref, s_r, q)):
+            o.zero_grad()
+            loss = (x * (float("inf") if step == 0 else 1.0)).sum()
+            sc.scale(loss).backward()
+            sc.step(o)
+            sc.update()
+        if step == 0:
+            assert "momentum_buffer" not in ours.state.get(p, {})
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
@@ -779,7 +883,8 @@ def test_capturable_cuda_graph():
 
 @pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
 def test_sparse_grad_error_after_fast_path(cls):
-    # Once the tensor lists are cached a sparse grad reaches the op first; the error is still torch's.
+    # Once the tensor lists are cached a sparse grad reaches the op first; the error is still the
+    # general path's (torch's for AdamW, ours for SGD: see test_sgd_sparse_grad_error).
     def run(c, **kw):
         p = torch.zeros(4, 2, requires_grad=True)
         opt = c([p], lr=0.1, **kw)
@@ -789,7 +894,11 @@ def test_sparse_grad_error_after_fast_path(cls):
         p.grad = torch.ones(4, 2).to_sparse()
         opt.step()
 
-    _raises_like(lambda: run(cls), lambda: run(TORCH_CLS[cls], fused=True))
+    if cls is SGD:
+        with pytest.raises(RuntimeError, match="^fastmlp.optim.SGD does not support sparse gradients"):
+            run(cls)
+    else:
+        _raises_like(lambda: run(cls), lambda: run(TORCH_CLS[cls], fused=True))
 
 
 def _opcheck_args(device, amsgrad, master):

@@ -648,10 +648,11 @@ class StepPlan : public torch::CustomClassHolder {
   // slot 0: params, slot 1: grads (read at each step), slots 2...: state, in the op's order.
   std::vector<std::vector<at::Tensor>> slots_;
   std::vector<std::optional<Packed>> packed_;  // per slot: set for packed state slots
-  // The parameters' strides when the plan was made (all parameters, back to back): a packed
-  // state slot was checked against them once, so a parameter must keep them.
-  std::vector<int64_t> p_strides_;
-  std::vector<size_t> p_strides_at_;
+  // The parameters' sizes and strides when the plan was made (all parameters, back to back): a
+  // packed state slot was checked against them once, so a parameter must keep them (a parameter
+  // resized in place, or given new .data of another size, would walk past its packed state).
+  std::vector<int64_t> p_layout_;
+  std::vector<size_t> p_layout_at_;
   at::ScalarType dtype_ = at::kFloat;
 
   void init(const char* op) {
@@ -662,17 +663,19 @@ class StepPlan : public torch::CustomClassHolder {
     packed_.assign(slots_.size(), std::nullopt);
     for (size_t s = 2; s < slots_.size(); ++s) packed_[s] = Packed::of(slots_[s], &slots_[0]);
     for (const auto& p : slots_[0]) {
-      p_strides_at_.push_back(p_strides_.size());
-      p_strides_.insert(p_strides_.end(), p.strides().begin(), p.strides().end());
+      p_layout_at_.push_back(p_layout_.size());
+      p_layout_.insert(p_layout_.end(), p.sizes().begin(), p.sizes().end());
+      p_layout_.insert(p_layout_.end(), p.strides().begin(), p.strides().end());
     }
-    p_strides_at_.push_back(p_strides_.size());
+    p_layout_at_.push_back(p_layout_.size());
   }
 
-  bool same_strides_as_at_init(size_t i, c10::IntArrayRef strides) const {
-    const size_t b = p_strides_at_[i], e = p_strides_at_[i + 1];
-    if (strides.size() != e - b) return false;
-    for (size_t d = 0; d < strides.size(); ++d) {
-      if (strides[d] != p_strides_[b + d]) return false;
+  bool same_layout_as_at_init(size_t i, c10::IntArrayRef sizes, c10::IntArrayRef strides) const {
+    const size_t b = p_layout_at_[i], e = p_layout_at_[i + 1];
+    const size_t dim = sizes.size();
+    if (2 * dim != e - b) return false;
+    for (size_t d = 0; d < dim; ++d) {
+      if (sizes[d] != p_layout_[b + d] || strides[d] != p_layout_[b + dim + d]) return false;
     }
     return true;
   }
@@ -706,7 +709,7 @@ class StepPlan : public torch::CustomClassHolder {
       }
       const bool empty = p.numel() == 0;
       if (!empty && !(p.is_non_overlapping_and_dense() && shares_dense_layout(p, g))) return false;
-      if (!same_strides_as_at_init(i, p.strides())) return false;
+      if (!same_layout_as_at_init(i, sizes, p.strides())) return false;
       for (size_t s = 2; s < slots_.size(); ++s) {
         if (slots_[s].empty() || base[s] != nullptr) continue;
         const at::Tensor& t = slots_[s][i];

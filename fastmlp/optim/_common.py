@@ -61,7 +61,9 @@ def pick(lst, idx, n):
 def on_device(t, device):
     if t is None or t.device == device:
         return t
-    return t.to(device, non_blocking=True)
+    # Non-blocking only host to device: a device-to-host copy must be complete before the CPU
+    # step reads it.
+    return t.to(device, non_blocking=device.type != "cpu")
 
 
 def lr_args(lr, device):
@@ -283,6 +285,25 @@ class FusedStep:
     optimizers) passed into the kernel. Subclasses implement _fm_step_group; the per-group tensor
     lists cached in _fm_cache are dropped whenever the groups change or the optimizer is unpickled."""
 
+    def __init__(self, params, *args, master_weights=False, **kwargs):
+        name = type(self).__name__
+        if kwargs.get("differentiable"):
+            raise RuntimeError(
+                f"fastmlp.optim.{name}: differentiable=True is not supported (the fused step updates the "
+                f"parameters outside autograd); use torch.optim.{name}(..., differentiable=True)")
+        # foreach / fused choose torch's implementation; ours is always the fused kernel, and
+        # fused=True is the state layout we keep.
+        kwargs.pop("foreach", None)
+        kwargs["fused"] = True
+        self._fm_master = bool(master_weights)
+        self._fm_cache = {}
+        super().__init__(params, *args, **kwargs)
+
+    def __getstate__(self):
+        # torch.optim pickles defaults, state and param_groups only; master_weights changes the
+        # state's layout, so a copy must keep it.
+        return {**super().__getstate__(), "_fm_master": self._fm_master}
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_fm_master", False)
@@ -298,6 +319,15 @@ class FusedStep:
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         self._fm_cache = {}
+        for i, p in enumerate(self.param_groups[-1]["params"]):
+            if p.is_complex():
+                # (torch's fused=True check would only say so at the first step, naming fused.)
+                self.param_groups.pop()
+                name = type(self).__name__
+                raise ValueError(
+                    f"fastmlp.optim.{name}: parameter {i} of the group is complex ({p.dtype}); the fused kernels "
+                    f"take real floating-point parameters: use torch.optim.{name} for complex ones, or "
+                    "optimise torch.view_as_real(p)")
 
     def _fm_step(self, closure=None):
         """Perform a single optimization step.

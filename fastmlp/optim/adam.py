@@ -52,13 +52,6 @@ class _Bucket:
 class _FusedAdamBase(FusedStep):
     _fm_decoupled = False
 
-    def __init__(self, params, *args, master_weights=False, **kwargs):
-        # Always fused: our kernels are the fused ones, and fused=True is the state layout we keep.
-        kwargs["fused"] = True
-        self._fm_master = bool(master_weights)
-        self._fm_cache = {}
-        super().__init__(params, *args, **kwargs)
-
     def load_state_dict(self, state_dict):
         keep = fp32_originals(self, state_dict, ("master_param",) + _MOMENTS) if self._fm_master else {}
         super().load_state_dict(state_dict)

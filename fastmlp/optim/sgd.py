@@ -5,9 +5,10 @@ per parameter when momentum != 0) as torch.optim.SGD(fused=True).
 
 The first step of a parameter seeds its momentum buffer with the gradient, as torch does; this is
 decided per parameter (a parameter unfrozen later gets a fresh buffer while the others keep
-theirs). One caveat shared with torch's fused SGD: if that very first step is skipped by
-GradScaler (found_inf), the buffer exists but holds zeros, so with dampening != 0 the next step
-weights the gradient by (1 - dampening) where the for-loop optimizer would not.
+theirs). A first step that GradScaler skips (found_inf) creates no buffer, as with
+torch.optim.SGD, whose step GradScaler does not call then: the next step seeds it (torch's fused
+SGD would keep a zero buffer, and with dampening != 0 weight that gradient by 1 - dampening).
+That one check reads found_inf on the host, only while a buffer is missing.
 """
 
 import torch
@@ -33,10 +34,7 @@ __all__ = ["SGD"]
 class SGD(FusedStep, torch.optim.SGD):
     __doc__ = torch.optim.SGD.__doc__
 
-    def __init__(self, params, *args, master_weights=False, **kwargs):
-        kwargs["fused"] = True
-        self._fm_master = bool(master_weights)
-        self._fm_cache = {}
+    def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **kwargs)
 
     __init__.__signature__ = signature_with_master_weights(torch.optim.SGD)
@@ -85,8 +83,13 @@ class SGD(FusedStep, torch.optim.SGD):
         # torch's own per-parameter checks (unsupported dtypes for fused=True).
         has_sparse_grad = self._init_group(group, pw, grads, bufs)
         if has_sparse_grad:
-            self._fm_raise_sparse(group, pw, grads, bufs)
+            raise RuntimeError(
+                "fastmlp.optim.SGD does not support sparse gradients (e.g. from nn.Embedding(sparse=True)): its "
+                "kernel is dense; use torch.optim.SGD for such parameters")
         has_momentum = group["momentum"] != 0
+        if (has_momentum and found_inf is not None
+                and any(self.state[p].get("momentum_buffer") is None for p in pw) and found_inf.item() != 0):
+            return  # a skipped step: no buffer seeded (see the module's docstring)
         states = [self.state[p] for p in pw]
         for p, st in zip(pw, states):
             if self._fm_uses_master(p.dtype):
@@ -108,15 +111,6 @@ class SGD(FusedStep, torch.optim.SGD):
                 [st["momentum_buffer"] for st in sts] if has_momentum else [],
                 [st["master_param"] for st in sts] if self._fm_uses_master(dtype) else [],
                 is_first, grad_scale, found_inf)
-
-    def _fm_raise_sparse(self, group, pw, grads, bufs):
-        # torch.optim.SGD(fused=True)'s own error, whatever this torch version words it as.
-        from torch.optim.sgd import _fused_sgd
-
-        _fused_sgd(pw, grads, bufs, None, None, weight_decay=group["weight_decay"],
-                   momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
-                   nesterov=group["nesterov"], maximize=group["maximize"], has_sparse_grad=True)
-        raise RuntimeError("fastmlp.optim.SGD does not support sparse gradients")
 
     def _fm_build_cache(self, group):
         params = group["params"]
