@@ -177,6 +177,7 @@ def test_convert_keeps_shared_layers_shared_and_identity_in_the_models_mode():
     assert isinstance(model[1], nn.Identity) and not any(m.training for m in model.modules())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_jit_script_and_sparse_input_get_clear_errors():
     with pytest.raises(RuntimeError, match="torch.jit.script does not support fastmlp's FusedLinear.*torch.jit.trace"):
         torch.jit.script(nn.Sequential(FusedLinear(3, 2)))
