@@ -23,8 +23,8 @@ def _linears(model):
             # weight_norm / spectral_norm / parametrize: m.weight is recomputed from other
             # parameters, so writing into it would change nothing.
             raise ValueError(
-                f"init: layer {name or '(the model itself)'!r} computes its weight from other parameters (a parametrization such as "
-                "weight_norm or spectral_norm); initialise the model before adding the parametrization")
+                f"init: layer {name or '(the model itself)'!r} computes its weight from other parameters (a "
+                "parametrization such as weight_norm or spectral_norm); initialise the model before adding it")
     return found
 
 
@@ -112,8 +112,8 @@ def lsuv_(model, batch, tol=0.05, max_iters=10):
                       "and not rescaled", UserWarning, stacklevel=3)
     if unconverged and max_iters > 0:
         warnings.warn(f"lsuv_: output variance not within {tol} of 1 after {max_iters} rescales: "
-                      f"{', '.join(unconverged)} (a normalisation or parametrization after the layer can "
-                      "undo the rescale)", UserWarning, stacklevel=3)
+                      f"{', '.join(unconverged)} (the layer's input changes with its own weights)", UserWarning,
+                      stacklevel=3)
     return variances
 
 
@@ -156,8 +156,8 @@ def _output_variance(model, batch, name, m):
         raise ValueError(f"lsuv_: layer {name!r} has output variance {var} on the batch: the batch or the "
                          "layers before it give NaN or Inf")
     if var == 0.0:
-        raise ValueError(f"lsuv_: layer {name!r} has output variance 0 (a constant output) on the batch; LSUV needs a batch whose "
-                         "inputs vary (more than one sample, not all equal)")
+        raise ValueError(f"lsuv_: layer {name!r} has output variance 0 (a constant output) on the batch; LSUV "
+                         "needs a batch whose inputs vary (more than one sample, not all equal)")
     return var
 
 
