@@ -13,7 +13,6 @@ the backward instead of saved (csrc/cpu/dropout.cpp).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
-from common import machine_name, time_interleaved  # noqa: E402
+from common import machine_name, time_interleaved, write_json  # noqa: E402
 from fastmlp.functional import dropout  # noqa: E402
 
 
@@ -71,10 +70,8 @@ def main(argv=None):
             print(f"{shape:>10} {mode:>6} | {row['native_ms']:9.3f} {row['compiled_ms']:11.3f} {row['fastmlp_ms']:10.3f} "
                   f"{row['floor_ms']:8.3f} | {row['speedup_vs_native']:8.2f}x {row['speedup_vs_compiled']:10.2f}x", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "torch": torch.__version__, "repeats": args.repeats, "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"machine": machine, "torch": torch.__version__, "repeats": args.repeats, "rows": rows},
+                   __file__, argv)
 
 
 if __name__ == "__main__":

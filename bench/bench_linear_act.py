@@ -25,7 +25,6 @@ are interleaved in rotating order and the median of --repeats samples is reporte
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
-from common import machine_name, time_interleaved  # noqa: E402
+from common import machine_name, time_interleaved, write_json  # noqa: E402
 from fastmlp import ops as fm_ops  # noqa: E402
 from fastmlp.functional import linear_act  # noqa: E402
 
@@ -224,11 +223,8 @@ def main(argv=None):
             f"slower than native: {len(s['slower_than_native'])}, slower than compiled: {len(s['slower_than_compiled'])}"
         )
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "device": args.device, "torch": torch.__version__,
-                       "repeats": args.repeats, "rows": rows, "summary": summ}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"machine": machine, "device": args.device, "torch": torch.__version__,
+                               "repeats": args.repeats, "rows": rows, "summary": summ}, __file__, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ share of each candidate's time.
 import argparse
 import contextlib
 import copy
-import json
 import os
 import sys
 
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
-from common import machine_name, time_interleaved  # noqa: E402
+from common import machine_name, time_interleaved, write_json  # noqa: E402
 from fastmlp.nn import MLP  # noqa: E402
 
 CANDIDATES = ("torch eager", "torch eager fused", "torch.compile", "fastmlp", "fastmlp compiled", "gemm floor")
@@ -182,11 +181,8 @@ def main(argv=None):
         print(f"{name:>18} | {row['ms_per_step']:9.3f} | {row['samples_per_s']:10.0f} | {sp:>15} | {fs:>11} | "
               f"{compile_s[name]:9.1f}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "device": args.device, "torch": torch.__version__,
-                       "model": model_desc, "repeats": args.repeats, "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"machine": machine, "device": args.device, "torch": torch.__version__,
+                               "model": model_desc, "repeats": args.repeats, "rows": rows}, __file__, argv)
     return rows
 
 

@@ -8,10 +8,16 @@ Tensors are still freed as soon as their last reference goes.
 """
 
 import contextlib
+import datetime
 import gc
+import json
 import math
+import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -29,6 +35,48 @@ def machine_name(device):
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
     return f"{cpu_model()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def _git_commit():
+    """The checkout's commit (+ "-dirty" with uncommitted changes), or None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
+
+
+def run_info(script, argv):
+    """What a rerun needs to know: the command (script and its arguments, argv None meaning this
+    process's own), code and build, versions, threads, when."""
+    import fastmlp
+
+    try:
+        from fastmlp import _build_info as build
+        build = {k: getattr(build, k) for k in ("TORCH_VERSION", "WITH_CUDA", "CUDA_ARCH_LIST") if hasattr(build, k)}
+    except ImportError:
+        build = None
+    return {
+        "command": shlex.join(["python", f"bench/{os.path.basename(script)}"]
+                              + list(sys.argv[1:] if argv is None else argv)),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fastmlp": fastmlp.__version__, "git_commit": _git_commit(), "build": build,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FASTMLP_NATIVE") if k in os.environ},
+    }
+
+
+def write_json(path, payload, script, argv):
+    """payload plus run_info(script, argv) under "run", written to path (its folder created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**payload, "run": run_info(script, argv)}, f, indent=1)
+    print(f"wrote {path}")
 
 
 def sync(device):

@@ -90,7 +90,9 @@ versions() {
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda)
 print("gpu", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
-print("tf32 matmul", torch.backends.cuda.matmul.allow_tf32)
+print("tf32 matmul", torch.backends.cuda.matmul.allow_tf32, "| float32 matmul precision",
+      torch.get_float32_matmul_precision(), "| fp32_precision",
+      getattr(torch.backends.cuda.matmul, "fp32_precision", "n/a"))
 EOF
 }
 

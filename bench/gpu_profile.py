@@ -25,7 +25,6 @@ too (--device cpu, for the tests): no kernels there, only host and wall time.
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import bench_linear_act  # noqa: E402
-from common import gc_paused, machine_name, sync  # noqa: E402
+from common import gc_paused, machine_name, sync, write_json  # noqa: E402
 
 SHAPES = "64x512x512,4096x2048x2048"  # (batch, in, out): bench_linear_act --device cuda --quick's extremes
 CANDIDATES = ("fastmlp", "eager", "compiled", "floor", "autograd_floor")
@@ -180,9 +179,8 @@ def main(argv=None):
                   f"{it['launches_eager']:.0f}; wall {it['wall_vs_eager']:.2f}x eager; device time {dev} "
                   f"the floor's; {'host' if it['host_bound'] else 'device'}-bound")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_name(args.device), "torch": torch.__version__, "rows": rows,
-                       "summary": summary}, f, indent=1)
+        write_json(args.json, {"machine": machine_name(args.device), "torch": torch.__version__, "rows": rows,
+                               "summary": summary}, __file__, argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import types
 import pytest
 import torch
 
+import fastmlp
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 import bench_linear_act  # noqa: E402
 import bench_mlp  # noqa: E402
@@ -35,6 +37,12 @@ def test_bench_mlp_runs_every_eager_candidate(tmp_path):
         by["torch eager"]["ms_per_step"] / by["fastmlp"]["ms_per_step"])
     saved = json.loads(out.read_text())
     assert saved["rows"] == rows and "threads" in saved["machine"]
+    # What a rerun needs: the command, the code (commit when in a checkout), versions, threads.
+    run = saved["run"]
+    assert run["command"].startswith("python bench/bench_mlp.py --widths 24,16,16,5 --batch 8")
+    assert run["fastmlp"] == fastmlp.__version__ and run["torch"] == torch.__version__
+    assert run["threads"] == torch.get_num_threads() and run["date_utc"].endswith("+00:00")
+    assert run["git_commit"] is None or len(run["git_commit"].split("-")[0]) == 40
 
 
 def test_bench_mlp_step_trains_the_candidates():
