@@ -4,7 +4,7 @@
     for step, (x, y) in enumerate(batches):
         mon.begin(step)                      # hooks only on monitored steps
         loss = loss_fn(model(x), y); loss.backward()
-        mon.after_backward()
+        mon.after_backward()                 # before any gradient clipping: norms as computed
         if not guard.check(loss, grad_norm): # one scalar read per step
             raise guard.error(step, lambda: loss_fn(model(x), y).backward())
         opt.step()
@@ -81,6 +81,10 @@ class Monitor:
 
     after_step() returns {"step": s, "<layer>/grad_norm": ..., "<layer>/update_ratio": ...,
     "<act>/act_mean", "<act>/act_std", "<act>/dead_frac"} on monitored steps, else None.
+
+    "<layer>/grad_norm" is the norm of the gradients as they stand at after_backward(): the Trainer
+    calls it before gradient clipping (and after fp16 unscaling), so the per-layer norms are the
+    unclipped ones, like the total grad_norm it logs (the norm clip_grad_norm_ returns).
     """
 
     def __init__(self, model, every=50):
@@ -159,6 +163,19 @@ def _finite(t):
     return bool(torch.isfinite(t).all())
 
 
+def _divergence(losses, window=20, factor=10.0):
+    """Words for a loss that grew at least factor-fold over the last window steps (finite ones;
+    losses below 1e-3 count as 1e-3, so a near-zero loss wobbling is no growth); else None."""
+    w = [float(v) for v in list(losses)[-window:]]
+    w = [v for v in w if v == v and abs(v) != float("inf")]
+    if len(w) < 2:
+        return None
+    low = min(range(len(w)), key=w.__getitem__)
+    if w[-1] < factor * max(w[low], 1e-3):
+        return None
+    return f"rose from {w[low]:.3g} to {w[-1]:.3g} over the last {len(w) - low} steps"
+
+
 class AnomalyGuard:
     """Cheap on the hot path: check() reads one boolean built from the loss and a gradient-norm
     scalar. Only after a detection does locate() replay the step with hooks on every leaf module and
@@ -174,9 +191,10 @@ class AnomalyGuard:
             vals = torch.cat([vals, grad_norm.detach().float().reshape(1).to(vals.device)])
         return bool(torch.isfinite(vals).all())
 
-    def locate(self, replay):
+    def locate(self, replay, recent_losses=()):
         """Runs ``replay()`` (forward and backward of the offending step, on the unchanged parameters)
-        under hooks. Returns (layer name, where) for the first non-finite value, or (None, reason)."""
+        under hooks. Returns (layer name, where) for the first non-finite value, or (None, reason).
+        recent_losses: the losses of the steps before, oldest first, to tell a diverging loss."""
         events = []
         handles = []
         leaves = [(n, m) for n, m in self.model.named_modules() if n and not list(m.children())]
@@ -220,6 +238,10 @@ class AnomalyGuard:
                 warnings.simplefilter("ignore", UserWarning)
                 loss = replay()
             if not events and loss is not None and not _finite(loss.detach()):
+                growth = _divergence(recent_losses)
+                if growth:
+                    return None, (f"it first appeared in the loss (every layer's output was finite), which {growth}: "
+                                  "the learning rate is likely too high")
                 return None, ("it first appeared in the loss (every layer's output was finite: check the labels "
                               "and the loss inputs)")
         finally:
@@ -237,9 +259,9 @@ class AnomalyGuard:
                           f"the learning rate")
         return None, "it did not happen again on replay (a non-deterministic op?)"
 
-    def error(self, step, replay, context="", checkpoint=None):
-        """The AnomalyError for a detection at ``step``; ``replay`` as in locate()."""
-        layer, where = self.locate(replay)
+    def error(self, step, replay, context="", checkpoint=None, recent_losses=()):
+        """The AnomalyError for a detection at ``step``; ``replay`` and ``recent_losses`` as in locate()."""
+        layer, where = self.locate(replay, recent_losses)
         where_s = f"first appeared in layer '{layer}' ({where})" if layer else where
         msg = f"non-finite loss or gradient at step {step}{context}: {where_s}."
         if checkpoint:

@@ -178,3 +178,24 @@ def test_guard_explains_an_overflowed_norm():
     msg = str(err)
     assert msg.startswith("non-finite loss or gradient at step 5: the gradient norm overflowed") and "lower the learning rate" in msg
     assert "first appeared in" not in msg and "not reproduced" not in msg
+
+
+def test_guard_blames_the_lr_when_a_growing_loss_overflows():
+    # Logits of +-2e38 are finite, and so are their softmax and every gradient, but the cross-entropy
+    # (logsumexp minus the target's logit) overflows: the loss is the first non-finite value.
+    m = MLP([2, 2], impl="torch")
+    with torch.no_grad():
+        m[0].linear.weight.copy_(torch.tensor([[1e38, 0.0], [-1e38, 0.0]]))
+        m[0].linear.bias.zero_()
+    x, y = torch.tensor([[2.0, 0.0]]), torch.tensor([1])
+    guard = AnomalyGuard(m)
+    diverging = [2.3, 2.1, 2.4, 9.0, 80.0, 3e3, 4e5]  # the steps before, oldest first
+    err = guard.error(9, _replay(m, x, y), recent_losses=diverging)
+    assert err.layer is None and all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert str(err) == ("non-finite loss or gradient at step 9: it first appeared in the loss (every layer's output "
+                        "was finite), which rose from 2.1 to 4e+05 over the last 6 steps: the learning rate is likely "
+                        "too high.")
+    # A loss that was steady (or no history, or a near-zero loss wobbling) points at the labels and loss inputs.
+    for steady in ([2.3, 2.2, 2.25, 2.1], [], [1e-6, 2e-6, 5e-5], [2.0, float("nan"), float("inf")]):
+        msg = str(guard.error(9, _replay(m, x, y), recent_losses=steady))
+        assert "check the labels and the loss inputs" in msg and "learning rate" not in msg

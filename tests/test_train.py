@@ -63,6 +63,8 @@ def test_recipe_yaml_equals_dataclass_defaults():
     ({"batch_size": 0}, "'batch_size'"), ({"betas": [0.9]}, "'betas'"), ({"amp": "fp8"}, "'amp'"),
     ({"nesterov": True, "optimizer": "adamw"}, "'nesterov'"), ({"epochs": "ten"}, "'epochs'"),
     ({"learning_rate": 0.1}, "unknown option.*learning_rate"), ({"device": "tpu"}, "'device'"),
+    ({"device": "cuda:x"}, "'device' must be auto, cpu, cuda or cuda:N"), ({"name": "a/b"}, "'name'.*path separator"),
+    ({"min_lr": 0.01, "lr": 0.001}, r"'min_lr' \(0.01\) must not exceed 'lr' \(0.001\)"),
 ])
 def test_bad_config_values_name_the_option(bad, match):
     d = TrainConfig().to_dict()
@@ -117,6 +119,54 @@ def test_validation_messages_are_consistent(tmp_path, capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--betas X [X ...]" in out and "--widths N [N ...]" in out
+
+
+def test_widths_and_betas_take_tuples(tmp_path):
+    cfg = cfg_small(tmp_path, widths=(784, 16, 10), betas=(0.8, 0.99), optimizer="adam", epochs=1)
+    assert (cfg.validate().widths, cfg.betas) == ([784, 16, 10], [0.8, 0.99])
+    assert dataclasses.replace(cfg, widths=(784, 8, 10)).widths == [784, 8, 10]
+    s = Trainer(cfg, data=synthetic()).fit()  # config.yaml is plain YAML (safe_dump has no tuples)
+    assert yaml.safe_load((Path(s["run_dir"]) / "config.yaml").read_text())["widths"] == [784, 16, 10]
+
+
+def test_val_split_that_leaves_no_training_images_names_val_split(tmp_path):
+    import warnings
+
+    from fastmlp.train.engine import load_data
+    from test_data import write_dataset
+
+    write_dataset(tmp_path, n_train=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no torch warning about the std() of no images on the way
+        with pytest.raises(ConfigError, match=r"'val_split' \(0.99\) holds out all 20 training images for validation, "
+                                              "leaving none to train on; use a smaller --val-split"):
+            load_data(TrainConfig(data_dir=str(tmp_path), val_split=0.99), torch.device("cpu"))
+    assert len(load_data(TrainConfig(data_dir=str(tmp_path), val_split=0.9), torch.device("cpu")).train) == 2
+
+
+def test_train_warns_about_options_without_effect(tmp_path, capsys):
+    """Options set away from the recipe that the configuration does not use get one warning each
+    (the data is missing here, so each run stops right after the warnings, with exit status 1)."""
+    common = ["--data-dir", str(tmp_path / "no-data"), "--out-dir", str(tmp_path / "runs")]
+    assert main(["train", *common]) == 1
+    assert "warning" not in capsys.readouterr().err  # the recipe as it is
+    assert main(["train", *common, "--optimizer", "adam", "--momentum", "0.5", "--min-lr", "1e-5",
+                 "--warmup-epochs", "2", "--betas", "0.9", "0.99"]) == 1
+    err = capsys.readouterr().err
+    assert "warning: --momentum has no effect (only sgd uses it; --optimizer is adam); ignored" in err
+    assert "--min-lr has no effect (only the cosine and warmup_cosine schedules use it; --scheduler is onecycle)" in err
+    assert "--warmup-epochs has no effect (only the warmup_cosine schedule uses it" in err
+    assert "--betas" not in err  # adam uses them (the first is cycled only when changed: see below)
+    assert main(["train", *common, "--optimizer", "sgd", "--betas", "0.8", "0.99", "--scheduler", "cosine",
+                 "--min-lr", "1e-5", "--pct-start", "0.5", "--no-cycle-momentum", "--momentum", "0.9"]) == 1
+    err = capsys.readouterr().err
+    assert "--betas has no effect (only adam and adamw use it; --optimizer is sgd)" in err
+    assert "--no-cycle-momentum, --pct-start have no effect (only the onecycle schedule uses it" in err
+    assert "--min-lr" not in err and "--momentum" not in err
+    assert main(["train", *common, "--optimizer", "sgd", "--nesterov", "--momentum", "0.9", "--scheduler", "step",
+                 "--gamma", "0.5", "--min-lr", "1e-5"]) == 1
+    err = capsys.readouterr().err
+    assert "--min-lr has no effect" in err and "--gamma" not in err and "--nesterov" not in err
 
 
 def test_train_subset_larger_than_the_data_is_an_error(tmp_path):
@@ -217,6 +267,71 @@ def test_onecycle_matches_torch_and_peaks_at_lr():
     assert ours == theirs
     assert max(ours) == pytest.approx(2e-3) and ours.index(max(ours)) == 14
     assert ours[0] == pytest.approx(2e-3 / 25)
+
+
+def _momenta(cfg, steps=20):
+    """The momentum (sgd) or beta1 (adam, adamw) of each of the optimizer's steps under cfg's schedule."""
+    from fastmlp.train.engine import build_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(cfg, model)
+    s = build_scheduler(cfg, opt, steps // cfg.epochs)
+    out = []
+    for _ in range(steps):
+        g = opt.param_groups[0]
+        out.append(g["momentum"] if cfg.optimizer == "sgd" else g["betas"][0])
+        opt.step()
+        s.step()
+    return out
+
+
+def test_onecycle_cycles_momentum_only_when_asked(tmp_path, capsys):
+    base = dict(scheduler="onecycle", epochs=2, impl="torch")
+    # The recipe (cycle_momentum true) is torch's OneCycleLR: beta1 0.95 -> 0.85 -> 0.95.
+    m = _momenta(TrainConfig(**base))
+    assert m[0] == pytest.approx(0.95) and min(m) == pytest.approx(0.85) and m[-1] > 0.94
+    # --no-cycle-momentum keeps --momentum / --betas; sgd with momentum 0 never gets any.
+    assert set(_momenta(TrainConfig(**base, betas=[0.5, 0.999], cycle_momentum=False))) == {0.5}
+    assert set(_momenta(TrainConfig(**base, optimizer="sgd", momentum=0.7, cycle_momentum=False))) == {0.7}
+    assert set(_momenta(TrainConfig(**base, optimizer="sgd", momentum=0.0))) == {0.0}
+    assert set(_momenta(TrainConfig(**dict(base, impl="fastmlp"), optimizer="sgd", momentum=0.7,
+                                    cycle_momentum=False))) == {0.7}
+    # A changed value that the cycling overrides gets a warning naming it and the way out.
+    from fastmlp.train.cli import warn_train_options
+
+    err = io.StringIO()
+    assert warn_train_options(TrainConfig(optimizer="sgd", momentum=0.5), err) == ["momentum"]
+    msg = err.getvalue()
+    assert "--momentum 0.5 is overridden: the onecycle schedule cycles the momentum 0.95 -> 0.85 -> 0.95" in msg
+    assert "give --no-cycle-momentum to keep --momentum 0.5 constant" in msg
+    err = io.StringIO()
+    assert warn_train_options(TrainConfig(betas=[0.8, 0.999]), err) == ["betas"]
+    assert "the first of --betas (0.8) is overridden" in err.getvalue() and "--no-cycle-momentum" in err.getvalue()
+    for quiet in (TrainConfig(), TrainConfig(optimizer="sgd", momentum=0.0), TrainConfig(betas=[0.9, 0.99]),
+                  TrainConfig(betas=[0.8, 0.999], cycle_momentum=False)):
+        err = io.StringIO()
+        assert warn_train_options(quiet, err) == [] and err.getvalue() == ""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--cycle-momentum, --no-cycle-momentum" in out and "Never for sgd with --momentum 0" in out
+
+
+def test_cycle_momentum_changes_results_so_resume_keeps_it(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--no-cycle-momentum"]) == 2
+    assert "drop --cycle-momentum" in capsys.readouterr().err
+    # A checkpoint written before the option existed resumes with it on (what those runs did).
+    data = synthetic()
+    t = Trainer(cfg_small(tmp_path, epochs=2, scheduler="onecycle", optimizer="sgd", momentum=0.5), data=data)
+    _dying(t, 9)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    ck = torch.load(t.run_dir / CHECKPOINT, weights_only=False)
+    del ck["config"]["cycle_momentum"]
+    torch.save(ck, t.run_dir / CHECKPOINT)
+    r = Trainer.resume(t.run_dir, data=data)
+    assert r.cfg.cycle_momentum is True and r.scheduler.cycle_momentum
+    assert r.fit()["status"] == "completed"
 
 
 # ---- engine ------------------------------------------------------------------------------------
@@ -342,6 +457,28 @@ def test_anomaly_guard_stops_names_layer_and_keeps_checkpoint(tmp_path):
     assert {"loss.png", "lr.png"} <= set(summary["plots"]) and (t.run_dir / "loss.png").stat().st_size > 1000
 
 
+def test_anomaly_of_a_diverging_loss_blames_the_lr_and_says_how_to_go_on(tmp_path):
+    """A loss that grows by orders of magnitude until it is Inf, with every layer output finite:
+    the message says the learning rate is likely too high, and what to do with the checkpoint."""
+    t = Trainer(cfg_small(tmp_path, epochs=3, checkpoint_every=5), data=synthetic())
+    ce = t.criterion
+
+    def growing(out, y):  # the value grows 1000x a step (Inf at step 14); the gradients stay those of ce
+        loss = ce(out, y)
+        return loss + (10.0 ** (3 * t.global_step) - 1) * loss.detach()
+
+    t.criterion = growing
+    with pytest.raises(AnomalyError) as e:
+        t.fit()
+    msg = str(e.value)
+    assert e.value.step == 14 and e.value.layer is None
+    assert "first appeared in the loss (every layer's output was finite), which rose from" in msg
+    assert "the learning rate is likely too high" in msg and "check the labels" not in msg
+    assert f"last good checkpoint is kept at {t.run_dir / CHECKPOINT}" in msg
+    assert "--resume would repeat the same steps (it refuses a changed --lr): start a new run" in msg
+    assert "lower --lr" in msg
+
+
 @pytest.mark.parametrize("impl", ["fastmlp", "torch"])
 def test_compile_trains_with_monitoring_and_same_checkpoints(tmp_path, impl):
     """--compile: unmonitored steps run the compiled module, monitored ones (hooks) the eager one;
@@ -373,6 +510,32 @@ def test_compile_trains_with_monitoring_and_same_checkpoints(tmp_path, impl):
     eager = Trainer(cfg_small(tmp_path, impl=impl, name=f"e-{impl}"), data=data)
     assert list(ck["model"]) == list(eager.model.state_dict())
     assert not any("_orig_mod" in k for k in ck["model"])
+
+
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_monitor_layer_norms_are_taken_before_clipping(tmp_path, amp):
+    """With --clip-grad-norm the per-layer gradient norms are the unclipped ones, like the logged total."""
+    s = Trainer(cfg_small(tmp_path, amp=amp, clip_grad_norm=0.01, monitor_every=1, epochs=1, widths=[784, 32, 16, 10]),
+                data=synthetic()).fit()
+    recs = [json.loads(l) for l in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "0.linear/grad_norm" in r and math.isfinite(r["grad_norm"])]
+    assert len(recs) >= 6
+    for r in recs:
+        layers = math.sqrt(sum(v ** 2 for k, v in r.items() if k.endswith(".linear/grad_norm")))
+        assert r["grad_norm"] > 0.01 and layers == pytest.approx(r["grad_norm"], rel=1e-4)
+
+
+def test_epoch_lr_is_the_lr_of_the_epochs_last_step(tmp_path):
+    out = io.StringIO()
+    s = Trainer(cfg_small(tmp_path, scheduler="cosine", epochs=3), data=synthetic(), out=out).fit()
+    d = Path(s["run_dir"])
+    steps = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    last = [steps[8 * e - 1]["lr"] for e in (1, 2, 3)]  # 8 steps per epoch
+    assert [r["lr"] for r in s["history"]] == last
+    rows = (d / "metrics.csv").read_text().splitlines()
+    col = rows[0].split(",").index("lr")
+    assert [float(r.split(",")[col]) for r in rows[1:]] == last
+    assert f"last lr {last[-1]:.2e}" in out.getvalue()
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -471,6 +634,85 @@ def test_interrupted_run_writes_summary_and_plots_and_says_where(tmp_path, monke
     assert "no checkpoint yet" in t.stop_message() and "cannot be resumed" in t.stop_message()
     assert json.loads((t.run_dir / "summary.json").read_text())["status"] == "interrupted"
     assert "no display" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_checkpoint_is_written_leaves_that_checkpoint(tmp_path, monkeypatch):
+    """A SIGINT in the middle of torch.save's write is held until checkpoint.pt is complete: the run
+    ends "interrupted" (not "failed" with torch's "unexpected pos") at the checkpoint just written."""
+    import fastmlp.train.checkpoint as checkpoint
+
+    orig, calls = checkpoint._atomic, {"n": 0}
+
+    class SigintMidWrite:
+        def __init__(self, f):
+            self.f, self.n, self.sent = f, 0, False
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 20_000 and not self.sent:  # the weights are being written
+                self.sent = True
+                signal.raise_signal(signal.SIGINT)
+            return self.f.write(b)
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+    def atomic(path, write):
+        if Path(path).name == CHECKPOINT:
+            calls["n"] += 1
+            if calls["n"] == 2:  # the one at the end of epoch 1 (step 8)
+                return orig(path, lambda f: write(SigintMidWrite(f)))
+        return orig(path, write)
+
+    monkeypatch.setattr(checkpoint, "_atomic", atomic)
+    handler = signal.getsignal(signal.SIGINT)
+    t = Trainer(cfg_small(tmp_path, epochs=3, checkpoint_every=5), data=synthetic())
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert calls["n"] == 2 and signal.getsignal(signal.SIGINT) is handler
+    summary = json.loads((t.run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["checkpoint"]["step"] == 8
+    assert torch.load(t.run_dir / CHECKPOINT, weights_only=False)["global_step"] == 8
+    assert "a checkpoint from the end of epoch 1 (step 8)" in t.stop_message() and not list(t.run_dir.glob(".*.tmp"))
+
+
+def test_an_error_raised_by_a_ctrl_c_counts_as_the_interrupt(tmp_path):
+    """Code between the signal and the loop that turns a KeyboardInterrupt into another error
+    (torch.save's zip writer raises RuntimeError("unexpected pos") then) still stops the run as interrupted."""
+    t = Trainer(cfg_small(tmp_path, epochs=3, checkpoint_every=5), data=synthetic())
+    orig = t.train_step
+
+    def step(*a, **k):
+        if t.global_step == 7:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7744 vs 7638") from None
+        return orig(*a, **k)
+
+    t.train_step = step
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    summary = json.loads((t.run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["checkpoint"]["step"] == 5
+    assert "--resume" in t.stop_message()
+
+
+def test_resume_removes_stale_temp_files_of_the_writer_only(tmp_path):
+    data = synthetic()
+    t = Trainer(cfg_small(tmp_path, epochs=2), data=data)
+    _dying(t, 9)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    stale = [".checkpoint.pt.k2_9xq0a.tmp", ".summary.json.abcdefgh.tmp", ".metrics.csv.0123abcd.tmp"]
+    kept = [".checkpoint.pt.tmp", "checkpoint.pt.abcdefgh.tmp", ".checkpoint.pt.abcdefgh.tmp.bak",
+            ".other.abcdefgh.tmp", "notes.tmp"]
+    for name in stale + kept:  # what a SIGKILL mid-write leaves, and files of other names
+        (t.run_dir / name).write_bytes(b"x")
+    r = Trainer.resume(t.run_dir, data=data)
+    assert not [n for n in stale if (t.run_dir / n).exists()]
+    assert all((t.run_dir / n).exists() for n in kept)
+    r.fit()
 
 
 def test_failed_resume_names_the_problem_and_changes_nothing(tmp_path, capsys):
@@ -650,6 +892,18 @@ def test_default_model_two_epochs_real_data(tmp_path, impl):
                       progress="off", plots=False)
     s = Trainer(cfg).fit()
     assert s["final_test_acc"] >= 0.85, s["history"]
+
+
+def test_help_and_readme_state_what_accumulation_and_resume_reproduce(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Dropout masks are drawn per micro-batch" in out and "num_batches_tracked counts micro-batches" in out
+    assert "its lr column, like the epoch line's 'last lr', is the lr of the epoch's last step" in out
+    readme = (REPO / "README.md").read_text().split("## Training", 1)[1].split("\n## ", 1)[0]
+    readme = " ".join(readme.replace("`", "").split())
+    assert "num_batches_tracked counts micro-batches" in readme and "torch.get_num_threads()" in readme
+    assert "lr of the epoch's last step" in readme and "before clipping" in readme
 
 
 def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):

@@ -3,13 +3,17 @@
 import json
 import os
 import random
+import re
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save", "rng_state", "set_rng_state", "load_checkpoint",
-           "CheckpointError"]
+           "CheckpointError", "sigint_deferred", "remove_stale_temp_files"]
 
 
 def _umask():
@@ -23,6 +27,7 @@ _MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; run folders are meant to 
 
 def _atomic(path, write):
     path = Path(path)
+    # The temp name is .<name>.<8 random chars>.tmp; remove_stale_temp_files matches exactly that.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _MODE)
@@ -51,8 +56,51 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+@contextmanager
+def sigint_deferred():
+    """Hold a Ctrl-C (SIGINT) until the block ends, then deliver it to the handler it was meant for
+    (Python's default raises KeyboardInterrupt there). Main thread only, where Python runs signal
+    handlers; elsewhere, and when SIGINT is ignored or not handled by Python, the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = signal.getsignal(signal.SIGINT)
+    if prev in (signal.SIG_IGN, None):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)
+    if held:
+        if callable(prev):
+            prev(signal.SIGINT, held[0])
+        else:  # SIG_DFL: end the process, as the signal would have
+            signal.raise_signal(signal.SIGINT)
+
+
 def atomic_save(obj, path):
-    _atomic(path, lambda f: torch.save(obj, f))
+    # torch.save's zip writer turns an exception raised inside it (a KeyboardInterrupt from Ctrl-C)
+    # into RuntimeError("unexpected pos ..."), so Ctrl-C is held until the file is complete.
+    with sigint_deferred():
+        _atomic(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temp_files(folder, names):
+    """Delete the temp files _atomic leaves for ``names`` (e.g. checkpoint.pt) in folder when a
+    SIGKILL lands mid-write: .<name>.<8 chars of mkstemp>.tmp, nothing else. Returns the removed paths."""
+    pattern = re.compile("|".join(rf"\.{re.escape(n)}\.[a-z0-9_]{{8}}\.tmp" for n in names))
+    removed = []
+    for p in Path(folder).iterdir():
+        if pattern.fullmatch(p.name) and p.is_file():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def rng_state():

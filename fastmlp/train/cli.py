@@ -51,7 +51,13 @@ def build_parser():
     p = argparse.ArgumentParser(prog="fastmlp", description="Train MLPs on Fashion-MNIST with fastmlp's fused kernels.")
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,check-overfit,lr-find}")
-    t = sub.add_parser("train", help="train a model (the default recipe reaches ~0.91 test accuracy)")
+    t = sub.add_parser("train", help="train a model (the default recipe reaches ~0.91 test accuracy)",
+                       description="Train into a new run folder <out_dir>/<timestamp>-<name>: config.yaml, "
+                                   "metrics.jsonl (per step: the loss, the lr the step used, the gradient norm "
+                                   "before clipping, and every --monitor-every steps the per-layer records), "
+                                   "metrics.csv (per epoch; its lr column, like the epoch line's 'last lr', is the "
+                                   "lr of the epoch's last step), summary.json, plots and checkpoint.pt. Options "
+                                   "set away from the recipe that this configuration does not use get a warning.")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint, as if never stopped "
                    f"(the run folder, or the checkpoint.pt in it); only {_flag_list(RESUME_MAY_CHANGE | {'monitor_every'})} "
                    "may be given with it (--monitor-every not for a --compile run)")
@@ -95,7 +101,7 @@ def _why(reason, *names):
     return {n: reason for n in names}
 
 
-_SCHEDULE = ("epochs", "scheduler", "step_size", "gamma", "warmup_epochs", "pct_start", "min_lr")
+_SCHEDULE = ("epochs", "scheduler", "step_size", "gamma", "warmup_epochs", "pct_start", "cycle_momentum", "min_lr")
 _LOGGING = ("log_every", "monitor_every", "checkpoint_every", "anomaly_guard", "progress")
 IGNORED = {
     "check-overfit": {
@@ -133,6 +139,66 @@ def warn_ignored(command, flags, err=None):
         print(f"fastmlp {command}: warning: {_flag_list(names)} {'has' if len(names) == 1 else 'have'} no effect "
               f"({reason}); ignored", file=err)
     return given
+
+
+def _flag(name, value=True):
+    """The flag as given: --no-<name> for a boolean option set to false."""
+    return ("--" if value is not False else "--no-") + name.replace("_", "-")
+
+
+def unused_options(cfg):
+    """{option: reason} for the options of cfg that differ from the recipe's defaults but have no effect
+    in this configuration (another optimizer's or scheduler's settings)."""
+    default, out = TrainConfig(), {}
+
+    def unused(reason, *names):
+        out.update({n: reason for n in names if getattr(cfg, n) != getattr(default, n)})
+
+    if cfg.optimizer == "sgd":
+        unused("only adam and adamw use it; --optimizer is sgd", "betas")
+    else:
+        unused(f"only sgd uses it; --optimizer is {cfg.optimizer}", "momentum", "nesterov")
+    sched = f"--scheduler is {cfg.scheduler}"
+    if cfg.scheduler not in ("cosine", "warmup_cosine"):
+        unused(f"only the cosine and warmup_cosine schedules use it; {sched}", "min_lr")
+    if cfg.scheduler != "warmup_cosine":
+        unused(f"only the warmup_cosine schedule uses it; {sched}", "warmup_epochs")
+    if cfg.scheduler != "step":
+        unused(f"only the step schedule uses it; {sched}", "step_size", "gamma")
+    if cfg.scheduler != "onecycle":
+        unused(f"only the onecycle schedule uses it; {sched}", "pct_start", "cycle_momentum")
+    return out
+
+
+def warn_train_options(cfg, err=None):
+    """train's warnings about cfg, each once: options without effect (set away from their defaults),
+    and a --momentum or first --beta that the one-cycle schedule's momentum cycling overrides.
+    Returns the options warned about."""
+    from .engine import cycles_momentum  # noqa: PLC0415
+
+    err = err or sys.stderr
+    unused = unused_options(cfg)
+    by_reason = {}
+    for k in sorted(unused):
+        by_reason.setdefault(unused[k], []).append(k)
+    for reason, names in by_reason.items():
+        flags = ", ".join(_flag(n, getattr(cfg, n)) for n in names)
+        print(f"fastmlp train: warning: {flags} {'has' if len(names) == 1 else 'have'} no effect ({reason}); "
+              "ignored", file=err)
+    default = TrainConfig()
+    overridden = []
+    if cycles_momentum(cfg):
+        if cfg.optimizer == "sgd" and cfg.momentum != default.momentum:
+            overridden.append("momentum")
+            what = f"--momentum {cfg.momentum:g}"
+        elif cfg.optimizer != "sgd" and cfg.betas[0] != default.betas[0]:
+            overridden.append("betas")
+            what = f"the first of --betas ({cfg.betas[0]:g})"
+        if overridden:
+            print(f"fastmlp train: warning: {what} is overridden: the onecycle schedule cycles "
+                  f"{'the momentum' if cfg.optimizer == 'sgd' else 'beta1'} 0.95 -> 0.85 -> 0.95 (--cycle-momentum, "
+                  f"on by default); give --no-cycle-momentum to keep {what} constant", file=err)
+    return sorted(unused) + overridden
 
 
 def resolve_config(args):
@@ -195,6 +261,7 @@ def _train(args):
     if args.resume:
         return _resume(args)
     cfg, _ = resolve_config(args)
+    warn_train_options(cfg)
     if not args.compare:
         _done(_fit(Trainer(cfg)))
         return 0

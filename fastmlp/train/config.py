@@ -7,6 +7,7 @@ dataclass defaults), a --config YAML file, then command-line flags.
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,22 +69,42 @@ class TrainConfig:
     gamma: float = _h("step scheduler: decay factor", default=0.1)
     warmup_epochs: float = _h("warmup_cosine: epochs of linear warmup", default=1.0)
     pct_start: float = _h("onecycle: fraction of steps spent increasing the lr", default=0.3)
+    cycle_momentum: bool = _h("onecycle: cycle the momentum (sgd) or the first beta (adam, adamw) inversely to the "
+                              "lr, 0.95 -> 0.85 -> 0.95 (torch's OneCycleLR), in place of --momentum or --betas' "
+                              "first value; --no-cycle-momentum keeps those constant. Never for sgd with --momentum 0 "
+                              "(no momentum was asked for)", default=True)
     min_lr: float = _h("cosine / warmup_cosine: final lr", default=0.0)
     epochs: int = _h("epochs", default=10)
     batch_size: int = _h("micro-batch size", default=256)
-    accum_steps: int = _h("micro-batches per optimizer step (effective batch = batch_size x accum_steps)", default=1)
+    accum_steps: int = _h("micro-batches per optimizer step (effective batch = batch_size x accum_steps). Dropout "
+                          "masks are drawn per micro-batch and batch norm normalises with per-micro-batch "
+                          "statistics (its num_batches_tracked counts micro-batches), so only runs without dropout "
+                          "and batch norm match one big batch exactly", default=1)
     clip_grad_norm: float = _h("clip the global gradient norm to this (0 = off)", default=0.0)
     label_smoothing: float = _h("label smoothing for the cross-entropy", default=0.1)
     amp: str = _h("off | bf16 | fp16 (autocast; fp16 adds a GradScaler)", default="off")
     # Logging, checkpoints, safety
     log_every: int = _h("steps between metrics.jsonl flushes and progress-bar loss updates", default=50)
-    monitor_every: int = _h("steps between per-layer monitor records (0 = off)", default=50)
+    monitor_every: int = _h("steps between per-layer monitor records: gradient norm (before clipping), "
+                            "update/weight ratio, activation statistics (0 = off)", default=50)
     checkpoint_every: int = _h("also checkpoint every N optimizer steps (0 = at epoch ends only)", default=0)
     anomaly_guard: bool = _h("stop with the step and layer on a NaN/Inf loss or gradient", default=True)
     progress: str = _h("auto (a bar when stderr is a terminal) | on | off", default="auto")
     plots: bool = _h("write PNG plots into the run folder", default=True)
 
+    def __post_init__(self):
+        self._tuples_to_lists()
+
+    def _tuples_to_lists(self):
+        # Lists and tuples alike (TrainConfig(widths=(784, 64, 10))), kept as lists so that the
+        # config.yaml written into the run folder stays plain YAML.
+        for k in ("widths", "betas"):
+            if isinstance(getattr(self, k), tuple):
+                setattr(self, k, list(getattr(self, k)))
+
     def validate(self):
+        self._tuples_to_lists()
+
         def bad(opt, expected, got):
             raise ConfigError(f"config option '{opt}' must be {expected}, got {got!r}")
 
@@ -92,6 +113,10 @@ class TrainConfig:
                 bad(k, "one of " + ", ".join(options), getattr(self, k))
         if self.progress not in ("auto", "on", "off"):
             bad("progress", "auto, on or off", self.progress)
+        if not isinstance(self.name, str) or not self.name or any(
+                sep and sep in self.name for sep in ("/", os.sep, os.altsep)):
+            bad("name", "a non-empty name without a path separator ('/'), as it names the run folder "
+                "<out_dir>/<timestamp>-<name> (put folders in --out-dir)", self.name)
         if not isinstance(self.widths, list) or len(self.widths) < 2 or not all(
                 isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.widths):
             bad("widths", "a list of at least two positive ints (input first)", self.widths)
@@ -124,6 +149,9 @@ class TrainConfig:
         if not (isinstance(self.betas, list) and len(self.betas) == 2 and all(
                 number(b) and 0 <= b < 1 for b in self.betas)):
             bad("betas", "two numbers in [0, 1)", self.betas)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"config option 'min_lr' ({self.min_lr:g}) must not exceed 'lr' ({self.lr:g}): the "
+                              "schedules anneal from lr down to min_lr; lower --min-lr or raise --lr")
         if self.scheduler == "warmup_cosine" and self.warmup_epochs >= self.epochs:
             raise ConfigError(f"config option 'warmup_epochs' ({self.warmup_epochs:g}) must be shorter than the run, "
                               f"'epochs' ({self.epochs}), with scheduler warmup_cosine: lower --warmup-epochs "
@@ -136,7 +164,8 @@ class TrainConfig:
                               "2 samples per training batch), got 1")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             bad("nesterov", "false unless optimizer is sgd with momentum > 0", self.nesterov)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda")
+                                                  or re.fullmatch(r"cuda:\d+", self.device))):
             bad("device", "auto, cpu, cuda or cuda:N", self.device)
         if self.amp == "fp16" and self.device == "cpu":
             pass  # CPU autocast supports fp16; slower than bf16 but valid

@@ -5,6 +5,7 @@ where every op is already synchronous; switch it off with anomaly_guard: false).
 gradient norms stay on the device and are read back in one batch every log_every steps.
 """
 
+import collections
 import csv
 import gc
 import io
@@ -14,6 +15,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -25,15 +27,17 @@ from .. import nn as fnn
 from ..data import FashionMNIST
 from ..monitor import AnomalyError, AnomalyGuard, Monitor, total_grad_norm
 from .checkpoint import (CheckpointError, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint,
-                         rng_state, set_rng_state)
+                         remove_stale_temp_files, rng_state, set_rng_state, sigint_deferred)
 from .config import ConfigError, TrainConfig
 
 __all__ = ["Trainer", "build_model", "build_optimizer", "build_scheduler", "resolve_device", "new_run_dir",
            "optim_module", "load_data", "open_run", "apply_deterministic", "min_batch", "completed_summary",
-           "complete_message", "CheckpointError"]
+           "complete_message", "cycles_momentum", "CheckpointError"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+# Every file a run writes through checkpoint._atomic (temp file, then rename).
+ATOMIC_FILES = (CHECKPOINT, BEST, "config.yaml", "metrics.jsonl", "metrics.csv", "summary.json")
 
 
 def apply_deterministic(cfg):
@@ -63,7 +67,11 @@ def optim_module(impl):
 
 
 def load_data(cfg, device):
-    data = FashionMNIST.load(cfg.data_dir, device=device, val_split=cfg.val_split, train_subset=cfg.train_subset)
+    with warnings.catch_warnings():
+        # A --val-split that holds out every image leaves an empty training split, whose std() torch
+        # warns about; check_data then says what is wrong in terms of the option.
+        warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom", category=UserWarning)
+        data = FashionMNIST.load(cfg.data_dir, device=device, val_split=cfg.val_split, train_subset=cfg.train_subset)
     check_data(cfg, data)
     return data
 
@@ -71,6 +79,11 @@ def load_data(cfg, device):
 def check_data(cfg, data):
     """The config errors that only the data can show (the size of the training split)."""
     n = len(data.train)
+    if n == 0:
+        if data.val is not None:
+            raise ConfigError(f"config option 'val_split' ({cfg.val_split:g}) holds out all {len(data.val)} training "
+                              "images for validation, leaving none to train on; use a smaller --val-split (e.g. 0.1)")
+        raise ConfigError("the training split is empty: the dataset holds no training images")
     if cfg.train_subset and n < cfg.train_subset:
         held = f" once --val-split {cfg.val_split:g} holds out {len(data.val)}" if data.val is not None else ""
         raise ConfigError(f"config option 'train_subset' ({cfg.train_subset}) is larger than the training split, "
@@ -118,6 +131,12 @@ def build_optimizer(cfg, model, lr=None):
     return mod.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
+def cycles_momentum(cfg):
+    """Whether the schedule cycles the momentum (sgd) or beta1 (adam, adamw), overriding the configured
+    value: onecycle with cycle_momentum, except for sgd without momentum (nothing to cycle was asked for)."""
+    return cfg.scheduler == "onecycle" and cfg.cycle_momentum and not (cfg.optimizer == "sgd" and cfg.momentum == 0)
+
+
 def build_scheduler(cfg, optimizer, steps_per_epoch):
     """A torch LR scheduler stepped once per optimizer step (None for "none")."""
     total = cfg.epochs * steps_per_epoch
@@ -129,7 +148,8 @@ def build_scheduler(cfg, optimizer, steps_per_epoch):
     if cfg.scheduler == "cosine":
         return S.CosineAnnealingLR(optimizer, T_max=total, eta_min=cfg.min_lr)
     if cfg.scheduler == "onecycle":
-        return S.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.pct_start)
+        return S.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.pct_start,
+                            cycle_momentum=cycles_momentum(cfg))
     # warmup_cosine: torch's SequentialLR([LinearLR(start_factor=0.01), CosineAnnealingLR]) in closed
     # form, which resumes from a state_dict without SequentialLR's milestone bookkeeping.
     warm = max(1, round(cfg.warmup_epochs * steps_per_epoch))
@@ -205,6 +225,8 @@ class Trainer:
         # train accuracy): counted on the device, read once per epoch.
         self.epoch_correct = torch.zeros((), dtype=torch.long, device=self.device)
         self.pending = []
+        # The losses of the last steps flushed, for the anomaly guard to tell a diverging loss.
+        self.recent_losses = collections.deque(maxlen=20)
         self.has_checkpoint = False
         self.last_checkpoint = None  # (epoch, step_in_epoch, global_step) of the checkpoint on disk
         if run_dir is None:
@@ -268,6 +290,8 @@ class Trainer:
         self.epoch_correct.fill_(epoch_correct)
         self.has_checkpoint = True
         self.last_checkpoint = (epoch, step_in_epoch, global_step)
+        # Temp files of writes a SIGKILL cut short: never renamed into place, never read again.
+        remove_stale_temp_files(self.run_dir, ATOMIC_FILES)
         if self.epoch >= self.cfg.epochs:
             return  # nothing left to train: the folder is left as it is
         # Steps logged after the checkpoint (by the run that stopped) are about to be redone.
@@ -297,9 +321,12 @@ class Trainer:
             "data": {"n_train": len(self.data.train), "mean": self.data.mean, "std": self.data.std,
                      "steps_per_epoch": self.steps_per_epoch},
         }
-        atomic_save(ck, self.run_dir / CHECKPOINT)
-        self.has_checkpoint = True
-        self.last_checkpoint = (self.epoch, self.step_in_epoch, self.global_step)
+        # A Ctrl-C during the write is held until the new checkpoint is on disk and recorded, so the
+        # stop message names the checkpoint that is there.
+        with sigint_deferred():
+            atomic_save(ck, self.run_dir / CHECKPOINT)
+            self.has_checkpoint = True
+            self.last_checkpoint = (self.epoch, self.step_in_epoch, self.global_step)
 
     def _save_best(self, row):
         """best.pt: the model weights of the epoch with the highest validation accuracy so far (only
@@ -335,6 +362,7 @@ class Trainer:
         norms = torch.stack([p[3] if p[3] is not None else torch.full((), float("nan"), device=losses.device)
                              for p in self.pending]).double()  # a diverging run's norm can pass fp32's range
         lv, nv = torch.stack([losses.double(), norms.to(losses.device)]).tolist()  # the one sync
+        self.recent_losses.extend(lv)
         lines = []
         for (step, epoch, _, _, lr, mon), loss, gn in zip(self.pending, lv, nv):
             rec = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr}
@@ -414,11 +442,12 @@ class Trainer:
         fp16 = self.scaler.is_enabled()
         if fp16:
             self.scaler.unscale_(self.optimizer)
+        # The per-layer norms before clipping, as the logged total grad_norm (clip_grad_norm_ returns it).
+        self.monitor.after_backward()
         if cfg.clip_grad_norm > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad_norm)
         else:
             gnorm = total_grad_norm(self.params)
-        self.monitor.after_backward()
         # With fp16 an Inf gradient is the scaler's business (it skips the step and lowers the scale).
         if self.guard is not None and not self.guard.check(loss, None if fp16 else gnorm):
             self._anomaly(xb, yb, rng, context)
@@ -452,9 +481,14 @@ class Trainer:
 
         self._flush()
         ckpt = self.run_dir / CHECKPOINT if self.has_checkpoint else None
-        err = self.guard.error(step, replay, context=context, checkpoint=ckpt)
+        err = self.guard.error(step, replay, context=context, checkpoint=ckpt, recent_losses=list(self.recent_losses))
         if ckpt is None:
             err.args = (err.args[0] + " No checkpoint had been written yet.",)
+        else:
+            # --resume takes the run's own options, so it would take the same steps to the same place.
+            err.args = (err.args[0] + f" --resume would repeat the same steps (it refuses a changed --lr): start a "
+                        "new run with the cause fixed (e.g. a lower --lr); the checkpoint's weights load with "
+                        f"torch.load('{ckpt}', weights_only=False)['model'].",)
         raise err  # fit() writes summary.json (status "anomaly") and the plots of the steps before it
 
     @torch.no_grad()
@@ -483,7 +517,9 @@ class Trainer:
     def fit(self):
         """Train the remaining epochs and return the summary. A run that stops early (Ctrl-C, an
         anomaly, an error) still gets its summary.json (status interrupted / anomaly / failed) and
-        plots; the exception then propagates unchanged."""
+        plots; the exception then propagates unchanged, except that an error raised while handling a
+        KeyboardInterrupt (torch.save's zip writer turns one into RuntimeError("unexpected pos"))
+        counts as the interrupt and propagates as a KeyboardInterrupt caused by it."""
         cfg = self.cfg
         self.model.train()
         show = self._progress()
@@ -517,6 +553,10 @@ class Trainer:
         try:
             self._fit_epochs(show, n_train)
         except BaseException as e:
+            if isinstance(e, Exception) and isinstance(e.__context__, KeyboardInterrupt):
+                stop = KeyboardInterrupt()
+                self._stopped(stop)
+                raise stop from e
             self._stopped(e)
             raise
         finally:
@@ -553,9 +593,11 @@ class Trainer:
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr)
             bar_every = max(1, min(cfg.log_every, self.steps_per_epoch // 20))
             t0 = time.perf_counter()
+            last_lr = None  # the lr of the epoch's last step (the scheduler has moved on to the next one's)
             for b, (xb, yb) in enumerate(self.data.train.batches(self.eff_batch, order, self.step_in_epoch, self.min_batch),
                                          start=self.step_in_epoch):
                 loss, gnorm, lr, mon = self.train_step(xb, yb, context=f" (epoch {epoch + 1}, batch {b + 1})")
+                last_lr = lr
                 self.global_step += 1
                 self.step_in_epoch = b + 1
                 self.pending.append((self.global_step, epoch, loss, gnorm, lr, mon))
@@ -585,20 +627,23 @@ class Trainer:
             train_acc = int(self.epoch_correct) / n_seen
             row = {"epoch": epoch + 1, "global_step": self.global_step, "train_loss": train_loss,
                    "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
-                   "test_acc": test_acc, "test_loss": test_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                   "test_acc": test_acc, "test_loss": test_loss,
+                   "lr": last_lr if last_lr is not None else self.optimizer.param_groups[0]["lr"],
                    "seconds": self.epoch_time, "samples_per_s": n_seen / self.epoch_time}
             best = max((r["val_acc"] for r in self.history if r.get("val_acc") is not None), default=None)
             self.history.append(row)
             val_s = f"{val_acc:.4f}" if val_acc is not None else "  -   "
             self._print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  acc {train_acc:.4f}  "
-                        f"val acc {val_s}  test acc {test_acc:.4f}  lr {row['lr']:.2e}  {self.epoch_time:6.2f} s  "
+                        f"val acc {val_s}  test acc {test_acc:.4f}  last lr {row['lr']:.2e}  {self.epoch_time:6.2f} s  "
                         f"{row['samples_per_s']:8.0f} samples/s")
             self.epoch, self.step_in_epoch, self.epoch_losses, self.epoch_time = epoch + 1, 0, [], 0.0
             self.epoch_correct.zero_()
-            self._write_csv()
-            if val_acc is not None and (best is None or val_acc > best):
-                self._save_best(row)
-            self._save_checkpoint()
+            # The epoch's files as one unit: a Ctrl-C here is held until its checkpoint is written too.
+            with sigint_deferred():
+                self._write_csv()
+                if val_acc is not None and (best is None or val_acc > best):
+                    self._save_best(row)
+                self._save_checkpoint()
 
     def finish(self, status="completed", extra=None):
         """Write summary.json (and the plots) from the history and metrics.jsonl; returns the summary."""

@@ -64,7 +64,8 @@ def write_plots(run_dir, steps, epochs, monitor):
         plt.close(fig)
     if monitor:
         keys = sorted({k for r in monitor for k in r if k != "step"})
-        panels = [("grad_norm", "gradient norm", "log"), ("update_ratio", "update / weight", "log"),
+        panels = [("grad_norm", "gradient norm (before clipping)", "log"),
+                  ("update_ratio", "update / weight", "log"),
                   ("dead_frac", "dead-unit fraction", "linear"), ("act_mean", "activation mean", "linear"),
                   ("act_std", "activation std", "linear")]
         fig, axes = plt.subplots(2, 3, figsize=(15, 7))
@@ -86,7 +87,8 @@ def write_plots(run_dir, steps, epochs, monitor):
         for k in [k for k in keys if k.endswith("/grad_norm")]:
             pts = [(r["step"], r[k]) for r in monitor if k in r]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k.rsplit("/", 1)[0])
-        ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("gradient L2 norm"), ax.grid(alpha=0.3), ax.legend()
+        ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("gradient L2 norm (before clipping)")
+        ax.grid(alpha=0.3), ax.legend()
         _save(fig, run_dir / "grad_norms.png"); out.append(run_dir / "grad_norms.png")
         plt.close(fig)
     return out
