@@ -129,16 +129,20 @@ def _flag_list(names):
 
 def warn_ignored(command, flags, err=None):
     """Warn once about each command-line option that has no effect on this subcommand; returns them."""
-    err = err or sys.stderr
     ignored = IGNORED.get(command, {})
     given = sorted(k for k in flags if k in ignored)
-    by_reason = {}
-    for k in given:
-        by_reason.setdefault(ignored[k], []).append(k)
-    for reason, names in by_reason.items():
-        print(f"fastmlp {command}: warning: {_flag_list(names)} {'has' if len(names) == 1 else 'have'} no effect "
-              f"({reason}); ignored", file=err)
+    _warn_no_effect(command, {k: ignored[k] for k in given}, _flag, err or sys.stderr)
     return given
+
+
+def _warn_no_effect(command, reasons, flag, err):
+    """One warning per reason in {option: reason}, naming its options as flag(option) gives them."""
+    by_reason = {}
+    for k in sorted(reasons):
+        by_reason.setdefault(reasons[k], []).append(k)
+    for reason, names in by_reason.items():
+        print(f"fastmlp {command}: warning: {', '.join(map(flag, names))} {'has' if len(names) == 1 else 'have'} "
+              f"no effect ({reason}); ignored", file=err)
 
 
 def _flag(name, value=True):
@@ -178,13 +182,7 @@ def warn_train_options(cfg, err=None):
 
     err = err or sys.stderr
     unused = unused_options(cfg)
-    by_reason = {}
-    for k in sorted(unused):
-        by_reason.setdefault(unused[k], []).append(k)
-    for reason, names in by_reason.items():
-        flags = ", ".join(_flag(n, getattr(cfg, n)) for n in names)
-        print(f"fastmlp train: warning: {flags} {'has' if len(names) == 1 else 'have'} no effect ({reason}); "
-              "ignored", file=err)
+    _warn_no_effect("train", unused, lambda n: _flag(n, getattr(cfg, n)), err)
     default = TrainConfig()
     overridden = []
     if cycles_momentum(cfg):
