@@ -12,6 +12,7 @@
 // error, so a first-order backward with create_graph=True works and only differentiating it fails.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mul.h>
@@ -99,8 +100,16 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     }
     ctx->saved_data["activation"] = std::string(activation.data(), activation.size());
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    // ReLU's derivative is read from the output (CPU) or from `saved` (a backend's mask).
-    ctx->save_for_backward({input, weight, act == Act::Relu ? y : at::Tensor(), saved});
+    // What nn.Linear's backward keeps: the input only when the weight can get a gradient (dW =
+    // dZ^T X), the weight only when the input can (dX = dZ W). A frozen layer does not keep its
+    // input alive until the backward, and an in-place edit of a tensor the backward does not read
+    // is not an error. The weight is kept when neither is (a bias-only gradient): one of the two
+    // gives the backward the shapes it needs. ReLU's derivative is read from the output (CPU) or
+    // from `saved` (a backend's mask).
+    const bool keep_input = weight.requires_grad();
+    const bool keep_weight = input.requires_grad() || !keep_input;
+    ctx->save_for_backward({keep_input ? input : at::Tensor(), keep_weight ? weight : at::Tensor(),
+                            act == Act::Relu ? y : at::Tensor(), saved});
     ctx->mark_non_differentiable({saved});
     // No gradient flows into `saved`; without this autograd would allocate and zero-fill one
     // for it on every backward (an output-sized buffer, page faults included).
@@ -118,8 +127,18 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     variable_list out(5);  // one slot per forward argument
     if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return out;
     const at::Tensor output = vars[2].defined() ? vars[2] : grad_y.new_empty({0});
-    auto g = linear_act_gradients(grad_y, vars[0], vars[1], output, vars[3],
-                                  c10::string_view(activation), mask);
+    // A tensor that was not kept is not read (its gradient partner is not needed): the backward op
+    // gets a one-element stand-in expanded to its shape, dtype and device, for its checks.
+    const at::Tensor& weight = vars[1];
+    at::Tensor input = vars[0];
+    if (!input.defined()) {
+      std::vector<c10::SymInt> sizes(grad_y.sym_sizes().begin(), grad_y.sym_sizes().end());
+      sizes.back() = weight.sym_size(1);
+      input = at::empty({}, weight.options()).expand_symint(sizes);
+    }
+    const at::Tensor w = weight.defined()
+        ? weight : at::empty({}, input.options()).expand_symint({grad_y.sym_size(-1), input.sym_size(-1)});
+    auto g = linear_act_gradients(grad_y, input, w, output, vars[3], c10::string_view(activation), mask);
     if (mask[0]) out[0] = g[0];
     if (mask[1]) out[1] = g[1];
     if (mask[2]) out[2] = g[2];

@@ -450,6 +450,104 @@ def test_pre_activation_saved_only_when_a_gradient_can_flow(device):
         assert ops.linear_act_forward(x, w, b, "gelu", False)[1].numel() == 0
 
 
+def _kept_for_backward(fn, *args):
+    """Output of fn(*args) and the data pointers of the tensors its graph packed for the backward."""
+    kept = []
+
+    def pack(t):
+        kept.append(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(*args)
+    return y, kept
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("rg", [c for c in itertools.product([False, True], repeat=3) if any(c)],
+                         ids=lambda c: "".join("xwb"[i] if v else "_" for i, v in enumerate(c)))
+def test_backward_keeps_what_native_keeps(device, act, rg):
+    # nn.Linear keeps the input only when the weight needs a gradient and the weight only when the
+    # input does; fastmlp the same, plus the weight when only the bias needs one (for its shape).
+    x, w, b = make((6, 7), 5, torch.float32, device, requires_grad=rg)
+    _, nat = _kept_for_backward(native, x, w, b, act)
+    _, ours = _kept_for_backward(linear_act, x, w, b, act)
+    assert (x.data_ptr() in ours) == (x.data_ptr() in nat) == rg[1]
+    assert (w.data_ptr() in ours) == (rg[0] or not rg[1])
+    assert (w.data_ptr() in nat) == rg[0]
+    g = torch.randn(6, 5, device=device)
+    assert_matches_native(x, w, b, act)
+    # The stand-in for what was not kept: gradients still right with create_graph (double-once).
+    y = linear_act(x, w, b, act)
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t.requires_grad], g, create_graph=True)
+    want = torch.autograd.grad(native(x, w, b, act), [t for t in (x, w, b) if t.requires_grad], g)
+    for a, n in zip(grads, want):
+        torch.testing.assert_close(a, n)
+
+
+def test_frozen_layer_does_not_keep_its_input_alive(device):
+    import weakref
+
+    x0 = torch.randn(8, 16, device=device, requires_grad=True)
+    w = torch.randn(4, 16, device=device)  # frozen
+    x = x0 * 2.0  # an activation only the layer refers to
+    ref = weakref.ref(x)
+    y = linear_act(x, w, None, "gelu")
+    del x
+    assert ref() is None  # native drops it too: dX = dZ W does not read X
+    y.sum().backward()
+    torch.testing.assert_close(x0.grad, torch.autograd.grad(native(x0 * 2.0, w, None, "gelu").sum(), x0)[0])
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_in_place_edit_of_a_tensor_the_backward_does_not_read(device, act):
+    # As with nn.Linear: editing the input of a frozen layer, or the weight of a layer whose input
+    # needs no gradient, after the forward is not an error and the gradients are unchanged.
+    x0 = torch.randn(5, 6, device=device, requires_grad=True)
+    w = torch.randn(3, 6, device=device)
+    grads = []
+    for fn in (native, linear_act):
+        x = x0 * 1.0
+        y = fn(x, w, None, act)
+        x.add_(1.0)
+        grads.append(torch.autograd.grad(y.sum(), x0)[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    x = torch.randn(5, 6, device=device)
+    grads = []
+    for fn in (native, linear_act):
+        w1 = torch.randn(3, 6, device=device, generator=None).requires_grad_()
+        with torch.no_grad():
+            w1.copy_(w)
+        y = fn(x, w1, None, act)
+        with torch.no_grad():
+            w1.mul_(3.0)
+        grads.append(torch.autograd.grad(y.sum(), w1)[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    # The input the weight's gradient reads is still checked, as natively.
+    xr = x0 * 1.0
+    w2 = w.clone().requires_grad_()
+    y = linear_act(xr, w2, None, act)
+    xr.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_frozen_layers_under_compile(device):
+    # torch.compile traces the backward with the stand-in for the input the frozen layer drops.
+    torch._dynamo.reset()
+    w1 = torch.randn(16, 8, device=device)  # frozen first layer
+    w2 = torch.randn(4, 16, device=device, requires_grad=True)
+
+    def f(x, act_fn):
+        return act_fn(act_fn(x, w1, None, "gelu"), w2, None, "relu").sum()
+
+    x = torch.randn(5, 8, device=device, requires_grad=True)
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, linear_act), [x, w2])
+    want = torch.autograd.grad(f(x, native), [x, w2])
+    for a, n in zip(got, want):
+        torch.testing.assert_close(a, n)
+
+
 def test_activation_passed_as_bias_gets_a_hint():
     x, w, _ = make((3, 4), 2, torch.float32, "cpu")
     with pytest.raises(TypeError, match=r"bias must be a Tensor or None, got the string 'relu'.*activation='relu'"):
