@@ -59,6 +59,11 @@ def main(argv=None):
     print(f"median of {args.repeats} interleaved samples; floor = a copy of the tensor")
     hdr = f"{'shape':>10} {'mode':>6} | {'native ms':>9} {'compiled ms':>11} {'fastmlp ms':>10} {'floor ms':>8} | {'vs native':>9} {'vs compiled':>11}"
     print(hdr)
+    def save(rows, complete):
+        if args.json:
+            write_json(args.json, {"machine": machine, "torch": torch.__version__, "repeats": args.repeats,
+                                   "rows": rows}, __file__, argv, complete)
+
     rows = []
     for shape in args.shapes.split(","):
         batch, width = (int(v) for v in shape.split("x"))
@@ -67,11 +72,10 @@ def main(argv=None):
             row = {"shape": shape, "mode": mode, "p": args.p, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
                    "speedup_vs_native": t["native"] / t["fastmlp"], "speedup_vs_compiled": t["compiled"] / t["fastmlp"]}
             rows.append(row)
+            save(rows, complete=False)
             print(f"{shape:>10} {mode:>6} | {row['native_ms']:9.3f} {row['compiled_ms']:11.3f} {row['fastmlp_ms']:10.3f} "
                   f"{row['floor_ms']:8.3f} | {row['speedup_vs_native']:8.2f}x {row['speedup_vs_compiled']:10.2f}x", flush=True)
-    if args.json:
-        write_json(args.json, {"machine": machine, "torch": torch.__version__, "repeats": args.repeats, "rows": rows},
-                   __file__, argv)
+    save(rows, complete=True)
 
 
 if __name__ == "__main__":

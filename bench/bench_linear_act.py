@@ -92,7 +92,8 @@ def candidates(batch, in_f, out_f, act, dtype, device, mode):
     return fns
 
 
-def run_grid(args):
+def run_grid(args, on_row=None):
+    """The rows, measured in order; on_row(rows) after each (for partial results files)."""
     rows = []
     for dtype_name in args.dtypes:
         for act in args.activations:
@@ -119,6 +120,8 @@ def run_grid(args):
                             row["pct_of_autograd_floor"] = 100 * t["autograd_floor"] / t["fastmlp"]
                         rows.append(row)
                         print_row(row)
+                        if on_row is not None:
+                            on_row(rows)
     return rows
 
 
@@ -211,7 +214,13 @@ def main(argv=None):
     print(f"fastmlp {fastmlp.__version__} linear_act benchmark on {machine}")
     print(f"median of {args.repeats} interleaved samples; speedup = baseline time / fastmlp time; % of floor = GEMM-only time / fastmlp time")
     print(HEADER)
-    rows = run_grid(args)
+    def save(rows, complete):
+        if args.json:
+            write_json(args.json, {"machine": machine, "device": args.device, "torch": torch.__version__,
+                                   "repeats": args.repeats, "rows": rows, "summary": summary(rows)},
+                       __file__, argv, complete)
+
+    rows = run_grid(args, on_row=lambda rows: save(rows, complete=False))
     summ = summary(rows)
     for mode, s in summ.items():
         print(
@@ -222,9 +231,7 @@ def main(argv=None):
                if s["geomean_kernels_over_floor"] is not None else "") + "; "
             f"slower than native: {len(s['slower_than_native'])}, slower than compiled: {len(s['slower_than_compiled'])}"
         )
-    if args.json:
-        write_json(args.json, {"machine": machine, "device": args.device, "torch": torch.__version__,
-                               "repeats": args.repeats, "rows": rows, "summary": summ}, __file__, argv)
+    save(rows, complete=True)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,11 @@ def main(argv=None):
     print(f"# fastmlp.optim.AdamW step time | CPU: {machine['cpu']} ({machine['threads']} threads)"
           f" | torch {machine['torch']}" + (f" | GPU: {machine['gpu']}" if machine["gpu"] else ""))
     print("# GB/s counts 28 bytes per parameter; copy (reference) moves 16 bytes per parameter at the same footprint")
+    def save(rows, complete):
+        if args.json:
+            write_json(args.json, {"machine": machine, "quick": args.quick, "burst": args.burst, "rows": rows},
+                       __file__, argv, complete)
+
     rows = []
     for device in devices:
         for name, shapes in cases(args.quick).items():
@@ -140,6 +145,7 @@ def main(argv=None):
             else:
                 repeats = (20 if big else 30) if args.quick else (25 if big else 100)
             rows += bench_case(name, shapes, device, repeats, warmup=3, burst=args.burst)
+            save(rows, complete=False)
     hdr = f"{'device':6} | {'case':20} | {'candidate':16} | {'median us':>10} | {'GB/s':>7} | {'vs fused':>8} | {'% of copy':>9}"
     print(hdr)
     print("-" * len(hdr))
@@ -147,8 +153,7 @@ def main(argv=None):
         sp = "" if r["speedup_vs_torch_fused"] is None else f"{r['speedup_vs_torch_fused']:.2f}x"
         print(f"{r['device']:6} | {r['case']:20} | {r['candidate']:16} | {r['median_us']:10.1f} | "
               f"{r['gb_s']:7.1f} | {sp:>8} | {r['pct_of_copy_bw']:8.0f}%")
-    if args.json:
-        write_json(args.json, {"machine": machine, "quick": args.quick, "burst": args.burst, "rows": rows}, __file__, argv)
+    save(rows, complete=True)
 
 
 if __name__ == "__main__":

@@ -71,12 +71,19 @@ def run_info(script, argv):
     }
 
 
-def write_json(path, payload, script, argv):
-    """payload plus run_info(script, argv) under "run", written to path (its folder created)."""
+def write_json(path, payload, script, argv, complete=True):
+    """payload plus "complete" and run_info(script, argv) under "run", written to path (its folder
+    created) through a temp file and a rename, so the file is never half-written.
+
+    complete=False marks a partial file: the scripts rewrite it after every measured row, so a run
+    stopped by a time limit (each step of bench/gpu_check.sh has one) keeps what it measured."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({**payload, "run": run_info(script, argv)}, f, indent=1)
-    print(f"wrote {path}")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({**payload, "complete": complete, "run": run_info(script, argv)}, f, indent=1)
+    os.replace(tmp, path)
+    if complete:
+        print(f"wrote {path}")
 
 
 def sync(device):

@@ -8,7 +8,9 @@
 # A failed build always stops it. Reads nothing from the network. The whole script keeps within
 # GPU_CHECK_BUDGET_S seconds (default 480, under the run tool's 540 s limit): each step's own
 # limit is cut to what is left, and a step with under 15 s left is skipped (rc=124 in the summary),
-# so a slow step costs the later ones their time, not the logs.
+# so a slow step costs the later ones their time, not the logs. A benchmark stopped by its limit
+# leaves the rows it measured in its JSON, marked "complete": false (bench_mlp.json, one interleaved
+# measurement of all candidates, is written only when it finishes).
 #
 # Writes exactly these files under $OUT (at most 8 come back from the device):
 #   gpu_check.log          everything below, tee'd as it runs (so a timeout still returns it),

@@ -156,6 +156,11 @@ def main(argv=None):
         ap.error("--device cuda: no CUDA device is visible")
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
+    def save(rows, complete):
+        if args.json:
+            write_json(args.json, {"machine": machine_name(args.device), "torch": torch.__version__, "rows": rows,
+                                   "summary": summarise(rows)}, __file__, argv, complete)
+
     rows = []
     print(f"{'shape':>16} {'dtype':>8} {'act':>4} | launches: {'fastmlp':>7} {'eager':>5} {'compiled':>8} "
           f"{'floor':>5} | device us: {'fastmlp':>7} {'eager':>7} {'floor':>7} | host us: {'fastmlp':>7} "
@@ -165,6 +170,7 @@ def main(argv=None):
             for act_name in args.activations.split(","):
                 r = measure_row(batch, in_f, out_f, act_name, dtype_name, args.device)
                 rows.append(r)
+                save(rows, complete=False)
                 print(f"{'x'.join(map(str, r['shape'])):>16} {dtype_name:>8} {act_name:>4} | "
                       f"{r['fastmlp']['launches']:17.1f} {r['eager']['launches']:5.1f} "
                       f"{r['compiled']['launches']:8.1f} {r['floor']['launches']:5.1f} | "
@@ -178,9 +184,7 @@ def main(argv=None):
             print(f"{kind:>13}: {it['row']:>28}: launches {it['launches_fastmlp']:.0f} vs eager "
                   f"{it['launches_eager']:.0f}; wall {it['wall_vs_eager']:.2f}x eager; device time {dev} "
                   f"the floor's; {'host' if it['host_bound'] else 'device'}-bound")
-    if args.json:
-        write_json(args.json, {"machine": machine_name(args.device), "torch": torch.__version__, "rows": rows,
-                               "summary": summary}, __file__, argv)
+    save(rows, complete=True)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,32 @@ def test_bench_linear_act_tiny_grid(tmp_path):
     assert saved["summary"]["fwd"]["geomean_autograd_floor_over_floor"] is None
 
 
+def test_bench_linear_act_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch):
+    # The GPU check runs each benchmark under a time limit: what was measured before the limit
+    # stays in the JSON, marked incomplete; a finished run is marked complete.
+    out = tmp_path / "la.json"
+    real, calls = bench_linear_act.time_interleaved, []
+
+    def stopped_after_two(*a, **k):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt  # what a kill looks like from here: no more rows
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench_linear_act, "time_interleaved", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        bench_linear_act.main(["--batches", "4,5", "--widths", "8->6", "--activations", "relu", "--dtypes",
+                               "float32", "--modes", "fwd,fwdbwd", "--repeats", "20", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False and [r["shape"] for r in saved["rows"]] == ["4x8->6", "4x8->6"]
+    assert saved["summary"]["fwd"]["geomean_fastmlp_over_floor"] > 0 and saved["run"]["command"]
+    assert os.listdir(tmp_path) == ["la.json"]  # no temp file left behind
+    monkeypatch.setattr(bench_linear_act, "time_interleaved", real)
+    bench_linear_act.main(["--batches", "4", "--widths", "8->6", "--activations", "relu", "--dtypes", "float32",
+                           "--modes", "fwd", "--repeats", "20", "--json", str(out)])
+    assert json.loads(out.read_text())["complete"] is True
+
+
 def _event(name, start, end):
     return types.SimpleNamespace(name=name, time_range=types.SimpleNamespace(start=start, end=end))
 
@@ -111,6 +137,7 @@ def test_gpu_profile_runs_every_candidate_on_the_cpu(tmp_path):
     gpu_profile.main(["--device", "cpu", "--shapes", "4x8x6", "--dtypes", "float32", "--activations", "relu",
                       "--json", str(out)])
     saved = json.loads(out.read_text())
+    assert saved["complete"] is True
     (row,) = saved["rows"]
     assert row["shape"] == [4, 8, 6] and row["activation"] == "relu"
     for name in gpu_profile.CANDIDATES:
