@@ -594,6 +594,12 @@ def test_signature_is_torchs(cls):
     for name, p in theirs.items():
         assert ours[name].default is p.default or ours[name].default == p.default, name
     assert issubclass(cls, torch.optim.Optimizer)
+    # help() says what differs from torch.optim (master_weights, foreach, differentiable), then torch's text.
+    doc = inspect.getdoc(cls)
+    assert doc.startswith(f"fastmlp.optim.{cls.__name__}: torch.optim.{cls.__name__} with its step in one fused")
+    for word in ("master_weights", "foreach", "differentiable", "GradScaler"):
+        assert word in doc, word
+    assert inspect.cleandoc(TORCH_CLS[cls].__doc__) in doc
 
 
 @pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)

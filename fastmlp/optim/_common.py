@@ -26,6 +26,30 @@ from torch.optim import optimizer as _torch_optimizer
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def fused_doc(torch_cls):
+    """The class docstring of fastmlp.optim.X: what differs from torch.optim.X, then torch's own."""
+    name = torch_cls.__name__
+    return f"""fastmlp.optim.{name}: torch.optim.{name} with its step in one fused multi-tensor kernel
+    (C++ on the CPU, CUDA on GPUs) for float32, float64, float16 and bfloat16 parameters.
+
+    A drop-in: the same arguments, defaults, errors, hooks and state_dict layout as
+    torch.optim.{name}(fused=True), so a state_dict loads into either; LR schedulers and
+    torch.amp.GradScaler work as with torch's (a step with inf/NaN gradients is skipped inside
+    the kernel). What differs:
+
+    - ``fused`` is always True and ``foreach`` is ignored (the fused kernel is the only path);
+    - ``differentiable=True``, complex parameters and sparse gradients are refused with an error
+      saying what to use instead;
+    - one extra keyword, ``master_weights=False``: True keeps an fp32 copy of each float16 /
+      bfloat16 parameter (state key "master_param") and fp32 state; the update runs on the copy
+      and the parameter gets the rounded result, so updates smaller than the parameter's rounding
+      step are not lost.
+
+    torch.optim.{name}'s documentation follows.
+
+    """ + (torch_cls.__doc__ or "")
+
+
 def signature_with_master_weights(torch_cls):
     """torch_cls.__init__'s signature plus our keyword-only master_weights=False."""
     sig = inspect.signature(torch_cls.__init__)

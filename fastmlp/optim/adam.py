@@ -14,6 +14,7 @@ import torch
 from .. import ops
 from ._common import (
     FusedStep,
+    fused_doc,
     _LOW_PRECISION,
     fp32_originals,
     group_by_device_dtype,
@@ -153,7 +154,7 @@ class _FusedAdamBase(FusedStep):
 
 
 class Adam(_FusedAdamBase, torch.optim.Adam):
-    __doc__ = torch.optim.Adam.__doc__
+    __doc__ = fused_doc(torch.optim.Adam)
 
     def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **kwargs)
@@ -162,7 +163,7 @@ class Adam(_FusedAdamBase, torch.optim.Adam):
 
 
 class AdamW(_FusedAdamBase, torch.optim.AdamW):
-    __doc__ = torch.optim.AdamW.__doc__
+    __doc__ = fused_doc(torch.optim.AdamW)
     _fm_decoupled = True
 
     def __init__(self, params, *args, **kwargs):

@@ -16,6 +16,7 @@ import torch
 from .. import ops
 from ._common import (
     FusedStep,
+    fused_doc,
     _LOW_PRECISION,
     fp32_originals,
     group_by_device_dtype,
@@ -32,7 +33,7 @@ __all__ = ["SGD"]
 
 
 class SGD(FusedStep, torch.optim.SGD):
-    __doc__ = torch.optim.SGD.__doc__
+    __doc__ = fused_doc(torch.optim.SGD)
 
     def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **kwargs)
