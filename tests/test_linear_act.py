@@ -81,6 +81,14 @@ def assert_matches_native(x, w, b, act, low_precision_floor=4, relative=None):
     for name, o, n, r in zip(["output", "grad_a", "grad_b", "grad_c"], [ours[0]] + ours[1], [nat[0]] + nat[1], [ref[0]] + ref[1]):
         if r.numel() == 0:
             continue
+        # NaN and Inf exactly where native has them; the error bound over the finite rest.
+        assert torch.equal(o.isnan(), n.isnan()), f"{name}: NaN positions differ from native's"
+        inf = n.isinf()
+        assert torch.equal(o[inf], n[inf]), f"{name}: fastmlp differs from native where native is +-inf"
+        finite = n.isfinite() & r.isfinite()
+        if not finite.any():
+            continue
+        o, n, r = o[finite], n[finite], r[finite]
         err_ours = (o.double() - r).abs().max().item()
         err_native = (n.double() - r).abs().max().item()
         floor = low_precision_floor * ulp(dtype) * max(r.abs().max().item(), 1e-3)
@@ -217,25 +225,31 @@ def test_requires_grad_combinations(device, act, rg):
     assert_matches_native(x, w, b, act)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS)
 def test_non_contiguous(device, act, dtype):
-    _, _, b = make((1, 17), 23, dtype, device)
+    b = torch.randn(2 * 23, dtype=dtype, device=device)[::2].requires_grad_()  # strided bias
     x = torch.randn(9, 2 * 17, dtype=dtype, device=device)[:, ::2].requires_grad_()  # strided columns
     w = torch.randn(2 * 17, 2 * 23, dtype=dtype, device=device).t()[::2, ::2].requires_grad_()  # transposed, strided
     xt = torch.randn(17, 4, 3, dtype=dtype, device=device).transpose(0, 2).requires_grad_()  # (3, 4, 17)
-    assert not x.is_contiguous() and not w.is_contiguous() and not xt.is_contiguous()
+    assert not x.is_contiguous() and not w.is_contiguous() and not xt.is_contiguous() and not b.is_contiguous()
     assert_matches_native(x, w, b, act)
     assert_matches_native(xt, w, b, act)
 
 
 @pytest.mark.parametrize("act", ACTS)
 def test_gradcheck_float64(device, act):
-    for shape, out_f, bias in [((4, 8), 6, True), ((2, 3, 5), 4, False), ((8,), 3, True)]:
+    for shape, out_f, bias in [((4, 8), 6, True), ((2, 3, 5), 4, False), ((8,), 3, True), ((0, 5), 3, True)]:
         x, w, b = make(shape, out_f, torch.float64, device, bias)
         fn = lambda x, w, *b: linear_act(x, w, b[0] if b else None, act)  # noqa: E731
         args = (x, w) + ((b,) if bias else ())
         assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+    # Non-contiguous input (strided columns), weight (transposed) and bias (strided).
+    x = torch.randn(4, 14, dtype=torch.float64, device=device)[:, ::2].requires_grad_()
+    w = torch.randn(7, 5, dtype=torch.float64, device=device).t().requires_grad_()
+    b = torch.randn(10, dtype=torch.float64, device=device)[::2].requires_grad_()
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous())
+    assert torch.autograd.gradcheck(lambda x, w, b: linear_act(x, w, b, act), (x, w, b), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -356,22 +370,55 @@ def test_fused_module_under_compile(device):
 SPECIALS = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 100.0, -100.0, 3.0, -3.0]
 
 
+def test_torch_export_and_jit_trace(device, tmp_path):
+    # The README says both work: an exported program keeps fastmlp's op, saves, loads and runs;
+    # a traced module gives the eager module's outputs.
+    model = nn.Sequential(fastmlp.FusedLinear(12, 16, activation="gelu"), fastmlp.FusedLinear(16, 3, activation="none")).to(device)
+    x = torch.randn(5, 12, device=device)
+    want = native(native(x, model[0].weight, model[0].bias, "gelu"), model[1].weight, model[1].bias, "none")
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,))
+        assert "fastmlp.linear_act_forward" in str(ep.graph)
+        torch.export.save(ep, tmp_path / "m.pt2")
+        loaded = torch.export.load(tmp_path / "m.pt2")
+        torch.testing.assert_close(loaded.module()(x), want)
+        traced = torch.jit.trace(model, (x,))
+        x2 = torch.randn(7, 12, device=device)
+        torch.testing.assert_close(traced(x2), model(x2))
+    torch.testing.assert_close(model(x), want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS)
 def test_nan_inf_propagate_like_native(device, act, dtype):
-    """With W = I and b = 0 the pre-activation is x itself: act(special) must match torch's."""
-    n = len(SPECIALS)
-    x = torch.tensor(SPECIALS, dtype=dtype, device=device).repeat(2, 1).requires_grad_()
-    w = torch.eye(n, dtype=dtype, device=device).requires_grad_()
-    b = torch.zeros(n, dtype=dtype, device=device).requires_grad_()
-    g = torch.ones(2, n, dtype=dtype, device=device)
-    ours = run(linear_act, x, w, b, act, g)
-    nat = run(native, x, w, b, act, g)
-    torch.testing.assert_close(ours[0], nat[0], equal_nan=True)
-    # Gradients: NaN where native has NaN (nothing silently zeroed), finite values close.
-    for a, r in zip(ours[1], nat[1]):
-        assert torch.equal(a.isnan(), r.isnan()), f"NaN pattern differs:\n{a}\n{r}"
-        torch.testing.assert_close(a, r, equal_nan=True, atol=1e-5, rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1.3e-6)
+    """act(special) and its gradients must match torch's, element by element.
+
+    The specials reach the activation unmixed only through a 1-wide contraction: with
+    in_features = 1, a weight of ones and a zero bias, Z[i, j] = x[i] exactly (a wider one sums
+    each row, and one NaN or inf * 0 makes every output NaN). Two layouts, so that each gradient
+    is per special: the specials as the input column (dZ -> grad_x[i] = sum_j dZ[i, j]) and as the
+    weight column with an input of ones (grad_w[j], grad_b[j] = sums over rows of dZ[:, j])."""
+    specials = torch.tensor(SPECIALS * 3, dtype=dtype, device=device)  # 39: vector bodies and remainders
+    n = specials.numel()
+    ones_col = lambda k: torch.ones(k, 1, dtype=dtype, device=device)  # noqa: E731
+    layouts = {
+        "specials as the input": (specials[:, None], ones_col(5), torch.zeros(5, dtype=dtype, device=device), 0),
+        "specials as the weight": (ones_col(4), specials[:, None], torch.zeros(n, dtype=dtype, device=device), 1),
+    }
+    for layout, (x, w, b, informative) in layouts.items():
+        x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+        g = torch.ones(x.shape[0], w.shape[0], dtype=dtype, device=device)
+        ours = run(linear_act, x, w, b, act, g)
+        nat = run(native, x, w, b, act, g)
+        assert not nat[0].isnan().all(), layout  # the specials did reach the activation unmixed
+        torch.testing.assert_close(ours[0], nat[0], equal_nan=True, msg=lambda m: f"{layout}: {m}")
+        # Gradients: NaN where native has NaN (nothing silently zeroed), the rest equal to native's.
+        tol = dict(atol=1e-5, rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1.3e-6)
+        for name, a, r in zip(("grad_x", "grad_w", "grad_b"), ours[1], nat[1]):
+            assert torch.equal(a.isnan(), r.isnan()), f"{layout}, {name}: NaN pattern differs:\n{a}\n{r}"
+            torch.testing.assert_close(a, r, equal_nan=True, **tol, msg=lambda m: f"{layout}, {name}: {m}")
+        if act != "none":  # the per-special gradient is not all NaN either (see the docstring)
+            assert not nat[1][informative].isnan().all(), layout
 
 
 def test_nan_in_gives_nan_out(device):
