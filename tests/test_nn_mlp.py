@@ -47,7 +47,12 @@ def test_structure_and_flatten():
     m.eval()
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(m(x), m(x.flatten(1)))
+    assert m(torch.randn(0, 1, 28, 28)).shape == (0, 10)
     assert [n for n, _ in m.linears()] == ["0.linear", "1.linear"]
+    # A (batch, tokens, features) input is flattened per sample too: said in the error, with the fix.
+    with pytest.raises(ValueError, match=r"a sample of shape \[5, 784\] has 3920 values where widths\[0\] = 784; "
+                                         r"for an MLP applied along the last dimension.*nn.Sequential"):
+        m(torch.randn(2, 5, 784))
 
 
 def test_torch_impl_converts_to_fused():

@@ -1,9 +1,14 @@
 """Dropout: a drop-in for torch.nn.Dropout whose CPU training path is fastmlp's dropout op."""
 
+import torch
 from torch import nn
 
 from ..functional import dropout
 from .linear import _not_scriptable
+
+# One call in a torch.fx graph (see linear.py). As for any function FX records, the module's
+# training flag at trace time is part of the graph.
+torch.fx.wrap("dropout")
 
 __all__ = ["Dropout"]
 

@@ -3,8 +3,12 @@
 import torch
 from torch import nn
 
-from .. import functional as F
+from ..functional import linear_act
 from ..ops import check_activation
+
+# torch.fx.symbolic_trace records the op as one call (as torchvision does for its ops) instead of
+# tracing into its input checks, which branch on the input and cannot be traced symbolically.
+torch.fx.wrap("linear_act")
 
 
 class FusedLinear(nn.Linear):
@@ -29,7 +33,7 @@ class FusedLinear(nn.Linear):
         self.activation = activation
 
     def forward(self, input):
-        return F.linear_act(input, self.weight, self.bias, self.activation)
+        return linear_act(input, self.weight, self.bias, self.activation)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, activation={self.activation!r}"

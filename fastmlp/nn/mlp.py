@@ -1,15 +1,36 @@
 """MLP: a multi-layer perceptron from a width list, on fused layers or on plain torch modules."""
 
+import math
 import numbers
 import operator
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 from .dropout import Dropout
 from .linear import FusedLinear
 
 __all__ = ["MLP"]
+
+
+def _samples_as_rows(input, in_features):
+    """input (N, d1, d2, ...) as (N, d1 * d2 * ...): one row per sample (images (N, 1, 28, 28) ->
+    (N, 784)); 1-D and 2-D inputs as they are."""
+    if input.dim() <= 2:
+        return input
+    per_sample = math.prod(input.shape[1:])
+    if per_sample != in_features:
+        raise ValueError(
+            f"MLP: an input of more than 2 dimensions is flattened to one row per sample, and a sample of "
+            f"shape {list(input.shape[1:])} has {per_sample} values where widths[0] = {in_features}; "
+            "for an MLP applied along the last dimension of (*, features) inputs, use an nn.Sequential "
+            "of fastmlp.FusedLinear layers")
+    return input.flatten(1)
+
+
+# A function call in torch.fx graphs: its branches on the input's shape cannot be traced symbolically.
+torch.fx.wrap("_samples_as_rows")
 
 _TORCH_ACT = {
     "relu": lambda: nn.ReLU(),
@@ -91,9 +112,7 @@ class MLP(nn.Sequential):
         self.dropout, self.norm = float(dropout), None if norm == "none" else norm
 
     def forward(self, input):
-        if input.dim() > 2:
-            input = input.flatten(1)
-        return super().forward(input)
+        return super().forward(_samples_as_rows(input, self.widths[0]))
 
     def linears(self):
         """[(name, linear)] in forward order: the layers init functions and monitors act on."""
