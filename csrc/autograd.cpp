@@ -181,6 +181,16 @@ std::tuple<at::Tensor, at::Tensor> linear_act_aten(const at::Tensor& input, cons
   return {y, input.new_empty({0})};
 }
 
+// Plain vmap (torch.func.vmap without a grad transform around the op, e.g. a model ensemble): the
+// vmap layer sees the op before autograd does, and with no batching rule torch would run it once per
+// batch entry (with a warning on every call). The ATen ops it fuses have batching rules, so under
+// vmap it runs as them, the way functorch decomposes ATen's composite ops.
+std::tuple<at::Tensor, at::Tensor> linear_act_forward_batched(const at::Tensor& input, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias,
+                                                              c10::string_view activation, bool) {
+  return linear_act_aten(input, weight, bias, parse_activation(activation, "fastmlp.linear_act_forward"));
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_act_forward_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::string_view activation, bool save_for_backward) {
@@ -256,6 +266,10 @@ at::Tensor dropout_autograd(const at::Tensor& input, double p, const at::Tensor&
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(fastmlp, FuncTorchBatched, m) {
+  m.impl("linear_act_forward", &linear_act_forward_batched);
+}
 
 TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
   m.impl("linear_act_forward", &linear_act_forward_autograd);

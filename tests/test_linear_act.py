@@ -278,6 +278,34 @@ def test_forward_ad_and_torch_func_transforms_match_native(device, act):
         torch.func.jvp(lambda x: linear_act(x, w, b, "tanh"), (x,), (t,))
 
 
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_plain_vmap_runs_as_one_batched_call(device, act):
+    # vmap without a grad transform (a model ensemble through torch.func.stack_module_state): the op
+    # runs as the ATen ops it fuses, batched, not once per ensemble member through torch's fallback.
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(fastmlp.FusedLinear(6, 8, activation=act), fastmlp.FusedLinear(8, 3, activation="none")).to(device)
+              for _ in range(5)]
+    params, buffers = stack_module_state(models)
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    x = torch.randn(4, 6, device=device)
+    ensemble = lambda p, b: functional_call(models[0], (p, b), (x,))  # noqa: E731
+    with torch.profiler.profile() as prof:
+        y = vmap(ensemble)(params, buffers)
+    calls = [e.name for e in prof.events() if e.name == "fastmlp::linear_act_forward"]
+    assert len(calls) == 2, calls  # one per layer, not one per layer and member
+    want = torch.stack([m(x) for m in models])
+    torch.testing.assert_close(y, want)
+    # Gradients through the vmapped ensemble (ordinary autograd around vmap).
+    y.square().sum().backward()
+    for i, m in enumerate(models):
+        m.zero_grad()
+        m(x).square().sum().backward()
+        torch.testing.assert_close(params["0.weight"].grad[i], m[0].weight.grad)
+        torch.testing.assert_close(params["1.bias"].grad[i], m[1].bias.grad)
+
+
 def test_double_backward_raises(device):
     x, w, b = make((4, 5), 3, torch.float64, device)
     y = linear_act(x, w, b, "gelu")
