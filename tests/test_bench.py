@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import types
 
@@ -18,8 +19,10 @@ import torch
 import fastmlp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+import bench_dropout  # noqa: E402
 import bench_linear_act  # noqa: E402
 import bench_mlp  # noqa: E402
+import bench_optim  # noqa: E402
 import gpu_profile  # noqa: E402
 
 
@@ -116,6 +119,106 @@ def test_bench_linear_act_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch)
     bench_linear_act.main(["--batches", "4", "--widths", "8->6", "--activations", "relu", "--dtypes", "float32",
                            "--modes", "fwd", "--repeats", "20", "--json", str(out)])
     assert json.loads(out.read_text())["complete"] is True
+
+
+OPTIM_CANDIDATES = ["torch for-loop", "torch foreach", "torch fused", "fastmlp", "copy (reference)"]
+
+
+def test_bench_optim_runs_every_candidate(tmp_path, monkeypatch):
+    # The script's cases are fixed (the smallest is an MLP of 670k parameters, and a 16M tensor):
+    # here main runs end to end on two tiny cases instead.
+    tiny = {"tiny mlp": [(6, 5), (6,), (3, 6), (3,)], "3 x 4x4": [(4, 4)] * 3}
+    monkeypatch.setattr(bench_optim, "cases", lambda quick: tiny)
+    out = tmp_path / "optim.json"
+    bench_optim.main(["--quick", "--device", "cpu", "--burst", "2", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True and saved["quick"] is True and saved["burst"] == 2
+    rows = saved["rows"]
+    assert [(r["case"], r["candidate"]) for r in rows] == [(c, k) for c in tiny for k in OPTIM_CANDIDATES]
+    for case, shapes in tiny.items():
+        n = sum(torch.Size(s).numel() for s in shapes)
+        by = {r["candidate"]: r for r in rows if r["case"] == case}
+        copy_gbs = 16 * n / (by["copy (reference)"]["median_us"] / 1e6) / 1e9
+        for k, r in by.items():
+            assert r["device"] == "cpu" and r["params"] == n
+            assert r["median_us"] > 0 and math.isfinite(r["median_us"]), k
+            assert r["repeats"] == 30 and r["timed_steps"] == 30  # one timed step per burst of 2
+            moved = 16 * n if k == "copy (reference)" else bench_optim.BYTES_PER_PARAM * n
+            assert r["gb_s"] == pytest.approx(moved / (r["median_us"] / 1e6) / 1e9)
+            assert r["pct_of_copy_bw"] == pytest.approx(100 * r["gb_s"] / copy_gbs)
+            if k == "copy (reference)":
+                assert r["speedup_vs_torch_fused"] is None
+            else:
+                assert r["speedup_vs_torch_fused"] == pytest.approx(by["torch fused"]["median_us"] / r["median_us"])
+    run = saved["run"]
+    assert run["command"] == shlex.join(["python", "bench/bench_optim.py", "--quick", "--device", "cpu", "--burst", "2",
+                                         "--json", str(out)])
+    assert run["fastmlp"] == fastmlp.__version__ and run["torch"] == torch.__version__
+    assert "threads" in saved["machine"] and os.listdir(tmp_path) == ["optim.json"]
+
+
+def test_bench_optim_candidates_compute_the_same_update():
+    """The timed candidates are the same AdamW step: after the same steps on the same gradients
+    every candidate's parameters and moments agree with torch's for-loop."""
+    shapes = [(6, 5), (6,), (4, 4)]
+    fns = bench_optim.make_candidates(shapes, "cpu")
+    assert list(fns) == OPTIM_CANDIDATES[:-1]
+    for fn in fns.values():  # (make_candidates took one step already)
+        for _ in range(3):
+            fn()
+    opts = {k: fn.__self__ for k, fn in fns.items()}
+    assert type(opts["fastmlp"]) is fastmlp.optim.AdamW
+    ref = opts["torch for-loop"]
+    ref_params = ref.param_groups[0]["params"]
+    start = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=start) * 0.1 for s in shapes]  # the script's starting values
+    for k, opt in opts.items():
+        params = opt.param_groups[0]["params"]
+        for p, r, b in zip(params, ref_params, base):
+            assert not torch.equal(p.detach(), b), k  # it stepped (4 steps of lr 1e-3)
+            torch.testing.assert_close(p.detach(), r.detach(), msg=k)
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(opt.state[p][key], ref.state[r][key], msg=f"{k} {key}")
+            assert opt.state[p]["step"].item() == 4
+
+
+def test_bench_dropout_tiny_run(tmp_path):
+    out = tmp_path / "dropout.json"
+    bench_dropout.main(["--shapes", "4x8", "--p", "0.3", "--repeats", "20", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True and saved["repeats"] == 20
+    assert [(r["shape"], r["mode"], r["p"]) for r in saved["rows"]] == [("4x8", "fwd", 0.3), ("4x8", "fwdbwd", 0.3)]
+    for r in saved["rows"]:
+        for k in ("native_ms", "compiled_ms", "fastmlp_ms", "floor_ms"):
+            assert r[k] > 0 and math.isfinite(r[k]), k
+        assert r["speedup_vs_native"] == pytest.approx(r["native_ms"] / r["fastmlp_ms"])
+        assert r["speedup_vs_compiled"] == pytest.approx(r["compiled_ms"] / r["fastmlp_ms"])
+    run = saved["run"]
+    assert run["command"] == shlex.join(["python", "bench/bench_dropout.py", "--shapes", "4x8", "--p", "0.3", "--repeats",
+                                         "20", "--json", str(out)])
+    assert run["fastmlp"] == fastmlp.__version__ and run["torch"] == torch.__version__
+    assert os.listdir(tmp_path) == ["dropout.json"]
+
+
+def test_bench_dropout_candidates_are_dropout():
+    """Each timed candidate is dropout at p: outputs 0 or x / (1 - p), about p of them 0 (the
+    floor candidate returns a copy of x); in fwdbwd, the input's gradient has that keep rate too."""
+    p = 0.3
+    torch.manual_seed(0)
+    for mode in ("fwd", "fwdbwd"):
+        fns = bench_dropout.candidates(64, 96, p, mode)
+        assert set(fns) == {"native", "compiled", "fastmlp", "floor"}
+        x = fns["floor"]()
+        assert x.shape == (64, 96)
+        for name in ("native", "compiled", "fastmlp"):
+            y = fns[name]()
+            if mode == "fwdbwd":
+                (y,) = y  # the input's gradient
+            assert y.shape == (64, 96), name
+            kept = y != 0
+            assert 0.6 < kept.float().mean().item() < 0.8, name
+            if mode == "fwd":
+                torch.testing.assert_close(y[kept], x[kept] / (1 - p), msg=name)
 
 
 def _event(name, start, end):

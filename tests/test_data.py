@@ -24,16 +24,27 @@ def idx_bytes(t, magic_ndim=None):
     return header + t.to(torch.uint8).contiguous().numpy().tobytes()
 
 
+def synthetic_tensors(n_train=20, n_test=10):
+    """The four tensors write_dataset writes (uint8 images, int64 labels): random, with image 0 of
+    each split a ramp whose pixel (row r, column c) is (28 r + c) mod 256, so pixel order shows."""
+    g = torch.Generator().manual_seed(0)
+    out = {
+        "train_images": torch.randint(0, 256, (n_train, 28, 28), generator=g, dtype=torch.uint8),
+        "train_labels": torch.randint(0, 10, (n_train,), generator=g),
+        "test_images": torch.randint(0, 256, (n_test, 28, 28), generator=g, dtype=torch.uint8),
+        "test_labels": torch.randint(0, 10, (n_test,), generator=g),
+    }
+    ramp = (torch.arange(784) % 256).to(torch.uint8).view(28, 28)
+    for k in ("train_images", "test_images"):
+        if len(out[k]):
+            out[k][0] = ramp
+    return out
+
+
 def write_dataset(root, n_train=20, n_test=10, gz=False, overrides=None):
     raw = Path(root) / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    blobs = {
-        "train_images": idx_bytes(torch.randint(0, 256, (n_train, 28, 28), generator=g)),
-        "train_labels": idx_bytes(torch.randint(0, 10, (n_train,), generator=g)),
-        "test_images": idx_bytes(torch.randint(0, 256, (n_test, 28, 28), generator=g)),
-        "test_labels": idx_bytes(torch.randint(0, 10, (n_test,), generator=g)),
-    }
+    blobs = {k: idx_bytes(t) for k, t in synthetic_tensors(n_train, n_test).items()}
     blobs.update(overrides or {})
     for k, data in blobs.items():
         if gz:
@@ -45,6 +56,9 @@ def write_dataset(root, n_train=20, n_test=10, gz=False, overrides=None):
 
 
 def test_synthetic_roundtrip_raw_and_gz(tmp_path):
+    # What was written is what loads: every pixel of every image in its place, each label with its
+    # image, from plain and from gzipped files.
+    expected = synthetic_tensors()
     for gz in (False, True):
         root = tmp_path / ("gz" if gz else "raw")
         write_dataset(root, gz=gz)
@@ -52,6 +66,12 @@ def test_synthetic_roundtrip_raw_and_gz(tmp_path):
         assert d["train_images"].shape == (20, 28, 28) and d["train_images"].dtype == torch.uint8
         assert d["train_labels"].shape == (20,) and d["train_labels"].dtype == torch.int64
         assert d["test_images"].shape == (10, 28, 28)
+        assert d.keys() == expected.keys()
+        for k, t in expected.items():
+            assert d[k].dtype == t.dtype and torch.equal(d[k], t), (gz, k)
+        # Row-major pixels: image 0's first row holds 0, 1, 2, ..., its second row starts at 28.
+        for k in ("train_images", "test_images"):
+            assert d[k][0, 0, :4].tolist() == [0, 1, 2, 3] and d[k][0, 1, 0] == 28 and d[k][0, 27, 27] == 783 % 256
 
 
 def test_bad_magic_names_file(tmp_path):
@@ -144,6 +164,24 @@ def test_device_dataset_split_shuffle_and_normalisation(tmp_path):
     assert len(ds.train) == 80 and len(ds.val) == 20 and len(ds.test) == 10
     assert ds.train.x.shape == (80, 784) and ds.train.x.dtype == torch.float32
     assert abs(ds.train.x.mean().item()) < 1e-4 and abs(ds.train.x.std().item() - 1) < 1e-2
+    # The values: train + val are the training files' images (row-major pixels) and labels, split,
+    # each image still with its label; the test split is the test files' in file order; all are
+    # normalised with the mean and std of the training split's pixels.
+    raw = synthetic_tensors(100, 10)
+
+    def pixels(split):  # back to the uint8 pixels
+        return torch.round((split.x.double() * ds.std + ds.mean) * 255).to(torch.uint8)
+
+    def rows(px, labels):
+        return sorted((tuple(r.tolist()), int(y)) for r, y in zip(px.reshape(len(px), 784), labels))
+
+    assert sorted(rows(pixels(ds.train), ds.train.y) + rows(pixels(ds.val), ds.val.y)) == rows(
+        raw["train_images"], raw["train_labels"])
+    train_px = pixels(ds.train).double() / 255
+    assert ds.mean == pytest.approx(train_px.mean().item()) and ds.std == pytest.approx(train_px.std().item())
+    expect_test = ((raw["test_images"].double() / 255 - ds.mean) / ds.std).reshape(10, 784).float()
+    torch.testing.assert_close(ds.test.x, expect_test)
+    assert torch.equal(ds.test.y, raw["test_labels"])
     p0, p0b, p1 = ds.train.permutation(3, 0), ds.train.permutation(3, 0), ds.train.permutation(3, 1)
     assert torch.equal(p0, p0b) and not torch.equal(p0, p1)
     assert torch.equal(p0.sort().values, torch.arange(80))

@@ -90,7 +90,18 @@ def test_layouts_and_edge_shapes():
     sliced = torch.randn(10, 20)[:, ::3]
     assert torch.equal(drop(sliced, 0.4, 5), drop(sliced.contiguous(), 0.4, 5))
     assert drop(torch.randn(0, 7), 0.5, 1).shape == (0, 7)
-    assert drop(torch.randn(()), 0.5, 1).shape == ()
+    # A 0-d input: one element, kept as x / (1 - p) or dropped to 0, both across seeds; the same
+    # through functional.dropout and the module in training, and x itself in evaluation.
+    x0, p = torch.tensor(-1.7), 0.3
+    kept_value = x0 * torch.tensor(1.0 / (1.0 - p))
+    outs = [drop(x0, p, s) for s in range(64)]
+    torch.manual_seed(0)
+    outs += [dropout(x0, p) for _ in range(64)] + [fastmlp.nn.Dropout(p)(x0) for _ in range(64)]
+    assert all(y.shape == () and y.dtype == x0.dtype for y in outs)
+    assert all(torch.equal(y, kept_value) or torch.equal(y, torch.zeros(())) for y in outs)
+    assert 0 < sum(bool(y == 0) for y in outs) < len(outs)
+    assert torch.equal(dropout(x0, p, training=False), x0)
+    assert torch.equal(fastmlp.nn.Dropout(p).eval()(x0), x0)
     x3 = torch.randn(2, 3, 4)
     assert torch.equal(drop(x3, 0.5, 11).flatten(), drop(x3.flatten(), 0.5, 11))
     # p = 0 keeps everything exactly.

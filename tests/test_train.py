@@ -538,14 +538,89 @@ def test_epoch_lr_is_the_lr_of_the_epochs_last_step(tmp_path):
     assert f"last lr {last[-1]:.2e}" in out.getvalue()
 
 
+def stepped_grad_norms(trainer):
+    """{global step: total gradient norm the optimizer's step() saw} of the trainer's run: its step
+    is wrapped (GradScaler calls it as any optimizer's), the norm taken in float64 as it is called."""
+    seen, real_step = {}, trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad.detach().double() for p in trainer.params if p.grad is not None]
+        seen[trainer.global_step + 1] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    return seen
+
+
+def assert_clipped(recs, seen, c):
+    """Each step's optimizer saw a gradient norm of at most c: the logged (pre-clip) norm scaled down
+    to c when it exceeded c, else unchanged. Steps with a non-finite gradient (fp16 overflow, skipped
+    by the GradScaler) are left out."""
+    finite = [r for r in recs if math.isfinite(r["grad_norm"])]
+    assert len(finite) >= len(recs) - 2 and all(r["step"] in seen for r in finite)
+    clipped = 0
+    for r in finite:
+        # (1e-5: clip_grad_norm_ computes the norm, and scales by c / norm, in float32.)
+        assert seen[r["step"]] <= c * (1 + 1e-5), (r["step"], seen[r["step"]], r["grad_norm"])
+        if r["grad_norm"] > c:
+            clipped += 1
+            assert seen[r["step"]] == pytest.approx(c, rel=1e-4), r["step"]
+        else:
+            assert seen[r["step"]] == pytest.approx(r["grad_norm"], rel=1e-4), r["step"]
+    assert clipped >= len(finite) // 2  # the threshold is below most steps' norms: the clip was exercised
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_autocast_and_clipping_train(tmp_path, amp):
-    s = Trainer(cfg_small(tmp_path, amp=amp, clip_grad_norm=0.5, epochs=2), data=synthetic()).fit()
+    t = Trainer(cfg_small(tmp_path, amp=amp, clip_grad_norm=0.5, epochs=2), data=synthetic())
+    seen = stepped_grad_norms(t)
+    s = t.fit()
     recs = [json.loads(l) for l in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in recs)
-    # Clipping: the logged pre-clip norms exceed the threshold, so the clip was exercised.
+    # Clipping: the logged pre-clip norms exceed the threshold, and the optimizer got clipped ones.
     assert max(r["grad_norm"] for r in recs) > 0.5
+    assert_clipped(recs, seen, 0.5)
     assert s["history"][-1]["train_loss"] < s["history"][0]["train_loss"]
+
+
+@pytest.mark.parametrize("impl", ["torch", "fastmlp"])
+def test_clipping_bounds_the_gradient_the_optimizer_steps_on(tmp_path, impl):
+    """clip_grad_norm clips what the optimizer steps on (not only what is logged): every step's
+    gradient norm at optimizer.step() is at most the threshold, the logged grad_norm the one before."""
+    t = Trainer(cfg_small(tmp_path, impl=impl, clip_grad_norm=0.05, epochs=1), data=synthetic())
+    seen = stepped_grad_norms(t)
+    s = t.fit()
+    recs = [json.loads(l) for l in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 8 and sorted(seen) == list(range(1, 9))
+    assert_clipped(recs, seen, 0.05)
+
+
+@pytest.mark.parametrize("impl", ["torch", "fastmlp"])
+def test_training_loss_is_label_smoothed_cross_entropy(tmp_path, impl):
+    """The criterion is the cross-entropy with cfg.label_smoothing (the recipe's 0.1): each logged
+    training loss equals F.cross_entropy(..., label_smoothing=0.1) of the model on that step's batch,
+    computed here independently, and differs from the unsmoothed loss by far more than the tolerance."""
+    cfg = cfg_small(tmp_path, impl=impl, dropout=0.0, epochs=1, log_every=1)
+    assert cfg.label_smoothing == TrainConfig().label_smoothing == 0.1
+    t = Trainer(cfg, data=synthetic())
+    assert t.criterion.label_smoothing == cfg.label_smoothing
+    expected, real_step = {}, t.train_step
+
+    def step(xb, yb, *args, **kwargs):
+        with torch.no_grad():  # the weights this step's forward uses (no dropout: deterministic)
+            out = t.model(xb)
+            expected[t.global_step + 1] = (torch.nn.functional.cross_entropy(out, yb, label_smoothing=0.1).item(),
+                                           torch.nn.functional.cross_entropy(out, yb).item())
+        return real_step(xb, yb, *args, **kwargs)
+
+    t.train_step = step
+    s = t.fit()
+    recs = [json.loads(l) for l in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == sorted(expected) == list(range(1, 9))
+    for r in recs:
+        smoothed, plain = expected[r["step"]]
+        assert r["loss"] == pytest.approx(smoothed, rel=1e-5)
+        assert abs(smoothed - plain) > 20 * 1e-5 * smoothed  # (near-uniform predictions: ~1.5e-3 at step 1)
 
 
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
