@@ -57,18 +57,27 @@ def build(cls, params, groups, kwargs, group_kwargs):
 
 
 def run_pair(cls, device, dtype, kwargs=None, *, groups=False, scheduler=False, none_at=None,
-             frozen_until=None, zero_size=False, noncontig=False, master=False, steps=STEPS):
-    """Runs fastmlp's optimizer and torch's for-loop one on the same grads; returns both."""
+             frozen_until=None, zero_size=False, noncontig=False, master=False, steps=STEPS,
+             ref_fused=False, start=None):
+    """Runs fastmlp's optimizer and torch's for-loop one on the same grads; returns both.
+
+    ref_fused: the reference is torch's fused=True implementation in the parameters' own dtype
+    (contiguous copies: torch's fused CPU kernel mishandles a parameter whose strides differ from
+    its gradient's) instead of the for-loop one. start: a list that receives the initial values."""
     kwargs = dict(kwargs or {})
     shapes = SHAPES + ([(0, 3)] if zero_size else [])
     ours_p = make_params(shapes, dtype, device, noncontig)
+    if start is not None:
+        start.extend(p.detach().clone() for p in ours_p)
     low = dtype in ULP
-    ref_dtype = torch.float32 if low else dtype
-    ref_p = [p.detach().to(ref_dtype).clone().requires_grad_() for p in ours_p]
+    ref_dtype = torch.float32 if low and not ref_fused else dtype
+    fmt = torch.contiguous_format if ref_fused else torch.preserve_format
+    ref_p = [p.detach().to(ref_dtype).clone(memory_format=fmt).requires_grad_() for p in ours_p]
     group_kwargs = ({"lr": 0.02, "weight_decay": 0.05} if cls is SGD else
                     {"lr": 0.02, "weight_decay": 0.05, "betas": (0.8, 0.99)})
     ours = build(cls, ours_p, groups, dict(kwargs, master_weights=master), group_kwargs)
-    ref = build(TORCH_CLS[cls], ref_p, groups, dict(kwargs, foreach=False, fused=False), group_kwargs)
+    ref_kwargs = dict(kwargs, fused=True) if ref_fused else dict(kwargs, foreach=False, fused=False)
+    ref = build(TORCH_CLS[cls], ref_p, groups, ref_kwargs, group_kwargs)
     scheds = []
     if scheduler:
         scheds = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.8) for o in (ours, ref)]
@@ -156,18 +165,44 @@ SGD_LOW_CASES = ["momentum", "nesterov_wd", "frozen"]
 LOW_GRID = [(AdamW, n) for n in LOW_CASES] + [(Adam, "wd")] + [(SGD, n) for n in SGD_LOW_CASES]
 
 
+# Large enough that every step moves a parameter by several fp16/bf16 ulps (in 7 steps, on average
+# 4-5x the tolerance of the fp32 reference in bf16 for Adam, 16-30x for SGD, 4x more in fp16), so a
+# step that lost its update to rounding, or left the parameters where they were, cannot pass.
+LOW_LR = {AdamW: 0.05, Adam: 0.05, SGD: 0.1}
+
+
 @pytest.mark.parametrize("cls,case", LOW_GRID, ids=[f"{c.__name__}-{n}" for c, n in LOW_GRID])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("master", [False, True], ids=["no_master", "master"])
 def test_parity_low_precision(device, cls, case, dtype, master):
     cases = {**ADAM_CASES, **{"wd": (dict(weight_decay=0.1), {})}} if cls is not SGD else SGD_CASES
     kwargs, opts = cases[case]
-    ours, ref, op, rp = run_pair(cls, device, dtype, kwargs, master=master, **opts)
+    kwargs = dict(kwargs, lr=LOW_LR[cls])
+    start = []
+    ours, ref, op, rp = run_pair(cls, device, dtype, kwargs, master=master, start=start, **opts)
     assert_matches(ours, ref, op, rp, dtype, master=master)
+    # The parameters really moved, well beyond the tolerance of that comparison.
+    moved = torch.cat([(o.detach().float() - s.float()).abs().flatten() for o, s in zip(op, start)])
+    size = torch.cat([s.float().abs().flatten() for s in start])
+    tol = 3 * ULP[dtype] + 5e-3 * size
+    assert (moved > tol).float().mean() > 0.8 and moved.mean() > 3 * tol.mean()
     if master:
-        st = ours.state[op[-1]]
-        assert st["master_param"].dtype == torch.float32
-        assert all(v.dtype == torch.float32 for k, v in st.items() if k not in ("step",))
+        for o in op:
+            st = ours.state[o]
+            assert st["master_param"].dtype == torch.float32
+            assert all(v.dtype == torch.float32 for k, v in st.items() if k not in ("step",))
+            # The parameter is its master copy, rounded.
+            assert torch.equal(o.detach(), st["master_param"].to(dtype))
+    elif not (cls is SGD and "frozen_until" in opts):  # (torch's fused SGD fails on a late first grad)
+        # Without master weights the state is in the parameter's dtype and each step rounds, as in
+        # torch's fused implementation: that one, run in the same dtype, agrees to two rounding steps
+        # of a value (each step's change is several of them; on the CPU they are bitwise equal).
+        ours, ref, op, rp = run_pair(cls, device, dtype, kwargs, ref_fused=True, **opts)
+        for o, r in zip(op, rp):
+            torch.testing.assert_close(o.detach(), r.detach(), rtol=2 * ULP[dtype], atol=0)
+            for k, vr in ref.state[r].items():
+                kw = dict(rtol=0, atol=0) if k == "step" else dict(rtol=2 * ULP[dtype], atol=0)
+                torch.testing.assert_close(ours.state[o][k], vr, **kw)
 
 
 def test_master_weights_keeps_small_updates(device):
@@ -239,24 +274,46 @@ def test_grad_scaler(device, clip):
         assert ours.state[o]["step"].item() == ref.state[r]["step"].item() == 6
 
 
-def test_found_inf_and_grad_scale_direct(device):
-    # The op contract without GradScaler: found_inf skips everything, grad_scale divides.
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("first", ["skipped", "stepped"])
+def test_found_inf_and_grad_scale_direct(device, cls, first):
+    # The op contract without GradScaler: found_inf skips everything, grad_scale divides. The
+    # reference is torch.optim's for-loop on the unscaled gradients, parameters AND state: Adam's
+    # update barely depends on the gradient's scale, its moments and SGD's update do. "skipped"
+    # starts with a found_inf step (the CPU then steps through its plan), "stepped" does not (the
+    # first scaled step takes the general path through the op).
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=0.1) if cls is SGD else dict(lr=0.01, weight_decay=0.1)
     params = make_params(SHAPES, torch.float32, device)
     copies = [p.detach().clone().requires_grad_() for p in params]
-    ours, ref = AdamW(params), AdamW(copies)
-    for p, c in zip(params, copies):
-        g = torch.randn_like(p)
-        p.grad, c.grad = g * 512, g
-    ours.found_inf = torch.ones((), device=device)
-    ours.grad_scale = torch.full((), 512.0, device=device)
-    ours.step()
-    assert all(ours.state[p]["step"].item() == 0 for p in params)
-    assert all(torch.count_nonzero(ours.state[p]["exp_avg"]) == 0 for p in params)
-    ours.found_inf.zero_()
-    ours.step()
-    ref.step()
-    for p, c in zip(params, copies):
-        torch.testing.assert_close(p.detach(), c.detach())
+    ours, ref = cls(params, **kw), TORCH_CLS[cls](copies, foreach=False, **kw)
+    if first == "skipped":
+        for p in params:
+            p.grad = torch.randn_like(p) * 512
+        ours.found_inf = torch.ones((), device=device)
+        ours.grad_scale = torch.full((), 512.0, device=device)
+        before = [p.detach().clone() for p in params]
+        ours.step()
+        assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+        if cls is SGD:
+            assert all("momentum_buffer" not in ours.state.get(p, {}) for p in params)
+        else:
+            assert all(ours.state[p]["step"].item() == 0 for p in params)
+            assert all(torch.count_nonzero(ours.state[p]["exp_avg"]) == 0 for p in params)
+            assert all(torch.count_nonzero(ours.state[p]["exp_avg_sq"]) == 0 for p in params)
+    ours.found_inf = torch.zeros((), device=device)
+    # Powers of two, so that the unscaled gradient is exactly the reference's.
+    for step, scale in enumerate((512.0, 2.0**-3, 65536.0)):
+        ours.grad_scale = torch.full((), scale, device=device)
+        for p, c, g in zip(params, copies, grads_for(params, step, set())):
+            c.grad = g.float().to(device)
+            p.grad = c.grad * scale
+        ours.step()
+        ref.step()
+        for p, c in zip(params, copies):
+            torch.testing.assert_close(p.detach(), c.detach())
+            assert set(ours.state[p]) == set(ref.state[c])
+            for k, v in ref.state[c].items():
+                torch.testing.assert_close(ours.state[p][k].to(v.device, v.dtype), v, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # ---- state_dict ------------------------------------------------------------------------------
@@ -385,8 +442,21 @@ def test_copied_optimizer_keeps_master_weights(cls):
         clone = copy_fn(ours)
         assert clone._fm_master
         cp = clone.param_groups[0]["params"]
+        # The copy holds the very values: parameters and the whole fp32 state, master copies
+        # included (whose bits below bf16's precision a copy rebuilt from the parameters would lose).
+        for p, q in zip(params, cp):
+            assert torch.equal(q.detach(), p.detach())
+            assert ours.state[p].keys() == clone.state[q].keys()
+            for k, v in ours.state[p].items():
+                assert clone.state[q][k].dtype == v.dtype and torch.equal(clone.state[q][k], v), k
         _drive(clone, cp, 2, 2)  # fp32 state stepped as master weights (it raised on the dtype)
-        assert all(clone.state[q]["master_param"].dtype == torch.float32 for q in cp)
+        _drive(ours, params, 2, 2)
+        # ... and its next steps are the original's, bit for bit.
+        for p, q in zip(params, cp):
+            assert clone.state[q]["master_param"].dtype == torch.float32
+            assert torch.equal(q.detach(), p.detach())
+            for k, v in ours.state[p].items():
+                assert torch.equal(clone.state[q][k], v), k
 
 
 def test_plan_declines_a_parameter_resized_in_place():
@@ -470,6 +540,7 @@ def test_resume_is_bitwise(cls, dtype, master):
             assert torch.equal(opt2.state[q][k], v), k
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
 def test_resume_across_devices(cls):
     if not torch.cuda.is_available() or not fastmlp.WITH_CUDA:
@@ -983,3 +1054,25 @@ def test_swapped_parameter_in_a_group_is_the_one_stepped(device, cls, how):
     _drive(ref, other, 3, 3)
     assert_matches(ours, ref, params, other, torch.float32)
     assert torch.equal(old.detach(), old_before)  # no longer in the optimizer: untouched
+
+
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_frozen_parameters_keep_the_fast_path(device, cls):
+    # A parameter that never had a gradient (a frozen layer passed in with the rest) has no state:
+    # the others still get the cached path (the CPU plan), and when it gets a gradient it gets state
+    # and joins them; results as torch.optim's throughout. (Before, one such parameter kept the
+    # whole group on the general path: 2-3x slower per step.)
+    kwargs = dict(lr=0.01, momentum=0.9, dampening=0.1) if cls is SGD else dict(lr=0.01, weight_decay=0.1)
+    ours, ref, op, rp = run_pair(cls, device, torch.float32, kwargs, frozen_until=STEPS)
+    entry = ours._fm_cache[id(ours.param_groups[0])]
+    assert list(entry.tracked) == op[1:] and entry.untracked == (op[0],)
+    assert (entry.plan is not None) == (device == "cpu") and op[0] not in ours.state
+    assert_matches(ours, ref, op, rp, torch.float32)
+    for step in range(STEPS, STEPS + 3):  # the frozen parameter is trained too now
+        for o_p, r_p, g in zip(op, rp, grads_for(op, step, set())):
+            o_p.grad, r_p.grad = g.to(device=device, dtype=torch.float32), g.to(device=device, dtype=torch.float32)
+        ours.step()
+        ref.step()
+        entry = ours._fm_cache[id(ours.param_groups[0])]
+        assert list(entry.tracked) == op and entry.untracked == ()
+    assert_matches(ours, ref, op, rp, torch.float32)
