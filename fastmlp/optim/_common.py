@@ -6,8 +6,9 @@ Groups carry fused=True: the state layout is torch.optim's fused=True one (step 
 the param's device), so torch's load_state_dict places every tensor right in both directions and a
 state_dict loaded into torch.optim runs torch's fused kernels on identical state.
 
-step() costs one C++ call per (group, device, dtype). Once every parameter of a group has state,
-a CPU group gets a step plan (csrc/cpu/optim.cpp) that holds its tensors and reads p.grad in C++,
+step() costs one C++ call per (group, device, dtype). Once the parameters of a group that get
+gradients have state (a parameter that never had a gradient, e.g. in a frozen layer, has none and
+stays out until it gets one), a CPU group gets a step plan (csrc/cpu/optim.cpp) that holds its tensors and reads p.grad in C++,
 so a step does no per-parameter Python work at all; its state is packed into one buffer per key
 (pack_state), so the plan does not touch each state tensor's metadata either. Other groups cache
 the op's tensor lists and read p.grad in Python. The first steps (while state is created lazily)
@@ -24,6 +25,25 @@ import torch
 from torch.optim import optimizer as _torch_optimizer
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class CacheEntry(collections.namedtuple(
+        "CacheEntry", "group flag buckets params plan tracked untracked state version", defaults=(None, None))):
+    """A group's cached fast path: the op's tensor lists (buckets) and the CPU plan (or None) for
+    its `tracked` parameters, those with complete state; `untracked` are the rest, which have
+    never had a gradient (frozen layers). `flag` is what changes the state's layout (amsgrad,
+    momentum on or off); `params` the group's list when built; `state` and its `version` the
+    optimizer state it was built from."""
+
+    __slots__ = ()
+
+
+def split_tracked(params, complete):
+    """(tracked, untracked): the params whose state is complete (complete(p)), and the rest."""
+    tracked, untracked = [], []
+    for p in params:
+        (tracked if complete(p) else untracked).append(p)
+    return tracked, untracked
 
 
 def fused_doc(torch_cls):
@@ -408,30 +428,32 @@ class FusedStep:
     def _fm_step_group(self, group, grad_scale, found_inf):
         """One group: its CPU step plan, else the cached tensor lists, else the general path.
 
-        The cache (built by the subclass's _fm_build_cache once every parameter has state) is
-        (group, flag, buckets, the params, plan or None, state, state version); flag is what
-        changes the state layout (amsgrad, momentum on/off); the state and its version (see
-        OptimizerState) change when the user replaces, deletes or clears any of it. A plan that
+        The cache (a CacheEntry, built by the subclass's _fm_build_cache for the parameters with
+        state) is used while the group, its flag and its parameters are those it was built for, and
+        the state and its version (see OptimizerState, changed whenever the user replaces, deletes
+        or clears any of it) too; a gradient on an untracked parameter (a layer unfrozen) sends the
+        step to the general path, which creates its state, and the cache is rebuilt. A plan that
         declines (a missing grad, an odd layout) and a missing grad on the cached path both fall
         back to the general path, which has torch's own per-parameter logic and errors. The plan writes the tensors' memory from C++,
         outside autograd, so only the op paths need no_grad (the plan skips its cost).
         """
         params = group["params"]
         cached = self._fm_cache.get(id(group))
-        if (cached is None or cached[0] is not group or cached[1] != self._fm_cache_flag(group)
-                or cached[5] is not self.state or cached[6] != self.state._fm_version.n
-                or not _same_objects(cached[3], params)):
+        if (cached is None or cached.group is not group or cached.flag != self._fm_cache_flag(group)
+                or cached.state is not self.state or cached.version != self.state._fm_version.n
+                or not _same_objects(cached.params, params)
+                or any(p.grad is not None for p in cached.untracked)):
             cached = None
-        plan = cached[4] if cached is not None else None
+        plan = cached.plan if cached is not None else None
         use_plan = plan is not None and not torch.compiler.is_compiling()
         if use_plan and self._fm_plan_step(group, plan, grad_scale, found_inf):
             return
         with torch.no_grad():
             if cached is not None and not use_plan:
-                grads = [p.grad for p in params]
+                grads = [p.grad for p in cached.tracked]
                 if not any(g is None for g in grads):
                     try:
-                        self._fm_cached_launch(group, cached[2], grads, grad_scale, found_inf)
+                        self._fm_cached_launch(group, cached.buckets, grads, grad_scale, found_inf)
                         return
                     except RuntimeError:
                         # A sparse grad is refused by the op before anything changes; the general
@@ -450,4 +472,4 @@ class FusedStep:
         if entry is not None:
             # Valid for these very parameters (a group's list can be edited in place), while the
             # state is this object and unchanged since now (packing included).
-            self._fm_cache[id(group)] = entry + (self.state, self.state._fm_version.n)
+            self._fm_cache[id(group)] = entry._replace(state=self.state, version=self.state._fm_version.n)

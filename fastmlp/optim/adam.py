@@ -13,6 +13,7 @@ import torch
 
 from .. import ops
 from ._common import (
+    CacheEntry,
     FusedStep,
     fused_doc,
     _LOW_PRECISION,
@@ -26,6 +27,7 @@ from ._common import (
     pick,
     signature_with_master_weights,
     single_cpu_kind,
+    split_tracked,
 )
 
 __all__ = ["Adam", "AdamW"]
@@ -106,15 +108,17 @@ class _FusedAdamBase(FusedStep):
                             [st["step"] for st in sts], masters, grad_scale, found_inf)
 
     def _fm_build_cache(self, group):
-        params = group["params"]
         amsgrad = group["amsgrad"]
         need = ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if amsgrad else ())
-        for p in params:
+
+        def complete(p):
             st = self.state.get(p)
-            if not st or any(k not in st for k in need):
-                return
-            if self._fm_uses_master(p.dtype) and "master_param" not in st:
-                return
+            return bool(st) and all(k in st for k in need) and (
+                not self._fm_uses_master(p.dtype) or "master_param" in st)
+
+        params, untracked = split_tracked(group["params"], complete)
+        if not params:
+            return
         kinds = group_by_device_dtype(params)
         cpu = single_cpu_kind(kinds)
         if cpu is not None:
@@ -129,7 +133,8 @@ class _FusedAdamBase(FusedStep):
         if cpu is not None:
             b = buckets[0]
             plan = ops.AdamWPlan(b.params, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters)
-        self._fm_cache[id(group)] = (group, amsgrad, buckets, tuple(params), plan)
+        self._fm_cache[id(group)] = CacheEntry(group, amsgrad, buckets, tuple(group["params"]), plan, params,
+                                               tuple(untracked))
 
     def _fm_plan_step(self, group, plan, grad_scale, found_inf):
         cpu = torch.device("cpu")

@@ -15,6 +15,7 @@ import torch
 
 from .. import ops
 from ._common import (
+    CacheEntry,
     FusedStep,
     fused_doc,
     _LOW_PRECISION,
@@ -27,6 +28,7 @@ from ._common import (
     pick,
     signature_with_master_weights,
     single_cpu_kind,
+    split_tracked,
 )
 
 __all__ = ["SGD"]
@@ -114,14 +116,16 @@ class SGD(FusedStep, torch.optim.SGD):
                 is_first, grad_scale, found_inf)
 
     def _fm_build_cache(self, group):
-        params = group["params"]
         has_momentum = group["momentum"] != 0
-        for p in params:
+
+        def complete(p):
             st = self.state.get(p, {})
-            if has_momentum and st.get("momentum_buffer") is None:
-                return
-            if self._fm_uses_master(p.dtype) and "master_param" not in st:
-                return
+            return (not has_momentum or st.get("momentum_buffer") is not None) and (
+                not self._fm_uses_master(p.dtype) or "master_param" in st)
+
+        params, untracked = split_tracked(group["params"], complete)
+        if not params:
+            return
         kinds = group_by_device_dtype(params)
         cpu = single_cpu_kind(kinds)
         if cpu is not None:  # (packed before the lists below hold the old state tensors)
@@ -137,7 +141,8 @@ class SGD(FusedStep, torch.optim.SGD):
         if cpu is not None:
             _, _, bp, bufs, masters = buckets[0]
             plan = ops.SGDPlan(bp, bufs, masters)
-        self._fm_cache[id(group)] = (group, has_momentum, buckets, tuple(params), plan)
+        self._fm_cache[id(group)] = CacheEntry(group, has_momentum, buckets, tuple(group["params"]), plan, params,
+                                               tuple(untracked))
 
     def _fm_launch(self, group, device, params, grads, bufs, masters, is_first, grad_scale, found_inf):
         lr, lr_tensor = lr_args(group["lr"], device)
