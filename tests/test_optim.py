@@ -197,7 +197,18 @@ def test_parity_low_precision(device, cls, case, dtype, master):
         # Without master weights the state is in the parameter's dtype and each step rounds, as in
         # torch's fused implementation: that one, run in the same dtype, agrees to two rounding steps
         # of a value (each step's change is several of them; on the CPU they are bitwise equal).
+        torch.manual_seed(1)  # the same start for both references
+        _, _, _, loop_p = run_pair(cls, device, dtype, kwargs, **opts)
+        torch.manual_seed(1)
         ours, ref, op, rp = run_pair(cls, device, dtype, kwargs, ref_fused=True, **opts)
+        fused_ok = all(torch.allclose(r.detach(), lp.detach().to(dtype), rtol=5e-3, atol=3 * ULP[dtype])
+                       for r, lp in zip(rp, loop_p))
+        if not fused_ok:
+            # torch 2.11's CPU fused SGD with momentum in fp16/bf16 is itself off from torch's for-loop
+            # SGD (by 2.4 after 7 steps; fixed in later torch), which ours matches (above): no second
+            # reference then. Any other disagreement of torch's fused reference fails here.
+            assert cls is SGD and device == "cpu" and kwargs.get("momentum"), "torch's fused reference disagrees with its for-loop one"
+            return
         for o, r in zip(op, rp):
             torch.testing.assert_close(o.detach(), r.detach(), rtol=2 * ULP[dtype], atol=0)
             for k, vr in ref.state[r].items():
