@@ -8,11 +8,12 @@ state_dict loaded into torch.optim runs torch's fused kernels on identical state
 
 step() costs one C++ call per (group, device, dtype). Once the parameters of a group that get
 gradients have state (a parameter that never had a gradient, e.g. in a frozen layer, has none and
-stays out until it gets one), a CPU group gets a step plan (csrc/cpu/optim.cpp) that holds its tensors and reads p.grad in C++,
-so a step does no per-parameter Python work at all; its state is packed into one buffer per key
-(pack_state), so the plan does not touch each state tensor's metadata either. Other groups cache
-the op's tensor lists and read p.grad in Python. The first steps (while state is created lazily)
-and steps a plan declines take the general path through torch's own _init_group.
+stays out until it gets one), a CPU group gets a step plan (csrc/cpu/optim.cpp) that holds its
+tensors and reads p.grad in C++, so a step does no per-parameter Python work at all; its state is
+packed into one buffer per key (pack_state), so the plan does not touch each state tensor's
+metadata either. Other groups cache the op's tensor lists and read p.grad in Python. The first
+steps (while state is created lazily) and steps a plan declines take the general path through
+torch's own _init_group.
 """
 
 import collections

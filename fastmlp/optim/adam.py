@@ -133,8 +133,8 @@ class _FusedAdamBase(FusedStep):
         if cpu is not None:
             b = buckets[0]
             plan = ops.AdamWPlan(b.params, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters)
-        self._fm_cache[id(group)] = CacheEntry(group, amsgrad, buckets, tuple(group["params"]), plan, params,
-                                               tuple(untracked))
+        self._fm_cache[id(group)] = CacheEntry(group, amsgrad, buckets, tuple(group["params"]), plan,
+                                               tuple(params), tuple(untracked))
 
     def _fm_plan_step(self, group, plan, grad_scale, found_inf):
         cpu = torch.device("cpu")

@@ -141,8 +141,8 @@ class SGD(FusedStep, torch.optim.SGD):
         if cpu is not None:
             _, _, bp, bufs, masters = buckets[0]
             plan = ops.SGDPlan(bp, bufs, masters)
-        self._fm_cache[id(group)] = CacheEntry(group, has_momentum, buckets, tuple(group["params"]), plan, params,
-                                               tuple(untracked))
+        self._fm_cache[id(group)] = CacheEntry(group, has_momentum, buckets, tuple(group["params"]), plan,
+                                               tuple(params), tuple(untracked))
 
     def _fm_launch(self, group, device, params, grads, bufs, masters, is_first, grad_scale, found_inf):
         lr, lr_tensor = lr_args(group["lr"], device)
