@@ -889,7 +889,7 @@ def test_mixed_dtype_group_uses_cached_lists(cls, monkeypatch):
 
 PACK_MEMORY_SCRIPT = """
 import torch, fastmlp
-import fastmlp.optim.adam as adam
+import fastmlp.optim._common as common
 
 def rss_mb():
     with open("/proc/self/status") as f:
@@ -901,14 +901,14 @@ for p in ps:
     p.grad = torch.randn_like(p)
 opt = fastmlp.optim.AdamW(ps)
 growth = []
-real = adam.pack_state
+real = common.pack_state
 
 def measured(*args, **kwargs):
     before = rss_mb()
     real(*args, **kwargs)
     growth.append(rss_mb() - before)
 
-adam.pack_state = measured
+common.pack_state = measured
 opt.step()
 assert len(growth) == 1, growth
 # Packing exp_avg, exp_avg_sq (256 MB each) and the step counters: a copy of the whole state

@@ -426,6 +426,34 @@ class FusedStep:
 
     step.hooked = True  # torch.optim.Optimizer._patch_step_function: do not wrap again
 
+    def _fm_uses_master(self, dtype):
+        return self._fm_master and dtype in _LOW_PRECISION
+
+    def _fm_build_cache(self, group):
+        """The group's CacheEntry: tensor lists per (device, dtype) and, for a CPU group, a step plan,
+        over the parameters whose state is complete (the subclass's _fm_state_keys, plus the fp32
+        master copy where master weights are on); nothing when none is."""
+        keys = self._fm_state_keys(group)
+
+        def complete(p):
+            st = self.state.get(p, {})
+            return all(st.get(k) is not None for k in keys) and (
+                not self._fm_uses_master(p.dtype) or "master_param" in st)
+
+        params, untracked = split_tracked(group["params"], complete)
+        if not params:
+            return
+        kinds = group_by_device_dtype(params)
+        cpu = single_cpu_kind(kinds)
+        if cpu is not None:
+            # Packed before the buckets hold the state tensors, so each old one is freed as soon
+            # as it is copied (no second copy of the whole state at any time).
+            pack_state(params, self.state, keys + (("master_param",) if self._fm_uses_master(cpu[1]) else ()))
+        buckets = self._fm_buckets(group, params, kinds)
+        plan = self._fm_make_plan(buckets[0]) if cpu is not None else None
+        self._fm_cache[id(group)] = CacheEntry(group, self._fm_cache_flag(group), buckets, tuple(group["params"]),
+                                               plan, tuple(params), tuple(untracked))
+
     def _fm_step_group(self, group, grad_scale, found_inf):
         """One group: its CPU step plan, else the cached tensor lists, else the general path.
 

@@ -13,7 +13,6 @@ import torch
 
 from .. import ops
 from ._common import (
-    CacheEntry,
     FusedStep,
     fused_doc,
     _LOW_PRECISION,
@@ -23,11 +22,8 @@ from ._common import (
     move_step_to_fused_layout,
     normalise_groups,
     on_device,
-    pack_state,
     pick,
     signature_with_master_weights,
-    single_cpu_kind,
-    split_tracked,
 )
 
 __all__ = ["Adam", "AdamW"]
@@ -77,9 +73,6 @@ class _FusedAdamBase(FusedStep):
         if "master_param" not in st:
             st["master_param"] = p.detach().float()
 
-    def _fm_uses_master(self, dtype):
-        return self._fm_master and dtype in _LOW_PRECISION
-
     def _fm_cache_flag(self, group):
         return group["amsgrad"]
 
@@ -107,34 +100,15 @@ class _FusedAdamBase(FusedStep):
                             [st["max_exp_avg_sq"] for st in sts] if amsgrad else [],
                             [st["step"] for st in sts], masters, grad_scale, found_inf)
 
-    def _fm_build_cache(self, group):
-        amsgrad = group["amsgrad"]
-        need = ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if amsgrad else ())
+    def _fm_state_keys(self, group):
+        return ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
-        def complete(p):
-            st = self.state.get(p)
-            return bool(st) and all(k in st for k in need) and (
-                not self._fm_uses_master(p.dtype) or "master_param" in st)
+    def _fm_buckets(self, group, params, kinds):
+        return [_Bucket(device, idx, params, self.state, group["amsgrad"], self._fm_uses_master(dtype))
+                for (device, dtype), idx in kinds.items()]
 
-        params, untracked = split_tracked(group["params"], complete)
-        if not params:
-            return
-        kinds = group_by_device_dtype(params)
-        cpu = single_cpu_kind(kinds)
-        if cpu is not None:
-            # Packed before the buckets hold the state tensors, so each old one is freed as soon
-            # as it is copied (no second copy of the whole state at any time).
-            pack_state(params, self.state, need + (("master_param",) if self._fm_uses_master(cpu[1]) else ()))
-        buckets = [
-            _Bucket(device, idx, params, self.state, amsgrad, self._fm_uses_master(dtype))
-            for (device, dtype), idx in kinds.items()
-        ]
-        plan = None
-        if cpu is not None:
-            b = buckets[0]
-            plan = ops.AdamWPlan(b.params, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters)
-        self._fm_cache[id(group)] = CacheEntry(group, amsgrad, buckets, tuple(group["params"]), plan,
-                                               tuple(params), tuple(untracked))
+    def _fm_make_plan(self, b):
+        return ops.AdamWPlan(b.params, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, b.masters)
 
     def _fm_plan_step(self, group, plan, grad_scale, found_inf):
         cpu = torch.device("cpu")

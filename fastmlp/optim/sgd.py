@@ -15,20 +15,15 @@ import torch
 
 from .. import ops
 from ._common import (
-    CacheEntry,
     FusedStep,
     fused_doc,
     _LOW_PRECISION,
     fp32_originals,
-    group_by_device_dtype,
     lr_args,
     normalise_groups,
     on_device,
-    pack_state,
     pick,
     signature_with_master_weights,
-    single_cpu_kind,
-    split_tracked,
 )
 
 __all__ = ["SGD"]
@@ -55,9 +50,6 @@ class SGD(FusedStep, torch.optim.SGD):
                             st[k] = t.to(device=p.device, dtype=torch.float32, copy=True)
                         self._fm_upgrade_state(p, st)
         self._fm_cache = {}
-
-    def _fm_uses_master(self, dtype):
-        return self._fm_master and dtype in _LOW_PRECISION
 
     def _fm_upgrade_state(self, p, st):
         buf = st.get("momentum_buffer")
@@ -115,34 +107,22 @@ class SGD(FusedStep, torch.optim.SGD):
                 [st["master_param"] for st in sts] if self._fm_uses_master(dtype) else [],
                 is_first, grad_scale, found_inf)
 
-    def _fm_build_cache(self, group):
+    def _fm_state_keys(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _fm_buckets(self, group, params, kinds):
         has_momentum = group["momentum"] != 0
-
-        def complete(p):
-            st = self.state.get(p, {})
-            return (not has_momentum or st.get("momentum_buffer") is not None) and (
-                not self._fm_uses_master(p.dtype) or "master_param" in st)
-
-        params, untracked = split_tracked(group["params"], complete)
-        if not params:
-            return
-        kinds = group_by_device_dtype(params)
-        cpu = single_cpu_kind(kinds)
-        if cpu is not None:  # (packed before the lists below hold the old state tensors)
-            pack_state(params, self.state, (("momentum_buffer",) if has_momentum else ())
-                       + (("master_param",) if self._fm_uses_master(cpu[1]) else ()))
         buckets = []
         for (device, dtype), idx in kinds.items():
             bp = [params[i] for i in idx]
             bufs = [self.state[p]["momentum_buffer"] for p in bp] if has_momentum else []
             masters = [self.state[p]["master_param"] for p in bp] if self._fm_uses_master(dtype) else []
             buckets.append((device, idx, bp, bufs, masters))
-        plan = None
-        if cpu is not None:
-            _, _, bp, bufs, masters = buckets[0]
-            plan = ops.SGDPlan(bp, bufs, masters)
-        self._fm_cache[id(group)] = CacheEntry(group, has_momentum, buckets, tuple(group["params"]), plan,
-                                               tuple(params), tuple(untracked))
+        return buckets
+
+    def _fm_make_plan(self, bucket):
+        _, _, bp, bufs, masters = bucket
+        return ops.SGDPlan(bp, bufs, masters)
 
     def _fm_launch(self, group, device, params, grads, bufs, masters, is_first, grad_scale, found_inf):
         lr, lr_tensor = lr_args(group["lr"], device)
