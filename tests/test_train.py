@@ -740,11 +740,17 @@ def test_ctrl_c_while_the_checkpoint_is_written_leaves_that_checkpoint(tmp_path,
         return orig(path, write)
 
     monkeypatch.setattr(checkpoint, "_atomic", atomic)
-    handler = signal.getsignal(signal.SIGINT)
-    t = Trainer(cfg_small(tmp_path, epochs=3, checkpoint_every=5), data=synthetic())
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
-    assert calls["n"] == 2 and signal.getsignal(signal.SIGINT) is handler
+    # Python's own Ctrl-C handler, as in a terminal: a test runner started in the background
+    # (`cmd &` in a script) inherits SIGINT ignored, and Python then installs none.
+    handler = signal.default_int_handler
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        t = Trainer(cfg_small(tmp_path, epochs=3, checkpoint_every=5), data=synthetic())
+        with pytest.raises(KeyboardInterrupt):
+            t.fit()
+        assert calls["n"] == 2 and signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, old)
     summary = json.loads((t.run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["checkpoint"]["step"] == 8
     assert torch.load(t.run_dir / CHECKPOINT, weights_only=False)["global_step"] == 8
