@@ -128,16 +128,26 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return out;
     const at::Tensor output = vars[2].defined() ? vars[2] : grad_y.new_empty({0});
     // A tensor that was not kept is not read (its gradient partner is not needed): the backward op
-    // gets a one-element stand-in expanded to its shape, dtype and device, for its checks.
+    // gets a one-element stand-in expanded to its shape, dtype and device, for its checks. With
+    // create_graph=True, gelu's and silu's gradients depend on the pre-activation, so on the tensor
+    // that was not kept; `saved` carries no graph, so the stand-in requires grad, and differentiating
+    // the gradients raises LinearActGrad's clear error (as when both are kept) instead of yielding
+    // gradients without their second-order term.
+    const bool graph_through_standin =
+        torch::autograd::GradMode::is_enabled() && act_saves_preactivation(parse_activation(activation, "fastmlp.linear_act_backward"));
+    auto standin = [&](const at::TensorOptions& opts, c10::SymIntArrayRef sizes) {
+      at::Tensor one = at::empty({}, opts);
+      if (graph_through_standin) one.requires_grad_(true);
+      return one.expand_symint(sizes);
+    };
     const at::Tensor& weight = vars[1];
     at::Tensor input = vars[0];
     if (!input.defined()) {
       std::vector<c10::SymInt> sizes(grad_y.sym_sizes().begin(), grad_y.sym_sizes().end());
       sizes.back() = weight.sym_size(1);
-      input = at::empty({}, weight.options()).expand_symint(sizes);
+      input = standin(weight.options(), sizes);
     }
-    const at::Tensor w = weight.defined()
-        ? weight : at::empty({}, input.options()).expand_symint({grad_y.sym_size(-1), input.sym_size(-1)});
+    const at::Tensor w = weight.defined() ? weight : standin(input.options(), {grad_y.sym_size(-1), input.sym_size(-1)});
     auto g = linear_act_gradients(grad_y, input, w, output, vars[3], c10::string_view(activation), mask);
     if (mask[0]) out[0] = g[0];
     if (mask[1]) out[1] = g[1];
@@ -166,7 +176,7 @@ bool run_as_aten_ops(std::initializer_list<const at::Tensor*> ts) {
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_act_aten(const at::Tensor& input, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& bias, Act act) {
+                                                   const std::optional<at::Tensor>& bias, Act act, bool save) {
   const at::Tensor z = at::linear(input, weight, bias);
   at::Tensor y;
   switch (act) {
@@ -176,8 +186,13 @@ std::tuple<at::Tensor, at::Tensor> linear_act_aten(const at::Tensor& input, cons
     case Act::Silu: y = at::silu(z); break;
     default: y = z; break;
   }
-  // The saved tensor is the op's own business (ATen's nodes keep what they need); an empty one is
-  // what the op returns when it saves nothing.
+  // ATen's nodes keep what their backward needs; the op's second output is what the op returns
+  // for a direct caller: the pre-activation as (rows, out_features) when asked to save it.
+  if (save && act_saves_preactivation(act)) {
+    c10::SymInt rows = 1;
+    for (int64_t d = 0; d + 1 < input.dim(); ++d) rows *= input.sym_size(d);
+    return {y, z.reshape_symint({rows, weight.sym_size(0)})};
+  }
   return {y, input.new_empty({0})};
 }
 
@@ -187,8 +202,9 @@ std::tuple<at::Tensor, at::Tensor> linear_act_aten(const at::Tensor& input, cons
 // vmap it runs as them, the way functorch decomposes ATen's composite ops.
 std::tuple<at::Tensor, at::Tensor> linear_act_forward_batched(const at::Tensor& input, const at::Tensor& weight,
                                                               const std::optional<at::Tensor>& bias,
-                                                              c10::string_view activation, bool) {
-  return linear_act_aten(input, weight, bias, parse_activation(activation, "fastmlp.linear_act_forward"));
+                                                              c10::string_view activation, bool save_for_backward) {
+  return linear_act_aten(input, weight, bias, parse_activation(activation, "fastmlp.linear_act_forward"),
+                         save_for_backward);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_act_forward_autograd(
@@ -196,7 +212,8 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward_autograd(
     c10::string_view activation, bool save_for_backward) {
   // Keep what the backward needs whenever a gradient can flow, whatever the caller passed.
   if (run_as_aten_ops({&input, &weight, bias.has_value() ? &*bias : nullptr})) {
-    return linear_act_aten(input, weight, bias, parse_activation(activation, "fastmlp.linear_act_forward"));
+    return linear_act_aten(input, weight, bias, parse_activation(activation, "fastmlp.linear_act_forward"),
+                           save_for_backward);
   }
   const bool needs_grad = torch::autograd::GradMode::is_enabled() &&
                           (input.requires_grad() || weight.requires_grad() ||

@@ -297,6 +297,14 @@ def test_plain_vmap_runs_as_one_batched_call(device, act):
     assert len(calls) == 2, calls  # one per layer, not one per layer and member
     want = torch.stack([m(x) for m in models])
     torch.testing.assert_close(y, want)
+    # The op called directly under vmap returns the pre-activation when asked to save it, as eagerly.
+    w, b = params["0.weight"].detach(), params["0.bias"].detach()
+    _, saved = vmap(lambda w, b: ops.linear_act_forward(x, w, b, act, True))(w, b)
+    want_saved = torch.stack([ops.linear_act_forward(x, wi, bi, act, True)[1] for wi, bi in zip(w, b)])
+    if act == "relu":  # (relu saves no pre-activation)
+        assert saved.numel() == 0 and want_saved.numel() == 0
+    else:
+        torch.testing.assert_close(saved, want_saved)
     # Gradients through the vmapped ensemble (ordinary autograd around vmap).
     y.square().sum().backward()
     for i, m in enumerate(models):
@@ -312,6 +320,19 @@ def test_double_backward_raises(device):
     (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gx.sum().backward()
+    # Also when the backward keeps only one of input and weight (the other frozen): a gradient
+    # penalty must raise, not run without its second-order term (native's gradient has a graph).
+    for act in ("relu", "gelu", "gelu_tanh", "silu"):
+        for frozen in ("weight", "input"):
+            x, w, b = make((4, 5), 3, torch.float64, device,
+                           requires_grad=(frozen == "weight", frozen == "input", False))
+            leaf = x if frozen == "weight" else w
+            (g,) = torch.autograd.grad(linear_act(x, w, b, act).sum(), leaf, create_graph=True)
+            (g_native,) = torch.autograd.grad(native(x, w, b, act).sum(), leaf, create_graph=True)
+            assert g.requires_grad == g_native.requires_grad, (act, frozen)
+            torch.testing.assert_close(g, g_native)
+            with pytest.raises(RuntimeError, match="double backward"):
+                ((leaf ** 2).sum() + (g ** 2).sum()).backward()
 
 
 def _opcheck_samples(device):
