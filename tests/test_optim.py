@@ -207,12 +207,16 @@ def test_parity_low_precision(device, cls, case, dtype, master):
             # torch 2.11's CPU fused SGD with momentum in fp16/bf16 is itself off from torch's for-loop
             # SGD (by 2.4 after 7 steps; fixed in later torch), which ours matches (above): no second
             # reference then. Any other disagreement of torch's fused reference fails here.
-            assert cls is SGD and device == "cpu" and kwargs.get("momentum"), "torch's fused reference disagrees with its for-loop one"
+            assert cls is SGD and kwargs.get("momentum"), "torch's fused reference disagrees with its for-loop one"
             return
+        # (CPU: bitwise equal here. CUDA, not yet run on a GPU: torch's kernels may order the fp32
+        # math differently, so a state value may round the other way at a step; still well under
+        # one step's change.)
+        ulps = 2 if device == "cpu" else 4
         for o, r in zip(op, rp):
-            torch.testing.assert_close(o.detach(), r.detach(), rtol=2 * ULP[dtype], atol=0)
+            torch.testing.assert_close(o.detach(), r.detach(), rtol=ulps * ULP[dtype], atol=0)
             for k, vr in ref.state[r].items():
-                kw = dict(rtol=0, atol=0) if k == "step" else dict(rtol=2 * ULP[dtype], atol=0)
+                kw = dict(rtol=0, atol=0) if k == "step" else dict(rtol=ulps * ULP[dtype], atol=0)
                 torch.testing.assert_close(ours.state[o][k], vr, **kw)
 
 
@@ -1087,3 +1091,28 @@ def test_frozen_parameters_keep_the_fast_path(device, cls):
         entry = ours._fm_cache[id(ours.param_groups[0])]
         assert list(entry.tracked) == op and entry.untracked == ()
     assert_matches(ours, ref, op, rp, torch.float32)
+
+
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_compiled_step_with_a_parameter_unfrozen_later(cls):
+    # torch.compile(opt.step) over a group where one parameter gets its first gradient late: its
+    # state is created then and the results are torch.optim's (the switch from the fast path to the
+    # general one made dynamo's trace diverge).
+    torch._dynamo.reset()
+    kw = dict(lr=0.05, momentum=0.9) if cls is SGD else dict(lr=0.05)
+    ps = [torch.randn(4, 3, requires_grad=True) for _ in range(3)]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    ours, ref = cls(ps, **kw), TORCH_CLS[cls](qs, **kw)
+    step = torch.compile(ours.step, backend="eager")
+    g = torch.Generator().manual_seed(2)
+    for s in range(7):
+        for i, (p, q) in enumerate(zip(ps, qs)):
+            if i < 2 or s >= 3:
+                gr = torch.randn(4, 3, generator=g)
+                p.grad, q.grad = gr.clone(), gr.clone()
+            else:
+                p.grad = q.grad = None
+        step()
+        ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q)

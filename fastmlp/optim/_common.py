@@ -441,7 +441,9 @@ class FusedStep:
                 not self._fm_uses_master(p.dtype) or "master_param" in st)
 
         params, untracked = split_tracked(group["params"], complete)
-        if not params:
+        if not params or (untracked and torch.compiler.is_compiling()):
+            # (Under torch.compile a group with a parameter still without state takes the general path:
+            # the switch to it when that parameter gets a gradient made dynamo's trace diverge.)
             return
         kinds = group_by_device_dtype(params)
         cpu = single_cpu_kind(kinds)
