@@ -79,9 +79,14 @@ def write_json(path, payload, script, argv, complete=True):
     stopped by a time limit (each step of bench/gpu_check.sh has one) keeps what it measured."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({**payload, "complete": complete, "run": run_info(script, argv)}, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump({**payload, "complete": complete, "run": run_info(script, argv)}, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     if complete:
         print(f"wrote {path}")
 

@@ -199,10 +199,18 @@ def test_torch_fx_symbolic_trace(impl):
         called = [n.target for n in gm.graph.nodes if n.op == "call_function"]
         if name != "MLP" or impl == "fastmlp":
             assert fastmlp.functional.linear_act in called, (name, called)
-    # Dropout in training: one call that draws a mask (FX keeps the module's mode at trace time).
-    gm = torch.fx.symbolic_trace(fastmlp.nn.Dropout(0.5))
-    y = gm(torch.ones(1000))
-    assert set(y.unique().tolist()) == {0.0, 2.0}
+    # A model traced in training follows .train() / .eval() afterwards, as with nn.Dropout (an FX
+    # leaf module): dropout is one call taking the module, which reads its flag when called.
+    m = MLP([12, 16, 3], dropout=0.5, impl=impl)
+    gm = torch.fx.symbolic_trace(m)
+    x = torch.randn(64, 12)
+    assert not torch.equal(gm(x), gm(x))  # a new mask per call
+    gm.eval(), m.eval()
+    assert torch.equal(gm(x), m(x))
+    # Traced on its own (the root), its flag is a constant of the graph, as for nn.Dropout.
+    for drop in (fastmlp.nn.Dropout(0.5), nn.Dropout(0.5)):
+        gm = torch.fx.symbolic_trace(drop).eval()
+        assert set(gm(torch.ones(1000)).unique().tolist()) == {0.0, 2.0}, type(drop)
 
 
 def test_torchvision_feature_extractor():

@@ -6,8 +6,16 @@ from torch import nn
 from ..functional import dropout
 from .linear import _not_scriptable
 
-# One call in a torch.fx graph (see linear.py). As for any function FX records, the module's
-# training flag at trace time is part of the graph.
+
+def _dropout_of(module, input):
+    """The module's dropout of input, with its p and training flag read when called. In a torch.fx
+    graph this is one call (see linear.py) taking the module itself (a get_attr node), so a traced
+    model follows .train() / .eval() as nn.Dropout (an FX leaf module) does; a flag passed as an
+    argument would be frozen at its value at trace time."""
+    return dropout(input, module.p, module.training, module.inplace)
+
+
+torch.fx.wrap("_dropout_of")
 torch.fx.wrap("dropout")
 
 __all__ = ["Dropout"]
@@ -18,7 +26,11 @@ class Dropout(nn.Dropout):
     forward: in training on the CPU, a mask computed in parallel and not saved for the backward."""
 
     def forward(self, input):
-        return dropout(input, self.p, self.training, self.inplace)
+        if isinstance(input, torch.fx.Proxy) and input.tracer.root is self:
+            # Traced on its own, as the root (which FX cannot pass as an argument): its flag is a
+            # constant of the graph, as for a traced nn.Dropout on its own.
+            return dropout(input, self.p, self.training, self.inplace)
+        return _dropout_of(self, input)
 
     def __prepare_scriptable__(self):
         raise _not_scriptable(self)
