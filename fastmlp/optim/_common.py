@@ -343,6 +343,9 @@ class FusedStep:
         self._fm_master = bool(master_weights)
         self._fm_cache = {}
         super().__init__(params, *args, **kwargs)
+        # Counting from the start (track_state would swap it in at the first step, an attribute
+        # write that torch.compile of opt.step cannot trace on torch 2.11).
+        self.state = OptimizerState(self.state)
 
     def __getstate__(self):
         # torch.optim pickles defaults, state and param_groups only; master_weights changes the
@@ -350,9 +353,11 @@ class FusedStep:
         return {**super().__getstate__(), "_fm_master": self._fm_master}
 
     def __setstate__(self, state):
-        super().__setstate__(state)
+        super().__setstate__(state)  # (load_state_dict too: it sets the loaded state through here)
         self.__dict__.setdefault("_fm_master", False)
         self._fm_cache = {}
+        if type(self.state) is not OptimizerState:
+            self.state = OptimizerState(self.state)
 
     def state_dict(self):
         # Plain dicts, as torch.optim's: a ParamState would pickle as a call to dict, which
