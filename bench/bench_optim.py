@@ -131,6 +131,7 @@ def main(argv=None):
     print(f"# fastmlp.optim.AdamW step time | CPU: {machine['cpu']} ({machine['threads']} threads)"
           f" | torch {machine['torch']}" + (f" | GPU: {machine['gpu']}" if machine["gpu"] else ""))
     print("# GB/s counts 28 bytes per parameter; copy (reference) moves 16 bytes per parameter at the same footprint")
+
     def save(rows, complete):
         if args.json:
             write_json(args.json, {"machine": machine, "quick": args.quick, "burst": args.burst, "rows": rows},

@@ -133,11 +133,12 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     // that was not kept; `saved` carries no graph, so the stand-in requires grad, and differentiating
     // the gradients raises LinearActGrad's clear error (as when both are kept) instead of yielding
     // gradients without their second-order term.
-    const bool graph_through_standin =
-        torch::autograd::GradMode::is_enabled() && act_saves_preactivation(parse_activation(activation, "fastmlp.linear_act_backward"));
     auto standin = [&](const at::TensorOptions& opts, c10::SymIntArrayRef sizes) {
       at::Tensor one = at::empty({}, opts);
-      if (graph_through_standin) one.requires_grad_(true);
+      if (torch::autograd::GradMode::is_enabled() &&
+          act_saves_preactivation(parse_activation(activation, "fastmlp.linear_act_backward"))) {
+        one.requires_grad_(true);
+      }
       return one.expand_symint(sizes);
     };
     const at::Tensor& weight = vars[1];

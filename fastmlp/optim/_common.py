@@ -39,14 +39,6 @@ class CacheEntry(collections.namedtuple(
     __slots__ = ()
 
 
-def split_tracked(params, complete):
-    """(tracked, untracked): the params whose state is complete (complete(p)), and the rest."""
-    tracked, untracked = [], []
-    for p in params:
-        (tracked if complete(p) else untracked).append(p)
-    return tracked, untracked
-
-
 def fused_doc(torch_cls):
     """The class docstring of fastmlp.optim.X: what differs from torch.optim.X, then torch's own."""
     name = torch_cls.__name__
@@ -439,13 +431,12 @@ class FusedStep:
         over the parameters whose state is complete (the subclass's _fm_state_keys, plus the fp32
         master copy where master weights are on); nothing when none is."""
         keys = self._fm_state_keys(group)
-
-        def complete(p):
+        params, untracked = [], []
+        for p in group["params"]:
             st = self.state.get(p, {})
-            return all(st.get(k) is not None for k in keys) and (
+            complete = all(st.get(k) is not None for k in keys) and (
                 not self._fm_uses_master(p.dtype) or "master_param" in st)
-
-        params, untracked = split_tracked(group["params"], complete)
+            (params if complete else untracked).append(p)
         if not params or (untracked and torch.compiler.is_compiling()):
             # (Under torch.compile a group with a parameter still without state takes the general path:
             # the switch to it when that parameter gets a gradient made dynamo's trace diverge.)
@@ -464,8 +455,7 @@ class FusedStep:
     def _fm_step_group(self, group, grad_scale, found_inf):
         """One group: its CPU step plan, else the cached tensor lists, else the general path.
 
-        The cache (a CacheEntry, built by the subclass's _fm_build_cache for the parameters with
-        state) is used while the group, its flag and its parameters are those it was built for, and
+        The cache (a CacheEntry, built by _fm_build_cache for the parameters with state) is used while the group, its flag and its parameters are those it was built for, and
         the state and its version (see OptimizerState, changed whenever the user replaces, deletes
         or clears any of it) too; a gradient on an untracked parameter (a layer unfrozen) sends the
         step to the general path, which creates its state, and the cache is rebuilt. A plan that
@@ -478,7 +468,7 @@ class FusedStep:
         if (cached is None or cached.group is not group or cached.flag != self._fm_cache_flag(group)
                 or cached.state is not self.state or cached.version != self.state._fm_version.n
                 or not _same_objects(cached.params, params)
-                or any(p.grad is not None for p in cached.untracked)):
+                or (cached.untracked and any(p.grad is not None for p in cached.untracked))):
             cached = None
         plan = cached.plan if cached is not None else None
         use_plan = plan is not None and not torch.compiler.is_compiling()
