@@ -116,3 +116,32 @@ def test_source_tree_shadowing_an_install_says_so(tmp_path, built_info):
     assert r.returncode != 0
     assert f"importing the source tree {src}" in r.stderr and f"shadows the fastmlp installed in {site}" in r.stderr
     assert "run from another directory" in r.stderr
+
+
+def test_sdist_ships_every_source_and_header(tmp_path):
+    """`python setup.py sdist` (and `python -m build`, which builds the wheel from the sdist) must
+    ship every file the build compiles or includes: without MANIFEST.in the headers were left out,
+    so installing from an sdist failed to compile."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy: setup.py writes fastmlp/_build_info.py into its tree
+    junk = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py")
+    for d in ("csrc", "fastmlp", "tests"):
+        shutil.copytree(root / d, src / d, ignore=junk)
+    for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(root / f, src / f)
+    wanted = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
+                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "FASTMLP_CUDA": "0"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (tarball,) = (tmp_path / "dist").glob("fastmlp-*.tar.gz")
+    with tarfile.open(tarball) as tar:
+        shipped = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()}
+    assert any(w.endswith(".cuh") for w in wanted) and any(w.endswith(".h") for w in wanted)
+    missing = sorted(wanted - shipped)
+    assert not missing, f"the sdist lacks {missing}"
+    assert "fastmlp/_build_info.py" not in shipped, "the sdist ships this machine's build record"
