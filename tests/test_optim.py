@@ -516,9 +516,10 @@ def test_results_do_not_depend_on_the_thread_count(cls, kw):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
-def test_state_dict_layout_matches_torch_fused(cls):
-    kw = OPT_KW[cls]
+@pytest.mark.parametrize("cls,kw", [(c, OPT_KW[c]) for c in (AdamW, Adam, SGD)] + [(SGD, dict(lr=0.1))],
+                         ids=["AdamW", "Adam", "SGD", "SGD_no_momentum"])
+def test_state_dict_layout_matches_torch_fused(cls, kw):
+    # (SGD without momentum keeps no state at all, as torch's: no empty dict per parameter.)
     params = make_params(SHAPES, torch.float32, "cpu")
     other = [p.detach().clone().requires_grad_() for p in params]
     ours, theirs = cls(params, **kw), TORCH_CLS[cls](other, fused=True, **kw)
@@ -1071,13 +1072,14 @@ def test_swapped_parameter_in_a_group_is_the_one_stepped(device, cls, how):
     assert torch.equal(old.detach(), old_before)  # no longer in the optimizer: untouched
 
 
-@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
-def test_frozen_parameters_keep_the_fast_path(device, cls):
+@pytest.mark.parametrize("cls,kwargs", [(AdamW, dict(lr=0.01, weight_decay=0.1)), (Adam, dict(lr=0.01, weight_decay=0.1)),
+                                         (SGD, dict(lr=0.01, momentum=0.9, dampening=0.1)), (SGD, dict(lr=0.01))],
+                         ids=["AdamW", "Adam", "SGD", "SGD_no_momentum"])
+def test_frozen_parameters_keep_the_fast_path(device, cls, kwargs):
     # A parameter that never had a gradient (a frozen layer passed in with the rest) has no state:
     # the others still get the cached path (the CPU plan), and when it gets a gradient it gets state
     # and joins them; results as torch.optim's throughout. (Before, one such parameter kept the
     # whole group on the general path: 2-3x slower per step.)
-    kwargs = dict(lr=0.01, momentum=0.9, dampening=0.1) if cls is SGD else dict(lr=0.01, weight_decay=0.1)
     ours, ref, op, rp = run_pair(cls, device, torch.float32, kwargs, frozen_until=STEPS)
     entry = ours._fm_cache[id(ours.param_groups[0])]
     assert list(entry.tracked) == op[1:] and entry.untracked == (op[0],)
@@ -1091,6 +1093,7 @@ def test_frozen_parameters_keep_the_fast_path(device, cls):
         entry = ours._fm_cache[id(ours.param_groups[0])]
         assert list(entry.tracked) == op and entry.untracked == ()
     assert_matches(ours, ref, op, rp, torch.float32)
+    assert len(ours.state) == len(ref.state)
 
 
 @pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)

@@ -429,13 +429,16 @@ class FusedStep:
     def _fm_build_cache(self, group):
         """The group's CacheEntry: tensor lists per (device, dtype) and, for a CPU group, a step plan,
         over the parameters whose state is complete (the subclass's _fm_state_keys, plus the fp32
-        master copy where master weights are on); nothing when none is."""
+        master copy where master weights are on); nothing when none is. Where a parameter needs no
+        state at all (SGD without momentum), those with a gradient now (it was just stepped) count
+        as complete, so a frozen one stays out as it does elsewhere."""
         keys = self._fm_state_keys(group)
         params, untracked = [], []
         for p in group["params"]:
             st = self.state.get(p, {})
-            complete = all(st.get(k) is not None for k in keys) and (
-                not self._fm_uses_master(p.dtype) or "master_param" in st)
+            master = self._fm_uses_master(p.dtype)
+            complete = all(st.get(k) is not None for k in keys) and (not master or "master_param" in st) and (
+                bool(keys) or master or p.grad is not None)
             (params if complete else untracked).append(p)
         if not params or (untracked and torch.compiler.is_compiling()):
             # (Under torch.compile a group with a parameter still without state takes the general path:

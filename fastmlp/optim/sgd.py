@@ -85,7 +85,9 @@ class SGD(FusedStep, torch.optim.SGD):
         if (has_momentum and found_inf is not None
                 and any(self.state[p].get("momentum_buffer") is None for p in pw) and found_inf.item() != 0):
             return  # a skipped step: no buffer seeded (see the module's docstring)
-        states = [self.state[p] for p in pw]
+        # Without momentum or a master copy a parameter has no state: no empty dict is created for it
+        # (torch's SGD keeps opt.state and state_dict()["state"] empty then).
+        states = [self.state[p] if has_momentum or self._fm_uses_master(p.dtype) else None for p in pw]
         for p, st in zip(pw, states):
             if self._fm_uses_master(p.dtype):
                 self._fm_upgrade_state(p, st)
