@@ -630,6 +630,12 @@ def test_foreach_accepted_and_differentiable_refused_by_name(cls):
     assert ours.param_groups[0]["fused"] and ours.param_groups[0]["foreach"] is None
     with pytest.raises(RuntimeError, match=rf"^fastmlp.optim.{cls.__name__}: differentiable=True is not supported"):
         cls(params, differentiable=True)
+    # Both asked for explicitly: torch's own error, word for word.
+    with pytest.raises(RuntimeError) as theirs:
+        TORCH_CLS[cls](other, fused=True, foreach=True)
+    with pytest.raises(RuntimeError, match="^`fused` and `foreach` cannot be `True` together.$") as mine:
+        cls(params, fused=True, foreach=True)
+    assert str(mine.value) == str(theirs.value)
 
 
 @pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)

@@ -328,6 +328,8 @@ class FusedStep:
             raise RuntimeError(
                 f"fastmlp.optim.{name}: differentiable=True is not supported (the fused step updates the "
                 f"parameters outside autograd); use torch.optim.{name}(..., differentiable=True)")
+        if kwargs.get("fused") and kwargs.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's error, as torch
         # foreach / fused choose torch's implementation; ours is always the fused kernel, and
         # fused=True is the state layout we keep.
         kwargs.pop("foreach", None)
