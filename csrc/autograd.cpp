@@ -8,17 +8,24 @@
 // Autograd key. Dispatch still goes through the ops' schemas and fake kernels, so torch.compile
 // and opcheck trace it like any ATen op with a derivative.
 //
-// Double backward: the gradient computation is itself a Function whose backward raises a clear
-// error, so a first-order backward with create_graph=True works and only differentiating it fails.
+// Higher-order gradients (gradient penalties, MAML, Hessian-vector products): a backward that is
+// itself recorded (create_graph=True) runs as the ATen ops the op's backward fuses, which carry
+// their own derivatives; the pre-activation it reads is the op's second output, so its share of the
+// second-order term comes back into this op's backward as a gradient for that output.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
+#include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/silu.h>
+#include <ATen/ops/rsub.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/threshold_backward.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -52,40 +59,39 @@ const c10::TypedOperatorHandle<BwdSig>& backward_op() {
   return op;
 }
 
-// Gradients of linear_act as a differentiable-once computation.
-struct LinearActGrad : public torch::autograd::Function<LinearActGrad> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_output,
-                               const at::Tensor& input, const at::Tensor& weight,
-                               const at::Tensor& output, const at::Tensor& saved,
-                               c10::string_view activation, std::array<bool, 3> output_mask) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [gx, gw, gb] = backward_op().call(grad_output, input, weight, output, saved, activation,
-                                           output_mask);
-    return {gx, gw, gb};
+// The gradients as ATen ops, differentiable to any order. dZ = grad_y * act'(Z) (+ grad_z, a gradient
+// arriving for the pre-activation output), then dX = dZ W, dW = dZ^T X, db = sum of dZ's rows. Only
+// what `mask` asks for is read: the input for dW, the weight for dX. ReLU's derivative is read from
+// its output, as torch.relu's (whose second derivative is zero, with a graph). input_sizes: the
+// input's shape, for dX (the input itself may not have been kept).
+variable_list linear_act_gradients_aten(const at::Tensor& grad_y, const at::Tensor& grad_z,
+                                        const at::Tensor& input, const at::Tensor& weight,
+                                        const at::Tensor& output, const at::Tensor& saved, Act act,
+                                        std::array<bool, 3> mask, c10::SymIntArrayRef input_sizes) {
+  const c10::SymInt out_f = grad_y.defined() ? grad_y.sym_size(-1) : grad_z.sym_size(-1);
+  at::Tensor dz;
+  if (grad_y.defined()) {
+    const at::Tensor g = grad_y.reshape_symint({-1, out_f});
+    switch (act) {
+      case Act::Relu: dz = at::threshold_backward(g, output.reshape_symint({-1, out_f}), 0); break;
+      case Act::Gelu: dz = at::gelu_backward(g, saved); break;
+      case Act::GeluTanh: dz = at::gelu_backward(g, saved, "tanh"); break;
+      case Act::Silu: {
+        // silu' = s (1 + z (1 - s)), s = sigmoid(z), as ATen ops: aten::silu_backward itself has
+        // no derivative (torch's own SiLU switches to this form when its backward is recorded).
+        const at::Tensor s = at::sigmoid(saved);
+        dz = at::mul(g, at::mul(s, at::add(at::mul(saved, at::rsub(s, 1)), 1)));
+        break;
+      }
+      default: dz = g; break;
+    }
   }
-
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false,
-                "fastmlp.linear_act: double backward (differentiating the backward, e.g. gradient "
-                "penalties through autograd.grad(create_graph=True)) is not supported; use "
-                "torch.nn.functional.linear with the activation for that part of the model");
-  }
-};
-
-// The gradients, differentiable once when grad mode is on (create_graph=True). An ordinary
-// backward runs with grad mode off: then there is no graph to build, and the op is called
-// directly, without the Function's node, input bookkeeping and output wrapping (a few us).
-variable_list linear_act_gradients(const at::Tensor& grad_output, const at::Tensor& input,
-                                   const at::Tensor& weight, const at::Tensor& output,
-                                   const at::Tensor& saved, c10::string_view activation,
-                                   std::array<bool, 3> output_mask) {
-  if (!torch::autograd::GradMode::is_enabled()) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [gx, gw, gb] = backward_op().call(grad_output, input, weight, output, saved, activation,
-                                           output_mask);
-    return {gx, gw, gb};
-  }
-  return LinearActGrad::apply(grad_output, input, weight, output, saved, activation, output_mask);
+  if (grad_z.defined()) dz = dz.defined() ? at::add(dz, grad_z) : grad_z;
+  variable_list out(3);
+  if (mask[0]) out[0] = dz.mm(weight).reshape_symint(input_sizes);
+  if (mask[1]) out[1] = dz.t().mm(input.reshape_symint({-1, input.sym_size(-1)}));
+  if (mask[2]) out[2] = dz.sum(0);
+  return out;
 }
 
 struct LinearAct : public torch::autograd::Function<LinearAct> {
@@ -110,9 +116,12 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     const bool keep_weight = input.requires_grad() || !keep_input;
     ctx->save_for_backward({keep_input ? input : at::Tensor(), keep_weight ? weight : at::Tensor(),
                             act == Act::Relu ? y : at::Tensor(), saved});
-    ctx->mark_non_differentiable({saved});
-    // No gradient flows into `saved`; without this autograd would allocate and zero-fill one
-    // for it on every backward (an output-sized buffer, page faults included).
+    if (!keep_input) ctx->saved_data["input_sizes"] = input.sym_sizes();
+    // The pre-activation stays differentiable: a recorded backward (create_graph=True) reads it,
+    // and differentiating that backward sends the second-order term back here through it.
+    if (!act_saves_preactivation(act)) ctx->mark_non_differentiable({saved});
+    // Mostly no gradient flows into `saved`; without this autograd would allocate and zero-fill
+    // one for it on every backward (an output-sized buffer, page faults included).
     ctx->set_materialize_grads(false);
     return {y, saved};
   }
@@ -124,32 +133,33 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       has_bias && ctx->needs_input_grad(2)};
     const at::Tensor& grad_y = grads[0];
+    const at::Tensor& grad_z = grads[1];
     variable_list out(5);  // one slot per forward argument
-    if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return out;
-    const at::Tensor output = vars[2].defined() ? vars[2] : grad_y.new_empty({0});
-    // A tensor that was not kept is not read (its gradient partner is not needed): the backward op
-    // gets a one-element stand-in expanded to its shape, dtype and device, for its checks. With
-    // create_graph=True, gelu's and silu's gradients depend on the pre-activation, so on the tensor
-    // that was not kept; `saved` carries no graph, so the stand-in requires grad, and differentiating
-    // the gradients raises LinearActGrad's clear error (as when both are kept) instead of yielding
-    // gradients without their second-order term.
-    auto standin = [&](const at::TensorOptions& opts, c10::SymIntArrayRef sizes) {
-      at::Tensor one = at::empty({}, opts);
-      if (torch::autograd::GradMode::is_enabled() &&
-          act_saves_preactivation(parse_activation(activation, "fastmlp.linear_act_backward"))) {
-        one.requires_grad_(true);
-      }
-      return one.expand_symint(sizes);
-    };
+    if (!(grad_y.defined() || grad_z.defined()) || !(mask[0] || mask[1] || mask[2])) return out;
     const at::Tensor& weight = vars[1];
     at::Tensor input = vars[0];
-    if (!input.defined()) {
-      std::vector<c10::SymInt> sizes(grad_y.sym_sizes().begin(), grad_y.sym_sizes().end());
-      sizes.back() = weight.sym_size(1);
-      input = standin(weight.options(), sizes);
+    // The input's shape when it was not kept (dX still needs it).
+    const std::vector<c10::SymInt> input_sizes =
+        input.defined() ? input.sym_sizes().vec() : ctx->saved_data["input_sizes"].toSymIntList().vec();
+    variable_list g;
+    if (torch::autograd::GradMode::is_enabled() || grad_z.defined()) {
+      // A recorded backward (create_graph=True), or a gradient for the pre-activation output.
+      const Act act = parse_activation(activation, "fastmlp.linear_act_backward");
+      g = linear_act_gradients_aten(grad_y, grad_z, input, weight, vars[2], vars[3], act, mask, input_sizes);
+    } else {
+      const at::Tensor output = vars[2].defined() ? vars[2] : grad_y.new_empty({0});
+      // A tensor that was not kept is not read (its gradient partner is not needed): the backward
+      // op gets a one-element stand-in expanded to its shape, dtype and device, for its checks.
+      if (!input.defined()) {
+        input = at::empty({}, weight.options()).expand_symint(input_sizes);
+      }
+      const at::Tensor w = weight.defined()
+                               ? weight
+                               : at::empty({}, input.options()).expand_symint({grad_y.sym_size(-1), input.sym_size(-1)});
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [gx, gw, gb] = backward_op().call(grad_y, input, w, output, vars[3], c10::string_view(activation), mask);
+      g = {gx, gw, gb};
     }
-    const at::Tensor w = weight.defined() ? weight : standin(input.options(), {grad_y.sym_size(-1), input.sym_size(-1)});
-    auto g = linear_act_gradients(grad_y, input, w, output, vars[3], c10::string_view(activation), mask);
     if (mask[0]) out[0] = g[0];
     if (mask[1]) out[1] = g[1];
     if (mask[2]) out[2] = g[2];
@@ -229,12 +239,27 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward_autograd(
   return {r[0], r[1]};
 }
 
+// The backward op called directly while recording (its caller wants its gradients to have a graph):
+// the ATen ops it fuses, differentiable. Otherwise the op itself, below autograd.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& output, const at::Tensor& saved, c10::string_view activation,
     std::array<bool, 3> output_mask) {
-  auto r = linear_act_gradients(grad_output, input, weight, output, saved, activation, output_mask);
-  return {r[0], r[1], r[2]};
+  const bool record = torch::autograd::GradMode::is_enabled() &&
+                      (grad_output.requires_grad() || input.requires_grad() || weight.requires_grad() ||
+                       output.requires_grad() || saved.requires_grad());
+  if (record) {
+    const Act act = parse_activation(activation, "fastmlp.linear_act_backward");
+    auto g = linear_act_gradients_aten(grad_output, at::Tensor(), input, weight, output, saved, act, output_mask,
+                                       input.sym_sizes());
+    // The op's contract: an empty tensor for a gradient not asked for.
+    for (auto& t : g) {
+      if (!t.defined()) t = grad_output.new_empty({0});
+    }
+    return {g[0], g[1], g[2]};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return backward_op().call(grad_output, input, weight, output, saved, activation, output_mask);
 }
 
 // dropout is linear in its input with a mask that is a pure function of (seed, shape): its

@@ -314,25 +314,105 @@ def test_plain_vmap_runs_as_one_batched_call(device, act):
         torch.testing.assert_close(params["1.bias"].grad[i], m[1].bias.grad)
 
 
-def test_double_backward_raises(device):
+# Higher-order gradients: a backward recorded with create_graph=True runs as the ATen ops it fuses,
+# and the pre-activation it reads routes the second-order term back through the op.
+HIGHER_ORDER_CASES = [((4, 5), True, (True, True, True)), ((2, 3, 5), False, (True, True, False)),
+                      ((4, 5), True, (True, False, False)), ((4, 5), True, (False, True, True)),
+                      ((4, 5), True, (False, False, True))]
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_gradgradcheck(device, act):
+    for shape, bias, rg in HIGHER_ORDER_CASES:
+        x, w, b = make(shape, 3, torch.float64, device, bias=bias, requires_grad=rg)
+        inputs = (x, w) if b is None else (x, w, b)
+        assert torch.autograd.gradgradcheck(lambda *t: linear_act(*t, activation=act), inputs), (shape, rg)
+
+
+def _two_layers(impl, x, params, act):
+    w1, b1, w2, b2 = params
+    return impl(impl(x, w1, b1, act), w2, b2, "none")
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_second_order_training_matches_native(device, act):
+    """A WGAN-GP gradient penalty, a MAML outer step and a Hessian, each against nn.Linear's ops."""
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 5, dtype=torch.float64, device=device)
+    params = [torch.randn(7, 5, dtype=torch.float64, device=device) / 5 ** 0.5,
+              torch.randn(7, dtype=torch.float64, device=device),
+              torch.randn(3, 7, dtype=torch.float64, device=device) / 7 ** 0.5,
+              torch.randn(3, dtype=torch.float64, device=device)]
+    params = [p.requires_grad_() for p in params]
+    got = {}
+    for name, impl in (("fastmlp", linear_act), ("native", native)):
+        # Gradient penalty: the critic's input gradient is part of the loss.
+        x = x0.clone().requires_grad_()
+        out = _two_layers(impl, x, params, act).sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        penalty = torch.autograd.grad(out + ((gx.norm(dim=1) - 1) ** 2).mean(), [x] + params)
+        # The same with the critic frozen: only the input gets the penalty's gradient (the layers
+        # then keep the weight but not the input).
+        frozen = [p.detach() for p in params]
+        out = _two_layers(impl, x, frozen, act).sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        # (none: the input gradient does not depend on the input; relu: it does, with a zero derivative.)
+        penalty_frozen = torch.autograd.grad((gx ** 2).sum(), x) if gx.requires_grad else (torch.zeros_like(x),)
+        got[name + " input gradient has a graph"] = gx.requires_grad
+        # MAML: an inner step on the weights, the outer loss through it (the data needs no
+        # gradient, so the first layer keeps its input but not its weight).
+        inner = _two_layers(impl, x0, params, act).square().mean()
+        g = torch.autograd.grad(inner, params, create_graph=True)
+        assert all(t.requires_grad for t in g)
+        fast = [p - 0.1 * gi for p, gi in zip(params, g)]
+        maml = torch.autograd.grad(_two_layers(impl, x0, fast, act).sum(), params)
+        hessian = torch.autograd.functional.hessian(lambda w: impl(x0, w, params[1], act).square().sum(),
+                                                    params[0].detach())
+        got[name] = [*penalty, *penalty_frozen, *maml, hessian]
+    for a, n in zip(got["fastmlp"], got["native"]):
+        torch.testing.assert_close(a, n)
+    assert got["fastmlp input gradient has a graph"] == got["native input gradient has a graph"] == (act != "none")
+
+
+def test_backward_op_called_directly_is_differentiable(device):
     x, w, b = make((4, 5), 3, torch.float64, device)
-    y = linear_act(x, w, b, "gelu")
-    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        gx.sum().backward()
-    # Also when the backward keeps only one of input and weight (the other frozen): a gradient
-    # penalty must raise, not run without its second-order term (native's gradient has a graph).
-    for act in ("relu", "gelu", "gelu_tanh", "silu"):
-        for frozen in ("weight", "input"):
-            x, w, b = make((4, 5), 3, torch.float64, device,
-                           requires_grad=(frozen == "weight", frozen == "input", False))
-            leaf = x if frozen == "weight" else w
-            (g,) = torch.autograd.grad(linear_act(x, w, b, act).sum(), leaf, create_graph=True)
-            (g_native,) = torch.autograd.grad(native(x, w, b, act).sum(), leaf, create_graph=True)
-            assert g.requires_grad == g_native.requires_grad, (act, frozen)
-            torch.testing.assert_close(g, g_native)
-            with pytest.raises(RuntimeError, match="double backward"):
-                ((leaf ** 2).sum() + (g ** 2).sum()).backward()
+    for act in ACTS:
+        y, saved = ops.linear_act_forward(x.detach(), w.detach(), b.detach(), act, True)
+        g = torch.randn_like(y).requires_grad_()
+        ins = [g, x.detach().requires_grad_(), w.detach().requires_grad_(), y.detach(), saved.detach()]
+        if saved.numel():
+            ins[4].requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda g, x, w, y, s: ops.linear_act_backward(g, x, w, y, s, act, [True, True, True]), ins), act
+        # Without anything to record it stays the fused op and returns empty unrequested gradients.
+        with torch.no_grad():
+            gx, gw, gb = ops.linear_act_backward(*ins, act, [True, False, False])
+        assert gw.numel() == 0 and gb.numel() == 0 and gx.shape == x.shape
+
+
+def test_compiled_backward_uses_the_fused_op(device):
+    # torch.compile's joint graph runs the backward without recording it: the fused op, not its
+    # ATen decomposition, must be what the compiled backward calls.
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def record(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    backend = aot_autograd(fw_compiler=record("forward"), bw_compiler=record("backward"))
+    x, w, b = make((8, 5), 3, torch.float32, device)
+    for act in ACTS:
+        torch._dynamo.reset()
+        f = torch.compile(lambda x, w, b: linear_act(x, w, b, act), backend=backend, fullgraph=True)
+        f(x, w, b).sum().backward()
+        assert "fastmlp.linear_act_forward.default" in graphs["forward"], act
+        assert "fastmlp.linear_act_backward.default" in graphs["backward"], (act, graphs["backward"])
+        assert not any("mm" in t for t in graphs["backward"]), (act, graphs["backward"])
 
 
 def _opcheck_samples(device):
@@ -573,7 +653,7 @@ def test_backward_keeps_what_native_keeps(device, act, rg):
     assert (w.data_ptr() in nat) == rg[0]
     g = torch.randn(6, 5, device=device)
     assert_matches_native(x, w, b, act)
-    # The stand-in for what was not kept: gradients still right with create_graph (double-once).
+    # What was not kept is not read: gradients still right with create_graph (a recorded backward).
     y = linear_act(x, w, b, act)
     grads = torch.autograd.grad(y, [t for t in (x, w, b) if t.requires_grad], g, create_graph=True)
     want = torch.autograd.grad(native(x, w, b, act), [t for t in (x, w, b) if t.requires_grad], g)
