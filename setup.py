@@ -65,20 +65,14 @@ if {"bdist_wheel", "dist_info", "editable_wheel"} & set(sys.argv) and not _setup
 try:
     import torch
 except ImportError:
+    # torch is deliberately not a build requirement (pyproject.toml): an isolated build (pip's and
+    # `python -m build`'s default) would download a second torch, gigabytes with CUDA, and compile
+    # against it instead of the torch that will import the extension. So such a build stops here.
     fail(
-        "torch is not installed in this Python. Install it first, then build without isolation:\n"
-        "    pip install 'torch>=2.11'\n"
-        "    pip install --no-build-isolation ."
-    )
-
-if "pip-build-env" in (torch.__file__ or ""):
-    # pip's isolated build env: the extension compiles against a torch pip just downloaded there,
-    # which must be the very version the user runs, or import fails (the loader then says rebuild).
-    print(
-        f"fastmlp: WARNING: building in pip's isolated environment against the torch {torch.__version__} it "
-        "installed there, not against your own torch. Install with  pip install --no-build-isolation .  "
-        "(faster, and always matches the torch you run).",
-        file=sys.stderr,
+        "torch is not importable by this build. fastmlp compiles against the torch you run, so install\n"
+        "torch first and build without isolation (pip and `python -m build` isolate builds by default):\n"
+        "    pip install 'torch>=2.11' 'setuptools>=64' wheel ninja\n"
+        "    pip install --no-build-isolation .        (or: python -m build --no-isolation)"
     )
 
 cuda_mode = os.environ.get("FASTMLP_CUDA", "auto").lower()
@@ -122,6 +116,9 @@ cxx_flags += ["-fno-math-errno", "-fno-trapping-math"]
 cxx_flags.append("-ffp-contract=off")
 if native and not debug:
     cxx_flags.append("-march=native")
+if not debug:
+    # Python's default CFLAGS carry -g: debug info was 20 of the extension's 22 MB.
+    cxx_flags.append("-g0")
 # The C++ standard torch itself was built with. torch 2.11's cpp_extension defaults to C++17 while
 # its headers have C++20-only branches: on the H200 machine (torch 2.11, g++ 13) every
 # TORCH_CHECK message that streamed an integer segfaulted in the C++17 build, a sign of inline
@@ -201,12 +198,26 @@ else:
         extra_compile_args={"cxx": cxx_flags},
     )
 
-# Recorded so that `import fastmlp` can say "rebuild" instead of failing on an undefined symbol.
-with open(os.path.join(ROOT, "fastmlp", "_build_info.py"), "w") as f:
-    f.write("# Written by setup.py at build time.\n")
-    f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
-    f.write(f"WITH_CUDA = {with_cuda!r}\n")
-    f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if with_cuda else ''!r}\n")
+
+class BuildExt(BuildExtension):
+    """build_ext that records, next to the extension it builds, the torch it was built against, so
+    that `import fastmlp` can say "rebuild" instead of failing on an undefined symbol. Written only
+    here: other setup.py commands (sdist, egg_info, --version) leave a built tree's record alone."""
+
+    def run(self):
+        super().run()
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath("fastmlp._C")), "_build_info.py")
+        with open(path, "w") as f:
+            f.write("# Written by setup.py when it built the extension.\n")
+            f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+            f.write(f"WITH_CUDA = {with_cuda!r}\n")
+            f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if with_cuda else ''!r}\n")
+
+
+# The extension only loads under the torch release it was built against (the loader checks
+# major.minor), so a built wheel requires that release; an sdist accepts any torch it can build with.
+major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+torch_requirement = "torch>=2.11" if "sdist" in sys.argv else f"torch>={major}.{minor},<{major}.{minor + 1}"
 
 print(
     f"fastmlp: building the CPU kernels{' and the CUDA kernels' if with_cuda else ''}"
@@ -216,7 +227,9 @@ print(
 )
 
 setup(
-    packages=find_packages(include=["fastmlp", "fastmlp.*"]),
+    # fastmlp.configs holds data only (the default recipe), no __init__.py: listed by name.
+    packages=find_packages(include=["fastmlp", "fastmlp.*"]) + ["fastmlp.configs"],
+    install_requires=[torch_requirement, "numpy", "tqdm", "matplotlib", "pyyaml"],
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)},
 )

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-_REBUILD = "Rebuild it against the running torch:  pip install --no-build-isolation --force-reinstall --no-deps ."
+_REBUILD = ("Rebuild it against the running torch from fastmlp's source:  pip install --no-build-isolation "
+            "--force-reinstall --no-deps .  (or run the torch release it was built for)")
 
 
 def _major_minor(v):

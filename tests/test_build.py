@@ -121,27 +121,44 @@ def test_source_tree_shadowing_an_install_says_so(tmp_path, built_info):
 def test_sdist_ships_every_source_and_header(tmp_path):
     """`python setup.py sdist` (and `python -m build`, which builds the wheel from the sdist) must
     ship every file the build compiles or includes: without MANIFEST.in the headers were left out,
-    so installing from an sdist failed to compile."""
+    so installing from an sdist failed to compile. The tree's build record is neither shipped nor
+    rewritten (only building the extension writes it), and the sdist accepts any torch it can build
+    with while a built package requires the torch release it was built against."""
     import shutil
     import subprocess
     import sys
     import tarfile
 
     root = Path(__file__).resolve().parents[1]
-    src = tmp_path / "src"  # a copy: setup.py writes fastmlp/_build_info.py into its tree
-    junk = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py")
-    for d in ("csrc", "fastmlp", "tests"):
+    src = tmp_path / "src"
+    junk = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py", "out", "results")
+    for d in ("csrc", "fastmlp", "tests", "bench"):
         shutil.copytree(root / d, src / d, ignore=junk)
     for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
         shutil.copy(root / f, src / f)
     wanted = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
-    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
-                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "FASTMLP_CUDA": "0"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    record = src / "fastmlp" / "_build_info.py"
+    record.write_text("# a built tree's record\n")
+    env = {**__import__("os").environ, "FASTMLP_CUDA": "0"}
+
+    def setup_py(*args):
+        r = subprocess.run([sys.executable, "setup.py", "-q", *args], cwd=src, capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    setup_py("sdist", "-d", str(tmp_path / "dist"))
     (tarball,) = (tmp_path / "dist").glob("fastmlp-*.tar.gz")
     with tarfile.open(tarball) as tar:
         shipped = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()}
+        pkg_info = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/PKG-INFO"))).read().decode()
     assert any(w.endswith(".cuh") for w in wanted) and any(w.endswith(".h") for w in wanted)
     missing = sorted(wanted - shipped)
     assert not missing, f"the sdist lacks {missing}"
     assert "fastmlp/_build_info.py" not in shipped, "the sdist ships this machine's build record"
+    assert record.read_text() == "# a built tree's record\n", "setup.py sdist rewrote the tree's build record"
+    assert "Requires-Dist: torch>=2.11" in pkg_info
+    setup_py("egg_info", "--egg-base", str(tmp_path))  # a built package's metadata
+    requires = (tmp_path / "fastmlp.egg-info" / "requires.txt").read_text().split()
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    assert f"torch<{major}.{minor + 1},>={major}.{minor}" in requires, requires
+    assert record.read_text() == "# a built tree's record\n"

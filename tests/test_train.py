@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import fastmlp
 from fastmlp.data import DeviceDataset, FashionMNIST
 from fastmlp.monitor import AnomalyError
 from fastmlp.train import ConfigError, Trainer, TrainConfig, build_scheduler
@@ -842,9 +843,12 @@ def test_failed_resume_names_the_problem_and_changes_nothing(tmp_path, capsys):
 
 # ---- real data -----------------------------------------------------------------------------------
 def _cli(*args, env=None, **kw):
-    e = dict(os.environ, FASTMLP_DATA=real_data_dir(), PYTHONPATH=str(REPO))
+    # The fastmlp these tests import (a built checkout, or an installed package when the tests run
+    # from an unpacked sdist, whose own tree is not built), run from the folder that holds it.
+    home = str(Path(fastmlp.__file__).resolve().parents[1])
+    e = dict(os.environ, FASTMLP_DATA=real_data_dir(), PYTHONPATH=home)
     e.update(env or {})
-    return subprocess.Popen([sys.executable, "-m", "fastmlp", *args], cwd=REPO, env=e, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "fastmlp", *args], cwd=home, env=e, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
