@@ -117,6 +117,51 @@ def test_convert_nested_and_every_activation_kind():
     assert model.state_dict().keys() == ref.state_dict().keys()
 
 
+def test_convert_keeps_what_users_attach_and_layers_it_cannot_share():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.Linear(3, 2))
+    # A layer whose weight is a buffer (no Parameter to share) stays as it is, with a warning...
+    w = model[3].weight.detach().clone()
+    del model[3].weight
+    model[3].register_buffer("weight", w)
+    # ...and what a user attached to a converted layer comes along.
+    model[2].tag = "head"
+    model[2].register_buffer("mask", torch.ones(3, 5))
+    model[2].register_buffer("scratch", torch.zeros(1), persistent=False)
+    model[2].scale = nn.Parameter(torch.ones(3))
+    model[2].adapter = nn.Linear(5, 3, bias=False)
+    keys = list(model.state_dict())
+    x = torch.randn(6, 4)
+    want = model(x)
+    with pytest.warns(UserWarning, match=r"^fastmlp.convert: 3 kept as they were.*not an nn.Parameter"):
+        fastmlp.convert(model)
+    assert model[0].activation == "relu" and isinstance(model[2], FusedLinear) and type(model[3]) is nn.Linear
+    assert model[2].tag == "head" and model[2].scratch.shape == (1,) and model[2].adapter.weight.shape == (3, 5)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), want)
+
+
+def test_convert_changes_nothing_when_a_replacement_fails(monkeypatch):
+    import sys
+
+    convert_module = sys.modules["fastmlp.nn.convert"]  # (fastmlp.nn.convert is the function)
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.SiLU(), nn.Linear(3, 2))
+    before = list(model)
+    real, calls = convert_module._fused_from, []
+
+    def fails_on_the_third(linear, act):
+        calls.append(act)
+        if len(calls) == 3:
+            raise RuntimeError("cannot build this one")
+        return real(linear, act)
+
+    monkeypatch.setattr(convert_module, "_fused_from", fails_on_the_third)
+    with pytest.raises(RuntimeError, match="cannot build this one"):
+        fastmlp.convert(model)
+    assert list(model) == before  # the very same modules: nothing converted
+
+
 def test_convert_keeps_modules_with_hooks_and_their_hooks_firing():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8), nn.SiLU(),

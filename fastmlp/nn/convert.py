@@ -35,6 +35,12 @@ def _runs_in_order(parent):
     return isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
 
 
+def _convertible(linear):
+    """Whether linear holds its weight and bias as Parameters (or no bias), which the fused layer
+    can share; a layer whose weight was made a buffer or a plain tensor is left as it is."""
+    return isinstance(linear.weight, nn.Parameter) and (linear.bias is None or isinstance(linear.bias, nn.Parameter))
+
+
 def _fused_from(linear, activation):
     fused = FusedLinear(
         linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -44,6 +50,17 @@ def _fused_from(linear, activation):
     fused.weight = linear.weight
     fused.bias = linear.bias
     fused.train(linear.training)
+    # Whatever else the user attached to the layer comes along: attributes, extra parameters,
+    # buffers (persistent or not) and submodules, so the state_dict keeps its keys.
+    for key, value in vars(linear).items():
+        if key not in vars(fused):
+            vars(fused)[key] = value
+    for name, p in linear._parameters.items():
+        if name not in ("weight", "bias"):
+            fused._parameters[name] = p
+    fused._buffers.update(linear._buffers)
+    fused._non_persistent_buffers_set |= linear._non_persistent_buffers_set
+    fused._modules.update(linear._modules)
     return fused
 
 
@@ -65,23 +82,30 @@ def convert(module: nn.Module) -> nn.Module:
     activation with hooks is not folded into the layer before it (that layer still becomes
     FusedLinear(activation="none")); a warning names them. Register hooks after convert() to get
     the fused layer. Hooks on the parameters themselves always keep working (they are shared).
+    A layer whose weight or bias is not an nn.Parameter (made a buffer, say) is kept too, with the
+    same warning. What else a converted layer carries (attributes, extra parameters, buffers,
+    submodules) moves to its fused layer, so state_dict keys do not change. All replacements are
+    built before any is made: if one fails, the model is left as it was.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fastmlp.convert: module must be a torch.nn.Module, got {type(module).__name__}")
     if type(module) is nn.Linear:
-        if _has_hooks(module):
-            _warn_hooked(["(the module itself)"])
+        if _has_hooks(module) or not _convertible(module):
+            _warn_kept(["(the module itself)"])
             return module
         return _fused_from(module, "none")
     hooked = []
     made = {}  # (id(linear), activation) -> its FusedLinear: a layer used twice stays one module
+    # Every replacement is made before any is applied: should building one fail, the model is
+    # left as it was, not half converted.
+    edits = []
     for prefix, parent in list(module.named_modules()):
         names = list(parent._modules.keys())
         for i, name in enumerate(names):
             child = parent._modules[name]
             if type(child) is not nn.Linear:
                 continue
-            if _has_hooks(child):
+            if _has_hooks(child) or not _convertible(child):
                 hooked.append(f"{prefix}.{name}" if prefix else name)
                 continue
             act = None
@@ -94,21 +118,24 @@ def convert(module: nn.Module) -> nn.Module:
             key = (id(child), act or "none")
             if key not in made:
                 made[key] = _fused_from(child, act or "none")
-            parent._modules[name] = made[key]
+            edits.append((parent, name, made[key]))
             if act is not None:
                 identity = nn.Identity()
                 identity.train(nxt.training)
-                parent._modules[names[i + 1]] = identity
+                edits.append((parent, names[i + 1], identity))
+    for parent, name, new in edits:
+        parent._modules[name] = new
     if hooked:
-        _warn_hooked(hooked)
+        _warn_kept(hooked)
     return module
 
 
-def _warn_hooked(names):
+def _warn_kept(names):
     warnings.warn(
         f"fastmlp.convert: {', '.join(names)} kept as they were, since they have hooks that a fused "
         "layer would not run (an nn.Linear with hooks is not converted; an activation with hooks is not "
-        "fused into the layer before it). Register hooks after convert() to get the fused layers.",
+        "fused into the layer before it), or a weight or bias that is not an nn.Parameter, which a fused "
+        "layer cannot share. Register hooks after convert() to get the fused layers.",
         UserWarning, stacklevel=3)
 
 
