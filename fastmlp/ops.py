@@ -116,7 +116,7 @@ def _dropout_fake(input, p, seed):
         )
     if not 0.0 <= p < 1.0:
         raise ValueError(f"fastmlp.dropout: p must be in [0, 1), got {p}")
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
+    return torch.empty_like(input)  # the input's layout, as the CPU kernel's output
 
 
 # ---- optimizers ----

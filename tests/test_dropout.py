@@ -89,6 +89,18 @@ def test_layouts_and_edge_shapes():
     assert torch.equal(drop(xt, 0.4, 5), drop(xt.contiguous(), 0.4, 5))
     sliced = torch.randn(10, 20)[:, ::3]
     assert torch.equal(drop(sliced, 0.4, 5), drop(sliced.contiguous(), 0.4, 5))
+    # The output keeps the input's layout, as torch's dropout (empty_like), and so does the
+    # gradient; the mask still follows the logical order.
+    nhwc = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
+    for x in (xt, nhwc):
+        y = drop(x, 0.4, 5)
+        assert y.stride() == torch.empty_like(x).stride() == torch.nn.functional.dropout(x, 0.4).stride()
+        assert torch.equal(y, drop(x.detach().contiguous(), 0.4, 5))
+    torch.manual_seed(1)
+    y = fastmlp.nn.Dropout(0.4)(nhwc)
+    (g,) = torch.autograd.grad(y, nhwc, torch.ones_like(y))
+    assert y.is_contiguous(memory_format=torch.channels_last) and g.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(g, (y != 0).to(g.dtype) / 0.6)
     assert drop(torch.randn(0, 7), 0.5, 1).shape == (0, 7)
     # A 0-d input: one element, kept as x / (1 - p) or dropped to 0, both across seeds; the same
     # through functional.dropout and the module in training, and x itself in evaluation.
@@ -153,7 +165,8 @@ def test_gradcheck_and_opcheck():
     assert torch.autograd.gradgradcheck(lambda t: drop(t, 0.35, 17), (x,))
     for args in [(torch.randn(5, 7), 0.2, torch.tensor(3)),
                  (torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True), 0.5, torch.tensor(9)),
-                 (torch.randn(0, 4), 0.1, torch.tensor(1)), (torch.randn(8, 16).t(), 0.7, torch.tensor([2]))]:
+                 (torch.randn(0, 4), 0.1, torch.tensor(1)), (torch.randn(8, 16).t(), 0.7, torch.tensor([2])),
+                 (torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last), 0.3, torch.tensor(4))]:
         torch.library.opcheck(ops.dropout, args)
 
 

@@ -13,7 +13,9 @@
 // >= round(p * 2^32): P(keep) = 1 - p within 2^-32.
 //
 // Layout contract: the kernel reads and writes contiguous buffers; the host function makes the
-// input contiguous, so the mask follows the logical (row-major) element order whatever the strides.
+// input contiguous, so the mask follows the logical (row-major) element order whatever the strides
+// (the backward regenerates it for a gradient of any layout). The output has the input's layout
+// (empty_like's preserve_format, as torch's dropout: channels_last stays channels_last).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -86,7 +88,10 @@ at::Tensor dropout_cpu(const at::Tensor& input, double p, const at::Tensor& seed
                       seed_tensor.device());
   const int64_t seed = seed_tensor.item<int64_t>();
   const at::Tensor x = input.contiguous();
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = at::empty_like(input);
+  // A non-contiguous layout gets the row-major result copied in (the fake kernel's empty_like
+  // gives the same strides).
+  at::Tensor dst = out.is_contiguous() ? out : at::empty_like(x);
   const int64_t n = x.numel();
   if (n == 0) return out;
   // round(p * 2^32), at most 2^32 - 1 for p < 1.
@@ -94,10 +99,11 @@ at::Tensor dropout_cpu(const at::Tensor& input, double p, const at::Tensor& seed
   const uint32_t threshold = static_cast<uint32_t>(std::min(t, 4294967295.0));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kDropout, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dropout_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n,
+    dropout_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), n,
                              static_cast<uint64_t>(seed), threshold,
                              static_cast<acc_t>(1.0 / (1.0 - p)));
   });
+  if (!dst.is_same(out)) out.copy_(dst);
   return out;
 }
 
