@@ -215,9 +215,14 @@ class BuildExt(BuildExtension):
 
 
 # The extension only loads under the torch release it was built against (the loader checks
-# major.minor), so a built wheel requires that release; an sdist accepts any torch it can build with.
+# major.minor), so a built package requires that release, its pre-releases included (a nightly or
+# source build such as 2.15.0a0+git... is below 2.15 for pip); an sdist accepts any torch it can
+# build with (but `setup.py sdist bdist_wheel` in one run builds a wheel too).
 major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-torch_requirement = "torch>=2.11" if "sdist" in sys.argv else f"torch>={major}.{minor},<{major}.{minor + 1}"
+builds = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "install", "develop", "editable_wheel",
+          "dist_info"}
+torch_requirement = ("torch>=2.11" if "sdist" in sys.argv and not builds & set(sys.argv)
+                     else f"torch>={major}.{minor}.0.dev0,<{major}.{minor + 1}")
 
 print(
     f"fastmlp: building the CPU kernels{' and the CUDA kernels' if with_cuda else ''}"

@@ -117,9 +117,10 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     ctx->save_for_backward({keep_input ? input : at::Tensor(), keep_weight ? weight : at::Tensor(),
                             act == Act::Relu ? y : at::Tensor(), saved});
     if (!keep_input) ctx->saved_data["input_sizes"] = input.sym_sizes();
-    // The pre-activation stays differentiable: a recorded backward (create_graph=True) reads it,
-    // and differentiating that backward sends the second-order term back here through it.
-    if (!act_saves_preactivation(act)) ctx->mark_non_differentiable({saved});
+    // `saved` stays differentiable: a recorded backward (create_graph=True) reads the
+    // pre-activation, and differentiating that backward sends the second-order term back here
+    // through it. (For none and relu it is empty; marking it non-differentiable would gain nothing
+    // and trips torch's compiled autograd.)
     // Mostly no gradient flows into `saved`; without this autograd would allocate and zero-fill
     // one for it on every backward (an output-sized buffer, page faults included).
     ctx->set_materialize_grads(false);

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 import fastmlp
 from fastmlp import _loader
@@ -131,7 +132,7 @@ def test_sdist_ships_every_source_and_header(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     src = tmp_path / "src"
-    junk = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py", "out", "results")
+    junk = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py", "out")
     for d in ("csrc", "fastmlp", "tests", "bench"):
         shutil.copytree(root / d, src / d, ignore=junk)
     for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
@@ -160,6 +161,12 @@ def test_sdist_ships_every_source_and_header(tmp_path):
     assert "torch>=2.11" in sdist_requires, sdist_requires
     setup_py("egg_info", "--egg-base", str(tmp_path))  # a built package's metadata
     requires = (tmp_path / "fastmlp.egg-info" / "requires.txt").read_text().split()
+    (pin,) = [req for req in map(Requirement, (r for r in requires if not r.startswith("["))) if req.name == "torch"]
     major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    assert f"torch<{major}.{minor + 1},>={major}.{minor}" in requires, requires
+    # This release, its pre-releases (nightly and source builds) too, and nothing else.
+    for version, ok in [(torch.__version__, True), (f"{major}.{minor}.0a0+git1234", True),
+                        (f"{major}.{minor}.0.dev20261130", True), (f"{major}.{minor}.9", True),
+                        (f"{major}.{minor - 1}.9", False), (f"{major}.{minor + 1}.0", False),
+                        (f"{major}.{minor + 1}.0a0", False)]:
+        assert pin.specifier.contains(version, prereleases=True) == ok, (str(pin), version)
     assert record.read_text() == "# a built tree's record\n"

@@ -390,6 +390,23 @@ def test_backward_op_called_directly_is_differentiable(device):
         assert gw.numel() == 0 and gb.numel() == 0 and gx.shape == x.shape
 
 
+def test_compiled_autograd(device):
+    # torch's compiled autograd (the whole backward graph traced by dynamo) runs the op's C++
+    # autograd node: gradients as eager's, for every activation.
+    from torch._dynamo import compiled_autograd
+
+    x, w, b = make((8, 5), 3, torch.float32, device)
+    for act in ACTS:
+        want = torch.autograd.grad(linear_act(x, w, b, act).square().sum(), (x, w, b))
+        for t in (x, w, b):
+            t.grad = None
+        torch._dynamo.reset()
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            linear_act(x, w, b, act).square().sum().backward()
+        for t, g in zip((x, w, b), want):
+            torch.testing.assert_close(t.grad, g)
+
+
 def test_compiled_backward_uses_the_fused_op(device):
     # torch.compile's joint graph runs the backward without recording it: the fused op, not its
     # ATen decomposition, must be what the compiled backward calls.

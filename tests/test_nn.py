@@ -130,12 +130,18 @@ def test_convert_keeps_what_users_attach_and_layers_it_cannot_share():
     model[2].register_buffer("scratch", torch.zeros(1), persistent=False)
     model[2].scale = nn.Parameter(torch.ones(3))
     model[2].adapter = nn.Linear(5, 3, bias=False)
+    # Layers with a forward of their own (a wrapper set on the instance, as accelerate's hooks do;
+    # Module.compile()) would keep running it, skipping the folded activation: they stay too.
+    model = nn.Sequential(*model, nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.GELU())
+    model[4].forward = lambda t, old=model[4].forward: old(t)
+    model[6].compile(backend="eager")
     keys = list(model.state_dict())
     x = torch.randn(6, 4)
     want = model(x)
-    with pytest.warns(UserWarning, match=r"^fastmlp.convert: 3 kept as they were.*not an nn.Parameter"):
+    with pytest.warns(UserWarning, match=r"^fastmlp.convert: 3, 4, 6 kept as they were.*not an nn.Parameter"):
         fastmlp.convert(model)
     assert model[0].activation == "relu" and isinstance(model[2], FusedLinear) and type(model[3]) is nn.Linear
+    assert type(model[4]) is type(model[6]) is nn.Linear and type(model[5]) is nn.ReLU and type(model[7]) is nn.GELU
     assert model[2].tag == "head" and model[2].scratch.shape == (1,) and model[2].adapter.weight.shape == (3, 5)
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(model(x), want)

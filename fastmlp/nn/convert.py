@@ -36,9 +36,13 @@ def _runs_in_order(parent):
 
 
 def _convertible(linear):
-    """Whether linear holds its weight and bias as Parameters (or no bias), which the fused layer
-    can share; a layer whose weight was made a buffer or a plain tensor is left as it is."""
-    return isinstance(linear.weight, nn.Parameter) and (linear.bias is None or isinstance(linear.bias, nn.Parameter))
+    """Whether a fused layer can stand in for linear: it holds its weight and bias as Parameters
+    (or no bias), which the fused layer shares, and runs nn.Linear's own forward. A forward set on
+    the instance (a wrapper, as accelerate's hooks install) or a per-module compile() would keep
+    calling the old forward on the fused layer, so those layers stay as they are."""
+    own = vars(linear)
+    return (isinstance(linear.weight, nn.Parameter) and (linear.bias is None or isinstance(linear.bias, nn.Parameter))
+            and "forward" not in own and own.get("_compiled_call_impl") is None)
 
 
 def _fused_from(linear, activation):
@@ -82,8 +86,8 @@ def convert(module: nn.Module) -> nn.Module:
     activation with hooks is not folded into the layer before it (that layer still becomes
     FusedLinear(activation="none")); a warning names them. Register hooks after convert() to get
     the fused layer. Hooks on the parameters themselves always keep working (they are shared).
-    A layer whose weight or bias is not an nn.Parameter (made a buffer, say) is kept too, with the
-    same warning. What else a converted layer carries (attributes, extra parameters, buffers,
+    A layer whose weight or bias is not an nn.Parameter (made a buffer, say), or with a forward of
+    its own (assigned on the instance, or set by Module.compile()), is kept too, with the same warning. What else a converted layer carries (attributes, extra parameters, buffers,
     submodules) moves to its fused layer, so state_dict keys do not change. All replacements are
     built before any is made: if one fails, the model is left as it was.
     """
@@ -135,7 +139,8 @@ def _warn_kept(names):
         f"fastmlp.convert: {', '.join(names)} kept as they were, since they have hooks that a fused "
         "layer would not run (an nn.Linear with hooks is not converted; an activation with hooks is not "
         "fused into the layer before it), or a weight or bias that is not an nn.Parameter, which a fused "
-        "layer cannot share. Register hooks after convert() to get the fused layers.",
+        "layer cannot share, or a forward of their own (set on the instance, or Module.compile()). Register "
+        "hooks (or compile) after convert() to get the fused layers.",
         UserWarning, stacklevel=3)
 
 
