@@ -133,8 +133,10 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       has_bias && ctx->needs_input_grad(2)};
+    const Act act = parse_activation(activation, "fastmlp.linear_act_backward");
     const at::Tensor& grad_y = grads[0];
-    const at::Tensor& grad_z = grads[1];
+    // (none and relu: `saved` is empty, and so is any gradient a caller passes for it.)
+    const at::Tensor grad_z = act_saves_preactivation(act) ? grads[1] : at::Tensor();
     variable_list out(5);  // one slot per forward argument
     if (!(grad_y.defined() || grad_z.defined()) || !(mask[0] || mask[1] || mask[2])) return out;
     const at::Tensor& weight = vars[1];
@@ -145,7 +147,6 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     variable_list g;
     if (torch::autograd::GradMode::is_enabled() || grad_z.defined()) {
       // A recorded backward (create_graph=True), or a gradient for the pre-activation output.
-      const Act act = parse_activation(activation, "fastmlp.linear_act_backward");
       g = linear_act_gradients_aten(grad_y, grad_z, input, weight, vars[2], vars[3], act, mask, input_sizes);
     } else {
       const at::Tensor output = vars[2].defined() ? vars[2] : grad_y.new_empty({0});
