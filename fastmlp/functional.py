@@ -33,15 +33,18 @@ def linear_act(input, weight, bias=None, activation="relu"):
 def dropout(input, p=0.5, training=True, inplace=False):
     """Same arguments and result distribution as ``torch.nn.functional.dropout``.
 
-    In training on the CPU (0 < p < 1, not inplace) the mask comes from the fastmlp.dropout op: a
-    counter-based hash of each element's index and a seed drawn from torch's default generator (so
+    In training on the CPU (0 < p < 1) the mask comes from the fastmlp.dropout op: a counter-based
+    hash of each element's index and a seed drawn from torch's default generator (so
     ``torch.manual_seed`` reproduces it), computed in parallel and regenerated in the backward
-    instead of saved. Under torch.compile the seed's draw is part of the graph, so every call of
-    the compiled model draws a new mask. Everywhere else (CUDA, inplace, p = 0 or 1) this is
-    torch's dropout.
+    instead of saved. ``inplace=True`` writes that result into ``input`` and returns it: the same
+    mask as ``inplace=False`` for one seed, as torch's. Under torch.compile the seed's draw is part
+    of the graph, so every call of the compiled model draws a new mask. Everywhere else (CUDA,
+    p = 0 or 1, integer inputs) this is torch's dropout.
     """
-    if (training and 0.0 < p < 1.0 and not inplace and input.device.type == "cpu"
-            and input.dtype in _FLOATING):
+    if training and 0.0 < p < 1.0 and input.device.type == "cpu" and input.dtype in _FLOATING:
         seed = torch.randint(0, _SEED_RANGE, (), dtype=torch.int64, device="cpu")
-        return ops.dropout(input, float(p), seed)
+        out = ops.dropout(input, float(p), seed)
+        # (The op saves nothing of input, so overwriting it leaves the backward intact; a leaf that
+        # requires grad is refused by copy_ as by torch's in-place dropout.)
+        return input.copy_(out) if inplace else out
     return F.dropout(input, p, training, inplace)

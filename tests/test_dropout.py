@@ -179,14 +179,26 @@ def test_module_is_a_drop_in():
     assert 0.6 < keep_mask(y).float().mean().item() < 0.9
     ours.eval()
     assert torch.equal(ours(x), x)
-    # Cases torch handles and the op does not take: p = 1, inplace; both match torch exactly.
+    # p = 1, which the op does not take, matches torch exactly.
     assert torch.equal(fastmlp.nn.Dropout(1.0)(x), torch.zeros_like(x))
+    # inplace=True: the result written into the input, the same mask as inplace=False for one seed
+    # (as torch's); the backward is intact, and a leaf that requires grad is refused, as by torch.
     xi = x.clone()
     torch.manual_seed(5)
     a = fastmlp.nn.Dropout(0.5, inplace=True)(xi)
     torch.manual_seed(5)
-    b = nn.Dropout(0.5, inplace=True)(x.clone())
+    b = fastmlp.nn.Dropout(0.5)(x)
     assert a is xi and torch.equal(a, b)
+    leaf = x.clone().requires_grad_()
+    h = leaf * 2.0
+    torch.manual_seed(5)
+    out = fastmlp.functional.dropout(h, 0.5, inplace=True)
+    assert out is h
+    out.sum().backward()
+    torch.testing.assert_close(leaf.grad, 2.0 * (b != 0).float() / 0.5)
+    for impl in (fastmlp.functional.dropout, torch.nn.functional.dropout):
+        with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+            impl(x.clone().requires_grad_(), 0.5, True, True)
 
 
 def test_mlp_uses_it_and_compiles():
