@@ -141,9 +141,10 @@ struct LinearAct : public torch::autograd::Function<LinearAct> {
     if (!(grad_y.defined() || grad_z.defined()) || !(mask[0] || mask[1] || mask[2])) return out;
     const at::Tensor& weight = vars[1];
     at::Tensor input = vars[0];
-    // The input's shape when it was not kept (dX still needs it).
-    const std::vector<c10::SymInt> input_sizes =
-        input.defined() ? input.sym_sizes().vec() : ctx->saved_data["input_sizes"].toSymIntList().vec();
+    // The input's shape, also when it was not kept (dX still needs it).
+    std::vector<c10::SymInt> kept_sizes;
+    if (!input.defined()) kept_sizes = ctx->saved_data["input_sizes"].toSymIntList().vec();
+    const c10::SymIntArrayRef input_sizes = input.defined() ? input.sym_sizes() : c10::SymIntArrayRef(kept_sizes);
     variable_list g;
     if (torch::autograd::GradMode::is_enabled() || grad_z.defined()) {
       // A recorded backward (create_graph=True), or a gradient for the pre-activation output.
