@@ -36,12 +36,13 @@ def _runs_in_order(parent):
 
 
 def _convertible(linear):
-    """Whether a fused layer can stand in for linear: it holds its weight and bias as Parameters
-    (or no bias), which the fused layer shares, and runs nn.Linear's own forward. A forward set on
-    the instance (a wrapper, as accelerate's hooks install) or a per-module compile() would keep
-    calling the old forward on the fused layer, so those layers stay as they are."""
+    """Whether a fused layer can stand in for linear: it has no hooks of its own, holds its weight
+    and bias as Parameters (or no bias), which the fused layer shares, and runs nn.Linear's own
+    forward. A forward set on the instance (a wrapper, as accelerate's hooks install) or a
+    per-module compile() would keep calling the old forward on the fused layer."""
     own = vars(linear)
-    return (isinstance(linear.weight, nn.Parameter) and (linear.bias is None or isinstance(linear.bias, nn.Parameter))
+    return (not _has_hooks(linear) and isinstance(linear.weight, nn.Parameter)
+            and (linear.bias is None or isinstance(linear.bias, nn.Parameter))
             and "forward" not in own and own.get("_compiled_call_impl") is None)
 
 
@@ -87,14 +88,15 @@ def convert(module: nn.Module) -> nn.Module:
     FusedLinear(activation="none")); a warning names them. Register hooks after convert() to get
     the fused layer. Hooks on the parameters themselves always keep working (they are shared).
     A layer whose weight or bias is not an nn.Parameter (made a buffer, say), or with a forward of
-    its own (assigned on the instance, or set by Module.compile()), is kept too, with the same warning. What else a converted layer carries (attributes, extra parameters, buffers,
+    its own (assigned on the instance, or set by Module.compile()), is kept too, with the same
+    warning. What else a converted layer carries (attributes, extra parameters, buffers,
     submodules) moves to its fused layer, so state_dict keys do not change. All replacements are
     built before any is made: if one fails, the model is left as it was.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fastmlp.convert: module must be a torch.nn.Module, got {type(module).__name__}")
     if type(module) is nn.Linear:
-        if _has_hooks(module) or not _convertible(module):
+        if not _convertible(module):
             _warn_kept(["(the module itself)"])
             return module
         return _fused_from(module, "none")
@@ -109,7 +111,7 @@ def convert(module: nn.Module) -> nn.Module:
             child = parent._modules[name]
             if type(child) is not nn.Linear:
                 continue
-            if _has_hooks(child) or not _convertible(child):
+            if not _convertible(child):
                 hooked.append(f"{prefix}.{name}" if prefix else name)
                 continue
             act = None

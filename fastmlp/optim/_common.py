@@ -460,13 +460,15 @@ class FusedStep:
     def _fm_step_group(self, group, grad_scale, found_inf):
         """One group: its CPU step plan, else the cached tensor lists, else the general path.
 
-        The cache (a CacheEntry, built by _fm_build_cache for the parameters with state) is used while the group, its flag and its parameters are those it was built for, and
-        the state and its version (see OptimizerState, changed whenever the user replaces, deletes
-        or clears any of it) too; a gradient on an untracked parameter (a layer unfrozen) sends the
-        step to the general path, which creates its state, and the cache is rebuilt. A plan that
-        declines (a missing grad, an odd layout) and a missing grad on the cached path both fall
-        back to the general path, which has torch's own per-parameter logic and errors. The plan writes the tensors' memory from C++,
-        outside autograd, so only the op paths need no_grad (the plan skips its cost).
+        The cache (a CacheEntry, built by _fm_build_cache for the parameters with state) is used
+        while the group, its flag and its parameters are those it was built for, and the state and
+        its version (see OptimizerState, changed whenever the user replaces, deletes or clears any
+        of it) too; a gradient on an untracked parameter (a layer unfrozen) sends the step to the
+        general path, which creates its state, and the cache is rebuilt. A plan that declines (a
+        missing grad, an odd layout) and a missing grad on the cached path both fall back to the
+        general path, which has torch's own per-parameter logic and errors. The plan writes the
+        tensors' memory from C++, outside autograd, so only the op paths need no_grad (the plan
+        skips its cost).
         """
         params = group["params"]
         cached = self._fm_cache.get(id(group))
