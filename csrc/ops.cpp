@@ -33,23 +33,24 @@ TORCH_LIBRARY(fastmlp, m) {
   // in fastmlp/optim. state_steps are one-element float32 tensors on the params' device (the
   // layout of torch.optim's fused=True); the op adds 1 to each before using it. With found_inf
   // (a float32 scalar on the params' device) nonzero, nothing changes, step counts included.
-  // grad_scale: grads are multiplied by its float32 reciprocal first, as GradScaler.unscale_ does.
+  // grad_scale: grads are multiplied by its float32 reciprocal first, as GradScaler.unscale_ does,
+  // and (unless found_inf) written back so, as torch's fused optimizers do: grads are mutable.
   // lr_tensor, when given, replaces lr and is read on the device (capturable, no host sync).
   // master_params: empty, or fp32 copies of fp16/bf16 params that hold the true value (the
   // moments are then fp32 too); the params receive the rounded result.
   // decoupled_weight_decay=True is AdamW, False is Adam's L2 penalty added to the gradient.
   m.def(
-      "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
-      "Tensor(f!)[] master_params, float lr, Tensor? lr_tensor, float beta1, float beta2, "
+      "adamw_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, "
+      "Tensor(g!)[] master_params, float lr, Tensor? lr_tensor, float beta1, float beta2, "
       "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
   // SGD with momentum, dampening, nesterov and weight decay. momentum_buffers is empty when
   // momentum == 0; with is_first_step the buffers are seeded with the gradient (torch's
   // clone(grad)) instead of being read.
   m.def(
-      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "Tensor(c!)[] master_params, float lr, Tensor? lr_tensor, float momentum, float dampening, "
+      "sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
+      "Tensor(d!)[] master_params, float lr, Tensor? lr_tensor, float momentum, float dampening, "
       "float weight_decay, bool nesterov, bool maximize, bool is_first_step, Tensor? grad_scale, "
       "Tensor? found_inf) -> ()");
 }

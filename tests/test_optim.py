@@ -212,11 +212,14 @@ def test_parity_low_precision(device, cls, case, dtype, master):
         # (CPU: bitwise equal here. CUDA, not yet run on a GPU: torch's kernels may order the fp32
         # math differently, so a state value may round the other way at a step; still well under
         # one step's change.)
+        # atol: as many ulps of the subnormal range (an fp16 exp_avg_sq is often subnormal there,
+        # where rtol alone would ask for bit equality).
         ulps = 2 if device == "cpu" else 4
+        tol = dict(rtol=ulps * ULP[dtype], atol=ulps * ULP[dtype] * torch.finfo(dtype).smallest_normal)
         for o, r in zip(op, rp):
-            torch.testing.assert_close(o.detach(), r.detach(), rtol=ulps * ULP[dtype], atol=0)
+            torch.testing.assert_close(o.detach(), r.detach(), **tol)
             for k, vr in ref.state[r].items():
-                kw = dict(rtol=0, atol=0) if k == "step" else dict(rtol=ulps * ULP[dtype], atol=0)
+                kw = dict(rtol=0, atol=0) if k == "step" else tol
                 torch.testing.assert_close(ours.state[o][k], vr, **kw)
 
 
@@ -256,15 +259,20 @@ def _loss(params, step, inf_at):
 
 @pytest.mark.parametrize("clip", [False, True], ids=["step", "unscale_clip_step"])
 def test_grad_scaler(device, clip):
+    # ref: torch's for-loop AdamW; fused_ps: torch's fused AdamW, for the gradients left after each
+    # step: unscaled by the step as GradScaler.unscale_ leaves them (a skipped step leaves them
+    # scaled, as the fused kernel does; the for-loop's unscale_ would have unscaled them first).
     params = make_params(SHAPES, torch.float32, device)
     ref_params = [p.detach().clone().requires_grad_() for p in params]
+    fused_ps = [p.detach().clone().requires_grad_() for p in params]
     ours, ref = AdamW(params, lr=0.01, weight_decay=0.1), torch.optim.AdamW(ref_params, lr=0.01, weight_decay=0.1, foreach=False)
+    fused = torch.optim.AdamW(fused_ps, lr=0.01, weight_decay=0.1, fused=True)
     assert ours._step_supports_amp_scaling
-    s_ours, s_ref = _scaler(device), _scaler(device)
+    s_ours, s_ref, s_fused = _scaler(device), _scaler(device), _scaler(device)
     inf_at = 3
     for step in range(7):
         before = None
-        for o, sc, ps in ((ours, s_ours, params), (ref, s_ref, ref_params)):
+        for o, sc, ps in ((ours, s_ours, params), (ref, s_ref, ref_params), (fused, s_fused, fused_ps)):
             o.zero_grad()
             sc.scale(_loss(ps, step, inf_at)).backward()
             if clip:
@@ -275,6 +283,10 @@ def test_grad_scaler(device, clip):
                           {k: v.clone() for k, v in o.state[ps[0]].items()})
             sc.step(o)
             sc.update()
+        for p, q, r in zip(params, fused_ps, ref_params):
+            torch.testing.assert_close(p.grad, q.grad, equal_nan=True, msg=lambda m: f"step {step}, grads vs torch fused: {m}")
+            if step != inf_at:
+                torch.testing.assert_close(p.grad, r.grad, msg=lambda m: f"step {step}, grads vs torch: {m}")
         if before is not None:
             # The skipped step changed nothing: parameters, moments, step counts.
             for p, b in zip(params, before[0]):
@@ -307,8 +319,10 @@ def test_found_inf_and_grad_scale_direct(device, cls, first):
         ours.found_inf = torch.ones((), device=device)
         ours.grad_scale = torch.full((), 512.0, device=device)
         before = [p.detach().clone() for p in params]
+        grads_before = [p.grad.clone() for p in params]
         ours.step()
         assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads_before))  # left scaled
         if cls is SGD:
             assert all("momentum_buffer" not in ours.state.get(p, {}) for p in params)
         else:
@@ -319,12 +333,17 @@ def test_found_inf_and_grad_scale_direct(device, cls, first):
     # Powers of two, so that the unscaled gradient is exactly the reference's.
     for step, scale in enumerate((512.0, 2.0**-3, 65536.0)):
         ours.grad_scale = torch.full((), scale, device=device)
-        for p, c, g in zip(params, copies, grads_for(params, step, set())):
+        for i, (p, c, g) in enumerate(zip(params, copies, grads_for(params, step, set()))):
             c.grad = g.float().to(device)
             p.grad = c.grad * scale
+            if i == 0 and step == 1:  # a grad in another layout than its param: copied, and back
+                p.grad = (c.grad * scale).mT.contiguous().mT
+                assert p.dim() == 2 and p.grad.stride() != p.stride()
         ours.step()
         ref.step()
         for p, c in zip(params, copies):
+            # The step leaves the grads unscaled, as torch's fused optimizers (and unscale_) do.
+            assert torch.equal(p.grad, c.grad), f"step {step}: grad left {p.grad.flatten()[:3]}, true {c.grad.flatten()[:3]}"
             torch.testing.assert_close(p.detach(), c.detach())
             assert set(ours.state[p]) == set(ref.state[c])
             for k, v in ref.state[c].items():
@@ -394,6 +413,10 @@ def _state_edits(cls):
     }
     if cls is not SGD:
         edits["replace_step"] = lambda o, ps: o.state[ps[1]].__setitem__("step", torch.tensor(1.0))
+        # A counter as the for-loop optimizers accept it: float64 (and a CPU tensor for a CUDA
+        # parameter); the next step puts it in the fused layout, keeping its count.
+        edits["replace_step_f64"] = lambda o, ps: o.state[ps[2]].__setitem__(
+            "step", torch.tensor(2.0, dtype=torch.float64))
     return edits
 
 
@@ -1010,17 +1033,25 @@ def _opcheck_args(device, amsgrad, master):
             0.01, None, 0.9, 0.99, 0.1, 1e-8, amsgrad, False, True, None, None)
 
 
+def _scaling(device, scaled):
+    # grad_scale and found_inf: with a scale the step writes the grads (test_schema then checks
+    # that the schema says they are mutable).
+    return (torch.full((), 8.0, device=device), torch.zeros((), device=device)) if scaled else (None, None)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale"])
 @pytest.mark.parametrize("amsgrad,master", [(False, False), (True, True)])
-def test_opcheck_adamw_step(device, amsgrad, master):
+def test_opcheck_adamw_step(device, amsgrad, master, scaled):
     # Schema (mutation annotations) and fake kernel agree with the real kernel.
-    torch.library.opcheck(torch.ops.fastmlp.adamw_step_.default, _opcheck_args(device, amsgrad, master),
-                          test_utils=("test_schema", "test_faketensor"))
+    args = _opcheck_args(device, amsgrad, master)[:-2] + _scaling(device, scaled)
+    torch.library.opcheck(torch.ops.fastmlp.adamw_step_.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_opcheck_sgd_step(device):
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale"])
+def test_opcheck_sgd_step(device, scaled):
     ps = [torch.randn(5, 3, device=device), torch.randn(7, device=device)]
     args = (ps, [torch.randn_like(p) for p in ps], [torch.randn_like(p) for p in ps], [], 0.01, None, 0.9,
-            0.0, 0.1, True, False, False, None, None)
+            0.0, 0.1, True, False, False) + _scaling(device, scaled)
     torch.library.opcheck(torch.ops.fastmlp.sgd_step_.default, args, test_utils=("test_schema", "test_faketensor"))
 
 

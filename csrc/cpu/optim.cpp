@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -299,6 +300,13 @@ Items make_items(const std::vector<int64_t>& numel) {
   return r;
 }
 
+// f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.
+template <typename F>
+void with_bool(bool flag, const F& f) {
+  if (flag) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // Runs f(item) for every item, each thread its own fixed range.
 template <typename F>
 void for_each_item(const Items& items, const F& f) {
@@ -335,6 +343,7 @@ struct AdamScalars {
 template <typename acc_t>
 struct AdamConsts {
   acc_t beta2, one_minus_beta2, lerp_w, eps, l2, inv_grad_scale, sign;
+  bool unscale_grads;  // write the unscaled gradient back (with a grad_scale; see STORE_GRAD)
 };
 
 // torch's lerp, written the way its CPU kernel does it, so that exp_avg matches the for-loop
@@ -345,16 +354,21 @@ inline acc_t lerp(acc_t a, acc_t b, acc_t w) {
 }
 
 // One chunk of one parameter. scalar_t: the param and grad dtype; state_t: the moments' dtype
-// (scalar_t, or float with a master copy, which then holds the param in fp32).
-template <typename scalar_t, typename state_t, bool AMSGRAD, bool MASTER>
-void adam_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
+// (scalar_t, or float with a master copy, which then holds the param in fp32). STORE_GRAD: the
+// step had a grad_scale, and the gradient is left unscaled as torch's fused optimizers leave it
+// (GradScaler.unscale_ does that in place for the others), so that code reading p.grad after
+// scaler.step(opt) sees the true gradient; a step skipped for found_inf leaves it as it was.
+template <typename scalar_t, typename state_t, bool AMSGRAD, bool MASTER, bool STORE_GRAD>
+void adam_chunk(scalar_t* __restrict__ p, scalar_t* __restrict__ g,
                 state_t* __restrict__ m, state_t* __restrict__ v, state_t* __restrict__ vmax,
                 float* __restrict__ master, int64_t b, int64_t e,
                 const AdamScalars<at::opmath_type<scalar_t>> s,
                 const AdamConsts<at::opmath_type<scalar_t>> c) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = b; i < e; ++i) {
-    acc_t gi = static_cast<acc_t>(g[i]) * c.inv_grad_scale * c.sign;
+    acc_t gi = static_cast<acc_t>(g[i]) * c.inv_grad_scale;
+    if constexpr (STORE_GRAD) g[i] = static_cast<scalar_t>(gi);
+    gi = gi * c.sign;
     acc_t pi = MASTER ? static_cast<acc_t>(master[i]) : static_cast<acc_t>(p[i]);
     pi = pi * s.decay;
     gi = c.l2 != acc_t(0) ? gi + c.l2 * pi : gi;
@@ -381,19 +395,22 @@ void adam_run(const Slots& sl, const Items& items,
               const std::vector<AdamScalars<at::opmath_type<scalar_t>>>& scalars,
               const AdamConsts<at::opmath_type<scalar_t>>& c) {
   const auto& S = sl.ptr;
-  for_each_item(items, [&](const Item& it) {
-    const size_t i = it.tensor;
-    adam_chunk<scalar_t, state_t, AMSGRAD, MASTER>(
-        static_cast<scalar_t*>(S[0][i]), static_cast<const scalar_t*>(S[1][i]),
-        static_cast<state_t*>(S[2][i]), static_cast<state_t*>(S[3][i]),
-        ptr_or_null<state_t>(S[4], i), ptr_or_null<float>(S[5], i), it.begin, it.end, scalars[i], c);
+  with_bool(c.unscale_grads, [&](auto store_grad) {
+    for_each_item(items, [&](const Item& it) {
+      const size_t i = it.tensor;
+      adam_chunk<scalar_t, state_t, AMSGRAD, MASTER, decltype(store_grad)::value>(
+          static_cast<scalar_t*>(S[0][i]), static_cast<scalar_t*>(S[1][i]),
+          static_cast<state_t*>(S[2][i]), static_cast<state_t*>(S[3][i]),
+          ptr_or_null<state_t>(S[4], i), ptr_or_null<float>(S[5], i), it.begin, it.end, scalars[i], c);
+    });
   });
 }
 
 template <typename scalar_t, typename state_t, bool MASTER>
 void adam_dispatch(const Slots& d, const Items& items, bool amsgrad,
                    const std::vector<double>& steps, double lr, double beta1, double beta2,
-                   double weight_decay, double eps, bool maximize, bool decoupled, double gscale) {
+                   double weight_decay, double eps, bool maximize, bool decoupled, double gscale,
+                   bool unscale) {
   using acc_t = at::opmath_type<scalar_t>;
   // Scalars are computed in double like the for-loop optimizer's Python floats, then rounded to
   // acc_t once, as the tensor ops do with their scalar arguments.
@@ -415,7 +432,8 @@ void adam_dispatch(const Slots& d, const Items& items, bool amsgrad,
                             static_cast<acc_t>(eps),
                             static_cast<acc_t>(decoupled ? 0.0 : weight_decay),
                             static_cast<acc_t>(gscale),
-                            static_cast<acc_t>(maximize ? -1.0 : 1.0)};
+                            static_cast<acc_t>(maximize ? -1.0 : 1.0),
+                            unscale};
   if (amsgrad) adam_run<scalar_t, state_t, true, MASTER>(d, items, scalars, c);
   else adam_run<scalar_t, state_t, false, MASTER>(d, items, scalars, c);
 }
@@ -458,18 +476,19 @@ std::vector<double> bump_steps(at::TensorList state_steps, const std::vector<siz
 // The AdamW/Adam update over validated slots; steps already counted.
 void adam_cpu(const Slots& sl, at::ScalarType dtype, bool master, bool amsgrad,
               const std::vector<double>& steps, double lr, double beta1, double beta2,
-              double weight_decay, double eps, bool maximize, bool decoupled, double gscale) {
+              double weight_decay, double eps, bool maximize, bool decoupled, double gscale,
+              bool unscale) {
   const Items items = make_items(sl.numel);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "adamw_step_cpu", [&] {
     if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
       if (master) {
         adam_dispatch<scalar_t, float, true>(sl, items, amsgrad, steps, lr, beta1, beta2,
-                                             weight_decay, eps, maximize, decoupled, gscale);
+                                             weight_decay, eps, maximize, decoupled, gscale, unscale);
         return;
       }
     }
     adam_dispatch<scalar_t, scalar_t, false>(sl, items, amsgrad, steps, lr, beta1, beta2,
-                                             weight_decay, eps, maximize, decoupled, gscale);
+                                             weight_decay, eps, maximize, decoupled, gscale, unscale);
   });
 }
 
@@ -487,9 +506,9 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   lr = read_lr(lr, lr_tensor);
   const std::vector<double> steps = bump_steps(state_steps);
   DenseGroup d = make_dense({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params},
-                            {true, false, true, true, true, true});
+                            {true, grad_scale.has_value(), true, true, true, true});
   adam_cpu(slots_of(d), params[0].scalar_type(), !master_params.empty(), amsgrad, steps, lr, beta1,
-           beta2, weight_decay, eps, maximize, decoupled_weight_decay, gscale);
+           beta2, weight_decay, eps, maximize, decoupled_weight_decay, gscale, grad_scale.has_value());
   d.finish();
 }
 
@@ -498,15 +517,20 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 template <typename acc_t>
 struct SGDConsts {
   acc_t lr, momentum, one_minus_dampening, weight_decay, inv_grad_scale, sign;
+  bool unscale_grads;  // as in AdamConsts
 };
 
-template <typename scalar_t, typename state_t, bool MOMENTUM, bool FIRST, bool NESTEROV, bool MASTER>
-void sgd_chunk(scalar_t* __restrict__ p, const scalar_t* __restrict__ g, state_t* __restrict__ buf,
+// STORE_GRAD: as in adam_chunk.
+template <typename scalar_t, typename state_t, bool MOMENTUM, bool FIRST, bool NESTEROV, bool MASTER,
+          bool STORE_GRAD>
+void sgd_chunk(scalar_t* __restrict__ p, scalar_t* __restrict__ g, state_t* __restrict__ buf,
                float* __restrict__ master, int64_t b, int64_t e,
                const SGDConsts<at::opmath_type<scalar_t>> c) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = b; i < e; ++i) {
-    acc_t gi = static_cast<acc_t>(g[i]) * c.inv_grad_scale * c.sign;
+    acc_t gi = static_cast<acc_t>(g[i]) * c.inv_grad_scale;
+    if constexpr (STORE_GRAD) g[i] = static_cast<scalar_t>(gi);
+    gi = gi * c.sign;
     acc_t pi = MASTER ? static_cast<acc_t>(master[i]) : static_cast<acc_t>(p[i]);
     gi = c.weight_decay != acc_t(0) ? gi + c.weight_decay * pi : gi;
     if constexpr (MOMENTUM) {
@@ -525,11 +549,13 @@ template <typename scalar_t, typename state_t, bool MOMENTUM, bool FIRST, bool N
 void sgd_run(const Slots& sl, const Items& items,
              const SGDConsts<at::opmath_type<scalar_t>>& c) {
   const auto& S = sl.ptr;
-  for_each_item(items, [&](const Item& it) {
-    const size_t i = it.tensor;
-    sgd_chunk<scalar_t, state_t, MOMENTUM, FIRST, NESTEROV, MASTER>(
-        static_cast<scalar_t*>(S[0][i]), static_cast<const scalar_t*>(S[1][i]),
-        ptr_or_null<state_t>(S[2], i), ptr_or_null<float>(S[3], i), it.begin, it.end, c);
+  with_bool(c.unscale_grads, [&](auto store_grad) {
+    for_each_item(items, [&](const Item& it) {
+      const size_t i = it.tensor;
+      sgd_chunk<scalar_t, state_t, MOMENTUM, FIRST, NESTEROV, MASTER, decltype(store_grad)::value>(
+          static_cast<scalar_t*>(S[0][i]), static_cast<scalar_t*>(S[1][i]),
+          ptr_or_null<state_t>(S[2], i), ptr_or_null<float>(S[3], i), it.begin, it.end, c);
+    });
   });
 }
 
@@ -548,13 +574,14 @@ void sgd_dispatch(const Slots& d, const Items& items, bool has_momentum,
 // The SGD update over validated slots.
 void sgd_cpu(const Slots& sl, at::ScalarType dtype, bool master, bool has_momentum, double lr,
              double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-             bool is_first_step, double gscale) {
+             bool is_first_step, double gscale, bool unscale) {
   const Items items = make_items(sl.numel);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sgd_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const SGDConsts<acc_t> c{static_cast<acc_t>(lr), static_cast<acc_t>(momentum),
                              static_cast<acc_t>(1.0 - dampening), static_cast<acc_t>(weight_decay),
-                             static_cast<acc_t>(gscale), static_cast<acc_t>(maximize ? -1.0 : 1.0)};
+                             static_cast<acc_t>(gscale), static_cast<acc_t>(maximize ? -1.0 : 1.0),
+                             unscale};
     if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
       if (master) {
         sgd_dispatch<scalar_t, float, true>(sl, items, has_momentum, is_first_step, nesterov, c);
@@ -576,9 +603,11 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   if (params.empty() || skip_step(found_inf)) return;
   const double gscale = inv_scale(grad_scale);
   lr = read_lr(lr, lr_tensor);
-  DenseGroup d = make_dense({params, grads, momentum_buffers, master_params}, {true, false, true, true});
+  DenseGroup d = make_dense({params, grads, momentum_buffers, master_params},
+                            {true, grad_scale.has_value(), true, true});
   sgd_cpu(slots_of(d), params[0].scalar_type(), !master_params.empty(), !momentum_buffers.empty(),
-          lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step, gscale);
+          lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step, gscale,
+          grad_scale.has_value());
   d.finish();
 }
 
@@ -683,7 +712,7 @@ class StepPlan : public torch::CustomClassHolder {
   // This step's pointers for the parameters that have a gradient, their indices in `active`; a
   // parameter whose grad is None is skipped with its state untouched, as torch.optim does (frozen
   // layers never leave the plan). False, having changed nothing, when the general path must run.
-  bool gather(Slots& sl, std::vector<size_t>& active) const {
+  bool gather(Slots& sl, std::vector<size_t>& active, bool write_grads) const {
     const auto& P = slots_[0];
     const size_t n = P.size();
     sl.ptr.assign(slots_.size(), {});
@@ -718,7 +747,9 @@ class StepPlan : public torch::CustomClassHolder {
       active.push_back(i);
       sl.numel.push_back(p.numel());
       sl.ptr[0].push_back(p.data_ptr());
-      sl.ptr[1].push_back(const_cast<void*>(g.const_data_ptr()));
+      // The mutable pointer (which gives a lazily copied grad its own storage) only when the
+      // step writes the grads back unscaled.
+      sl.ptr[1].push_back(write_grads ? g.data_ptr() : const_cast<void*>(g.const_data_ptr()));
       for (size_t s = 2; s < slots_.size(); ++s) {
         if (base[s] != nullptr) sl.ptr[s].push_back(base[s] + packed_[s]->offset[i]);
         else if (!slots_[s].empty()) sl.ptr[s].push_back(slots_[s][i].data_ptr());
@@ -734,7 +765,7 @@ class StepPlan : public torch::CustomClassHolder {
   Start start(Slots& sl, std::vector<size_t>& active, const std::optional<at::Tensor>& lr_tensor,
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf, const char* op) const {
-    if (!gather(sl, active)) return Start::Decline;
+    if (!gather(sl, active, grad_scale.has_value())) return Start::Decline;
     if (active.empty()) return Start::Skip;
     const at::Device cpu(at::kCPU);
     check_lr_tensor(lr_tensor, cpu, op);
@@ -789,7 +820,8 @@ class AdamWPlan : public StepPlan {
     std::vector<double> steps;
     if (!bump(active, steps)) return false;
     adam_cpu(sl, dtype_, !slots_[5].empty(), !slots_[4].empty(), steps, read_lr(lr, lr_tensor),
-             beta1, beta2, weight_decay, eps, maximize, decoupled_weight_decay, gscale);
+             beta1, beta2, weight_decay, eps, maximize, decoupled_weight_decay, gscale,
+             grad_scale.has_value());
     return true;
   }
 };
@@ -812,7 +844,8 @@ class SGDPlan : public StepPlan {
     const Start st = start(sl, active, lr_tensor, grad_scale, found_inf, kSGD);
     if (st != Start::Run) return st == Start::Skip;
     sgd_cpu(sl, dtype_, !slots_[3].empty(), !slots_[2].empty(), read_lr(lr, lr_tensor), momentum,
-            dampening, weight_decay, nesterov, maximize, /*is_first_step=*/false, inv_scale(grad_scale));
+            dampening, weight_decay, nesterov, maximize, /*is_first_step=*/false, inv_scale(grad_scale),
+            grad_scale.has_value());
     return true;
   }
 };
@@ -896,11 +929,12 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   cuda_optim::AdamArgs args{device_scalars(lr, lr_tensor, grad_scale, found_inf), beta1, beta2,
                             weight_decay, eps, amsgrad, maximize, decoupled_weight_decay};
   const size_t n = params.size();
+  // The dense copies (which may fail, e.g. out of memory) come before the counters are bumped.
+  DenseGroup d = make_dense({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params},
+                            {true, grad_scale.has_value(), true, true, true, true});
   std::vector<float*> steps(n);
   for (size_t i = 0; i < n; ++i) steps[i] = state_steps[i].data_ptr<float>();
   check_cuda(cuda_optim::increment_steps(steps.data(), static_cast<int>(n), args.s.found_inf, stream), kAdamW);
-  DenseGroup d = make_dense({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params},
-                            {true, false, true, true, true, true});
   std::vector<cuda_optim::TensorPtrs> tp(n);
   for (size_t i = 0; i < n; ++i) {
     tp[i] = {d.work[0][i].data_ptr(), d.work[1][i].data_ptr(), d.work[2][i].data_ptr(),
@@ -925,7 +959,8 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   void* stream = at::cuda::getCurrentCUDAStream().stream();
   cuda_optim::SGDArgs args{device_scalars(lr, lr_tensor, grad_scale, found_inf), momentum, dampening,
                            weight_decay, nesterov, maximize, is_first_step, !momentum_buffers.empty()};
-  DenseGroup d = make_dense({params, grads, momentum_buffers, master_params}, {true, false, true, true});
+  DenseGroup d = make_dense({params, grads, momentum_buffers, master_params},
+                            {true, grad_scale.has_value(), true, true});
   const size_t n = params.size();
   std::vector<cuda_optim::TensorPtrs> tp(n);
   for (size_t i = 0; i < n; ++i) {

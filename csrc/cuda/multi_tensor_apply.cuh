@@ -21,7 +21,7 @@ enum class DType : int { Float = 0, Double = 1, Half = 2, BFloat16 = 3 };
 // float32 when `master` (an fp32 copy of an fp16/bf16 param) is given.
 struct TensorPtrs {
   void* param;
-  const void* grad;
+  void* grad;     // written back unscaled when grad_scale is given (and the step not skipped)
   void* state0;   // adam: exp_avg; sgd: momentum_buffer (null when momentum == 0)
   void* state1;   // adam: exp_avg_sq
   void* state2;   // adam: max_exp_avg_sq (amsgrad)

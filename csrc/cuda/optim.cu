@@ -76,7 +76,10 @@ __device__ __forceinline__ bool skip_step(const DeviceScalars& s) {
   return s.found_inf != nullptr && *s.found_inf != 0.f;
 }
 
-// The float32 reciprocal GradScaler.unscale_ multiplies by.
+// The float32 reciprocal GradScaler.unscale_ multiplies by. With a grad_scale, a
+// step that is not skipped writes the unscaled gradient back into the grad, as torch's fused
+// optimizers do (GradScaler.unscale_ does it in place for the others), so that p.grad read after
+// scaler.step(opt) is the true gradient.
 template <typename acc_t>
 __device__ __forceinline__ acc_t inv_scale(const DeviceScalars& s) {
   return s.grad_scale ? static_cast<acc_t>(static_cast<float>(1.0 / static_cast<double>(*s.grad_scale)))
@@ -102,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Meta meta, AdamArgs a) {
   const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
   const int64_t end = min(t.numel, begin + kChunk);
   scalar_t* __restrict__ p = static_cast<scalar_t*>(t.param);
-  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(t.grad);
+  scalar_t* __restrict__ g = static_cast<scalar_t*>(t.grad);
   state_t* __restrict__ m = static_cast<state_t*>(t.state0);
   state_t* __restrict__ v = static_cast<state_t*>(t.state1);
   state_t* __restrict__ vmax = static_cast<state_t*>(t.state2);
@@ -117,7 +120,8 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Meta meta, AdamArgs a) {
   const acc_t l2 = static_cast<acc_t>(a.decoupled ? 0.0 : a.weight_decay);
   const acc_t beta2 = static_cast<acc_t>(a.beta2), omb2 = static_cast<acc_t>(1.0 - a.beta2);
   const acc_t lerp_w = static_cast<acc_t>(1.0 - a.beta1), eps = static_cast<acc_t>(a.eps);
-  const acc_t gmul = inv_scale<acc_t>(a.s) * (a.maximize ? acc_t(-1) : acc_t(1));
+  const acc_t inv = inv_scale<acc_t>(a.s), sign = a.maximize ? acc_t(-1) : acc_t(1);
+  const bool store_grad = a.s.grad_scale != nullptr;
 
   for (int64_t base = begin; base < end; base += static_cast<int64_t>(kThreads) * kILP) {
     acc_t rp[kILP], rg[kILP], rm[kILP], rv[kILP], rx[kILP];
@@ -136,7 +140,8 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Meta meta, AdamArgs a) {
     }
 #pragma unroll
     for (int k = 0; k < kILP; ++k) {
-      acc_t gi = rg[k] * gmul;
+      rg[k] = rg[k] * inv;  // the unscaled gradient, stored back below (see inv_scale)
+      acc_t gi = rg[k] * sign;
       const acc_t pi = rp[k] * decay;
       if (l2 != acc_t(0)) gi = gi + l2 * pi;
       rm[k] = lerp(rm[k], gi, lerp_w);
@@ -159,6 +164,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Meta meta, AdamArgs a) {
         store(m, i, rm[k]);
         store(v, i, rv[k]);
         if (a.amsgrad) store(vmax, i, rx[k]);
+        if (store_grad) store(g, i, rg[k]);
       }
     }
   }
@@ -172,15 +178,18 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Meta meta, SGDArgs a) {
   const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
   const int64_t end = min(t.numel, begin + kChunk);
   scalar_t* __restrict__ p = static_cast<scalar_t*>(t.param);
-  const scalar_t* __restrict__ g = static_cast<const scalar_t*>(t.grad);
+  scalar_t* __restrict__ g = static_cast<scalar_t*>(t.grad);
   state_t* __restrict__ buf = static_cast<state_t*>(t.state0);
   float* __restrict__ master = t.master;
   const acc_t lr = static_cast<acc_t>(device_lr(a.s));
   const acc_t mom = static_cast<acc_t>(a.momentum), omd = static_cast<acc_t>(1.0 - a.dampening);
   const acc_t wd = static_cast<acc_t>(a.weight_decay);
-  const acc_t gmul = inv_scale<acc_t>(a.s) * (a.maximize ? acc_t(-1) : acc_t(1));
+  const acc_t inv = inv_scale<acc_t>(a.s), sign = a.maximize ? acc_t(-1) : acc_t(1);
+  const bool store_grad = a.s.grad_scale != nullptr;
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    acc_t gi = static_cast<acc_t>(load(g, i)) * gmul;
+    acc_t gi = static_cast<acc_t>(load(g, i)) * inv;
+    if (store_grad) store(g, i, gi);  // see inv_scale
+    gi = gi * sign;
     acc_t pi = MASTER ? static_cast<acc_t>(master[i]) : static_cast<acc_t>(load(p, i));
     if (wd != acc_t(0)) gi = gi + wd * pi;
     if (a.has_momentum) {

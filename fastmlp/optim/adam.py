@@ -86,6 +86,8 @@ class _FusedAdamBase(FusedStep):
         pw, grads, m, v, vmax, steps = [], [], [], [], [], []
         # torch's own lazy state init, placement and errors (sparse grads, unsupported dtypes).
         self._init_group(group, pw, grads, m, v, vmax, steps)
+        for p in pw:  # a counter set by hand (float64, on the CPU for a CUDA param) as the op takes it
+            move_step_to_fused_layout(self.state[p], p)
         amsgrad = group["amsgrad"]
         for (device, dtype), idx in group_by_device_dtype(pw).items():
             bp = pick(pw, idx, len(pw))
