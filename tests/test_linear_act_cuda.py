@@ -4,7 +4,8 @@ What only a GPU run can tell: each forward path (cuBLASLt epilogues BIAS / RELU_
 GELU_AUX_BIAS, our epilogue kernel after a BIAS GEMM, the at::mm fallback) agrees with native
 PyTorch, including NaN and odd widths (10, 781) that break the epilogues' alignment rules; the
 cuBLASLt path agrees with the fallback (FASTMLP_CUBLASLT=0); device mismatch errors; autocast +
-GradScaler through FusedLinear; one bf16 case past 2^31 elements; fewer kernel launches than eager.
+GradScaler through FusedLinear; one bf16 case past 2^31 elements; that the cuBLASLt path is taken
+where it should be (launch counts against eager are measured by bench/gpu_profile.py).
 
 Every test here is marked `cuda` and skips with its reason on a machine without a GPU.
 """
@@ -158,8 +159,9 @@ def test_smoke_lt_matches_fallback(activation, dtype, out_f, monkeypatch):
     outs = {}
     for lt in ("1", "0"):
         monkeypatch.setenv("FASTMLP_CUBLASLT", lt)
-        y, saved = linear_act_forward(x, w, b, activation, True)
-        grads = linear_act_backward(g, x, w, y, saved, activation, [True, True, True])
+        with torch.no_grad():  # the fused backward kernel (with grad recording: the ATen ops it fuses)
+            y, saved = linear_act_forward(x, w, b, activation, True)
+            grads = linear_act_backward(g, x, w, y, saved, activation, [True, True, True])
         outs[lt] = (y, saved, *grads)
     names = ("y", "saved", "grad_x", "grad_w", "grad_b")
     if activation == "relu":
@@ -218,11 +220,14 @@ def test_bias_grad_split_rows(dtype):
     the bias gradient is deterministic run to run."""
     x, w, b = make(8192, 64, 1000, dtype)
     check_fwd_bwd(x, w, b, "gelu", dtype)
-    y, saved = linear_act_forward(x, w, b, "gelu", True)
-    g = torch.randn_like(y)
-    db1 = linear_act_backward(g, x, w, y, saved, "gelu", [False, False, True])[2]
-    db2 = linear_act_backward(g, x, w, y, saved, "gelu", [False, False, True])[2]
+    with torch.no_grad():  # the fused backward kernel (with grad recording: the ATen ops it fuses)
+        y, saved = linear_act_forward(x, w, b, "gelu", True)
+        g = torch.randn_like(y)
+        db1 = linear_act_backward(g, x, w, y, saved, "gelu", [False, False, True])[2]
+        db2 = linear_act_backward(g, x, w, y, saved, "gelu", [False, False, True])[2]
     assert torch.equal(db1, db2)
+    want = torch.ops.aten.gelu_backward(g.double(), saved.double()).sum(0).to(dtype)
+    assert_close(db1, want, dtype, "grad_b")
 
 
 def test_device_mismatch():
@@ -303,6 +308,34 @@ def test_reduced_precision_reduction_settings(dtype, setting):
         setattr(matmul, name, old)
 
 
+@pytest.mark.parametrize("setting", [False, (False, False)], ids=["no_reduced", "no_split_k"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_reduced_precision_reduction_is_fp32(dtype, setting):
+    """With reduced-precision reductions disallowed, every sum is reduced in fp32, exactly as in one
+    pass: each output row is 2048 + 1 - 2048 over k = 8192 (the terms at both ends of k, so in
+    different split-K slices). A split-K scheme that wrote 2048 + 1 to fp16/bf16 first would round
+    it to 2048 and return 0 instead of 1."""
+    name = "allow_fp16_reduced_precision_reduction" if dtype == torch.float16 else "allow_bf16_reduced_precision_reduction"
+    matmul = torch.backends.cuda.matmul
+    old = getattr(matmul, name)
+    setattr(matmul, name, setting)
+    try:
+        for rows in (16, 64):
+            x = torch.ones(rows, 8192, device="cuda", dtype=dtype)
+            w = torch.zeros(64, 8192, device="cuda", dtype=dtype)
+            w[:, 0], w[:, 1], w[:, -1] = 2048.0, 1.0, -2048.0
+            for bias in (None, torch.zeros(64, device="cuda", dtype=dtype)):
+                for activation in ("none", "relu", "gelu_tanh"):
+                    # gelu_tanh (cuBLASLt's GELU_AUX epilogue in fp16/bf16): the saved
+                    # pre-activation is exact; the output's tanh may be an approximation.
+                    z = linear_act_forward(x, w, bias, activation, True)[1] if activation == "gelu_tanh" else \
+                        fastmlp.functional.linear_act(x, w, bias, activation)
+                    assert torch.all(z == 1), (f"{activation}, bias={bias is not None}, rows={rows}, "
+                                               f"{name}={setting}: values {z.unique().tolist()}, expected 1")
+    finally:
+        setattr(matmul, name, old)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_autocast_gradscaler(activation, dtype):
@@ -356,6 +389,28 @@ def test_64bit_indexing_bf16():
     assert_close(gx[tail], dz_tail @ w, dtype, "grad_x tail")
     want_gb = torch.ops.aten.gelu_backward(g, saved).sum(0, dtype=torch.float32).to(dtype)
     assert_close(gb, want_gb, dtype, "grad_b")
+
+
+def test_cublaslt_path_is_taken(monkeypatch):
+    """A plain aligned fp32 layer with bias and no activation runs one cuBLASLt GEMM with the BIAS
+    epilogue, fewer kernels than the forced fallback (FASTMLP_CUBLASLT=0: at::mm, then our bias
+    kernel). Every other test passes on either path, so this is the one that fails when cuBLASLt
+    setup breaks on a device and the op quietly falls back."""
+    x, w, b = make(256, 512, 512, torch.float32, requires_grad=False)
+
+    def kernels():
+        fastmlp.functional.linear_act(x, w, b, "none")
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fastmlp.functional.linear_act(x, w, b, "none")
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                and not e.name.startswith(("Memset", "Memcpy"))]
+
+    lt = kernels()
+    monkeypatch.setenv("FASTMLP_CUBLASLT", "0")
+    fallback = kernels()
+    assert 0 < len(lt) < len(fallback), f"cuBLASLt path: {lt}; fallback: {fallback}"
 
 
 # Kernel launches per call are a performance target, measured and reported by

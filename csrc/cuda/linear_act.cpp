@@ -142,10 +142,19 @@ using AlgoKey = std::array<int64_t, 14>;
 std::mutex g_algo_mutex;
 std::map<AlgoKey, AlgoEntry> g_algo_cache;
 
-#define FASTMLP_LT_TRY(expr)                         \
-  do {                                               \
-    const cublasStatus_t s_ = (expr);                \
-    if (s_ != CUBLAS_STATUS_SUCCESS) return s_;      \
+// A descriptor call that fails is a broken setup (not a shape cuBLASLt refuses): say so once, as
+// the op then runs its fallback for that shape and would otherwise hide it (tests and benchmarks
+// pass on either path).
+cublasStatus_t lt_setup_failed(cublasStatus_t s, const char* call) {
+  TORCH_WARN_ONCE(fastmlp::msg(kFwd, ": cuBLASLt setup failed (", cublasLtGetStatusString(s), ") in ", call,
+                               "; using the at::mm fallback"));
+  return s;
+}
+
+#define FASTMLP_LT_TRY(expr)                                          \
+  do {                                                                \
+    const cublasStatus_t s_ = (expr);                                 \
+    if (s_ != CUBLAS_STATUS_SUCCESS) return lt_setup_failed(s_, #expr); \
   } while (0)
 
 // D = epilogue(A^T B + bias) in cuBLASLt's column-major terms (see the file header). Returns
@@ -202,8 +211,9 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
   const uint64_t ws_limit = at::cuda::getCUDABlasLtWorkspaceSize();
   // torch.backends.cuda.matmul.allow_fp16/bf16_reduced_precision_reduction, applied as torch's
   // cuBLASLt GEMMs apply them: when reduced-precision reductions are disallowed, only split-K
-  // schemes that reduce in the compute type (fp32) or none at all (0: no restriction).
-  uint32_t reduction_mask = 0;
+  // schemes that reduce in the compute type (fp32), or no split-K at all (SCHEME_NONE, which is 0:
+  // so "no restriction" is the full mask, cuBLASLt's default, and the attribute is always set).
+  uint32_t reduction_mask = CUBLASLT_REDUCTION_SCHEME_MASK;
   if (g.st == at::kHalf || g.st == at::kBFloat16) {
     const auto option = g.st == at::kHalf ? at::globalContext().allowFP16ReductionCuBLAS()
                                           : at::globalContext().allowBF16ReductionCuBLAS();
@@ -242,15 +252,14 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
                                                         &al_d, sizeof(al_d)));
     FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                                         &al_d, sizeof(al_d)));
-    if (reduction_mask != 0) {
-      FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                                                          &reduction_mask, sizeof(reduction_mask)));
-    }
+    FASTMLP_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                                        &reduction_mask, sizeof(reduction_mask)));
     cublasLtMatmulHeuristicResult_t result{};
     int returned = 0;
     const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(at::cuda::getCurrentCUDABlasLtHandle(), desc.op,
                                                             desc.a, desc.b, desc.d, desc.d, desc.pref, 1,
                                                             &result, &returned);
+    if (s != CUBLAS_STATUS_SUCCESS && s != CUBLAS_STATUS_NOT_SUPPORTED) lt_setup_failed(s, "the heuristic");
     entry.ok = s == CUBLAS_STATUS_SUCCESS && returned > 0 && result.state == CUBLAS_STATUS_SUCCESS;
     if (entry.ok) {
       entry.algo = result.algo;
