@@ -579,6 +579,45 @@ def test_resume_is_bitwise(cls, dtype, master):
             assert torch.equal(opt2.state[q][k], v), k
 
 
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_many_tensors_across_launches(device, cls):
+    # More tensors and chunks than one CUDA launch carries (24 tensors, 320 chunks of 64k elements),
+    # sizes at chunk edges, empty tensors; on the CPU the same list crosses thread ranges. Every
+    # element is updated once per step, as by torch.optim.
+    big = 320 * 65536 + 17 if device == "cuda" else 2**20 + 3
+    sizes = [0, 1, 65535, 65536, 65537, 3 * 65536 + 5] + [777] * 40 + [big, 5]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=gen).to(device).requires_grad_() for n in sizes]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    ours, ref = cls(params, **OPT_KW[cls]), TORCH_CLS[cls](copies, foreach=False, **OPT_KW[cls])
+    for _ in range(3):
+        for p, c in zip(params, copies):
+            c.grad = torch.randn(c.shape, generator=gen).to(device)
+            p.grad = c.grad.clone()
+        ours.step()
+        ref.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p.detach(), c.detach())
+        for k, v in ref.state[c].items():
+            torch.testing.assert_close(ours.state[p][k].to(v.device, v.dtype), v)
+
+
+@pytest.mark.cuda
+def test_sgd_past_2_31_elements_cuda():
+    # One bf16 parameter of 2^31 + 5 elements: 64-bit chunk offsets (about 8 GiB of device memory).
+    if not torch.cuda.is_available() or not fastmlp.WITH_CUDA:
+        pytest.skip("needs a CUDA GPU and fastmlp built with CUDA kernels")
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip(f"needs 12 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    n = 2**31 + 5
+    p = torch.zeros(n, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    p.grad = torch.ones_like(p)
+    p.grad[-3:] = 2.0
+    SGD([p], lr=1.0).step()
+    assert torch.all(p[:-3] == -1.0) and torch.all(p[-3:] == -2.0)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
 def test_resume_across_devices(cls):

@@ -141,6 +141,7 @@ struct AlgoEntry {
 using AlgoKey = std::array<int64_t, 14>;
 std::mutex g_algo_mutex;
 std::map<AlgoKey, AlgoEntry> g_algo_cache;
+constexpr size_t kMaxAlgos = 4096;
 
 // A descriptor call that fails is a broken setup (not a shape cuBLASLt refuses): say so once, as
 // the op then runs its fallback for that shape and would otherwise hide it (tests and benchmarks
@@ -266,6 +267,9 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
       entry.workspace = result.workspaceSize;
     }
     std::lock_guard<std::mutex> lock(g_algo_mutex);
+    // Bounded: a workload of ever-new batch sizes (each one key) starts over past kMaxAlgos
+    // instead of growing for good; a heuristic call costs tens of microseconds.
+    if (g_algo_cache.size() >= kMaxAlgos) g_algo_cache.clear();
     g_algo_cache[key] = entry;
   }
   if (!entry.ok) return CUBLAS_STATUS_NOT_SUPPORTED;
