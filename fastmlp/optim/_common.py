@@ -48,7 +48,7 @@ def fused_doc(torch_cls):
     A drop-in: the same arguments, defaults, errors, hooks and state_dict layout as
     torch.optim.{name}(fused=True), so a state_dict loads into either; LR schedulers and
     torch.amp.GradScaler work as with torch's (a step with inf/NaN gradients is skipped inside
-    the kernel). What differs:
+    the kernel; a step taken leaves the gradients unscaled). What differs:
 
     - ``fused`` is always True and ``foreach`` is ignored (the fused kernel is the only path);
     - ``differentiable=True``, complex parameters and sparse gradients are refused with an error
