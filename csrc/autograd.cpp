@@ -252,7 +252,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_autograd(
                       (grad_output.requires_grad() || input.requires_grad() || weight.requires_grad() ||
                        output.requires_grad() || saved.requires_grad());
   if (record) {
-    const Act act = parse_activation(activation, "fastmlp.linear_act_backward");
+    // The op's own checks first: the ATen ops below would raise their own errors, or none.
+    const Act act = check_linear_act_backward_args(grad_output, input, weight, output, saved, activation,
+                                                   "fastmlp.linear_act_backward");
     auto g = linear_act_gradients_aten(grad_output, at::Tensor(), input, weight, output, saved, act, output_mask,
                                        input.sym_sizes());
     // The op's contract: an empty tensor for a gradient not asked for.

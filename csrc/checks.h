@@ -1,4 +1,4 @@
-// Input validation shared by every host entry function (CPU now, CUDA later).
+// Input validation shared by every host entry function (CPU and CUDA).
 //
 // Validation with messages lives here, once; the Python fake kernels in fastmlp/ops.py mirror the
 // shape and dtype rules so that eager, torch.compile and export fail alike. Kernels assume inputs
@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/accumulate.h>
 #include <c10/util/string_view.h>
 #include <cstdio>
 #include <optional>
@@ -128,6 +129,55 @@ inline Act check_linear_act_args(const at::Tensor& input, const at::Tensor& weig
                         "], got shape ", shape_str(b.sizes()));
     check_same_device(input, "input", b, "bias", op);
     check_same_dtype(input, "input", b, "bias", op);
+  }
+  return act;
+}
+
+// Rows of the 2-D view (rows, features) of a (*, features) tensor; explicit because reshape(-1, 0)
+// is ambiguous when features == 0.
+inline int64_t leading_rows(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
+}
+
+// The backward op's contract: grad_output (*, out_features) and input (*, in_features) with the
+// same leading dims, weight (out_features, in_features); for relu the forward's output and for
+// gelu / gelu_tanh / silu the saved pre-activation, with grad_output's element count; all of one
+// floating dtype on one device. Returns the activation.
+inline Act check_linear_act_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const at::Tensor& weight, const at::Tensor& output,
+                                          const at::Tensor& saved, c10::string_view activation,
+                                          const char* op) {
+  const Act act = parse_activation(activation, op);
+  check_floating(grad_output, op, "grad_output");
+  FASTMLP_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got a ",
+                      weight.dim(), "-D tensor of shape ", shape_str(weight.sizes()));
+  check_same_device(grad_output, "grad_output", weight, "weight", op);
+  check_same_device(grad_output, "grad_output", input, "input", op);
+  check_same_dtype(grad_output, "grad_output", weight, "weight", op);
+  check_same_dtype(grad_output, "grad_output", input, "input", op);
+  const int64_t in_f = weight.size(1), out_f = weight.size(0);
+  FASTMLP_CHECK_VALUE(grad_output.dim() >= 1 && grad_output.size(-1) == out_f, op,
+                      ": grad_output.shape[-1] must equal out_features = ", out_f, ", got shape ",
+                      shape_str(grad_output.sizes()));
+  FASTMLP_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == in_f, op,
+                      ": input.shape[-1] must equal in_features = ", in_f, ", got shape ",
+                      shape_str(input.sizes()));
+  const int64_t n = leading_rows(input) * out_f;
+  FASTMLP_CHECK_VALUE(grad_output.numel() == n, op, ": grad_output of shape ",
+                      shape_str(grad_output.sizes()), " does not match input of shape ",
+                      shape_str(input.sizes()), " and out_features = ", out_f);
+  if (act == Act::Relu) {
+    FASTMLP_CHECK_VALUE(output.numel() == n, op, ": relu needs the forward output, got shape ",
+                        shape_str(output.sizes()));
+    check_same_device(grad_output, "grad_output", output, "output", op);
+    check_same_dtype(grad_output, "grad_output", output, "output", op);
+  }
+  if (act_saves_preactivation(act)) {
+    FASTMLP_CHECK_VALUE(saved.numel() == n, op, ": ", std::string_view(activation.data(), activation.size()),
+                        " needs the pre-activation saved by the forward (save_for_backward=True), "
+                        "got saved of shape ", shape_str(saved.sizes()));
+    check_same_device(grad_output, "grad_output", saved, "saved", op);
+    check_same_dtype(grad_output, "grad_output", saved, "saved", op);
   }
   return act;
 }

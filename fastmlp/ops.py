@@ -20,6 +20,7 @@ linear_act_backward = torch.ops.fastmlp.linear_act_backward.default
 
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _FWD = "fastmlp.linear_act_forward"
+_BWD = "fastmlp.linear_act_backward"
 
 
 def check_activation(activation, op=_FWD):
@@ -84,9 +85,57 @@ def _linear_act_forward_fake(input, weight, bias, activation, save_for_backward)
     return y, saved
 
 
+def _check_same(a_name, a, b_name, b):
+    if a.device != b.device:
+        raise RuntimeError(f"{_BWD}: expected {a_name} and {b_name} on the same device, but got {a_name} on "
+                           f"{a.device} and {b_name} on {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{_BWD}: expected {a_name} and {b_name} to have the same dtype, but got {a_name}: "
+                        f"{a.dtype}, {b_name}: {b.dtype}")
+
+
+def _check_linear_act_backward_args(grad_output, input, weight, output, saved, activation):
+    """Mirror of check_linear_act_backward_args in csrc/checks.h (same exception types and messages)."""
+    check_activation(activation, _BWD)
+    if grad_output.dtype not in _FLOATING:
+        raise TypeError(f"{_BWD}: grad_output must be a floating-point tensor (float32, float64, float16 or "
+                        f"bfloat16), got {grad_output.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"{_BWD}: weight must be 2-D (out_features, in_features), got a {weight.dim()}-D "
+                         f"tensor of shape {list(weight.shape)}")
+    for name, t in (("weight", weight), ("input", input)):
+        _check_same("grad_output", grad_output, name, t)
+    out_f, in_f = weight.shape
+    torch._check_value(
+        grad_output.dim() >= 1 and grad_output.shape[-1] == out_f,
+        lambda: f"{_BWD}: grad_output.shape[-1] must equal out_features = {out_f}, got shape {list(grad_output.shape)}",
+    )
+    torch._check_value(
+        input.dim() >= 1 and input.shape[-1] == in_f,
+        lambda: f"{_BWD}: input.shape[-1] must equal in_features = {in_f}, got shape {list(input.shape)}",
+    )
+    n = math.prod(input.shape[:-1]) * out_f
+    torch._check_value(
+        grad_output.numel() == n,
+        lambda: f"{_BWD}: grad_output of shape {list(grad_output.shape)} does not match input of shape "
+        f"{list(input.shape)} and out_features = {out_f}",
+    )
+    if activation == "relu":
+        torch._check_value(output.numel() == n,
+                           lambda: f"{_BWD}: relu needs the forward output, got shape {list(output.shape)}")
+        _check_same("grad_output", grad_output, "output", output)
+    if activation in SAVES_PREACTIVATION:
+        torch._check_value(
+            saved.numel() == n,
+            lambda: f"{_BWD}: {activation} needs the pre-activation saved by the forward "
+            f"(save_for_backward=True), got saved of shape {list(saved.shape)}",
+        )
+        _check_same("grad_output", grad_output, "saved", saved)
+
+
 @torch.library.register_fake("fastmlp::linear_act_backward")
 def _linear_act_backward_fake(grad_output, input, weight, output, saved, activation, output_mask):
-    check_activation(activation, "fastmlp.linear_act_backward")
+    _check_linear_act_backward_args(grad_output, input, weight, output, saved, activation)
     empty = grad_output.new_empty((0,))
     return (
         grad_output.new_empty(input.shape) if output_mask[0] else empty,

@@ -597,6 +597,39 @@ def test_bad_inputs_raise_clear_errors(device):
             fn()
 
 
+@pytest.mark.parametrize("mode", ["kernel", "recorded", "fake"])
+def test_bad_backward_inputs_raise_clear_errors(device, mode):
+    # The backward op called directly: the same checks and messages whether it runs its kernel, is
+    # recorded as the ATen ops it fuses (an input requires grad), or runs its fake kernel (meta).
+    if mode == "fake":
+        device = "meta"
+    x, w = torch.randn(4, 6, device=device), torch.randn(5, 6, device=device)
+    g, y, z = (torch.randn(4, 5, device=device) for _ in range(3))
+    e = torch.empty(0, device=device)
+    if mode == "recorded":
+        x.requires_grad_()
+    bwd = lambda g, x, w, y, s, act: ops.linear_act_backward(g, x, w, y, s, act, [True, True, True])  # noqa: E731
+    op = r"^fastmlp.linear_act_backward: "
+    cases = [
+        (lambda: bwd(g, x, w, y, z, "tanh"), ValueError, r"unknown activation 'tanh'"),
+        (lambda: bwd(g.long(), x, w, y, z, "gelu"), TypeError, r"grad_output must be a floating-point tensor"),
+        (lambda: bwd(g, x, w[None], y, z, "gelu"), ValueError, r"weight must be 2-D \(out_features, in_features\), got a 3-D"),
+        (lambda: bwd(g.double(), x, w, y, z, "gelu"), TypeError, r"expected grad_output and weight to have the same dtype"),
+        (lambda: bwd(g, x.double(), w, y, z, "gelu"), TypeError, r"expected grad_output and input to have the same dtype"),
+        (lambda: bwd(g[:, :4], x, w, y, z, "gelu"), ValueError, r"grad_output.shape\[-1\] must equal out_features = 5, got shape \[4, 4\]"),
+        (lambda: bwd(g, torch.randn(4, 7, device=device), w, y, z, "gelu"), ValueError, r"input.shape\[-1\] must equal in_features = 6"),
+        (lambda: bwd(g[:3], x, w, y, z, "gelu"), ValueError, r"grad_output of shape \[3, 5\] does not match input of shape \[4, 6\]"),
+        (lambda: bwd(g, x, w, e, e, "relu"), ValueError, r"relu needs the forward output, got shape \[0\]"),
+        (lambda: bwd(g, x, w, y.double(), e, "relu"), TypeError, r"expected grad_output and output to have the same dtype"),
+        (lambda: bwd(g, x, w, e, e, "silu"), ValueError, r"silu needs the pre-activation saved by the forward"),
+        (lambda: bwd(g, x, w, e, z.double(), "gelu"), TypeError, r"expected grad_output and saved to have the same dtype"),
+    ]
+    for fn, exc, pattern in cases:
+        with pytest.raises(exc, match=op + pattern):
+            fn()
+    bwd(g, x, w, y, z, "gelu")  # the good call runs
+
+
 def test_bad_inputs_fail_alike_under_compile():
     torch._dynamo.reset()
     x, w = torch.randn(4, 6), torch.randn(5, 7)

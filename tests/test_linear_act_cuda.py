@@ -240,6 +240,12 @@ def test_device_mismatch():
         linear_act_backward(torch.randn(3, 8), torch.randn(3, 4, device="cuda"), w,
                             torch.empty(0, device="cuda"), torch.empty(0, device="cuda"), "none",
                             [True, True, True])
+    # A CPU backward handed a CUDA output / pre-activation (its kernel would read device memory).
+    x, wc, g = torch.randn(3, 4), torch.randn(8, 4), torch.randn(3, 8)
+    for act, y, saved in (("relu", torch.randn(3, 8, device="cuda"), torch.empty(0)),
+                          ("gelu", torch.empty(0), torch.randn(3, 8, device="cuda"))):
+        with pytest.raises(RuntimeError, match="same device"):
+            linear_act_backward(g, x, wc, y, saved, act, [True, True, True])
 
 
 @pytest.mark.parametrize("api", ["allow_tf32", "fp32_precision", "set_float32_matmul_precision"])

@@ -154,12 +154,6 @@ void backward_prologue(const at::Tensor& g, const at::Tensor& y, const at::Tenso
   });
 }
 
-// Rows of the 2-D view (rows, features) of a (*, features) tensor; explicit because reshape(-1, 0)
-// is ambiguous when features == 0.
-inline int64_t leading_rows(const at::Tensor& t) {
-  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
-}
-
 std::tuple<at::Tensor, at::Tensor> linear_act_forward_cpu(const at::Tensor& input,
                                                           const at::Tensor& weight,
                                                           const std::optional<at::Tensor>& bias,
@@ -197,16 +191,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& output, const at::Tensor& saved, c10::string_view activation,
     std::array<bool, 3> output_mask) {
-  const Act act = parse_activation(activation, kBwd);
+  const Act act = check_linear_act_backward_args(grad_output, input, weight, output, saved, activation, kBwd);
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
   const int64_t rows = leading_rows(input);
   const at::Tensor g = grad_output.reshape({rows, out_f}).contiguous();
-  FASTMLP_CHECK_VALUE(act != Act::Relu || output.numel() == g.numel(), kBwd,
-                      ": relu needs the forward output, got shape ", shape_str(output.sizes()));
-  FASTMLP_CHECK_VALUE(!act_saves_preactivation(act) || saved.numel() == g.numel(), kBwd,
-                      ": ", std::string(activation.data(), activation.size()),
-                      " needs the pre-activation saved by the forward (save_for_backward=True), "
-                      "got saved of shape ", shape_str(saved.sizes()));
   const at::Tensor y = act == Act::Relu ? output.reshape({rows, out_f}).contiguous() : output;
   const at::Tensor z = act_saves_preactivation(act) ? saved.contiguous() : saved;
   const auto opts = grad_output.options();

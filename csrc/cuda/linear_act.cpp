@@ -85,12 +85,6 @@ std::string shape_str(const Shape& s) {
   return fastmlp::msg("x [", s.rows, ", ", s.in_f, "], weight [", s.out_f, ", ", s.in_f, "], ", s.st);
 }
 
-// Rows of the 2-D view (rows, features) of a (*, features) tensor; explicit because
-// reshape(-1, 0) is ambiguous when features == 0.
-int64_t leading_rows(const at::Tensor& t) {
-  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
-}
-
 void check_launch(cudaError_t err, const char* op, const char* what, const Shape& shape) {
   if (err == cudaSuccess) return;
   FASTMLP_CHECK(false, op, ": CUDA launch of the ", what, " kernel failed for ", shape_str(shape), ": ",
@@ -468,46 +462,16 @@ at::Tensor zeroed_counters(const at::Tensor& like, int64_t n) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& output,
     const at::Tensor& saved, c10::string_view activation, std::array<bool, 3> output_mask) {
-  const Act act = parse_activation(activation, kBwd);
-  check_floating(grad_output, kBwd, "grad_output");
-  FASTMLP_CHECK_VALUE(weight.dim() == 2, kBwd, ": weight must be 2-D, got shape ",
-                      fastmlp::shape_str(weight.sizes()));
-  check_same_device(grad_output, "grad_output", weight, "weight", kBwd);
-  check_same_device(grad_output, "grad_output", input, "input", kBwd);
-  check_same_dtype(grad_output, "grad_output", weight, "weight", kBwd);
-  check_same_dtype(grad_output, "grad_output", input, "input", kBwd);
+  const Act act = check_linear_act_backward_args(grad_output, input, weight, output, saved, activation, kBwd);
   FASTMLP_CHECK(grad_output.is_cuda(), kBwd, ": expected CUDA tensors, got grad_output on ",
                 grad_output.device());
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const int64_t in_f = weight.size(1), out_f = weight.size(0);
-  FASTMLP_CHECK_VALUE(grad_output.dim() >= 1 && grad_output.size(-1) == out_f, kBwd,
-                      ": grad_output.shape[-1] must equal out_features = ", out_f, ", got shape ",
-                      fastmlp::shape_str(grad_output.sizes()));
-  FASTMLP_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == in_f, kBwd,
-                      ": input.shape[-1] must equal in_features = ", in_f, ", got shape ",
-                      fastmlp::shape_str(input.sizes()));
   const int64_t rows = leading_rows(input);
-  FASTMLP_CHECK_VALUE(grad_output.numel() == rows * out_f, kBwd, ": grad_output of shape ",
-                      fastmlp::shape_str(grad_output.sizes()), " does not match input of shape ",
-                      fastmlp::shape_str(input.sizes()), " and out_features = ", out_f);
   const at::Tensor g = grad_output.reshape({rows, out_f}).contiguous();
-  FASTMLP_CHECK_VALUE(act != Act::Relu || output.numel() == g.numel(), kBwd,
-                      ": relu needs the forward output, got shape ", fastmlp::shape_str(output.sizes()));
-  FASTMLP_CHECK_VALUE(!act_saves_preactivation(act) || saved.numel() == g.numel(), kBwd, ": ",
-                      std::string(activation.data(), activation.size()),
-                      " needs the pre-activation saved by the forward (save_for_backward=True), "
-                      "got saved of shape ", fastmlp::shape_str(saved.sizes()));
   at::Tensor y, z;
-  if (act == Act::Relu) {
-    check_same_device(grad_output, "grad_output", output, "output", kBwd);
-    check_same_dtype(grad_output, "grad_output", output, "output", kBwd);
-    y = output.reshape({rows, out_f}).contiguous();
-  }
-  if (act_saves_preactivation(act)) {
-    check_same_device(grad_output, "grad_output", saved, "saved", kBwd);
-    check_same_dtype(grad_output, "grad_output", saved, "saved", kBwd);
-    z = saved.reshape({rows, out_f}).contiguous();
-  }
+  if (act == Act::Relu) y = output.reshape({rows, out_f}).contiguous();
+  if (act_saves_preactivation(act)) z = saved.reshape({rows, out_f}).contiguous();
   const auto opts = grad_output.options();
   const bool need_dz = output_mask[0] || output_mask[1];
   at::Tensor dz = (act == Act::None || !need_dz) ? g : at::empty({rows, out_f}, opts);
