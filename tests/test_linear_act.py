@@ -598,7 +598,7 @@ def test_bad_inputs_raise_clear_errors(device):
 
 
 @pytest.mark.parametrize("mode", ["kernel", "recorded", "fake"])
-def test_bad_backward_inputs_raise_clear_errors(device, mode):
+def test_bad_inputs_backward_raise_clear_errors(device, mode):
     # The backward op called directly: the same checks and messages whether it runs its kernel, is
     # recorded as the ATen ops it fuses (an input requires grad), or runs its fake kernel (meta).
     if mode == "fake":
