@@ -350,6 +350,34 @@ def test_found_inf_and_grad_scale_direct(device, cls, first):
                 torch.testing.assert_close(ours.state[p][k].to(v.device, v.dtype), v, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_expanded_grad(device, cls):
+    # A grad whose elements share memory (expanded) is read fine; with a grad_scale the step would
+    # write it back unscaled, so it is refused before anything changes (torch's for-loop refuses it
+    # in GradScaler.unscale_, also before the step).
+    kw = dict(lr=0.1, momentum=0.9) if cls is SGD else dict(lr=0.01)
+    params = [torch.randn(4, 6, device=device, requires_grad=True) for _ in range(2)]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    ours, ref = cls(params, **kw), TORCH_CLS[cls](copies, foreach=False, **kw)
+    for p, c in zip(params, copies):
+        p.grad = torch.full((1, 6), 0.5, device=device).expand(4, 6)
+        c.grad = p.grad.clone()
+    ours.step()
+    ref.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p.detach(), c.detach())
+    before = ([p.detach().clone() for p in params], [p.grad.clone() for p in params],
+              [{k: v.clone() for k, v in ours.state[p].items()} for p in params])
+    params[0].grad = params[0].grad.contiguous()
+    ours.grad_scale = torch.full((), 4.0, device=device)
+    with pytest.raises(ValueError, match=r"grads\[1\] has elements that share memory \(e.g. an expanded tensor\)"):
+        ours.step()
+    for i, p in enumerate(params):
+        assert torch.equal(p.detach(), before[0][i]) and torch.equal(p.grad, before[1][i])
+        for k, v in before[2][i].items():
+            assert torch.equal(ours.state[p][k], v), k
+
+
 # ---- state_dict ------------------------------------------------------------------------------
 
 def _save_load(sd):

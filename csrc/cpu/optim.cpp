@@ -29,6 +29,7 @@
 // validation with one set of messages; csrc/cuda/multi_tensor_apply.cuh says why the .cu file
 // itself holds kernels only.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
@@ -72,6 +73,19 @@ void check_like_param(const at::Tensor& p, const at::Tensor& t, const char* op, 
                 "; all tensors of one call must be on one device");
   FASTMLP_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ",
                      t.scalar_type(), ", expected ", dtype);
+}
+
+// A tensor the step writes in place must not have elements that share memory (an expanded tensor):
+// refused before anything changes (the write, or the copy back from a dense working copy, would
+// fail half way through the step otherwise).
+void check_writable(const at::Tensor& t, const char* op, const char* name, size_t i) {
+  FASTMLP_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name, "[", i,
+                      "] has elements that share memory (e.g. an expanded tensor), but the step writes it in "
+                      "place; give it memory of its own (.clone())");
+}
+
+void check_writable(at::TensorList list, const char* op, const char* name) {
+  for (size_t i = 0; i < list.size(); ++i) check_writable(list[i], op, name, i);
 }
 
 void check_scalar_tensor(const std::optional<at::Tensor>& t, const at::Device& dev,
@@ -125,6 +139,15 @@ at::ScalarType check_common(at::TensorList params, at::TensorList grads,
   return master_params.empty() ? p0.scalar_type() : at::kFloat;
 }
 
+// The lists both ops write: params, master copies, and the grads when a grad_scale has them
+// written back unscaled.
+void check_written(at::TensorList params, at::TensorList grads, at::TensorList master_params,
+                   const std::optional<at::Tensor>& grad_scale, const char* op) {
+  check_writable(params, op, "params");
+  check_writable(master_params, op, "master_params");
+  if (grad_scale.has_value()) check_writable(grads, op, "grads");
+}
+
 }  // namespace
 
 void check_adamw_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -158,6 +181,10 @@ void check_adamw_step_args(at::TensorList params, at::TensorList grads, at::Tens
   check_lr_tensor(lr_tensor, dev, op);
   check_scalar_tensor(grad_scale, dev, op, "grad_scale");
   check_scalar_tensor(found_inf, dev, op, "found_inf");
+  check_written(params, grads, master_params, grad_scale, op);
+  check_writable(exp_avgs, op, "exp_avgs");
+  check_writable(exp_avg_sqs, op, "exp_avg_sqs");
+  check_writable(max_exp_avg_sqs, op, "max_exp_avg_sqs");
 }
 
 void check_sgd_step_args(at::TensorList params, at::TensorList grads,
@@ -179,6 +206,8 @@ void check_sgd_step_args(at::TensorList params, at::TensorList grads,
   check_lr_tensor(lr_tensor, dev, op);
   check_scalar_tensor(grad_scale, dev, op, "grad_scale");
   check_scalar_tensor(found_inf, dev, op, "found_inf");
+  check_written(params, grads, master_params, grad_scale, op);
+  check_writable(momentum_buffers, op, "momentum_buffers");
 }
 
 // The tensors the kernels see: slot s of parameter i is work[s][i]. A parameter whose members do
