@@ -69,27 +69,32 @@ variable_list linear_act_gradients_aten(const at::Tensor& grad_y, const at::Tens
                                         const at::Tensor& output, const at::Tensor& saved, Act act,
                                         std::array<bool, 3> mask, c10::SymIntArrayRef input_sizes) {
   const c10::SymInt out_f = grad_y.defined() ? grad_y.sym_size(-1) : grad_z.sym_size(-1);
+  // Explicit row counts: reshape(-1, 0) is ambiguous when a feature count is 0.
+  c10::SymInt rows = 1;
+  for (size_t d = 0; d + 1 < input_sizes.size(); ++d) rows = rows * input_sizes[d];
+  const auto as_rows = [&](const at::Tensor& t) { return t.reshape_symint({rows, out_f}); };
   at::Tensor dz;
   if (grad_y.defined()) {
-    const at::Tensor g = grad_y.reshape_symint({-1, out_f});
+    const at::Tensor g = as_rows(grad_y);
     switch (act) {
-      case Act::Relu: dz = at::threshold_backward(g, output.reshape_symint({-1, out_f}), 0); break;
-      case Act::Gelu: dz = at::gelu_backward(g, saved); break;
-      case Act::GeluTanh: dz = at::gelu_backward(g, saved, "tanh"); break;
+      case Act::Relu: dz = at::threshold_backward(g, as_rows(output), 0); break;
+      case Act::Gelu: dz = at::gelu_backward(g, as_rows(saved)); break;
+      case Act::GeluTanh: dz = at::gelu_backward(g, as_rows(saved), "tanh"); break;
       case Act::Silu: {
         // silu' = s (1 + z (1 - s)), s = sigmoid(z), as ATen ops: aten::silu_backward itself has
         // no derivative (torch's own SiLU switches to this form when its backward is recorded).
-        const at::Tensor s = at::sigmoid(saved);
-        dz = at::mul(g, at::mul(s, at::add(at::mul(saved, at::rsub(s, 1)), 1)));
+        const at::Tensor z = as_rows(saved);
+        const at::Tensor s = at::sigmoid(z);
+        dz = at::mul(g, at::mul(s, at::add(at::mul(z, at::rsub(s, 1)), 1)));
         break;
       }
       default: dz = g; break;
     }
   }
-  if (grad_z.defined()) dz = dz.defined() ? at::add(dz, grad_z) : grad_z;
+  if (grad_z.defined()) dz = dz.defined() ? at::add(dz, as_rows(grad_z)) : as_rows(grad_z);
   variable_list out(3);
   if (mask[0]) out[0] = dz.mm(weight).reshape_symint(input_sizes);
-  if (mask[1]) out[1] = dz.t().mm(input.reshape_symint({-1, input.sym_size(-1)}));
+  if (mask[1]) out[1] = dz.t().mm(input.reshape_symint({rows, input_sizes.back()}));
   if (mask[2]) out[2] = dz.sum(0);
   return out;
 }

@@ -42,6 +42,9 @@ inline void put(std::string& s, double v) {
 }
 inline void put(std::string& s, at::ScalarType v) { s += c10::toString(v); }
 inline void put(std::string& s, const c10::Device& v) { s += v.str(); }
+// A symbolic size (torch.compile) is printed as the value it has in this trace (this specialises
+// the trace, which does not matter on the way to an error).
+inline void put(std::string& s, const c10::SymInt& v) { s += std::to_string(v.guard_int(__FILE__, __LINE__)); }
 template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
 inline void put(std::string& s, T v) {
   s += std::to_string(v);
@@ -67,6 +70,15 @@ inline std::string shape_str(c10::IntArrayRef sizes) {
   for (size_t i = 0; i < sizes.size(); ++i) {
     if (i) s += ", ";
     s += std::to_string(sizes[i]);
+  }
+  return s + "]";
+}
+
+inline std::string shape_str(c10::SymIntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) s += ", ";
+    msg_detail::put(s, sizes[i]);
   }
   return s + "]";
 }
@@ -139,10 +151,11 @@ inline int64_t leading_rows(const at::Tensor& t) {
   return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
-// The backward op's contract: grad_output (*, out_features) and input (*, in_features) with the
-// same leading dims, weight (out_features, in_features); for relu the forward's output and for
-// gelu / gelu_tanh / silu the saved pre-activation, with grad_output's element count; all of one
-// floating dtype on one device. Returns the activation.
+// The backward op's contract: grad_output (*, out_features) with as many elements as input
+// (*, in_features) has rows, weight (out_features, in_features); for relu the forward's output and
+// for gelu / gelu_tanh / silu the saved pre-activation, each with grad_output's element count; all
+// of one floating dtype on one device. Returns the activation. Sizes are read symbolically: the
+// recorded path (csrc/autograd.cpp) runs this on fake tensors under torch.compile.
 inline Act check_linear_act_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
                                           const at::Tensor& weight, const at::Tensor& output,
                                           const at::Tensor& saved, c10::string_view activation,
@@ -150,32 +163,33 @@ inline Act check_linear_act_backward_args(const at::Tensor& grad_output, const a
   const Act act = parse_activation(activation, op);
   check_floating(grad_output, op, "grad_output");
   FASTMLP_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got a ",
-                      weight.dim(), "-D tensor of shape ", shape_str(weight.sizes()));
+                      weight.dim(), "-D tensor of shape ", shape_str(weight.sym_sizes()));
   check_same_device(grad_output, "grad_output", weight, "weight", op);
   check_same_device(grad_output, "grad_output", input, "input", op);
   check_same_dtype(grad_output, "grad_output", weight, "weight", op);
   check_same_dtype(grad_output, "grad_output", input, "input", op);
-  const int64_t in_f = weight.size(1), out_f = weight.size(0);
-  FASTMLP_CHECK_VALUE(grad_output.dim() >= 1 && grad_output.size(-1) == out_f, op,
+  const c10::SymInt in_f = weight.sym_size(1), out_f = weight.sym_size(0);
+  FASTMLP_CHECK_VALUE(grad_output.dim() >= 1 && grad_output.sym_size(-1) == out_f, op,
                       ": grad_output.shape[-1] must equal out_features = ", out_f, ", got shape ",
-                      shape_str(grad_output.sizes()));
-  FASTMLP_CHECK_VALUE(input.dim() >= 1 && input.size(-1) == in_f, op,
+                      shape_str(grad_output.sym_sizes()));
+  FASTMLP_CHECK_VALUE(input.dim() >= 1 && input.sym_size(-1) == in_f, op,
                       ": input.shape[-1] must equal in_features = ", in_f, ", got shape ",
-                      shape_str(input.sizes()));
-  const int64_t n = leading_rows(input) * out_f;
-  FASTMLP_CHECK_VALUE(grad_output.numel() == n, op, ": grad_output of shape ",
-                      shape_str(grad_output.sizes()), " does not match input of shape ",
-                      shape_str(input.sizes()), " and out_features = ", out_f);
+                      shape_str(input.sym_sizes()));
+  c10::SymInt n = out_f;
+  for (int64_t d = 0; d + 1 < input.dim(); ++d) n = n * input.sym_size(d);
+  FASTMLP_CHECK_VALUE(grad_output.sym_numel() == n, op, ": grad_output of shape ",
+                      shape_str(grad_output.sym_sizes()), " does not match input of shape ",
+                      shape_str(input.sym_sizes()), " and out_features = ", out_f);
   if (act == Act::Relu) {
-    FASTMLP_CHECK_VALUE(output.numel() == n, op, ": relu needs the forward output, got shape ",
-                        shape_str(output.sizes()));
+    FASTMLP_CHECK_VALUE(output.sym_numel() == n, op, ": relu needs the forward output, got shape ",
+                        shape_str(output.sym_sizes()));
     check_same_device(grad_output, "grad_output", output, "output", op);
     check_same_dtype(grad_output, "grad_output", output, "output", op);
   }
   if (act_saves_preactivation(act)) {
-    FASTMLP_CHECK_VALUE(saved.numel() == n, op, ": ", std::string_view(activation.data(), activation.size()),
+    FASTMLP_CHECK_VALUE(saved.sym_numel() == n, op, ": ", std::string_view(activation.data(), activation.size()),
                         " needs the pre-activation saved by the forward (save_for_backward=True), "
-                        "got saved of shape ", shape_str(saved.sizes()));
+                        "got saved of shape ", shape_str(saved.sym_sizes()));
     check_same_device(grad_output, "grad_output", saved, "saved", op);
     check_same_dtype(grad_output, "grad_output", saved, "saved", op);
   }

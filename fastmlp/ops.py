@@ -30,8 +30,21 @@ def check_activation(activation, op=_FWD):
         )
 
 
+def _check_same_device(op, a_name, a, b_name, b):
+    if a.device != b.device:
+        raise RuntimeError(f"{op}: expected {a_name} and {b_name} on the same device, but got {a_name} on "
+                           f"{a.device} and {b_name} on {b.device}")
+
+
+def _check_same_dtype(op, a_name, a, b_name, b):
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: expected {a_name} and {b_name} to have the same dtype, but got {a_name}: "
+                        f"{a.dtype}, {b_name}: {b.dtype} (cast them, or run under torch.autocast to mix precisions)")
+
+
 def _check_linear_act_args(input, weight, bias, activation):
-    """Mirror of check_linear_act_args in csrc/checks.h (same exception types and messages)."""
+    """Mirror of check_linear_act_args in csrc/checks.h: the same checks in the same order, exception
+    types and messages (dtypes written the torch way, torch.float32 for Float)."""
     check_activation(activation)
     for name, t in (("input", input), ("weight", weight)):
         if t.dtype not in _FLOATING:
@@ -61,16 +74,8 @@ def _check_linear_act_args(input, weight, bias, activation):
                     f"{_FWD}: bias must be 1-D of shape [out_features] = [{weight.shape[0]}], got "
                     f"shape {list(t.shape)}"
                 )
-        if t.device != input.device:
-            raise RuntimeError(
-                f"{_FWD}: expected input and {name} on the same device, but got input on "
-                f"{input.device} and {name} on {t.device}"
-            )
-        if t.dtype != input.dtype:
-            raise TypeError(
-                f"{_FWD}: expected input and {name} to have the same dtype, but got input: "
-                f"{input.dtype}, {name}: {t.dtype}"
-            )
+        _check_same_device(_FWD, "input", input, name, t)
+        _check_same_dtype(_FWD, "input", input, name, t)
 
 
 @torch.library.register_fake("fastmlp::linear_act_forward")
@@ -85,17 +90,9 @@ def _linear_act_forward_fake(input, weight, bias, activation, save_for_backward)
     return y, saved
 
 
-def _check_same(a_name, a, b_name, b):
-    if a.device != b.device:
-        raise RuntimeError(f"{_BWD}: expected {a_name} and {b_name} on the same device, but got {a_name} on "
-                           f"{a.device} and {b_name} on {b.device}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"{_BWD}: expected {a_name} and {b_name} to have the same dtype, but got {a_name}: "
-                        f"{a.dtype}, {b_name}: {b.dtype}")
-
-
 def _check_linear_act_backward_args(grad_output, input, weight, output, saved, activation):
-    """Mirror of check_linear_act_backward_args in csrc/checks.h (same exception types and messages)."""
+    """Mirror of check_linear_act_backward_args in csrc/checks.h: the same checks in the same order,
+    exception types and messages (dtypes written the torch way, torch.float32 for Float)."""
     check_activation(activation, _BWD)
     if grad_output.dtype not in _FLOATING:
         raise TypeError(f"{_BWD}: grad_output must be a floating-point tensor (float32, float64, float16 or "
@@ -103,8 +100,10 @@ def _check_linear_act_backward_args(grad_output, input, weight, output, saved, a
     if weight.dim() != 2:
         raise ValueError(f"{_BWD}: weight must be 2-D (out_features, in_features), got a {weight.dim()}-D "
                          f"tensor of shape {list(weight.shape)}")
-    for name, t in (("weight", weight), ("input", input)):
-        _check_same("grad_output", grad_output, name, t)
+    _check_same_device(_BWD, "grad_output", grad_output, "weight", weight)
+    _check_same_device(_BWD, "grad_output", grad_output, "input", input)
+    _check_same_dtype(_BWD, "grad_output", grad_output, "weight", weight)
+    _check_same_dtype(_BWD, "grad_output", grad_output, "input", input)
     out_f, in_f = weight.shape
     torch._check_value(
         grad_output.dim() >= 1 and grad_output.shape[-1] == out_f,
@@ -123,14 +122,16 @@ def _check_linear_act_backward_args(grad_output, input, weight, output, saved, a
     if activation == "relu":
         torch._check_value(output.numel() == n,
                            lambda: f"{_BWD}: relu needs the forward output, got shape {list(output.shape)}")
-        _check_same("grad_output", grad_output, "output", output)
+        _check_same_device(_BWD, "grad_output", grad_output, "output", output)
+        _check_same_dtype(_BWD, "grad_output", grad_output, "output", output)
     if activation in SAVES_PREACTIVATION:
         torch._check_value(
             saved.numel() == n,
             lambda: f"{_BWD}: {activation} needs the pre-activation saved by the forward "
             f"(save_for_backward=True), got saved of shape {list(saved.shape)}",
         )
-        _check_same("grad_output", grad_output, "saved", saved)
+        _check_same_device(_BWD, "grad_output", grad_output, "saved", saved)
+        _check_same_dtype(_BWD, "grad_output", grad_output, "saved", saved)
 
 
 @torch.library.register_fake("fastmlp::linear_act_backward")

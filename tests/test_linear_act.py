@@ -603,11 +603,10 @@ def test_bad_inputs_backward_raise_clear_errors(device, mode):
     # recorded as the ATen ops it fuses (an input requires grad), or runs its fake kernel (meta).
     if mode == "fake":
         device = "meta"
-    x, w = torch.randn(4, 6, device=device), torch.randn(5, 6, device=device)
+    recorded = mode == "recorded"
+    x, w = torch.randn(4, 6, device=device, requires_grad=recorded), torch.randn(5, 6, device=device)
     g, y, z = (torch.randn(4, 5, device=device) for _ in range(3))
     e = torch.empty(0, device=device)
-    if mode == "recorded":
-        x.requires_grad_()
     bwd = lambda g, x, w, y, s, act: ops.linear_act_backward(g, x, w, y, s, act, [True, True, True])  # noqa: E731
     op = r"^fastmlp.linear_act_backward: "
     cases = [
@@ -617,7 +616,7 @@ def test_bad_inputs_backward_raise_clear_errors(device, mode):
         (lambda: bwd(g.double(), x, w, y, z, "gelu"), TypeError, r"expected grad_output and weight to have the same dtype"),
         (lambda: bwd(g, x.double(), w, y, z, "gelu"), TypeError, r"expected grad_output and input to have the same dtype"),
         (lambda: bwd(g[:, :4], x, w, y, z, "gelu"), ValueError, r"grad_output.shape\[-1\] must equal out_features = 5, got shape \[4, 4\]"),
-        (lambda: bwd(g, torch.randn(4, 7, device=device), w, y, z, "gelu"), ValueError, r"input.shape\[-1\] must equal in_features = 6"),
+        (lambda: bwd(g, torch.randn(4, 7, device=device, requires_grad=recorded), w, y, z, "gelu"), ValueError, r"input.shape\[-1\] must equal in_features = 6"),
         (lambda: bwd(g[:3], x, w, y, z, "gelu"), ValueError, r"grad_output of shape \[3, 5\] does not match input of shape \[4, 6\]"),
         (lambda: bwd(g, x, w, e, e, "relu"), ValueError, r"relu needs the forward output, got shape \[0\]"),
         (lambda: bwd(g, x, w, y.double(), e, "relu"), TypeError, r"expected grad_output and output to have the same dtype"),
@@ -628,6 +627,40 @@ def test_bad_inputs_backward_raise_clear_errors(device, mode):
         with pytest.raises(exc, match=op + pattern):
             fn()
     bwd(g, x, w, y, z, "gelu")  # the good call runs
+
+
+@pytest.mark.parametrize("xs,out_f", [((2, 3, 6), 5), ((4, 0), 5), ((4, 6), 0), ((0, 6), 5)])
+def test_backward_op_recorded_matches_kernel(device, xs, out_f):
+    # The backward op called directly with an input that requires grad runs as ATen ops (its
+    # gradients get a graph): the same results as its kernel, for 3-D inputs with a saved tensor of
+    # any shape holding the right elements, zero features and zero rows.
+    x = torch.randn(*xs, device=device)
+    w = torch.randn(out_f, xs[-1], device=device)
+    g = torch.randn(*xs[:-1], out_f, device=device)
+    for act in ACTS:
+        y, s = ops.linear_act_forward(x, w, None, act, True)
+        if s.numel():
+            s = s.reshape(*xs[:-1], out_f)
+        want = ops.linear_act_backward(g, x, w, y, s, act, [True, True, True])
+        got = ops.linear_act_backward(g, x.clone().requires_grad_(), w, y, s, act, [True, True, True])
+        assert got[1].grad_fn is not None  # recorded (grad_w = dZ^T x has a graph)
+        for name, a, b in zip(("grad_x", "grad_w", "grad_b"), got, want):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{act} {name}: {m}")
+
+
+def test_backward_op_recorded_under_dynamic_compile():
+    # The recorded path checks its arguments with symbolic sizes under torch.compile(dynamic=True).
+    torch._dynamo.reset()
+    bwd = lambda g, x, w, y, s: ops.linear_act_backward(g, x, w, y, s, "gelu", [True, True, True])  # noqa: E731
+    compiled = torch.compile(bwd, dynamic=True, fullgraph=True)
+    for rows in (4, 7):
+        x, w = torch.randn(rows, 6, requires_grad=True), torch.randn(5, 6)
+        y, s = ops.linear_act_forward(x.detach(), w, None, "gelu", True)
+        g = torch.randn(rows, 5)
+        for a, b in zip(compiled(g, x, w, y, s), bwd(g, x, w, y, s)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(Exception, match=r"grad_output of shape \[3, 5\] does not match input of shape \[7, 6\]"):
+        compiled(g[:3], x, w, y, s)
 
 
 def test_bad_inputs_fail_alike_under_compile():

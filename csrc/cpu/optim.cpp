@@ -76,8 +76,9 @@ void check_like_param(const at::Tensor& p, const at::Tensor& t, const char* op, 
 }
 
 // A tensor the step writes in place must not have elements that share memory (an expanded tensor):
-// refused before anything changes (the write, or the copy back from a dense working copy, would
-// fail half way through the step otherwise).
+// refused before this call changes anything (the write, or the copy back from a dense working copy,
+// would fail half way through it otherwise). fastmlp.optim makes one call per (device, dtype) of a
+// group, so buckets stepped before the refused one keep their step.
 void check_writable(const at::Tensor& t, const char* op, const char* name, size_t i) {
   FASTMLP_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name, "[", i,
                       "] has elements that share memory (e.g. an expanded tensor), but the step writes it in "
