@@ -198,6 +198,16 @@ def _check_optim_lists(op, params, named_lists):
             )
 
 
+def _check_writable(op, named_lists):
+    # Mirror of check_writable in csrc/cpu/optim.cpp: at::has_internal_overlap says Yes exactly for
+    # a zero stride over more than one element (an expanded tensor).
+    for name, lst in named_lists:
+        for i, t in enumerate(lst):
+            if any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+                raise ValueError(f"{op}: {name}[{i}] has elements that share memory (e.g. an expanded tensor), but "
+                                 "the step writes it in place; give it memory of its own (.clone())")
+
+
 @torch.library.register_fake("fastmlp::adamw_step_")
 def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
                      lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize,
@@ -214,6 +224,9 @@ def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, stat
         if p.dtype not in _FLOATING:
             raise TypeError(f"{op}: params must be a floating-point tensor (float32, float64, float16 or "
                             f"bfloat16), got {p.dtype}")
+    _check_writable(op, [("params", params), ("master_params", master_params)]
+                    + ([("grads", grads)] if grad_scale is not None else [])
+                    + [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs)])
     return None
 
 
@@ -227,4 +240,7 @@ def _sgd_step_fake(params, grads, momentum_buffers, master_params, lr, lr_tensor
         if p.dtype not in _FLOATING:
             raise TypeError(f"{op}: params must be a floating-point tensor (float32, float64, float16 or "
                             f"bfloat16), got {p.dtype}")
+    _check_writable(op, [("params", params), ("master_params", master_params)]
+                    + ([("grads", grads)] if grad_scale is not None else [])
+                    + [("momentum_buffers", momentum_buffers)])
     return None

@@ -378,6 +378,20 @@ def test_expanded_grad(device, cls):
             assert torch.equal(ours.state[p][k], v), k
 
 
+def test_expanded_grad_refused_alike_by_fake_kernel():
+    # The fake kernel (torch.compile, meta tensors) refuses what the kernels refuse, with their error.
+    p = torch.randn(4, 6, device="meta")
+    g = torch.empty(1, 6, device="meta").expand(4, 6)
+    scale = torch.ones((), device="meta")
+    args = lambda gs: ([p], [g], [], [], 0.1, None, 0.0, 0.0, 0.0, False, False, False, gs, None)  # noqa: E731
+    with pytest.raises(ValueError, match=r"^fastmlp.sgd_step_: grads\[0\] has elements that share memory"):
+        fastmlp.ops.sgd_step_(*args(scale))
+    fastmlp.ops.sgd_step_(*args(None))  # read only: fine
+    with pytest.raises(ValueError, match=r"^fastmlp.adamw_step_: exp_avgs\[0\] has elements that share memory"):
+        fastmlp.ops.adamw_step_([p], [p], [g], [p], [], [torch.ones((), device="meta")], [], 0.1, None, 0.9,
+                                0.99, 0.0, 1e-8, False, False, True, None, None)
+
+
 # ---- state_dict ------------------------------------------------------------------------------
 
 def _save_load(sd):
