@@ -70,8 +70,7 @@ variable_list linear_act_gradients_aten(const at::Tensor& grad_y, const at::Tens
                                         std::array<bool, 3> mask, c10::SymIntArrayRef input_sizes) {
   const c10::SymInt out_f = grad_y.defined() ? grad_y.sym_size(-1) : grad_z.sym_size(-1);
   // Explicit row counts: reshape(-1, 0) is ambiguous when a feature count is 0.
-  c10::SymInt rows = 1;
-  for (size_t d = 0; d + 1 < input_sizes.size(); ++d) rows = rows * input_sizes[d];
+  const c10::SymInt rows = leading_rows(input_sizes);
   const auto as_rows = [&](const at::Tensor& t) { return t.reshape_symint({rows, out_f}); };
   at::Tensor dz;
   if (grad_y.defined()) {

@@ -151,6 +151,13 @@ inline int64_t leading_rows(const at::Tensor& t) {
   return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
+// The same from a (possibly symbolic, under torch.compile) shape.
+inline c10::SymInt leading_rows(c10::SymIntArrayRef sizes) {
+  c10::SymInt rows = 1;
+  for (size_t d = 0; d + 1 < sizes.size(); ++d) rows = rows * sizes[d];
+  return rows;
+}
+
 // The backward op's contract: grad_output (*, out_features) with as many elements as input
 // (*, in_features) has rows, weight (out_features, in_features); for relu the forward's output and
 // for gelu / gelu_tanh / silu the saved pre-activation, each with grad_output's element count; all
@@ -175,8 +182,7 @@ inline Act check_linear_act_backward_args(const at::Tensor& grad_output, const a
   FASTMLP_CHECK_VALUE(input.dim() >= 1 && input.sym_size(-1) == in_f, op,
                       ": input.shape[-1] must equal in_features = ", in_f, ", got shape ",
                       shape_str(input.sym_sizes()));
-  c10::SymInt n = out_f;
-  for (int64_t d = 0; d + 1 < input.dim(); ++d) n = n * input.sym_size(d);
+  const c10::SymInt n = leading_rows(input.sym_sizes()) * out_f;
   FASTMLP_CHECK_VALUE(grad_output.sym_numel() == n, op, ": grad_output of shape ",
                       shape_str(grad_output.sym_sizes()), " does not match input of shape ",
                       shape_str(input.sym_sizes()), " and out_features = ", out_f);

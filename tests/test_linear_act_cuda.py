@@ -10,6 +10,8 @@ where it should be (launch counts against eager are measured by bench/gpu_profil
 Every test here is marked `cuda` and skips with its reason on a machine without a GPU.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -294,6 +296,20 @@ def test_tf32_follows_torch(api):
         matmul.fp32_precision = "ieee"
 
 
+@contextlib.contextmanager
+def reduction_setting(dtype, setting):
+    """torch.backends.cuda.matmul.allow_{fp16,bf16}_reduced_precision_reduction for dtype set to
+    setting inside the block (yields the flag's name), restored after it."""
+    name = "allow_fp16_reduced_precision_reduction" if dtype == torch.float16 else "allow_bf16_reduced_precision_reduction"
+    matmul = torch.backends.cuda.matmul
+    old = getattr(matmul, name)
+    setattr(matmul, name, setting)
+    try:
+        yield name
+    finally:
+        setattr(matmul, name, old)
+
+
 @pytest.mark.parametrize("setting", [True, False, (False, False)], ids=["allowed", "no_reduced", "no_split_k"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_reduced_precision_reduction_settings(dtype, setting):
@@ -301,17 +317,11 @@ def test_reduced_precision_reduction_settings(dtype, setting):
     cuBLASLt algorithms the op may pick (split-K reductions in fp32 only, or no split-K): each
     setting runs and matches native under the same setting. Few rows and a long k, where the
     heuristic likes split-K."""
-    name = "allow_fp16_reduced_precision_reduction" if dtype == torch.float16 else "allow_bf16_reduced_precision_reduction"
-    matmul = torch.backends.cuda.matmul
-    old = getattr(matmul, name)
-    setattr(matmul, name, setting)
-    try:
+    with reduction_setting(dtype, setting) as name:
         x, w, b = make(16, 8192, 64, dtype, requires_grad=False)
         for activation in ("none", "gelu_tanh", "silu"):
             assert_close(fastmlp.functional.linear_act(x, w, b, activation), native(x, w, b, activation), dtype,
                          f"{activation}, {name}={setting}")
-    finally:
-        setattr(matmul, name, old)
 
 
 @pytest.mark.parametrize("setting", [False, (False, False)], ids=["no_reduced", "no_split_k"])
@@ -322,11 +332,7 @@ def test_reduced_precision_reduction_is_fp32(dtype, setting):
     different split-K slices). A split-K scheme that wrote 2048 + 1 to fp16/bf16 first would round
     it to 2048 and return 0 instead of 1. (It can catch a wrong mask only where cuBLASLt's heuristic
     would pick such a scheme unrestricted: few rows and a long k, as here.)"""
-    name = "allow_fp16_reduced_precision_reduction" if dtype == torch.float16 else "allow_bf16_reduced_precision_reduction"
-    matmul = torch.backends.cuda.matmul
-    old = getattr(matmul, name)
-    setattr(matmul, name, setting)
-    try:
+    with reduction_setting(dtype, setting) as name:
         for rows in (16, 64):
             x = torch.ones(rows, 8192, device="cuda", dtype=dtype)
             w = torch.zeros(64, 8192, device="cuda", dtype=dtype)
@@ -339,8 +345,6 @@ def test_reduced_precision_reduction_is_fp32(dtype, setting):
                         fastmlp.functional.linear_act(x, w, bias, activation)
                     assert torch.all(z == 1), (f"{activation}, bias={bias is not None}, rows={rows}, "
                                                f"{name}={setting}: values {z.unique().tolist()}, expected 1")
-    finally:
-        setattr(matmul, name, old)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
