@@ -102,7 +102,7 @@ def run_grid(args, on_row=None):
                     for mode in args.modes:
                         t, _ = time_interleaved(
                             candidates(batch, in_f, out_f, act, DTYPES[dtype_name], args.device, mode),
-                            args.device, args.repeats,
+                            args.device, args.repeats, min_sample_s=args.min_sample_ms * 1e-3,
                         )
                         row = {
                             "shape": f"{batch}x{in_f}->{out_f}", "batch": batch, "in": in_f, "out": out_f,
@@ -186,6 +186,8 @@ def main(argv=None):
     p.add_argument("--modes", default="fwd,fwdbwd")
     p.add_argument("--repeats", type=int, default=25,
                     help="timed samples per candidate, at least 20 (the median is reported)")
+    p.add_argument("--min-sample-ms", type=float, default=2.0,
+                   help="each sample times enough back-to-back calls to last at least this long (default 2)")
     p.add_argument("--json", help="also write the rows and the summary here")
     args = p.parse_args(argv)
     if args.quick:
@@ -194,6 +196,8 @@ def main(argv=None):
             # 4 shapes from launch-bound (64 x 512) to compute-bound (4096 x 2048).
             args.batches, args.widths, args.dtypes = "64,4096", "512,2048", "float32,bfloat16"
             args.activations = "relu,gelu"
+    if not args.min_sample_ms > 0:
+        p.error("--min-sample-ms must be positive")
     if args.repeats < 20:
         p.error("--repeats must be at least 20 (the protocol takes the median of >= 20 samples)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -212,12 +216,12 @@ def main(argv=None):
 
     machine = machine_name(args.device)
     print(f"fastmlp {fastmlp.__version__} linear_act benchmark on {machine}")
-    print(f"median of {args.repeats} interleaved samples; speedup = baseline time / fastmlp time; % of floor = GEMM-only time / fastmlp time")
+    print(f"median of {args.repeats} interleaved samples of >= {args.min_sample_ms:g} ms; speedup = baseline time / fastmlp time; % of floor = GEMM-only time / fastmlp time")
     print(HEADER)
     def save(rows, complete):
         if args.json:
             write_json(args.json, {"machine": machine, "device": args.device, "torch": torch.__version__,
-                                   "repeats": args.repeats, "rows": rows, "summary": summary(rows)},
+                                   "repeats": args.repeats, "min_sample_ms": args.min_sample_ms, "rows": rows, "summary": summary(rows)},
                        __file__, argv, complete)
 
     rows = run_grid(args, on_row=lambda rows: save(rows, complete=False))

@@ -15,7 +15,7 @@ and for each, per call:
   device_us  the sum of those kernels' durations: the GPU's work, whatever the host does
   host_us    CPU time to issue one call (k calls timed without synchronising, then one sync)
   wall_us    k calls and the final sync, per call: max(host, device) when they overlap
-  kernels    each kernel's name with its launches per call, in launch order
+  kernels    each kernel's name with its launches and device us per call, in launch order
   host_ops   the CPU ops with the most self time under the profiler (where host_us goes)
 
 Launch-bound calls are limited by host_us and launches; compute-bound ones by device_us, where
@@ -60,11 +60,21 @@ def device_events(prof):
 
 
 def per_call(events, iters):
-    """(launches, device microseconds, [[kernel, launches], ...] in first-launch order), per call."""
+    """(launches, device microseconds, [[kernel, launches, device us], ...] in first-launch order),
+    per call."""
     counts = collections.Counter(e.name for e in events)
+    us = collections.Counter()
+    for e in events:
+        us[e.name] += e.time_range.end - e.time_range.start
     order = list(dict.fromkeys(e.name for e in events))
-    device_us = sum(e.time_range.end - e.time_range.start for e in events)
-    return len(events) / iters, device_us / iters, [[k, counts[k] / iters] for k in order]
+    device_us = sum(us.values())
+    return len(events) / iters, device_us / iters, [[k, counts[k] / iters, us[k] / iters] for k in order]
+
+
+def short_kernel_name(name, width=48):
+    """A kernel's name without its template arguments and namespaces, for the printed table."""
+    base = name.replace("(anonymous namespace)::", "").split("<", 1)[0].split("(", 1)[0].replace("void ", "").strip()
+    return base.rsplit("::", 1)[-1][:width] or name[:width]
 
 
 def host_ops(prof, iters, top=12):
@@ -177,6 +187,10 @@ def main(argv=None):
                       f"{r['fastmlp']['device_us']:18.1f} {r['eager']['device_us']:7.1f} {r['floor']['device_us']:7.1f} | "
                       f"{r['fastmlp']['host_us']:16.1f} {r['eager']['host_us']:7.1f} {r['autograd_floor']['host_us']:8.1f} | "
                       f"{r['fastmlp']['wall_us']:16.1f} {r['eager']['wall_us']:7.1f}", flush=True)
+                if args.device == "cuda":
+                    for name in ("fastmlp", "eager"):
+                        print(f"{'':>18}{name} kernels (us per call): " + "; ".join(
+                            f"{short_kernel_name(k)} {t:.1f}" for k, _, t in r[name]["kernels"]))
     summary = summarise(rows)
     for kind, items in summary.items():
         for it in items:

@@ -121,6 +121,23 @@ def test_bench_linear_act_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch)
     assert json.loads(out.read_text())["complete"] is True
 
 
+def test_bench_linear_act_min_sample_ms(tmp_path, monkeypatch, capsys):
+    real, seen = bench_linear_act.time_interleaved, []
+
+    def spy(*a, **k):
+        seen.append(k["min_sample_s"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench_linear_act, "time_interleaved", spy)
+    out = tmp_path / "la.json"
+    bench_linear_act.main(["--batches", "4", "--widths", "8->6", "--activations", "relu", "--dtypes", "float32",
+                           "--modes", "fwd", "--repeats", "20", "--min-sample-ms", "5", "--json", str(out)])
+    assert seen == [pytest.approx(5e-3)] and json.loads(out.read_text())["min_sample_ms"] == 5
+    with pytest.raises(SystemExit):
+        bench_linear_act.main(["--min-sample-ms", "0"])
+    assert "--min-sample-ms must be positive" in capsys.readouterr().err
+
+
 OPTIM_CANDIDATES = ["torch for-loop", "torch foreach", "torch fused", "fastmlp", "copy (reference)"]
 
 
@@ -232,7 +249,7 @@ def test_gpu_profile_per_call_counts_and_times_device_events():
     launches, device_us, kernels = gpu_profile.per_call(events, iters=2)
     assert launches == 3
     assert device_us == pytest.approx((10 + 2 + 8 + 10 + 3 + 7) / 2)
-    assert kernels == [["gemm", 2], ["epi", 1]]
+    assert kernels == [["gemm", 2, (10 + 8 + 10 + 7) / 2], ["epi", 1, (2 + 3) / 2]]
 
 
 def test_gpu_profile_runs_every_candidate_on_the_cpu(tmp_path):

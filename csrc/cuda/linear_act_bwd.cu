@@ -20,6 +20,14 @@ namespace {
 // shared memory in ty order, then (when gridDim.y > 1) over the chunks by the last block of each
 // column range, in an order fixed by the grid: the bias gradient is deterministic for a given
 // shape and GPU (no floating-point atomics).
+// Rows whose loads one thread issues before using any of them: more loads in flight per thread,
+// fewer threads per SM once the registers they take limit occupancy. ReLU's and identity's rows
+// are cheap to hold; the transcendental derivatives (erf, tanh, exp) need registers of their own.
+template <Act A>
+constexpr int rows_in_flight() {
+  return A == Act::Relu || A == Act::None ? 4 : 2;
+}
+
 template <Act A, typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) bwd_prologue_kernel(const BwdPrologueParams p) {
   using acc_t = acc_t_of<T>;
@@ -38,26 +46,55 @@ __global__ void __launch_bounds__(kThreads) bwd_prologue_kernel(const BwdPrologu
   acc_t acc[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
-  if (active) {
-    for (int64_t r = r_begin + ty; r < r_end; r += by) {
-      const int64_t off = r * p.cols + c0;
-      acc_t d[VEC];
-      load_acc<T, VEC>(g + off, d);
+  using V = Vec<T, VEC>;
+  // One row's inputs as loaded (fp16/bf16 stay packed until used, half the registers): dY into
+  // dv, and the tensor act' reads (y for ReLU, z otherwise) into ov.
+  auto load_row = [&](int64_t r, V& dv, V& ov) {
+    const int64_t off = r * p.cols + c0;
+    dv = load_vec<T, VEC>(g + off);
+    if constexpr (A == Act::Relu) {
+      ov = load_vec<T, VEC>(y + off);
+    } else if constexpr (A != Act::None) {
+      ov = load_vec<T, VEC>(z + off);
+    }
+  };
+  // dZ = dY * act'(.) for one row, stored, and added to the column sums.
+  auto finish_row = [&](int64_t r, const V& dv, const V& ov) {
+    acc_t d[VEC];
+    to_acc(dv, d);
+    if constexpr (A != Act::None) {
+      acc_t o[VEC];
+      to_acc(ov, o);
       if constexpr (A == Act::Relu) {
         // As torch's threshold_backward(dY, y, 0): y <= 0 -> 0, so a NaN y passes dY through.
-        acc_t yv[VEC];
-        load_acc<T, VEC>(y + off, yv);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) d[j] = yv[j] <= acc_t(0) ? acc_t(0) : d[j];
-      } else if constexpr (A != Act::None) {
-        acc_t zv[VEC];
-        load_acc<T, VEC>(z + off, zv);
+        for (int j = 0; j < VEC; ++j) d[j] = o[j] <= acc_t(0) ? acc_t(0) : d[j];
+      } else {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) d[j] *= act_derivative<A>(zv[j]);
+        for (int j = 0; j < VEC; ++j) d[j] *= act_derivative<A>(o[j]);
       }
-      if (write_dz) store_acc<T, VEC>(dz + off, d);
+    }
+    if (write_dz) store_acc<T, VEC>(dz + r * p.cols + c0, d);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[j] += d[j];
+    for (int j = 0; j < VEC; ++j) acc[j] += d[j];
+  };
+  if (active) {
+    constexpr int kRowsInFlight = rows_in_flight<A>();
+    // kRowsInFlight rows' loads are issued before any of them is used, so each thread keeps
+    // several 16-byte loads in flight instead of waiting on one row at a time; rows are still
+    // added to the sums in increasing order, so db is bit for bit what a row-by-row loop gives.
+    int64_t r = r_begin + ty;
+    for (; r + (kRowsInFlight - 1) * by < r_end; r += kRowsInFlight * by) {
+      V dv[kRowsInFlight], ov[kRowsInFlight];
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) load_row(r + u * by, dv[u], ov[u]);
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) finish_row(r + u * by, dv[u], ov[u]);
+    }
+    for (; r < r_end; r += by) {
+      V dv, ov;
+      load_row(r, dv, ov);
+      finish_row(r, dv, ov);
     }
   }
   if (p.db == nullptr) return;  // uniform over the grid: no thread is left at a barrier

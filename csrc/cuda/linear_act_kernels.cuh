@@ -41,10 +41,19 @@ struct alignas(sizeof(T) * N) Vec {
 };
 
 template <typename T, int N>
-__device__ __forceinline__ void load_acc(const T* __restrict__ p, acc_t_of<T> (&out)[N]) {
-  const Vec<T, N> v = *reinterpret_cast<const Vec<T, N>*>(p);
+__device__ __forceinline__ Vec<T, N> load_vec(const T* __restrict__ p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void to_acc(const Vec<T, N>& v, acc_t_of<T> (&out)[N]) {
 #pragma unroll
   for (int j = 0; j < N; ++j) out[j] = to_acc(v.v[j]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void load_acc(const T* __restrict__ p, acc_t_of<T> (&out)[N]) {
+  to_acc(load_vec<T, N>(p), out);
 }
 
 template <typename T, int N>
