@@ -50,6 +50,36 @@ def _git_commit():
     return rev + ("-dirty" if dirty else "")
 
 
+# What the source digest covers: the code a benchmark's numbers depend on. Built files
+# (fastmlp/_C*.so, fastmlp/_build_info.py) and caches are left out.
+SOURCE_DIRS = ("csrc", "fastmlp", "bench")
+SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".cu", ".cuh", ".sh")
+
+
+def source_digest(root=None):
+    """sha256 over the paths and contents of the source files (SOURCE_DIRS, plus setup.py), in
+    path order: which code produced a result, also where git is missing or reports a commit other
+    than the files' (a device's copy of the working tree). `python -c "import sys;
+    sys.path.insert(0, 'bench'); import common; print(common.source_digest())"` in a checkout
+    says whether it holds the same code."""
+    import hashlib
+
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = [os.path.join(root, "setup.py")] if os.path.isfile(os.path.join(root, "setup.py")) else []
+    for top in SOURCE_DIRS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            files += [os.path.join(dirpath, f) for f in filenames
+                      if f.endswith(SOURCE_SUFFIXES) and f != "_build_info.py"]
+    h = hashlib.sha256()
+    for path in sorted(os.path.relpath(f, root).replace(os.sep, "/") for f in files):
+        with open(os.path.join(root, path), "rb") as f:
+            data = f.read()
+        h.update(f"{path}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
 def run_info(script, argv):
     """What a rerun needs to know: the command (script and its arguments, argv None meaning this
     process's own), code and build, versions, threads, when."""
@@ -64,7 +94,8 @@ def run_info(script, argv):
         "command": shlex.join(["python", f"bench/{os.path.basename(script)}"]
                               + list(sys.argv[1:] if argv is None else argv)),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "fastmlp": fastmlp.__version__, "git_commit": _git_commit(), "build": build,
+        "fastmlp": fastmlp.__version__, "git_commit": _git_commit(), "source_digest": source_digest(),
+        "build": build,
         "torch": torch.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FASTMLP_NATIVE") if k in os.environ},

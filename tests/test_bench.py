@@ -23,6 +23,7 @@ import bench_dropout  # noqa: E402
 import bench_linear_act  # noqa: E402
 import bench_mlp  # noqa: E402
 import bench_optim  # noqa: E402
+import common  # noqa: E402
 import gpu_profile  # noqa: E402
 
 
@@ -46,6 +47,25 @@ def test_bench_mlp_runs_every_eager_candidate(tmp_path):
     assert run["fastmlp"] == fastmlp.__version__ and run["torch"] == torch.__version__
     assert run["threads"] == torch.get_num_threads() and run["date_utc"].endswith("+00:00")
     assert run["git_commit"] is None or len(run["git_commit"].split("-")[0]) == 40
+    assert run["source_digest"] == common.source_digest()
+
+
+def test_source_digest_follows_the_code_not_the_build(tmp_path):
+    for rel, text in {"setup.py": "s", "csrc/a.cpp": "int a;", "fastmlp/__init__.py": "x = 1",
+                      "bench/b.py": "b", "fastmlp/_build_info.py": "TORCH_VERSION = '1'"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    d0 = common.source_digest(str(tmp_path))
+    (tmp_path / "fastmlp/_build_info.py").write_text("TORCH_VERSION = '2'")  # a rebuild elsewhere
+    (tmp_path / "fastmlp/_C.so").write_bytes(b"\0")
+    (tmp_path / "fastmlp/__pycache__").mkdir()
+    (tmp_path / "fastmlp/__pycache__/x.py").write_text("cache")
+    assert common.source_digest(str(tmp_path)) == d0
+    (tmp_path / "csrc/a.cpp").write_text("int b;")
+    d1 = common.source_digest(str(tmp_path))
+    assert d1 != d0
+    (tmp_path / "csrc/a.cpp").rename(tmp_path / "csrc/c.cpp")  # same bytes, another file
+    assert common.source_digest(str(tmp_path)) not in (d0, d1)
 
 
 def test_bench_mlp_step_trains_the_candidates():
