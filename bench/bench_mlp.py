@@ -10,6 +10,9 @@ own copy of the same initial weights and the same batch, run interleaved in this
   torch.compile        torch.compile(model) (default mode), torch.optim.AdamW(fused=True)
   fastmlp              fastmlp.nn.MLP (FusedLinear, fastmlp.nn.Dropout), fastmlp.optim.AdamW
   fastmlp compiled     torch.compile of the fastmlp model (our ops are opaque to Inductor)
+  torch graphed        CUDA only: the torch eager step captured whole into one CUDA graph
+                       (torch.optim.AdamW(fused=True, capturable=True)), each step one replay
+  fastmlp graphed      CUDA only: the same for the fastmlp step (fastmlp.optim.AdamW(capturable=True))
   gemm floor           the step's matrix products alone: per layer X W^T and dZ^T X, and dZ W for
                        every layer but the first (no gradient flows into the data)
 
@@ -37,7 +40,9 @@ import fastmlp  # noqa: E402
 from common import machine_name, time_interleaved, write_json  # noqa: E402
 from fastmlp.nn import MLP  # noqa: E402
 
-CANDIDATES = ("torch eager", "torch eager fused", "torch.compile", "fastmlp", "fastmlp compiled", "gemm floor")
+CANDIDATES = ("torch eager", "torch eager fused", "torch.compile", "fastmlp", "fastmlp compiled", "torch graphed",
+              "fastmlp graphed", "gemm floor")
+GRAPHED = ("torch graphed", "fastmlp graphed")  # CUDA only
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,6 +67,44 @@ def make_step(model, opt, x, y, amp, device):
     return step
 
 
+def make_graphed_step(model, opt, x, y, amp, device):
+    """The step of make_step captured whole into a CUDA graph, as in torch's whole-network capture
+    recipe: a few eager steps on a side stream (optimizer state, cuBLAS(Lt) handles and algorithm
+    choices, the allocator's pool), then one captured step; each call replays it on the same
+    static x and y. The optimizer must be capturable (its step count and lr live on the GPU)."""
+    if amp is torch.float16:
+        raise ValueError("graphed candidates: --amp fp16 (GradScaler) is not captured; use --amp off or bf16")
+    # autocast's weight cache must stay off while capturing (torch.cuda.graph's documentation).
+    ctx = (lambda: torch.autocast(device, dtype=amp, cache_enabled=False)) if amp is not None else contextlib.nullcontext
+
+    def eager_step():
+        opt.zero_grad(set_to_none=True)
+        with ctx():
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            eager_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # the captured backward allocates the grads in the graph's pool
+    with torch.cuda.graph(graph):
+        with ctx():
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        loss.backward()
+        opt.step()
+
+    def step():
+        graph.replay()
+
+    step.model, step.x, step.y, step.loss, step.graph = model, x, y, loss, graph
+    return step
+
+
 def make_floor(widths, batch, dtype, device):
     gen = torch.Generator().manual_seed(1)
     mats = []
@@ -81,7 +124,9 @@ def make_floor(widths, batch, dtype, device):
     return floor
 
 
-def build(args):
+def build(args, failures=None):
+    """{candidate: step}. With a dict for `failures`, a graphed candidate whose capture fails is
+    recorded there (name: error) and left out instead of ending the run; without one it raises."""
     device, amp = args.device, AMP[args.amp]
     torch.manual_seed(0)
     ref = MLP(args.widths, activation=args.activation, dropout=args.dropout, impl="torch", device=device)
@@ -102,25 +147,41 @@ def build(args):
         "torch": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd),
         "torch fused": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True),
         "fastmlp": lambda ps: fastmlp.optim.AdamW(ps, lr=lr, weight_decay=wd),
+        # A tensor lr: a float one would be baked into the captured kernels' arguments.
+        "torch capturable": lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(lr, device=device), weight_decay=wd,
+                                                         fused=True, capturable=True),
+        "fastmlp capturable": lambda ps: fastmlp.optim.AdamW(ps, lr=torch.tensor(lr, device=device), weight_decay=wd,
+                                                             capturable=True),
     }
-    # candidate: (model, optimizer, compiled)
+    # candidate: (model, optimizer, how: eager / compile / graph)
     setups = {
-        "torch eager": (torch_model, "torch", False),
-        "torch eager fused": (torch_model, "torch fused", False),
-        "torch.compile": (torch_model, "torch fused", True),
-        "fastmlp": (fastmlp_model, "fastmlp", False),
-        "fastmlp compiled": (fastmlp_model, "fastmlp", True),
+        "torch eager": (torch_model, "torch", "eager"),
+        "torch eager fused": (torch_model, "torch fused", "eager"),
+        "torch.compile": (torch_model, "torch fused", "compile"),
+        "fastmlp": (fastmlp_model, "fastmlp", "eager"),
+        "fastmlp compiled": (fastmlp_model, "fastmlp", "compile"),
+        "torch graphed": (torch_model, "torch capturable", "graph"),
+        "fastmlp graphed": (fastmlp_model, "fastmlp capturable", "graph"),
     }
     fns = {}
     for name in args.candidates:
         if name == "gemm floor":
             fns[name] = make_floor(args.widths, args.batch, amp or torch.float32, device)
             continue
-        make_model, opt_name, compiled = setups[name]
+        make_model, opt_name, how = setups[name]
         model = make_model()
         model.train()
         opt = optimizers[opt_name](model.parameters())
-        fns[name] = make_step(torch.compile(model) if compiled else model, opt, x, y, amp, device)
+        if how == "graph":
+            try:
+                fns[name] = make_graphed_step(model, opt, x, y, amp, device)
+            except Exception as e:  # noqa: BLE001 (reported below and in the JSON)
+                if failures is None:
+                    raise
+                failures[name] = f"{type(e).__name__}: {e}"
+                torch.cuda.synchronize()
+        else:
+            fns[name] = make_step(torch.compile(model) if how == "compile" else model, opt, x, y, amp, device)
     return fns
 
 
@@ -132,8 +193,8 @@ def main(argv=None):
     p.add_argument("--activation", default="gelu", choices=["relu", "gelu", "gelu_tanh", "silu"])
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--amp", default="off", choices=list(AMP))
-    p.add_argument("--candidates", default=",".join(CANDIDATES),
-                   help=f"comma list, some of: {', '.join(CANDIDATES)}")
+    p.add_argument("--candidates", default=None,
+                   help=f"comma list, some of: {', '.join(CANDIDATES)} (default: all; the graphed ones on CUDA only)")
     p.add_argument("--repeats", type=int, default=25,
                     help="timed samples per candidate, at least 20 (the median is reported)")
     p.add_argument("--json", help="also write the results here")
@@ -150,10 +211,17 @@ def main(argv=None):
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.repeats < 20:
         p.error("--repeats must be at least 20 (the protocol takes the median of >= 20 samples)")
-    args.candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    if args.candidates is None:
+        args.candidates = [c for c in CANDIDATES if args.device == "cuda" or c not in GRAPHED]
+    else:
+        args.candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
     for c in args.candidates:
         if c not in CANDIDATES:
             p.error(f"--candidates: unknown {c!r}; expected some of {', '.join(CANDIDATES)}")
+        if c in GRAPHED and args.device != "cuda":
+            p.error(f"--candidates: {c!r} captures the step into a CUDA graph; it needs --device cuda")
+        if c in GRAPHED and args.amp == "fp16":
+            p.error(f"--candidates: {c!r} does not capture GradScaler; use --amp off or bf16")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     if args.amp == "fp16" and args.device == "cpu":
@@ -164,8 +232,11 @@ def main(argv=None):
                   f"amp {args.amp}")
     print(f"fastmlp {fastmlp.__version__} training-step benchmark on {machine}")
     print(f"model {model_desc}; median of {args.repeats} interleaved samples")
-    med, compile_s = time_interleaved(build(args), args.device, args.repeats, min_sample_s=5e-3,
+    failures = {}
+    med, compile_s = time_interleaved(build(args, failures), args.device, args.repeats, min_sample_s=5e-3,
                                       untimed_first=True, max_inner=200)
+    for name, err in failures.items():
+        print(f"{name}: not measured, its CUDA graph capture failed: {err}")
 
     rows = []
     floor = med.get("gemm floor")
@@ -182,7 +253,8 @@ def main(argv=None):
               f"{compile_s[name]:9.1f}")
     if args.json:
         write_json(args.json, {"machine": machine, "device": args.device, "torch": torch.__version__,
-                               "model": model_desc, "repeats": args.repeats, "rows": rows}, __file__, argv)
+                               "model": model_desc, "repeats": args.repeats, "rows": rows, "failed": failures},
+                   __file__, argv)
     return rows
 
 

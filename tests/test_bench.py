@@ -87,8 +87,73 @@ def test_bench_mlp_rejects_bad_arguments(capsys):
         bench_mlp.main(["--candidates", "torch eager,bogus"])
     assert "unknown 'bogus'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        bench_mlp.main(["--candidates", "fastmlp graphed"])
+    assert "'fastmlp graphed' captures the step into a CUDA graph; it needs --device cuda" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         bench_mlp.main(["--repeats", "5"])
     assert "at least 20" in capsys.readouterr().err
+
+
+def test_bench_mlp_default_candidates_per_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench_mlp, "build", lambda args, failures=None: seen.append(args.candidates) or {})
+    monkeypatch.setattr(bench_mlp, "time_interleaved", lambda *a, **k: ({}, {}))
+    bench_mlp.main([])
+    assert seen == [[c for c in bench_mlp.CANDIDATES if c not in bench_mlp.GRAPHED]]
+
+
+def test_bench_mlp_reports_a_failed_capture(monkeypatch):
+    # A capture that fails (on the GPU machine) is recorded and the other candidates still run,
+    # when main asks for that; called without the dict, build raises.
+    def fail(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(bench_mlp, "make_graphed_step", fail)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    args = argparse.Namespace(device="cpu", widths=[12, 16, 3], batch=8, activation="relu", dropout=0.0,
+                              amp="off", candidates=["fastmlp", "fastmlp graphed"])
+    failures = {}
+    assert list(bench_mlp.build(args, failures)) == ["fastmlp"]
+    assert failures == {"fastmlp graphed": "RuntimeError: operation not permitted when stream is capturing"}
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        bench_mlp.build(args)
+
+
+@pytest.mark.cuda
+def test_bench_mlp_graphed_steps_match_eager():
+    """The graphed candidates replay the same training step as the eager ones: without dropout the
+    parameters after k replays equal those after k eager steps (the graphed build already took 3
+    warm-up steps), and with dropout the replays train (each draws a new mask)."""
+    if not (torch.cuda.is_available() and fastmlp.WITH_CUDA):
+        pytest.skip("needs a CUDA GPU and fastmlp built with CUDA kernels")
+    for amp in ("off", "bf16"):
+        args = argparse.Namespace(device="cuda", widths=[24, 32, 32, 5], batch=16, activation="gelu", dropout=0.0,
+                                  amp=amp, candidates=["torch eager fused", "torch graphed", "fastmlp",
+                                                       "fastmlp graphed"])
+        fns = bench_mlp.build(args)
+        for eager, graphed in (("torch eager fused", "torch graphed"), ("fastmlp", "fastmlp graphed")):
+            for _ in range(3):
+                fns[eager]()
+            for _ in range(4):
+                fns[eager]()
+                fns[graphed]()
+            torch.cuda.synchronize()
+            tol = {} if amp == "off" else {"rtol": 2e-2, "atol": 2e-3}
+            for (name, a), b in zip(fns[eager].model.named_parameters(), fns[graphed].model.parameters()):
+                torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{graphed} vs {eager}, {amp}, {name}: {m}")
+    args = argparse.Namespace(device="cuda", widths=[12, 16, 3], batch=32, activation="relu", dropout=0.2,
+                              amp="off", candidates=["torch graphed", "fastmlp graphed"])
+    for name, step in bench_mlp.build(args).items():
+        def loss():  # outside the graph, without dropout
+            step.model.eval()
+            with torch.no_grad():
+                out = torch.nn.functional.cross_entropy(step.model(step.x), step.y).item()
+            step.model.train()
+            return out
+        before = loss()
+        for _ in range(100):
+            step()
+        assert loss() < 0.7 * before, name
 
 
 def test_bench_linear_act_tiny_grid(tmp_path):
