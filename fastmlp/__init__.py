@@ -8,8 +8,9 @@ from . import ops  # noqa: E402  (registers fake kernels, autograd and must foll
 from . import functional, nn  # noqa: E402
 from .nn import FusedLinear, convert  # noqa: E402
 from . import optim  # noqa: E402
+from . import monitor  # noqa: E402
 
 __version__ = "0.1.0"
 WITH_CUDA = _build_info.WITH_CUDA
 
-__all__ = ["FusedLinear", "convert", "functional", "nn", "ops", "optim", "WITH_CUDA", "__version__"]
+__all__ = ["FusedLinear", "convert", "functional", "monitor", "nn", "ops", "optim", "WITH_CUDA", "__version__"]

@@ -13,7 +13,7 @@ echo "fastmlp: building the extension (log: build/build.log) ..."
 start=$SECONDS
 if ! "$PY" setup.py build_ext --inplace > build/build.log 2>&1; then
     tail -n 60 build/build.log
-    echo "fastmlp: the build failed (full log: build/build.log). See README.md, 'Install', for what it needs."
+    echo "fastmlp: the build failed (full log: build/build.log). See README.md, 'Install as a library', for what it needs."
     exit 1
 fi
 grep -E "^fastmlp:" build/build.log || true
