@@ -46,6 +46,11 @@ GRAPHED = ("torch graphed", "fastmlp graphed")  # CUDA only
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def loss_of(model, x, y):
+    """The training objective of `fastmlp train`'s default recipe."""
+    return F.cross_entropy(model(x), y, label_smoothing=0.1)
+
+
 def make_step(model, opt, x, y, amp, device):
     """One training step; fp16 goes through a GradScaler as in `fastmlp train --amp fp16`."""
     scaler = torch.amp.GradScaler(device) if amp is torch.float16 else None
@@ -54,7 +59,7 @@ def make_step(model, opt, x, y, amp, device):
         opt.zero_grad(set_to_none=True)
         ctx = torch.autocast(device, dtype=amp) if amp is not None else contextlib.nullcontext()
         with ctx:
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            loss = loss_of(model, x, y)
         if scaler is None:
             loss.backward()
             opt.step()
@@ -69,9 +74,10 @@ def make_step(model, opt, x, y, amp, device):
 
 def make_graphed_step(model, opt, x, y, amp, device):
     """The step of make_step captured whole into a CUDA graph, as in torch's whole-network capture
-    recipe: a few eager steps on a side stream (optimizer state, cuBLAS(Lt) handles and algorithm
-    choices, the allocator's pool), then one captured step; each call replays it on the same
-    static x and y. The optimizer must be capturable (its step count and lr live on the GPU)."""
+    recipe: three eager steps on a side stream (optimizer state, cuBLAS(Lt) handles and algorithm
+    choices), then one captured step into the graph's own memory pool; each call replays it on the
+    same static x and y. The optimizer must be capturable (its step count on the GPU). The warm-up
+    and the capture happen here, so the table's warm-up column counts only the first replays."""
     if amp is torch.float16:
         raise ValueError("graphed candidates: --amp fp16 (GradScaler) is not captured; use --amp off or bf16")
     # autocast's weight cache must stay off while capturing (torch.cuda.graph's documentation).
@@ -80,23 +86,34 @@ def make_graphed_step(model, opt, x, y, amp, device):
     def eager_step():
         opt.zero_grad(set_to_none=True)
         with ctx():
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+            loss = loss_of(model, x, y)
         loss.backward()
         opt.step()
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            eager_step()
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                eager_step()
+    except Exception as e:
+        raise RuntimeError(f"the eager warm-up before the capture failed: {type(e).__name__}: {e}") from e
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)  # the captured backward allocates the grads in the graph's pool
-    with torch.cuda.graph(graph):
-        with ctx():
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-        loss.backward()
-        opt.step()
+    stream = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            with ctx():
+                loss = loss_of(model, x, y)
+            loss.backward()
+            opt.step()
+    except Exception as e:
+        # An op that fails while capturing makes capture_end raise "invalidated" in torch.cuda.graph's
+        # exit, before it restores the stream: name the first error, and put the stream back.
+        torch.cuda.set_stream(stream)
+        first = e.__context__ or e.__cause__ or e
+        raise RuntimeError(f"the CUDA graph capture failed: {type(first).__name__}: {first}") from e
 
     def step():
         graph.replay()
@@ -147,7 +164,8 @@ def build(args, failures=None):
         "torch": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd),
         "torch fused": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True),
         "fastmlp": lambda ps: fastmlp.optim.AdamW(ps, lr=lr, weight_decay=wd),
-        # A tensor lr: a float one would be baked into the captured kernels' arguments.
+        # A tensor lr, as a scheduler driving a captured step needs (a float is baked into the
+        # graph). It is float32: these steps differ from the eager candidates' by its rounding.
         "torch capturable": lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(lr, device=device), weight_decay=wd,
                                                          fused=True, capturable=True),
         "fastmlp capturable": lambda ps: fastmlp.optim.AdamW(ps, lr=torch.tensor(lr, device=device), weight_decay=wd,
@@ -178,7 +196,7 @@ def build(args, failures=None):
             except Exception as e:  # noqa: BLE001 (reported below and in the JSON)
                 if failures is None:
                     raise
-                failures[name] = f"{type(e).__name__}: {e}"
+                failures[name] = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
                 torch.cuda.synchronize()
         else:
             fns[name] = make_step(torch.compile(model) if how == "compile" else model, opt, x, y, amp, device)
@@ -236,7 +254,7 @@ def main(argv=None):
     med, compile_s = time_interleaved(build(args, failures), args.device, args.repeats, min_sample_s=5e-3,
                                       untimed_first=True, max_inner=200)
     for name, err in failures.items():
-        print(f"{name}: not measured, its CUDA graph capture failed: {err}")
+        print(f"{name}: not measured: {err}")
 
     rows = []
     floor = med.get("gemm floor")

@@ -71,10 +71,24 @@ def per_call(events, iters):
     return len(events) / iters, device_us / iters, [[k, counts[k] / iters, us[k] / iters] for k in order]
 
 
+# ATen's generic kernels, whose names say what they compute only inside their template arguments.
+_GENERIC_KERNELS = ("vectorized_elementwise_kernel", "unrolled_elementwise_kernel", "elementwise_kernel",
+                    "reduce_kernel")
+_OP_WORDS = ("threshold", "clamp", "gelubackward", "gelu", "silubackward", "silu", "sigmoid", "tanh", "relu",
+             "sum", "mean", "add", "mul", "div", "copy", "fill")
+
+
 def short_kernel_name(name, width=48):
-    """A kernel's name without its template arguments and namespaces, for the printed table."""
+    """A kernel's name without its template arguments and namespaces, for the printed table; ATen's
+    generic kernels get the first op word found in their arguments, e.g. reduce_kernel[sum]."""
     base = name.replace("(anonymous namespace)::", "").split("<", 1)[0].split("(", 1)[0].replace("void ", "").strip()
-    return base.rsplit("::", 1)[-1][:width] or name[:width]
+    base = base.rsplit("::", 1)[-1] or name
+    if base in _GENERIC_KERNELS:
+        lower = name.lower()
+        hits = [(lower.find(w), -len(w), w) for w in _OP_WORDS if w in lower]
+        if hits:
+            base = f"{base}[{min(hits)[2]}]"  # the first word in the name, the longest there
+    return base[:width]
 
 
 def host_ops(prof, iters, top=12):
