@@ -23,6 +23,7 @@
 #   gpu_profile.json       per call: launches, device time, host time, kernels, host ops (fastmlp,
 #                          eager, compiled, the GEMM floor and the autograd floor)
 #   summary.txt            one line per step: name, exit status, seconds
+# (the last step, bench/bwd_prologue_sweep.py, prints its table into gpu_check.log only)
 #
 # Afterwards (on the session's machine): copy the JSON results worth keeping to bench/results/
 # with the GPU in the name (the log's first lines have it), e.g. bench/results/linear_act_h200.json and
@@ -156,8 +157,11 @@ step tests 240 "$PY" -m pytest -v --tb=short --durations=15 -p no:cacheprovider 
 step bench_linear_act 150 "$PY" bench/bench_linear_act.py --device cuda --quick --json "$OUT/bench_linear_act.json"
 step bench_optim 60 "$PY" bench/bench_optim.py --device cuda --quick --json "$OUT/bench_optim.json"
 step profile 150 "$PY" bench/gpu_profile.py --json "$OUT/gpu_profile.json"
-# Last: two torch.compile warm-ups make it the slowest benchmark; a timeout here loses only it.
+# Two torch.compile warm-ups make it the slowest benchmark; a timeout here loses only it.
 step bench_mlp 150 "$PY" bench/bench_mlp.py --device cuda --json "$OUT/bench_mlp.json"
+# Last, an experiment rather than a check: the backward prologue's grid settings, timed (its table
+# is in gpu_check.log only: the 8 files that come back are taken).
+step sweep 60 "$PY" bench/bwd_prologue_sweep.py
 
 echo "=== done: $( [ $FAILED -eq 0 ] && echo all steps passed || echo some step FAILED )" | tee -a "$LOG"
 cat "$SUMMARY"

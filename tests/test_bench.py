@@ -23,6 +23,7 @@ import bench_dropout  # noqa: E402
 import bench_linear_act  # noqa: E402
 import bench_mlp  # noqa: E402
 import bench_optim  # noqa: E402
+import bwd_prologue_sweep  # noqa: E402
 import common  # noqa: E402
 import gpu_profile  # noqa: E402
 
@@ -337,6 +338,43 @@ def test_gpu_profile_per_call_counts_and_times_device_events():
     assert kernels == [["gemm", 2, (10 + 8 + 10 + 7) / 2], ["epi", 1, (2 + 3) / 2]]
 
 
+def test_bwd_prologue_sweep_case_on_the_cpu(monkeypatch):
+    # The sweep's bookkeeping, run through the CPU kernels (the grid switches only matter on CUDA):
+    # every setting is timed once with its switches set, the bias gradient is compared with the
+    # default's, and the switches are put back.
+    seen = []
+
+    def fake_us(fn, match, iters=20):
+        seen.append((match, os.environ.get("FASTMLP_BWD_BLOCKS_PER_SM"), os.environ.get("FASTMLP_BWD_MIN_ROWS")))
+        fn()
+        return 2.0
+
+    monkeypatch.setattr(bwd_prologue_sweep, "kernel_us", fake_us)
+    for k in bwd_prologue_sweep.ENV:  # restored (unset) after the test, whatever the sweep sets
+        monkeypatch.setenv(k, "4")
+    grid = [(4, 4), (8, 1)]
+    for act in ("relu", "gelu"):
+        c = bwd_prologue_sweep.sweep_case(96, 40, torch.float32, act, grid, in_f=8, device="cpu")
+        assert [(s["blocks_per_sm"], s["min_rows"]) for s in c["settings"]] == grid
+        assert c["bytes"] == 3 * 96 * 40 * 4 and c["eager_us"] == 2.0
+        for s in c["settings"]:
+            assert s["us"] == 2.0 and s["gb_s"] == pytest.approx(c["bytes"] / 2.0 / 1e3)
+            assert s["db_max_rel_diff_vs_default"] == 0.0  # the CPU ignores the switches
+    assert seen[:3] == [("bwd_prologue_kernel", "4", "4"), ("bwd_prologue_kernel", "8", "1"), (None, "4", "4")]
+
+
+def test_bwd_prologue_sweep_arguments(capsys):
+    for argv, err in ((["--shapes", "4x"], "expected ROWSxCOLS items"), (["--min-rows", "0"], "expected positive"),
+                      (["--dtypes", "int8"], "unknown 'int8'"), (["--activations", "silu"], "unknown 'silu'")):
+        with pytest.raises(SystemExit):
+            bwd_prologue_sweep.main(argv)
+        assert err in capsys.readouterr().err
+    if not (torch.cuda.is_available() and fastmlp.WITH_CUDA):
+        with pytest.raises(SystemExit):
+            bwd_prologue_sweep.main([])
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
 def test_gpu_profile_short_kernel_names():
     short = gpu_profile.short_kernel_name
     assert short("void fastmlp::cuda::(anonymous namespace)::bwd_prologue_kernel<(fastmlp::Act)1, "
@@ -393,7 +431,8 @@ case "$*" in
 esac
 exit 0
 """
-GPU_CHECK_STEPS = ["build", "errors", "smoke", "tests", "bench_linear_act", "bench_optim", "profile", "bench_mlp"]
+GPU_CHECK_STEPS = ["build", "errors", "smoke", "tests", "bench_linear_act", "bench_optim", "profile", "bench_mlp",
+                   "sweep"]
 
 
 def run_gpu_check(tmp_path, *args, **env):

@@ -236,6 +236,26 @@ def test_bias_grad_split_rows(dtype, activation):
     assert_close(db1, dz.sum(0).to(dtype), dtype, "grad_b")
 
 
+@pytest.mark.parametrize("blocks_per_sm,min_rows", [(32, 1), (1, 64)])
+def test_bwd_grid_switches(monkeypatch, blocks_per_sm, min_rows):
+    """FASTMLP_BWD_BLOCKS_PER_SM / FASTMLP_BWD_MIN_ROWS change the prologue's row chunks (many
+    small ones, or one per column range), not its results; a bad value is refused by name."""
+    x, w, b = make(4096, 64, 1000, torch.bfloat16)
+    with torch.no_grad():
+        y, saved = linear_act_forward(x, w, b, "gelu", True)
+        g = torch.randn_like(y)
+        gx0, _, _ = linear_act_backward(g, x, w, y, saved, "gelu", [True, False, True])
+        monkeypatch.setenv("FASTMLP_BWD_BLOCKS_PER_SM", str(blocks_per_sm))
+        monkeypatch.setenv("FASTMLP_BWD_MIN_ROWS", str(min_rows))
+        gx1, _, db1 = linear_act_backward(g, x, w, y, saved, "gelu", [True, False, True])
+    torch.testing.assert_close(gx1, gx0, rtol=0, atol=0)  # dZ W: dZ is elementwise, the grid cannot change it
+    want = torch.ops.aten.gelu_backward(g.double(), saved.double()).sum(0).to(torch.bfloat16)
+    assert_close(db1, want, torch.bfloat16, "grad_b")
+    monkeypatch.setenv("FASTMLP_BWD_MIN_ROWS", "0")
+    with pytest.raises(ValueError, match="FASTMLP_BWD_MIN_ROWS must be a whole number from 1 to 1024, got '0'"):
+        linear_act_backward(g, x, w, y, saved, "gelu", [True, False, True])
+
+
 def test_device_mismatch():
     w = torch.randn(8, 4, device="cuda")
     with pytest.raises(RuntimeError, match="same device"):

@@ -17,7 +17,8 @@
 //
 // Switches (read on every call, for tests and benchmarks): FASTMLP_CUBLASLT=0 forces the
 // fallback path; FASTMLP_LT_RELU=1 opts in to the RELU epilogue; FASTMLP_LT_GELU=0 disables
-// the GELU epilogue. The RELU epilogue is off by default because on an H200 (CUDA 13, torch
+// the GELU epilogue; FASTMLP_BWD_BLOCKS_PER_SM and FASTMLP_BWD_MIN_ROWS (defaults 4 and 4) set the
+// backward prologue's grid (see bwd_partial_rows), for bench/bwd_prologue_sweep.py. The RELU epilogue is off by default because on an H200 (CUDA 13, torch
 // 2.11) it returned numbers where torch.relu returns NaN in fp16 (x with +-inf times an identity
 // W, so inf * 0 = NaN inside the GEMM), although the NaN probe below had passed.
 //
@@ -62,6 +63,17 @@ bool env_on(const char* name, bool dflt) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return dflt;
   return !(std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 || std::strcmp(v, "off") == 0);
+}
+
+// An integer tuning switch: its default when unset or empty, else a whole number in [lo, hi].
+int env_int(const char* name, int dflt, int lo, int hi) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return dflt;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  FASTMLP_CHECK_VALUE(*end == '\0' && n >= lo && n <= hi, "fastmlp: environment variable ", name,
+                      " must be a whole number from ", lo, " to ", hi, ", got '", v, "'");
+  return static_cast<int>(n);
 }
 
 DType to_dtype(at::ScalarType st) {
@@ -488,7 +500,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
     p.db = output_mask[2] ? grad_b.data_ptr() : nullptr;
     p.rows = rows;
     p.cols = out_f;
-    p.partial_rows = bwd_partial_rows(act, dt, p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    p.partial_rows = bwd_partial_rows(act, dt, p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                                      env_int("FASTMLP_BWD_BLOCKS_PER_SM", kBwdBlocksPerSm, 1, 64),
+                                      env_int("FASTMLP_BWD_MIN_ROWS", kBwdMinRowsPerThread, 1, 1024));
     at::Tensor partial, counters;
     if (p.db != nullptr && p.partial_rows > 1) {
       partial = at::empty({static_cast<int64_t>(p.partial_rows) * out_f},

@@ -177,17 +177,20 @@ int64_t bwd_counter_count(Act act, DType dt, const BwdPrologueParams& p) {
   return ((p.cols + vec - 1) / vec + bx - 1) / bx;
 }
 
-int bwd_partial_rows(Act act, DType dt, const BwdPrologueParams& p, int num_sms) {
+int bwd_partial_rows(Act act, DType dt, const BwdPrologueParams& p, int num_sms, int blocks_per_sm,
+                     int min_rows_per_thread) {
   if (p.rows <= 0 || p.cols <= 0) return 1;
   // Small layers: one row chunk, no cross-block reduction.
   if (p.rows * p.cols <= (int64_t(1) << 16)) return 1;
   const int vec = bwd_vec(act, dt, p);
   const int bx = block_x(p.cols, vec), by = kThreads / bx;
   const int64_t gx = ((p.cols + vec - 1) / vec + bx - 1) / bx;
-  const int64_t target = 4 * static_cast<int64_t>(std::max(num_sms, 1));  // blocks to fill the GPU
+  // Blocks to fill the GPU (by default 4 a SM: one resident wave).
+  const int64_t target = static_cast<int64_t>(std::max(blocks_per_sm, 1)) * std::max(num_sms, 1);
   int64_t gy = (target + gx - 1) / gx;
-  // At least 4 rows per thread, so the shared-memory reduction stays a small part of the work.
-  gy = std::min<int64_t>(gy, std::max<int64_t>(1, p.rows / (4 * by)));
+  // At least min_rows_per_thread rows a thread (default 4), so the shared-memory reduction stays a
+  // small part of the work.
+  gy = std::min<int64_t>(gy, std::max<int64_t>(1, p.rows / (std::max(min_rows_per_thread, 1) * by)));
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(gy, 65535)));
 }
 
