@@ -72,6 +72,8 @@ def kernel_us(fn, match, iters=20):
         torch.cuda.synchronize()
     cuda = torch.autograd.DeviceType.CUDA
     events = [e for e in prof.events() if e.device_type == cuda and (match is None or match in e.name)]
+    if not events:
+        raise RuntimeError(f"the profiler saw no CUDA kernel{f' named *{match}*' if match else ''}")
     return sum(e.time_range.end - e.time_range.start for e in events) / iters
 
 
