@@ -80,6 +80,19 @@ def source_digest(root=None):
     return h.hexdigest()
 
 
+def portable_arg(arg, root=None):
+    """A command-line argument as a results file records it: an absolute path becomes relative to
+    the checkout when inside it, else its file name (where a run wrote its output, e.g. a device's
+    $OUT, means nothing on another machine); also after `--option=`."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prefix, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if not os.path.isabs(value):
+        return arg
+    rel = os.path.relpath(value, root)
+    value = rel if not rel.startswith("..") else os.path.basename(value.rstrip(os.sep)) or value
+    return prefix + sep + value
+
+
 def run_info(script, argv):
     """What a rerun needs to know: the command (script and its arguments, argv None meaning this
     process's own), code and build, versions, threads, when."""
@@ -92,7 +105,7 @@ def run_info(script, argv):
         build = None
     return {
         "command": shlex.join(["python", f"bench/{os.path.basename(script)}"]
-                              + list(sys.argv[1:] if argv is None else argv)),
+                              + [portable_arg(a) for a in (sys.argv[1:] if argv is None else argv)]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "fastmlp": fastmlp.__version__, "git_commit": _git_commit(), "source_digest": source_digest(),
         "build": build,

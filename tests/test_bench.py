@@ -51,6 +51,14 @@ def test_bench_mlp_runs_every_eager_candidate(tmp_path):
     assert run["source_digest"] == common.source_digest()
 
 
+def test_results_record_no_machine_paths(tmp_path):
+    root = str(tmp_path / "repo")
+    assert common.portable_arg("/root/out/bench_mlp.json", root) == "bench_mlp.json"
+    assert common.portable_arg("--json=/root/out/x.json", root) == "--json=x.json"
+    assert common.portable_arg(os.path.join(root, "bench", "results", "a.json"), root) == "bench/results/a.json"
+    assert common.portable_arg("4096x2048", root) == "4096x2048" and common.portable_arg("--quick", root) == "--quick"
+
+
 def test_source_digest_follows_the_code_not_the_build(tmp_path):
     for rel, text in {"setup.py": "s", "csrc/a.cpp": "int a;", "fastmlp/__init__.py": "x = 1",
                       "bench/b.py": "b", "fastmlp/_build_info.py": "TORCH_VERSION = '1'"}.items():
@@ -160,7 +168,7 @@ def test_bench_mlp_graphed_steps_match_eager():
 def test_bench_linear_act_tiny_grid(tmp_path):
     out = tmp_path / "la.json"
     bench_linear_act.main(["--batches", "4", "--widths", "8->6", "--activations", "relu", "--dtypes", "float32",
-                           "--modes", "fwd,fwdbwd", "--repeats", "20", "--json", str(out)])
+                           "--modes", "fwd,fwdbwd", "--repeats", "20", "--json", out.name])
     saved = json.loads(out.read_text())
     assert [r["mode"] for r in saved["rows"]] == ["fwd", "fwdbwd"]
     for r in saved["rows"]:
@@ -196,14 +204,14 @@ def test_bench_linear_act_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch)
     monkeypatch.setattr(bench_linear_act, "time_interleaved", stopped_after_two)
     with pytest.raises(KeyboardInterrupt):
         bench_linear_act.main(["--batches", "4,5", "--widths", "8->6", "--activations", "relu", "--dtypes",
-                               "float32", "--modes", "fwd,fwdbwd", "--repeats", "20", "--json", str(out)])
+                               "float32", "--modes", "fwd,fwdbwd", "--repeats", "20", "--json", out.name])
     saved = json.loads(out.read_text())
     assert saved["complete"] is False and [r["shape"] for r in saved["rows"]] == ["4x8->6", "4x8->6"]
     assert saved["summary"]["fwd"]["geomean_fastmlp_over_floor"] > 0 and saved["run"]["command"]
     assert os.listdir(tmp_path) == ["la.json"]  # no temp file left behind
     monkeypatch.setattr(bench_linear_act, "time_interleaved", real)
     bench_linear_act.main(["--batches", "4", "--widths", "8->6", "--activations", "relu", "--dtypes", "float32",
-                           "--modes", "fwd", "--repeats", "20", "--json", str(out)])
+                           "--modes", "fwd", "--repeats", "20", "--json", out.name])
     assert json.loads(out.read_text())["complete"] is True
 
 
@@ -255,7 +263,7 @@ def test_bench_optim_runs_every_candidate(tmp_path, monkeypatch):
                 assert r["speedup_vs_torch_fused"] == pytest.approx(by["torch fused"]["median_us"] / r["median_us"])
     run = saved["run"]
     assert run["command"] == shlex.join(["python", "bench/bench_optim.py", "--quick", "--device", "cpu", "--burst", "2",
-                                         "--json", str(out)])
+                                         "--json", out.name])
     assert run["fastmlp"] == fastmlp.__version__ and run["torch"] == torch.__version__
     assert "threads" in saved["machine"] and os.listdir(tmp_path) == ["optim.json"]
 
@@ -287,7 +295,7 @@ def test_bench_optim_candidates_compute_the_same_update():
 
 def test_bench_dropout_tiny_run(tmp_path):
     out = tmp_path / "dropout.json"
-    bench_dropout.main(["--shapes", "4x8", "--p", "0.3", "--repeats", "20", "--json", str(out)])
+    bench_dropout.main(["--shapes", "4x8", "--p", "0.3", "--repeats", "20", "--json", out.name])
     saved = json.loads(out.read_text())
     assert saved["complete"] is True and saved["repeats"] == 20
     assert [(r["shape"], r["mode"], r["p"]) for r in saved["rows"]] == [("4x8", "fwd", 0.3), ("4x8", "fwdbwd", 0.3)]
@@ -298,7 +306,7 @@ def test_bench_dropout_tiny_run(tmp_path):
         assert r["speedup_vs_compiled"] == pytest.approx(r["compiled_ms"] / r["fastmlp_ms"])
     run = saved["run"]
     assert run["command"] == shlex.join(["python", "bench/bench_dropout.py", "--shapes", "4x8", "--p", "0.3", "--repeats",
-                                         "20", "--json", str(out)])
+                                         "20", "--json", out.name])
     assert run["fastmlp"] == fastmlp.__version__ and run["torch"] == torch.__version__
     assert os.listdir(tmp_path) == ["dropout.json"]
 
