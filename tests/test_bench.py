@@ -168,7 +168,7 @@ def test_bench_mlp_graphed_steps_match_eager():
 def test_bench_linear_act_tiny_grid(tmp_path):
     out = tmp_path / "la.json"
     bench_linear_act.main(["--batches", "4", "--widths", "8->6", "--activations", "relu", "--dtypes", "float32",
-                           "--modes", "fwd,fwdbwd", "--repeats", "20", "--json", out.name])
+                           "--modes", "fwd,fwdbwd", "--repeats", "20", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert [r["mode"] for r in saved["rows"]] == ["fwd", "fwdbwd"]
     for r in saved["rows"]:
@@ -204,14 +204,14 @@ def test_bench_linear_act_keeps_the_rows_of_a_stopped_run(tmp_path, monkeypatch)
     monkeypatch.setattr(bench_linear_act, "time_interleaved", stopped_after_two)
     with pytest.raises(KeyboardInterrupt):
         bench_linear_act.main(["--batches", "4,5", "--widths", "8->6", "--activations", "relu", "--dtypes",
-                               "float32", "--modes", "fwd,fwdbwd", "--repeats", "20", "--json", out.name])
+                               "float32", "--modes", "fwd,fwdbwd", "--repeats", "20", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["complete"] is False and [r["shape"] for r in saved["rows"]] == ["4x8->6", "4x8->6"]
     assert saved["summary"]["fwd"]["geomean_fastmlp_over_floor"] > 0 and saved["run"]["command"]
     assert os.listdir(tmp_path) == ["la.json"]  # no temp file left behind
     monkeypatch.setattr(bench_linear_act, "time_interleaved", real)
     bench_linear_act.main(["--batches", "4", "--widths", "8->6", "--activations", "relu", "--dtypes", "float32",
-                           "--modes", "fwd", "--repeats", "20", "--json", out.name])
+                           "--modes", "fwd", "--repeats", "20", "--json", str(out)])
     assert json.loads(out.read_text())["complete"] is True
 
 
@@ -295,7 +295,7 @@ def test_bench_optim_candidates_compute_the_same_update():
 
 def test_bench_dropout_tiny_run(tmp_path):
     out = tmp_path / "dropout.json"
-    bench_dropout.main(["--shapes", "4x8", "--p", "0.3", "--repeats", "20", "--json", out.name])
+    bench_dropout.main(["--shapes", "4x8", "--p", "0.3", "--repeats", "20", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["complete"] is True and saved["repeats"] == 20
     assert [(r["shape"], r["mode"], r["p"]) for r in saved["rows"]] == [("4x8", "fwd", 0.3), ("4x8", "fwdbwd", 0.3)]
