@@ -83,13 +83,7 @@ def make_graphed_step(model, opt, x, y, amp, device):
     # autocast's weight cache must stay off while capturing (torch.cuda.graph's documentation).
     ctx = (lambda: torch.autocast(device, dtype=amp, cache_enabled=False)) if amp is not None else contextlib.nullcontext
 
-    def eager_step():
-        opt.zero_grad(set_to_none=True)
-        with ctx():
-            loss = loss_of(model, x, y)
-        loss.backward()
-        opt.step()
-
+    eager_step = make_step(model, opt, x, y, amp, device)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     try:

@@ -23,13 +23,13 @@ import os
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
-from fastmlp import ops  # noqa: E402
+import gpu_profile  # noqa: E402
 from common import machine_name, write_json  # noqa: E402
+from fastmlp import ops  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENV = ("FASTMLP_BWD_BLOCKS_PER_SM", "FASTMLP_BWD_MIN_ROWS")
@@ -62,19 +62,15 @@ def prologue_bytes(rows, cols, dtype):
 
 
 def kernel_us(fn, match, iters=20):
-    """Device microseconds per call of the kernels whose name contains `match` (all, if None)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    cuda = torch.autograd.DeviceType.CUDA
-    events = [e for e in prof.events() if e.device_type == cuda and (match is None or match in e.name)]
-    if not events:
-        raise RuntimeError(f"the profiler saw no CUDA kernel{f' named *{match}*' if match else ''}")
-    return sum(e.time_range.end - e.time_range.start for e in events) / iters
+    """Device microseconds per call of the kernels whose name contains `match` (all, if None), as
+    gpu_profile.py measures them."""
+    _, device_us, kernels, _ = gpu_profile.profile_fn(fn, "cuda", iters)
+    if match is None:
+        return device_us
+    hits = [us for name, _, us in kernels if match in name]
+    if not hits:
+        raise RuntimeError(f"the profiler saw no CUDA kernel named *{match}*")
+    return sum(hits)
 
 
 def setting(blocks_per_sm, min_rows):

@@ -65,16 +65,9 @@ std::string msg(const Parts&... parts) {
 #define FASTMLP_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::fastmlp::msg(__VA_ARGS__))
 
 // "[4, 6]", for messages (see msg).
-inline std::string shape_str(c10::IntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(sizes[i]);
-  }
-  return s + "]";
-}
-
-inline std::string shape_str(c10::SymIntArrayRef sizes) {
+// "[2, 3]" for concrete (IntArrayRef) or symbolic (SymIntArrayRef) sizes.
+template <typename T>
+std::string shape_str(c10::ArrayRef<T> sizes) {
   std::string s = "[";
   for (size_t i = 0; i < sizes.size(); ++i) {
     if (i) s += ", ";

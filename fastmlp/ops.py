@@ -30,6 +30,13 @@ def check_activation(activation, op=_FWD):
         )
 
 
+def _check_floating(op, name, t):
+    # Mirror of check_floating in csrc/checks.h.
+    if t.dtype not in _FLOATING:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor (float32, float64, float16 or bfloat16), "
+                        f"got {t.dtype}")
+
+
 def _check_same_device(op, a_name, a, b_name, b):
     if a.device != b.device:
         raise RuntimeError(f"{op}: expected {a_name} and {b_name} on the same device, but got {a_name} on "
@@ -47,11 +54,7 @@ def _check_linear_act_args(input, weight, bias, activation):
     types and messages (dtypes written the torch way, torch.float32 for Float)."""
     check_activation(activation)
     for name, t in (("input", input), ("weight", weight)):
-        if t.dtype not in _FLOATING:
-            raise TypeError(
-                f"{_FWD}: {name} must be a floating-point tensor (float32, float64, float16 or "
-                f"bfloat16), got {t.dtype}"
-            )
+        _check_floating(_FWD, name, t)
     if weight.dim() != 2:
         raise ValueError(
             f"{_FWD}: weight must be 2-D (out_features, in_features), got a {weight.dim()}-D "
@@ -94,9 +97,7 @@ def _check_linear_act_backward_args(grad_output, input, weight, output, saved, a
     """Mirror of check_linear_act_backward_args in csrc/checks.h: the same checks in the same order,
     exception types and messages (dtypes written the torch way, torch.float32 for Float)."""
     check_activation(activation, _BWD)
-    if grad_output.dtype not in _FLOATING:
-        raise TypeError(f"{_BWD}: grad_output must be a floating-point tensor (float32, float64, float16 or "
-                        f"bfloat16), got {grad_output.dtype}")
+    _check_floating(_BWD, "grad_output", grad_output)
     if weight.dim() != 2:
         raise ValueError(f"{_BWD}: weight must be 2-D (out_features, in_features), got a {weight.dim()}-D "
                          f"tensor of shape {list(weight.shape)}")
@@ -159,11 +160,7 @@ def _dropout_fake(input, p, seed):
             f"fastmlp.dropout: seed must be a one-element int64 CPU tensor, got {seed.dtype} of shape "
             f"{list(seed.shape)} on {seed.device}"
         )
-    if input.dtype not in _FLOATING:
-        raise TypeError(
-            f"fastmlp.dropout: input must be a floating-point tensor (float32, float64, float16 or "
-            f"bfloat16), got {input.dtype}"
-        )
+    _check_floating("fastmlp.dropout", "input", input)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"fastmlp.dropout: p must be in [0, 1), got {p}")
     return torch.empty_like(input)  # the input's layout, as the CPU kernel's output
@@ -221,9 +218,7 @@ def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, stat
         raise ValueError(f"{op}: expected state_steps to have {len(params)} tensors (one per parameter), "
                          f"got {len(state_steps)}")
     for p in params:
-        if p.dtype not in _FLOATING:
-            raise TypeError(f"{op}: params must be a floating-point tensor (float32, float64, float16 or "
-                            f"bfloat16), got {p.dtype}")
+        _check_floating(op, "params", p)
     _check_writable(op, [("params", params), ("master_params", master_params)]
                     + ([("grads", grads)] if grad_scale is not None else [])
                     + [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs)])
@@ -237,9 +232,7 @@ def _sgd_step_fake(params, grads, momentum_buffers, master_params, lr, lr_tensor
     _check_optim_lists(op, params, [("grads", grads, False), ("momentum_buffers", momentum_buffers, True),
                                     ("master_params", master_params, True)])
     for p in params:
-        if p.dtype not in _FLOATING:
-            raise TypeError(f"{op}: params must be a floating-point tensor (float32, float64, float16 or "
-                            f"bfloat16), got {p.dtype}")
+        _check_floating(op, "params", p)
     _check_writable(op, [("params", params), ("master_params", master_params)]
                     + ([("grads", grads)] if grad_scale is not None else [])
                     + [("momentum_buffers", momentum_buffers)])

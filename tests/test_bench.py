@@ -371,6 +371,15 @@ def test_bwd_prologue_sweep_case_on_the_cpu(monkeypatch):
     assert seen[:3] == [("bwd_prologue_kernel", "4", "4"), ("bwd_prologue_kernel", "8", "1"), (None, "4", "4")]
 
 
+def test_bwd_prologue_sweep_kernel_us_picks_the_named_kernel(monkeypatch):
+    kernels = [["gemm", 1.0, 40.0], ["bwd_prologue_kernel", 1.0, 25.5], ["reduce_kernel[sum]", 1.0, 3.0]]
+    monkeypatch.setattr(gpu_profile, "profile_fn", lambda fn, device, iters: (3.0, 68.5, kernels, []))
+    assert bwd_prologue_sweep.kernel_us(None, "bwd_prologue_kernel") == 25.5
+    assert bwd_prologue_sweep.kernel_us(None, None) == 68.5
+    with pytest.raises(RuntimeError, match="no CUDA kernel named"):
+        bwd_prologue_sweep.kernel_us(None, "fwd_epilogue_kernel")
+
+
 def test_bwd_prologue_sweep_arguments(capsys):
     for argv, err in ((["--shapes", "4x"], "expected ROWSxCOLS items"), (["--min-rows", "0"], "expected positive"),
                       (["--dtypes", "int8"], "unknown 'int8'"), (["--activations", "silu"], "unknown 'silu'")):
