@@ -31,7 +31,9 @@
 #
 # Runtime switches the tests and benchmarks use (read on every call by the CUDA op):
 #   FASTMLP_CUBLASLT=0  force the at::mm + own-kernel fallback; FASTMLP_LT_RELU=1 (opt in) /
-#   FASTMLP_LT_GELU=0   disable cuBLASLt's RELU / GELU epilogues (e.g. to time both paths).
+#   FASTMLP_LT_GELU=0   disable cuBLASLt's RELU / GELU epilogues (e.g. to time both paths);
+#   FASTMLP_LT_BGRAD=1  (opt in) the bias gradient from the dW GEMM's BGRADB epilogue (the CUDA
+#                       tests run it; gpu_profile.json times it as the fastmlp_bgrad variant).
 set -uo pipefail
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--fail-fast]}

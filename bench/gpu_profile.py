@@ -9,6 +9,9 @@ call (forward + torch.autograd.grad for input, weight and bias, as bench_linear_
   compiled        the same under torch.compile (a fresh compile per row)
   floor           the three GEMMs alone (X W^T, dZ W, dZ^T X), no autograd
   autograd_floor  the same GEMMs through the autograd engine (torch.mm(x, W.t()) and its grad)
+  fastmlp_bgrad   (CUDA only) fastmlp with FASTMLP_LT_BGRAD=1 set while it is measured: the bias
+                  gradient from the weight-gradient GEMM's BGRADB epilogue, an opt-in path that
+                  becomes the default if it is faster here and passes the CUDA tests
 
 and for each, per call:
   launches   CUDA kernels + memsets + copies seen by torch.profiler
@@ -25,6 +28,7 @@ too (--device cpu, for the tests): no kernels there, only host and wall time.
 
 import argparse
 import collections
+import contextlib
 import os
 import statistics
 import sys
@@ -40,6 +44,23 @@ from common import gc_paused, machine_name, sync, write_json  # noqa: E402
 
 SHAPES = "64x512x512,4096x2048x2048"  # (batch, in, out): bench_linear_act --device cuda --quick's extremes
 CANDIDATES = ("fastmlp", "eager", "compiled", "floor", "autograd_floor")
+# fastmlp with opt-in switches of the CUDA op (read on every call) set while it is measured.
+VARIANTS = {"fastmlp_bgrad": {"FASTMLP_LT_BGRAD": "1"}}
+
+
+@contextlib.contextmanager
+def env_set(env):
+    """The environment variables in `env` set inside the block, put back as they were after it."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def parse_shapes(s):
@@ -133,14 +154,18 @@ def host_and_wall(fn, device, calls=20, repeats=7):
 def candidates(batch, in_f, out_f, act_name, dtype, device):
     """bench_linear_act's forward + backward callables for one row, under this script's names."""
     fns = bench_linear_act.candidates(batch, in_f, out_f, act_name, dtype, device, "fwdbwd")
-    return {name: fns["native" if name == "eager" else name] for name in CANDIDATES}
+    out = {name: fns["native" if name == "eager" else name] for name in CANDIDATES}
+    if device == "cuda":
+        out.update({name: out["fastmlp"] for name in VARIANTS})  # the same call, under VARIANTS[name]
+    return out
 
 
 def measure_row(batch, in_f, out_f, act_name, dtype_name, device):
     row = {"shape": [batch, in_f, out_f], "dtype": dtype_name, "activation": act_name}
     for name, fn in candidates(batch, in_f, out_f, act_name, bench_linear_act.DTYPES[dtype_name], device).items():
-        launches, device_us, kernels, ops = profile_fn(fn, device)
-        host_s, wall_s = host_and_wall(fn, device)
+        with env_set(VARIANTS.get(name, {})):
+            launches, device_us, kernels, ops = profile_fn(fn, device)
+            host_s, wall_s = host_and_wall(fn, device)
         row[name] = {"launches": launches, "device_us": device_us, "host_us": host_s * 1e6,
                      "wall_us": wall_s * 1e6, "kernels": kernels, "host_ops": ops}
     return row
@@ -163,7 +188,14 @@ def summarise(rows):
                 "wall_vs_eager": e["wall_us"] / f["wall_us"],
                 "device_over_floor": f["device_us"] / fl["device_us"] if fl["device_us"] > 0 else None,
                 "wall_over_floor": f["wall_us"] / fl["wall_us"],
-                "host_bound": f["host_us"] >= f["device_us"]}
+                "host_bound": f["host_us"] >= f["device_us"],
+                "variants": {name: {"launches": r[name]["launches"], "device_us": r[name]["device_us"],
+                                    "device_over_fastmlp": (r[name]["device_us"] / f["device_us"]
+                                                            if f["device_us"] > 0 else None),
+                                    "device_over_floor": (r[name]["device_us"] / fl["device_us"]
+                                                          if fl["device_us"] > 0 else None),
+                                    "wall_over_fastmlp": r[name]["wall_us"] / f["wall_us"]}
+                             for name in VARIANTS if name in r}}
         out["launch_bound" if launch_bound(r) else "compute_bound"].append(item)
     return out
 
@@ -202,7 +234,7 @@ def main(argv=None):
                       f"{r['fastmlp']['host_us']:16.1f} {r['eager']['host_us']:7.1f} {r['autograd_floor']['host_us']:8.1f} | "
                       f"{r['fastmlp']['wall_us']:16.1f} {r['eager']['wall_us']:7.1f}", flush=True)
                 if args.device == "cuda":
-                    for name in ("fastmlp", "eager"):
+                    for name in ("fastmlp", *[v for v in VARIANTS if v in r], "eager"):
                         print(f"{'':>18}{name} kernels (us per call): " + "; ".join(
                             f"{short_kernel_name(k)} {t:.1f}" for k, _, t in r[name]["kernels"]))
     summary = summarise(rows)
@@ -212,6 +244,10 @@ def main(argv=None):
             print(f"{kind:>13}: {it['row']:>28}: launches {it['launches_fastmlp']:.0f} vs eager "
                   f"{it['launches_eager']:.0f}; wall {it['wall_vs_eager']:.2f}x eager; device time {dev} "
                   f"the floor's; {'host' if it['host_bound'] else 'device'}-bound")
+            for name, v in it["variants"].items():
+                ratio = f"{v['device_over_fastmlp']:.3f}x" if v["device_over_fastmlp"] is not None else "-"
+                print(f"{'':>15}{name}: launches {v['launches']:.0f}, device time {ratio} fastmlp's, "
+                      f"wall {v['wall_over_fastmlp']:.3f}x")
     save(rows, complete=True)
 
 

@@ -428,6 +428,32 @@ def test_gpu_profile_runs_every_candidate_on_the_cpu(tmp_path):
     assert item["device_over_floor"] is None and item["host_bound"] is True
 
 
+def test_gpu_profile_variants_measured_under_their_switches(monkeypatch):
+    # A variant (fastmlp with an opt-in switch) is timed with its switches set, which are put back
+    # afterwards, and its device time is summarised against fastmlp's and the floor's.
+    monkeypatch.setenv("FASTMLP_LT_BGRAD", "0")
+    seen = []
+
+    def fake_profile(fn, device, iters=5):
+        seen.append(os.environ.get("FASTMLP_LT_BGRAD"))
+        return 5.0, {"fastmlp": 100.0, "fastmlp_bgrad": 90.0, "floor": 80.0}.get(fn(), 120.0), [], []
+
+    monkeypatch.setattr(gpu_profile, "profile_fn", fake_profile)
+    monkeypatch.setattr(gpu_profile, "host_and_wall", lambda fn, device: (1e-6, 2e-4))
+    names = ("fastmlp", "eager", "compiled", "floor", "autograd_floor", "fastmlp_bgrad")
+    monkeypatch.setattr(gpu_profile, "candidates", lambda *a: {n: (lambda n=n: n) for n in names})
+    row = gpu_profile.measure_row(4096, 2048, 2048, "relu", "bfloat16", "cuda")
+    assert seen == ["0", "0", "0", "0", "0", "1"] and os.environ["FASTMLP_LT_BGRAD"] == "0"
+    (item,) = gpu_profile.summarise([row])["compute_bound"]
+    v = item["variants"]["fastmlp_bgrad"]
+    assert v["device_over_fastmlp"] == pytest.approx(0.9) and v["device_over_floor"] == pytest.approx(90 / 80)
+    assert item["device_over_floor"] == pytest.approx(100 / 80)
+    monkeypatch.delenv("FASTMLP_LT_BGRAD")
+    with gpu_profile.env_set({"FASTMLP_LT_BGRAD": "1"}):
+        assert os.environ["FASTMLP_LT_BGRAD"] == "1"
+    assert "FASTMLP_LT_BGRAD" not in os.environ
+
+
 def test_gpu_profile_rejects_bad_shapes(capsys):
     with pytest.raises(SystemExit):
         gpu_profile.main(["--device", "cpu", "--shapes", "4x8"])

@@ -534,6 +534,20 @@ def test_torch_export_and_jit_trace(device, tmp_path):
     torch.testing.assert_close(model(x), want)
 
 
+def native_lane_consistent(y_native, x, w, b, act):
+    """Native's output, except where torch's vectorised kernel returned NaN for a value whose
+    one-element answer is not NaN: there, the one-element answer.
+
+    torch 2.14.1's float32 and bf16 GELU returns NaN for +inf in its vector lanes on some CPUs (seen
+    on an AVX-512 Xeon, with both the AVX-512 and AVX2 kernels; not on the AMD EPYC machine before
+    it), while the scalar tail of the same call, its fp64 kernel and its CUDA kernel return +inf,
+    so torch gives both answers for one input depending on its position in the tensor."""
+    with torch.no_grad():
+        z = F.linear(x, w, b)
+        lone = torch.stack([NATIVE_ACT[act](v.reshape(1))[0] for v in z.flatten()]).view_as(z)
+    return torch.where(y_native.isnan() & ~lone.isnan(), lone, y_native)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS)
 def test_nan_inf_propagate_like_native(device, act, dtype):
@@ -557,7 +571,8 @@ def test_nan_inf_propagate_like_native(device, act, dtype):
         ours = run(linear_act, x, w, b, act, g)
         nat = run(native, x, w, b, act, g)
         assert not nat[0].isnan().all(), layout  # the specials did reach the activation unmixed
-        torch.testing.assert_close(ours[0], nat[0], equal_nan=True, msg=lambda m: f"{layout}: {m}")
+        want = native_lane_consistent(nat[0], x, w, b, act)
+        torch.testing.assert_close(ours[0], want, equal_nan=True, msg=lambda m: f"{layout}: {m}")
         # Gradients: NaN where native has NaN (nothing silently zeroed), the rest equal to native's.
         tol = dict(atol=1e-5, rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1.3e-6)
         for name, a, r in zip(("grad_x", "grad_w", "grad_b"), ours[1], nat[1]):

@@ -256,6 +256,92 @@ def test_bwd_grid_switches(monkeypatch, blocks_per_sm, min_rows):
         linear_act_backward(g, x, w, y, saved, "gelu", [True, False, True])
 
 
+BGRAD_SHAPES = [(8192, 64, 1000), (37, 96, 10), (129, 200, 781), (256, 512, 512)]
+
+
+@pytest.mark.parametrize("shape", BGRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu"])
+def test_bgrad_epilogue(monkeypatch, activation, dtype, shape):
+    """FASTMLP_LT_BGRAD=1 (the bias gradient from the weight-gradient GEMM's BGRADB epilogue) gives
+    the default path's three gradients, for every output mask that asks for dW and db; db is
+    deterministic run to run and matches the fp64 column sums of dZ; through autograd it matches
+    native."""
+    rows, in_f, out_f = shape
+    x, w, b = make(rows, in_f, out_f, dtype)
+    masks = ([True, True, True], [False, True, True], [True, False, True])
+    with torch.no_grad():  # the fused backward kernel (with grad recording: the ATen ops it fuses)
+        y, saved = linear_act_forward(x, w, b, activation, True)
+        g = torch.randn_like(y)
+        want = [linear_act_backward(g, x, w, y, saved, activation, m) for m in masks]
+        monkeypatch.setenv("FASTMLP_LT_BGRAD", "1")
+        got = [linear_act_backward(g, x, w, y, saved, activation, m) for m in masks]
+        again = linear_act_backward(g, x, w, y, saved, activation, masks[0])
+    for m, gs, ws in zip(masks, got, want):
+        for name, on, a, e in zip(("grad_x", "grad_w", "grad_b"), m, gs, ws):
+            assert a.shape == e.shape, f"{name}, mask {m}"
+            if on:
+                assert_close(a, e, dtype, f"{name}, mask {m}")
+    assert torch.equal(again[1], got[0][1]) and torch.equal(again[2], got[0][2]), "dW / db not deterministic"
+    dz = {"none": lambda: g.double(),
+          "relu": lambda: torch.where(y.double() > 0, g.double(), 0.0),  # threshold_backward(g, y, 0)
+          "gelu": lambda: torch.ops.aten.gelu_backward(g.double(), saved.double()),
+          "silu": lambda: torch.ops.aten.silu_backward(g.double(), saved.double())}[activation]()
+    assert_close(got[0][2], dz.sum(0).to(dtype), dtype, "grad_b vs fp64")
+    check_fwd_bwd(x, w, b, activation, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bgrad_epilogue_layouts(monkeypatch, dtype):
+    """FASTMLP_LT_BGRAD=1 with offset views (pointers not 16-byte aligned), a transposed input, no
+    bias, an empty batch and zero input features."""
+    monkeypatch.setenv("FASTMLP_LT_BGRAD", "1")
+    rows, in_f, out_f = 33, 65, 48
+    xs = torch.randn(rows * in_f + 1, device="cuda", dtype=dtype)[1:].view(rows, in_f).requires_grad_()
+    ws = (torch.randn(out_f * in_f + 3, device="cuda", dtype=dtype) / 8)[3:].view(out_f, in_f).requires_grad_()
+    bs = torch.randn(out_f + 1, device="cuda", dtype=dtype)[1:].requires_grad_()
+    for activation in ("none", "gelu"):
+        check_fwd_bwd(xs, ws, bs, activation, dtype)
+        xt = torch.randn(in_f, rows, device="cuda", dtype=dtype).t().requires_grad_()
+        check_fwd_bwd(xt, ws, bs, activation, dtype)
+        check_fwd_bwd(xt, ws, None, activation, dtype)
+        for shape in [(0, in_f), (2, 0, in_f)]:
+            check_fwd_bwd(torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True), ws, bs, activation,
+                          dtype)
+        x0 = torch.randn(rows, 0, device="cuda", dtype=dtype, requires_grad=True)
+        w0 = torch.randn(out_f, 0, device="cuda", dtype=dtype, requires_grad=True)
+        check_fwd_bwd(x0, w0, bs, activation, dtype)
+
+
+def test_bgrad_epilogue_path_is_taken(monkeypatch):
+    """With FASTMLP_LT_BGRAD=1 the bias gradient comes from the weight-gradient GEMM: for
+    activation none the backward launches no prologue kernel of ours (by default it launches one,
+    for db), and for relu the prologue still runs (for dZ). Every other BGRAD test passes on
+    either path, so this is the one that fails if the epilogue is refused and the op falls back."""
+    x, w, b = make(256, 512, 512, torch.float32, requires_grad=False)
+
+    def kernels(activation):
+        y, saved = linear_act_forward(x, w, b, activation, True)
+        g = torch.randn_like(y)
+        linear_act_backward(g, x, w, y, saved, activation, [True, True, True])
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            linear_act_backward(g, x, w, y, saved, activation, [True, True, True])
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                and not e.name.startswith(("Memset", "Memcpy"))]
+
+    ours = lambda names: [k for k in names if "bwd_prologue" in k]  # noqa: E731
+    # at::sum (the fallback's db); not cuBLASLt's own splitKreduce_kernel, which a GEMM may launch.
+    sums = lambda names: [k for k in names if "at::native::reduce_kernel" in k]  # noqa: E731
+    default = {a: kernels(a) for a in ("none", "relu")}
+    monkeypatch.setenv("FASTMLP_LT_BGRAD", "1")
+    bgrad = {a: kernels(a) for a in ("none", "relu")}
+    assert ours(default["none"]) and ours(default["relu"]), f"default: {default}"
+    assert not ours(bgrad["none"]) and not sums(bgrad["none"]), f"BGRAD, none: {bgrad['none']}"
+    assert ours(bgrad["relu"]) and not sums(bgrad["relu"]), f"BGRAD, relu: {bgrad['relu']}"
+
+
 def test_device_mismatch():
     w = torch.randn(8, 4, device="cuda")
     with pytest.raises(RuntimeError, match="same device"):

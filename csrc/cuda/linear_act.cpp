@@ -9,18 +9,24 @@
 //           writes `saved`). fp64, and any shape / alignment / dtype cuBLASLt refuses, take the
 //           fallback: at::mm (at::addmm for fp16/bf16 with bias, as on the CPU) + our kernel.
 // backward: our one-pass prologue dZ = dY * act'(.) plus db = column sums of dZ (one launch), then
-//           dX = dZ W and dW = dZ^T X with at::mm (cuBLAS, honouring torch's TF32 setting).
+//           dX = dZ W and dW = dZ^T X with at::mm (cuBLAS, honouring torch's TF32 setting). Opt-in
+//           with FASTMLP_LT_BGRAD=1: dW = dZ^T X is a cuBLASLt GEMM whose BGRADB epilogue also
+//           writes db, and the prologue only computes dZ (none: no prologue); at::mm + at::sum
+//           where cuBLASLt refuses the problem.
 //
 // `saved` on CUDA is what the CPU saves: the pre-activation (rows, out) for gelu, gelu_tanh and
 // silu, empty for none and relu (relu's backward reads y like threshold_backward, so a NaN
 // pre-activation passes its gradient as natively; a cuBLASLt RELU_AUX bit mask could not).
 //
 // Switches (read on every call, for tests and benchmarks): FASTMLP_CUBLASLT=0 forces the
-// fallback path; FASTMLP_LT_RELU=1 opts in to the RELU epilogue; FASTMLP_LT_GELU=0 disables
-// the GELU epilogue; FASTMLP_BWD_BLOCKS_PER_SM and FASTMLP_BWD_MIN_ROWS (defaults 4 and 4) set the
-// backward prologue's grid (see bwd_partial_rows), for bench/bwd_prologue_sweep.py. The RELU epilogue is off by default because on an H200 (CUDA 13, torch
-// 2.11) it returned numbers where torch.relu returns NaN in fp16 (x with +-inf times an identity
-// W, so inf * 0 = NaN inside the GEMM), although the NaN probe below had passed.
+// fallback path (forward and backward); FASTMLP_LT_RELU=1 opts in to the RELU epilogue;
+// FASTMLP_LT_GELU=0 disables the GELU epilogue; FASTMLP_LT_BGRAD=1 opts in to the BGRADB
+// backward (off until timed and tested on a GPU); FASTMLP_BWD_BLOCKS_PER_SM and
+// FASTMLP_BWD_MIN_ROWS (defaults 4 and 4) set the backward prologue's grid (see
+// bwd_partial_rows), for bench/bwd_prologue_sweep.py. The RELU epilogue is off by default because
+// on an H200 (CUDA 13, torch 2.11) it returned numbers where torch.relu returns NaN in fp16 (x
+// with +-inf times an identity W, so inf * 0 = NaN inside the GEMM), although the NaN probe below
+// had passed.
 //
 // Layout: x is made contiguous (rows = prod(input.shape[:-1]), in), W contiguous (out, in).
 // Row-major y (rows, out) is column-major y^T (out x rows, ld = out), and y^T = W x^T, so the
@@ -106,16 +112,34 @@ void check_launch(cudaError_t err, const char* op, const char* what, const Shape
 // ------------------------------------------------------------------------------------------------
 // cuBLASLt
 
+// One cuBLASLt GEMM in its column-major terms: D (m x n, ld ldd) = epi(op(A) op(B)), op(A) being
+// m x k and op(B) k x n. A is stored k x m (ld lda) when ta (op = transpose), else m x k; B is
+// stored n x k (ld ldb) when tb, else k x n. `bias` is read (BIAS epilogues: length m) or written
+// (BGRADB: length n, the sums of op(B) over k); `aux` has D's shape with leading dimension aux_ld.
 struct LtGemm {
-  const void* x;     // B: (rows, in) row-major
-  const void* w;     // A: (out, in) row-major
-  const void* bias;  // nullable, 16-byte aligned
-  void* d;           // (rows, out) row-major
-  void* aux;         // nullable: (rows, out) row-major, out % 8 == 0
-  int64_t rows, in_f, out_f;
+  const void* a;
+  const void* b;
+  void* d;
+  int64_t m, n, k, lda, ldb, ldd;
+  bool ta, tb;
   at::ScalarType st;
   cublasLtEpilogue_t epi;
+  const void* bias = nullptr;  // 16-byte aligned when set
+  void* aux = nullptr;
+  int64_t aux_ld = 0;
+  const char* op = "";  // names the op and layer in the warning if cuBLASLt fails to run
+  Shape shape{};
 };
+
+// The forward GEMM y = x W^T (+ bias) (see the file header): m = out, n = rows, k = in.
+LtGemm forward_gemm(const void* x, const void* w, const void* bias, void* d, int64_t rows, int64_t in_f,
+                    int64_t out_f, at::ScalarType st, cublasLtEpilogue_t epi) {
+  LtGemm g{w, x, d, out_f, rows, in_f, in_f, in_f, out_f, true, false, st, epi};
+  g.bias = bias;
+  g.op = kFwd;
+  g.shape = Shape{rows, in_f, out_f, st};
+  return g;
+}
 
 uint32_t pointer_alignment(const void* p) {
   const auto a = reinterpret_cast<uintptr_t>(p);
@@ -144,7 +168,7 @@ struct AlgoEntry {
 };
 
 // Heuristic results keyed by everything the heuristic sees (pointers only through alignment).
-using AlgoKey = std::array<int64_t, 14>;
+using AlgoKey = std::array<int64_t, 18>;
 std::mutex g_algo_mutex;
 std::map<AlgoKey, AlgoEntry> g_algo_cache;
 constexpr size_t kMaxAlgos = 4096;
@@ -152,20 +176,21 @@ constexpr size_t kMaxAlgos = 4096;
 // A descriptor call that fails is a broken setup (not a shape cuBLASLt refuses): say so once, as
 // the op then runs its fallback for that shape and would otherwise hide it (tests and benchmarks
 // pass on either path).
-cublasStatus_t lt_setup_failed(cublasStatus_t s, const char* call) {
-  TORCH_WARN_ONCE(fastmlp::msg(kFwd, ": cuBLASLt setup failed (", cublasLtGetStatusString(s), ") in ", call,
+cublasStatus_t lt_setup_failed(cublasStatus_t s, const char* call, const char* op) {
+  TORCH_WARN_ONCE(fastmlp::msg(op, ": cuBLASLt setup failed (", cublasLtGetStatusString(s), ") in ", call,
                                "; using the at::mm fallback"));
   return s;
 }
 
-#define FASTMLP_LT_TRY(expr)                                          \
-  do {                                                                \
-    const cublasStatus_t s_ = (expr);                                 \
-    if (s_ != CUBLAS_STATUS_SUCCESS) return lt_setup_failed(s_, #expr); \
+// Inside lt_matmul (names the op of its LtGemm g).
+#define FASTMLP_LT_TRY(expr)                                                  \
+  do {                                                                        \
+    const cublasStatus_t s_ = (expr);                                         \
+    if (s_ != CUBLAS_STATUS_SUCCESS) return lt_setup_failed(s_, #expr, g.op); \
   } while (0)
 
-// D = epilogue(A^T B + bias) in cuBLASLt's column-major terms (see the file header). Returns
-// CUBLAS_STATUS_NOT_SUPPORTED when the heuristic has no algorithm; the caller falls back.
+// Runs g (see LtGemm). Returns CUBLAS_STATUS_NOT_SUPPORTED when the heuristic has no algorithm
+// for it; the caller falls back.
 cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
   cudaDataType_t dt;
   cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
@@ -186,10 +211,9 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
     case at::kBFloat16: dt = CUDA_R_16BF; break;
     default: return CUBLAS_STATUS_NOT_SUPPORTED;
   }
-  const uint64_t m = g.out_f, n = g.rows, k = g.in_f;
   LtDesc desc;
   FASTMLP_LT_TRY(cublasLtMatmulDescCreate(&desc.op, compute, CUDA_R_32F));
-  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  const cublasOperation_t ta = g.ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb = g.tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
   FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
   FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &g.epi, sizeof(g.epi)));
@@ -197,19 +221,19 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
     FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
                                                   sizeof(g.bias)));
   }
-  int64_t aux_ld = 0;
+  const int64_t aux_ld = g.aux != nullptr ? g.aux_ld : 0;
   if (g.aux != nullptr) {
-    aux_ld = g.out_f;
     FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
                                                   &g.aux, sizeof(g.aux)));
     FASTMLP_LT_TRY(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld,
                                                   sizeof(aux_ld)));
   }
-  FASTMLP_LT_TRY(cublasLtMatrixLayoutCreate(&desc.a, dt, k, m, static_cast<int64_t>(k)));
-  FASTMLP_LT_TRY(cublasLtMatrixLayoutCreate(&desc.b, dt, k, n, static_cast<int64_t>(k)));
-  FASTMLP_LT_TRY(cublasLtMatrixLayoutCreate(&desc.d, dt, m, n, static_cast<int64_t>(m)));
+  const uint64_t m = g.m, n = g.n, k = g.k;
+  FASTMLP_LT_TRY(cublasLtMatrixLayoutCreate(&desc.a, dt, g.ta ? k : m, g.ta ? m : k, g.lda));
+  FASTMLP_LT_TRY(cublasLtMatrixLayoutCreate(&desc.b, dt, g.tb ? n : k, g.tb ? k : n, g.ldb));
+  FASTMLP_LT_TRY(cublasLtMatrixLayoutCreate(&desc.d, dt, m, n, g.ldd));
 
-  const uint32_t al_a = pointer_alignment(g.w), al_b = pointer_alignment(g.x), al_d = pointer_alignment(g.d);
+  const uint32_t al_a = pointer_alignment(g.a), al_b = pointer_alignment(g.b), al_d = pointer_alignment(g.d);
   const int device = like.get_device();
   // torch's own cuBLASLt workspace for this handle and stream, and its size: the one nn.Linear's
   // addmm passes, so the heuristic sees what it sees for eager (with a larger limit it picked a
@@ -233,8 +257,8 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
   // The heuristic reads the bias pointer's alignment too (cublasLt.h, BIAS_POINTER).
   const uint32_t al_bias = g.bias != nullptr ? pointer_alignment(g.bias) : 0;
   const AlgoKey key{device, static_cast<int64_t>(g.st), static_cast<int64_t>(compute),
-                    static_cast<int64_t>(g.epi), g.out_f, g.rows, g.in_f, al_a, al_b, al_d,
-                    al_bias, aux_ld, static_cast<int64_t>(ws_limit), reduction_mask};
+                    static_cast<int64_t>(g.epi), g.m, g.n, g.k, (g.ta ? 2 : 0) + (g.tb ? 1 : 0), g.lda, g.ldb, g.ldd,
+                    al_a, al_b, al_d, al_bias, aux_ld, static_cast<int64_t>(ws_limit), reduction_mask};
   AlgoEntry entry;
   bool cached = false;
   {
@@ -266,7 +290,7 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
     const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(at::cuda::getCurrentCUDABlasLtHandle(), desc.op,
                                                             desc.a, desc.b, desc.d, desc.d, desc.pref, 1,
                                                             &result, &returned);
-    if (s != CUBLAS_STATUS_SUCCESS && s != CUBLAS_STATUS_NOT_SUPPORTED) lt_setup_failed(s, "the heuristic");
+    if (s != CUBLAS_STATUS_SUCCESS && s != CUBLAS_STATUS_NOT_SUPPORTED) lt_setup_failed(s, "the heuristic", g.op);
     entry.ok = s == CUBLAS_STATUS_SUCCESS && returned > 0 && result.state == CUBLAS_STATUS_SUCCESS;
     if (entry.ok) {
       entry.algo = result.algo;
@@ -283,12 +307,12 @@ cublasStatus_t lt_matmul(const LtGemm& g, const at::Tensor& like) {
   // keeps it valid while a graph is captured.
   void* ws_ptr = entry.workspace > 0 ? at::cuda::getCUDABlasLtWorkspace() : nullptr;
   const float alpha = 1.0f, beta = 0.0f;
-  const cublasStatus_t s = cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), desc.op, &alpha, g.w, desc.a,
-                                          g.x, desc.b, &beta, g.d, desc.d, g.d, desc.d, &entry.algo, ws_ptr,
+  const cublasStatus_t s = cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), desc.op, &alpha, g.a, desc.a,
+                                          g.b, desc.b, &beta, g.d, desc.d, g.d, desc.d, &entry.algo, ws_ptr,
                                           entry.workspace, at::cuda::getCurrentCUDAStream());
   if (s != CUBLAS_STATUS_SUCCESS) {
-    TORCH_WARN_ONCE(fastmlp::msg(kFwd, ": cuBLASLt matmul failed (", cublasLtGetStatusString(s), ") for ",
-                    shape_str(Shape{g.rows, g.in_f, g.out_f, g.st}), ", epilogue ", static_cast<int>(g.epi),
+    TORCH_WARN_ONCE(fastmlp::msg(g.op, ": cuBLASLt matmul failed (", cublasLtGetStatusString(s), ") for ",
+                    shape_str(g.shape), ", epilogue ", static_cast<int>(g.epi),
                     "; using the at::mm fallback for this shape from now on"));
     std::lock_guard<std::mutex> lock(g_algo_mutex);
     g_algo_cache[key].ok = false;  // do not retry a failing algorithm for this key
@@ -326,8 +350,9 @@ bool relu_epilogue_ok(const at::Tensor& like, bool with_bias) {
     at::Tensor w = at::full({m, k}, 1.0 / static_cast<double>(k), opts);
     at::Tensor b = at::full({m}, 0.5, opts);
     at::Tensor y = at::empty({n, m}, opts);
-    LtGemm g{x.data_ptr(), w.data_ptr(), with_bias ? b.data_ptr() : nullptr, y.data_ptr(), nullptr, n, k, m,
-             like.scalar_type(), with_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU};
+    const LtGemm g = forward_gemm(x.data_ptr(), w.data_ptr(), with_bias ? b.data_ptr() : nullptr, y.data_ptr(), n,
+                                  k, m, like.scalar_type(),
+                                  with_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU);
     ok = lt_matmul(g, like) == CUBLAS_STATUS_SUCCESS;
     if (!ok) break;
     at::Tensor expect = at::matmul(x.to(at::kDouble), w.to(at::kDouble).t());
@@ -372,8 +397,8 @@ bool forward_lt(Act act, const at::Tensor& x2, const at::Tensor& w, const std::o
   }
   const bool hb = b.defined();
   const int64_t out_f = w.size(0);
-  LtGemm g{x2.data_ptr(), w.data_ptr(), hb ? b.data_ptr() : nullptr, y.data_ptr(), nullptr, x2.size(0),
-           x2.size(1), out_f, x2.scalar_type(), hb ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT};
+  LtGemm g = forward_gemm(x2.data_ptr(), w.data_ptr(), hb ? b.data_ptr() : nullptr, y.data_ptr(), x2.size(0),
+                          x2.size(1), out_f, x2.scalar_type(), hb ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
   if (act == Act::None) return lt_matmul(g, x2) == CUBLAS_STATUS_SUCCESS;
   if (act == Act::Relu && env_on("FASTMLP_LT_RELU", false) && relu_epilogue_ok(x2, hb)) {
     g.epi = hb ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
@@ -389,6 +414,7 @@ bool forward_lt(Act act, const at::Tensor& x2, const at::Tensor& w, const std::o
     if (save) {
       g.epi = hb ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
       g.aux = saved.data_ptr();
+      g.aux_ld = out_f;
     } else {
       g.epi = hb ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
     }
@@ -471,6 +497,24 @@ at::Tensor zeroed_counters(const at::Tensor& like, int64_t n) {
   return t;
 }
 
+// dW = dZ^T X and, in the same cuBLASLt GEMM, db = the column sums of dZ (BGRADB epilogue). Row-major
+// dW (out, in) is column-major D (in x out, ld = in) = A op(B) with m = in, n = out, k = rows:
+// A = x2 stored column-major as (in x rows, ld = in), not transposed; B = dZ stored column-major
+// as (out x rows, ld = out), transposed, so op(B) = (rows x out) and the epilogue's sums over k are
+// db[o] = sum_r dZ[r, o]. False when cuBLASLt refuses the problem (grad_w and grad_b
+// then hold nothing the caller keeps).
+bool weight_grad_lt(const at::Tensor& dz, const at::Tensor& x2, at::Tensor& grad_w, at::Tensor& grad_b,
+                    const Shape& shape) {
+  const int64_t rows = x2.size(0), in_f = x2.size(1), out_f = dz.size(1);
+  grad_w = at::empty({out_f, in_f}, dz.options());
+  LtGemm g{x2.data_ptr(), dz.data_ptr(), grad_w.data_ptr(), in_f, out_f, rows, in_f, out_f, in_f,
+           false, true, dz.scalar_type(), CUBLASLT_EPILOGUE_BGRADB};
+  g.bias = grad_b.data_ptr();  // written: a fresh tensor, so 16-byte aligned
+  g.op = kBwd;
+  g.shape = shape;
+  return lt_matmul(g, dz) == CUBLAS_STATUS_SUCCESS;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& output,
     const at::Tensor& saved, c10::string_view activation, std::array<bool, 3> output_mask) {
@@ -489,7 +533,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
   at::Tensor dz = (act == Act::None || !need_dz) ? g : at::empty({rows, out_f}, opts);
   at::Tensor grad_b = at::empty({0}, opts);
   if (output_mask[2]) grad_b = rows == 0 ? at::zeros({out_f}, opts) : at::empty({out_f}, opts);
-  const bool need_kernel = (act != Act::None && need_dz) || output_mask[2];
+  const Shape shape{rows, in_f, out_f, g.scalar_type()};
+  // Opt-in (FASTMLP_LT_BGRAD=1): the bias gradient from the weight-gradient GEMM's epilogue, so
+  // the prologue is a pure elementwise pass (none: no prologue at all).
+  const bool lt_bgrad = output_mask[1] && output_mask[2] && rows > 0 && in_f > 0 && out_f > 0 &&
+                        g.scalar_type() != at::kDouble && env_on("FASTMLP_CUBLASLT", true) &&
+                        env_on("FASTMLP_LT_BGRAD", false);
+  const bool prologue_db = output_mask[2] && !lt_bgrad;
+  const bool need_kernel = (act != Act::None && need_dz) || prologue_db;
   if (need_kernel && rows > 0 && out_f > 0) {
     const DType dt = to_dtype(g.scalar_type());
     BwdPrologueParams p{};
@@ -497,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
     p.y = y.defined() ? y.data_ptr() : nullptr;
     p.z = z.defined() ? z.data_ptr() : nullptr;
     p.dz = (act != Act::None && need_dz) ? dz.data_ptr() : nullptr;
-    p.db = output_mask[2] ? grad_b.data_ptr() : nullptr;
+    p.db = prologue_db ? grad_b.data_ptr() : nullptr;
     p.rows = rows;
     p.cols = out_f;
     p.partial_rows = bwd_partial_rows(act, dt, p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
@@ -512,11 +563,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
       p.counters = reinterpret_cast<unsigned int*>(counters.data_ptr());
     }
     check_launch(launch_bwd_prologue(act, dt, p, at::cuda::getCurrentCUDAStream()), kBwd, "backward prologue",
-                 Shape{rows, in_f, out_f, g.scalar_type()});
+                 shape);
   }
   at::Tensor grad_x = at::empty({0}, opts), grad_w = at::empty({0}, opts);
   if (output_mask[0]) grad_x = at::mm(dz, weight).view(input.sizes());
-  if (output_mask[1]) grad_w = at::mm(dz.t(), input.reshape({rows, in_f}));
+  if (lt_bgrad) {
+    const at::Tensor x2 = input.reshape({rows, in_f}).contiguous();
+    if (!weight_grad_lt(dz, x2, grad_w, grad_b, shape)) {
+      grad_w = at::mm(dz.t(), x2);
+      at::sum_out(grad_b, dz, at::IntArrayRef{0});  // as eager sums the bias gradient
+    }
+  } else if (output_mask[1]) {
+    grad_w = at::mm(dz.t(), input.reshape({rows, in_f}));
+  }
   return {grad_x, grad_w, grad_b};
 }
 
