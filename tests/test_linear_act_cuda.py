@@ -236,6 +236,21 @@ def test_bias_grad_split_rows(dtype, activation):
     assert_close(db1, dz.sum(0).to(dtype), dtype, "grad_b")
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_prologue_without_bias_grad_many_rows(activation):
+    """Without a bias gradient the backward prologue streams a row a thread over up to 65535 block
+    rows; past that each thread takes several rows. 65535 * 64 + 100 rows of 16 fp32 columns (64
+    rows a block) is just past it."""
+    rows, in_f, out_f = 65535 * 64 + 100, 8, 16
+    x, w, _ = make(rows, in_f, out_f, torch.float32, bias=False, requires_grad=False)
+    y, saved = linear_act_forward(x, w, None, activation, True)
+    g = torch.randn_like(y)
+    gx, gw, _ = linear_act_backward(g, x, w, y, saved, activation, [True, True, False])
+    dz = torch.where(y > 0, g, 0.0) if activation == "relu" else torch.ops.aten.gelu_backward(g, saved)
+    assert_close(gx, dz @ w, torch.float32, "grad_x")
+    assert_close(gw, dz.t() @ x, torch.float32, "grad_w")
+
+
 @pytest.mark.parametrize("blocks_per_sm,min_rows", [(32, 1), (1, 64)])
 def test_bwd_grid_switches(monkeypatch, blocks_per_sm, min_rows):
     """FASTMLP_BWD_BLOCKS_PER_SM / FASTMLP_BWD_MIN_ROWS change the prologue's row chunks (many
@@ -317,8 +332,10 @@ def test_bgrad_epilogue_path_is_taken(monkeypatch):
     """With FASTMLP_LT_BGRAD=1 the bias gradient comes from the weight-gradient GEMM: for
     activation none the backward launches no prologue kernel of ours (by default it launches one,
     for db), and for relu the prologue still runs (for dZ). Every other BGRAD test passes on
-    either path, so this is the one that fails if the epilogue is refused and the op falls back."""
-    x, w, b = make(256, 512, 512, torch.float32, requires_grad=False)
+    either path, so this is the one that fails if the epilogue is refused and the op falls back.
+    In bf16, the dtype the epilogue is for (whether cuBLASLt has it for fp32 too shows in
+    gpu_profile's kernel lists)."""
+    x, w, b = make(256, 512, 512, torch.bfloat16, requires_grad=False)
 
     def kernels(activation):
         y, saved = linear_act_forward(x, w, b, activation, True)

@@ -65,8 +65,9 @@ cudaError_t launch_fwd_epilogue(Act act, DType dt, const FwdEpilogueParams& p, c
 cudaError_t launch_bwd_prologue(Act act, DType dt, const BwdPrologueParams& p, cudaStream_t stream);
 
 // How many row chunks (grid.y) the backward prologue splits `rows` into for these params (all
-// fields but partial / partial_rows filled): enough for blocks_per_sm blocks on each of the GPU's
-// num_sms, with at least min_rows_per_thread rows a thread, 1 for small layers. The host
+// fields but partial / partial_rows filled): with db requested, enough for blocks_per_sm blocks on
+// each of the GPU's num_sms, with at least min_rows_per_thread rows a thread, 1 for small layers;
+// without db (elementwise only), a row a thread (up to grid.y's limit). The host
 // allocates `partial` from it when db is requested and it exceeds 1.
 constexpr int kBwdBlocksPerSm = 4, kBwdMinRowsPerThread = 4;  // the defaults (tuning: linear_act.cpp)
 int bwd_partial_rows(Act act, DType dt, const BwdPrologueParams& p, int num_sms,
