@@ -132,10 +132,10 @@ def main(argv=None):
         ap.error("needs a CUDA GPU and fastmlp built with CUDA kernels")
     torch.backends.cuda.matmul.allow_tf32 = False
     grid = list(itertools.product(args.blocks_per_sm, args.min_rows))
-    saved_env = {k: os.environ.get(k) for k in ENV}
     cases = []
     print(f"backward prologue grid sweep on {machine_name('cuda')}; device us per call (GB/s)")
-    try:
+    # The switches as they were are put back at the end (each setting below sets them).
+    with gpu_profile.env_set({k: str(v) for k, v in zip(ENV, DEFAULT)}):
         for (rows, cols), d, act in itertools.product(args.shapes, args.dtypes.split(","), args.activations.split(",")):
             c = sweep_case(rows, cols, DTYPES[d], act, grid)
             cases.append(c)
@@ -148,12 +148,6 @@ def main(argv=None):
                   + (f" vs default {default['us']:.1f} us" if default else "")
                   + f"; largest db difference from the default: "
                     f"{max(s['db_max_rel_diff_vs_default'] for s in c['settings']):.1e} of max |db|", flush=True)
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     if args.json:
         write_json(args.json, {"machine": machine_name("cuda"), "cases": cases}, __file__, argv)
     return cases
