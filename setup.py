@@ -17,6 +17,7 @@ Switches (environment variables):
 import glob
 import importlib.util
 import os
+import platform
 import shutil
 import sys
 
@@ -116,6 +117,12 @@ cxx_flags += ["-fno-math-errno", "-fno-trapping-math"]
 cxx_flags.append("-ffp-contract=off")
 if native and not debug:
     cxx_flags.append("-march=native")
+    if platform.machine() in ("x86_64", "AMD64"):
+        # Where this CPU has AVX-512, use its 512-bit vectors in our loops (gcc's default for
+        # skylake-avx512 and later stays at 256 bits): torch's own CPU kernels dispatch to AVX-512
+        # there, and at 256 bits our GELU forward and backward math ran 1.4x slower than at 512 on
+        # an AVX-512 Xeon (side by side, one core). Without AVX-512 the flag changes nothing.
+        cxx_flags.append("-mprefer-vector-width=512")
 if not debug:
     # Python's default CFLAGS carry -g: debug info was 20 of the extension's 22 MB.
     cxx_flags.append("-g0")
