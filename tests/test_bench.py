@@ -26,6 +26,7 @@ import bench_optim  # noqa: E402
 import bwd_prologue_sweep  # noqa: E402
 import common  # noqa: E402
 import gpu_profile  # noqa: E402
+import train_compare  # noqa: E402
 
 
 def test_bench_mlp_runs_every_eager_candidate(tmp_path):
@@ -543,3 +544,41 @@ def test_gpu_check_rejects_unknown_options(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.sh")
     proc = subprocess.run(["bash", script, str(tmp_path / "out"), "--keep-goin"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown option --keep-goin" in proc.stderr
+
+
+def test_train_compare_gathers_both_runs_per_seed(tmp_path):
+    # Two real (tiny) `fastmlp train --compare` runs, gathered: per seed the torch and the fastmlp run's
+    # summary, the per-seed speedup and the means, the command that reproduces it.
+    from test_data import real_data_dir
+
+    out = tmp_path / "compare.json"
+    train = ["--data-dir", real_data_dir(), "--train-subset", "256", "--batch-size", "64", "--epochs", "1",
+             "--widths", "784", "16", "10", "--progress", "off", "--monitor-every", "0", "--no-plots"]
+    summary = train_compare.main(["--seeds", "0,1", "--out", str(tmp_path / "runs"), "--json", str(out), "--", *train])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True and saved["summary"] == summary
+    assert saved["train_args"] == [common.portable_arg(a) for a in train] and "fashion-mnist" in saved["train_args"]
+    assert [(r["impl"], r["seed"]) for r in saved["runs"]] == [("torch", 0), ("fastmlp", 0), ("torch", 1), ("fastmlp", 1)]
+    for r in saved["runs"]:
+        assert r["status"] == "completed" and r["epochs"] == 1 and len(r["test_acc_per_epoch"]) == 1
+        assert 0 < r["final_test_acc"] <= 1 and r["seconds_per_epoch"] > 0
+        assert (tmp_path / "runs" / r["run_folder"] / "summary.json").is_file()
+    by = {(r["impl"], r["seed"]): r for r in saved["runs"]}
+    for seed in (0, 1):
+        assert summary["per_seed_speedup"][str(seed)] == pytest.approx(
+            by["torch", seed]["seconds_per_epoch"] / by["fastmlp", seed]["seconds_per_epoch"])
+    assert summary["mean_test_acc"]["fastmlp"] == pytest.approx(
+        (by["fastmlp", 0]["final_test_acc"] + by["fastmlp", 1]["final_test_acc"]) / 2)
+    assert summary["speedup_of_means"] == pytest.approx(
+        summary["mean_seconds_per_epoch"]["torch"] / summary["mean_seconds_per_epoch"]["fastmlp"])
+    assert saved["run"]["command"].startswith("python bench/train_compare.py --seeds 0,1 --out runs --json compare.json -- ")
+
+
+def test_train_compare_arguments_and_failures(tmp_path, capsys):
+    for argv, err in ((["--seeds", "0,x"], "comma list of whole numbers"), (["--seeds", "1,1"], "distinct seeds")):
+        with pytest.raises(SystemExit):
+            train_compare.main(argv)
+        assert err in capsys.readouterr().err
+    # A training run that fails (here: an unknown option) stops the comparison with its error.
+    with pytest.raises(Exception, match="returned non-zero exit status 2"):
+        train_compare.main(["--seeds", "0", "--out", str(tmp_path), "--", "--no-such-option", "1"])
