@@ -539,9 +539,10 @@ def native_lane_consistent(y_native, x, w, b, act):
     one-element answer is not NaN: there, the one-element answer.
 
     torch 2.14.1's float32 and bf16 GELU returns NaN for +inf in its vector lanes on some CPUs (seen
-    on an AVX-512 Xeon, with both the AVX-512 and AVX2 kernels; not on the AMD EPYC machine before
-    it), while the scalar tail of the same call, its fp64 kernel and its CUDA kernel return +inf,
-    so torch gives both answers for one input depending on its position in the tensor."""
+    on an AVX-512 Xeon, with both its AVX-512 and AVX2 kernels; on the AMD EPYC machine before it
+    this test passed against native's plain output), while the scalar tail of the same call, its
+    fp64 kernel and its CUDA kernel return +inf: torch gives both answers for one input, depending
+    on its position in the tensor."""
     with torch.no_grad():
         z = F.linear(x, w, b)
         lone = torch.stack([NATIVE_ACT[act](v.reshape(1))[0] for v in z.flatten()]).view_as(z)
