@@ -74,8 +74,8 @@ def kernel_us(fn, match, iters=20):
 
 
 def setting(blocks_per_sm, min_rows):
-    for name, v in zip(ENV, (blocks_per_sm, min_rows)):
-        os.environ[name] = str(v)
+    """The grid switches set to these values inside the block, put back after it."""
+    return gpu_profile.env_set(dict(zip(ENV, (str(blocks_per_sm), str(min_rows)))))
 
 
 def sweep_case(rows, cols, dtype, act, grid, in_f=64, device="cuda"):
@@ -97,17 +97,16 @@ def sweep_case(rows, cols, dtype, act, grid, in_f=64, device="cuda"):
         return dz.sum(0)
 
     nbytes = prologue_bytes(rows, cols, dtype)
-    setting(*DEFAULT)
-    want = backward()[2].double()
+    with setting(*DEFAULT):
+        want = backward()[2].double()
     scale = want.abs().max().item() or 1.0
     rows_out = []
     for bps, mr in grid:
-        setting(bps, mr)
-        us = kernel_us(backward, "bwd_prologue_kernel")
-        db = backward()[2].double()
+        with setting(bps, mr):
+            us = kernel_us(backward, "bwd_prologue_kernel")
+            db = backward()[2].double()
         rows_out.append({"blocks_per_sm": bps, "min_rows": mr, "us": us, "gb_s": nbytes / us / 1e3,
                          "db_max_rel_diff_vs_default": (db - want).abs().max().item() / scale})
-    setting(*DEFAULT)
     eager_us = kernel_us(eager, None)
     return {"rows": rows, "cols": cols, "dtype": str(dtype).replace("torch.", ""), "activation": act,
             "bytes": nbytes, "eager_us": eager_us, "settings": rows_out}
@@ -134,20 +133,18 @@ def main(argv=None):
     grid = list(itertools.product(args.blocks_per_sm, args.min_rows))
     cases = []
     print(f"backward prologue grid sweep on {machine_name('cuda')}; device us per call (GB/s)")
-    # The switches as they were are put back at the end (each setting below sets them).
-    with gpu_profile.env_set({k: str(v) for k, v in zip(ENV, DEFAULT)}):
-        for (rows, cols), d, act in itertools.product(args.shapes, args.dtypes.split(","), args.activations.split(",")):
-            c = sweep_case(rows, cols, DTYPES[d], act, grid)
-            cases.append(c)
-            best = min(c["settings"], key=lambda s: s["us"])
-            default = next((s for s in c["settings"] if (s["blocks_per_sm"], s["min_rows"]) == DEFAULT), None)
-            cells = "; ".join(f"{s['blocks_per_sm']}/{s['min_rows']}: {s['us']:.1f} ({s['gb_s']:.0f})"
-                              for s in c["settings"])
-            print(f"{rows}x{cols} {d} {act}: eager {c['eager_us']:.1f} us | blocks per SM/min rows: {cells}")
-            print(f"    best {best['blocks_per_sm']}/{best['min_rows']}: {best['us']:.1f} us"
-                  + (f" vs default {default['us']:.1f} us" if default else "")
-                  + f"; largest db difference from the default: "
-                    f"{max(s['db_max_rel_diff_vs_default'] for s in c['settings']):.1e} of max |db|", flush=True)
+    for (rows, cols), d, act in itertools.product(args.shapes, args.dtypes.split(","), args.activations.split(",")):
+        c = sweep_case(rows, cols, DTYPES[d], act, grid)
+        cases.append(c)
+        best = min(c["settings"], key=lambda s: s["us"])
+        default = next((s for s in c["settings"] if (s["blocks_per_sm"], s["min_rows"]) == DEFAULT), None)
+        cells = "; ".join(f"{s['blocks_per_sm']}/{s['min_rows']}: {s['us']:.1f} ({s['gb_s']:.0f})"
+                          for s in c["settings"])
+        print(f"{rows}x{cols} {d} {act}: eager {c['eager_us']:.1f} us | blocks per SM/min rows: {cells}")
+        print(f"    best {best['blocks_per_sm']}/{best['min_rows']}: {best['us']:.1f} us"
+              + (f" vs default {default['us']:.1f} us" if default else "")
+              + f"; largest db difference from the default: "
+                f"{max(s['db_max_rel_diff_vs_default'] for s in c['settings']):.1e} of max |db|", flush=True)
     if args.json:
         write_json(args.json, {"machine": machine_name("cuda"), "cases": cases}, __file__, argv)
     return cases
