@@ -29,6 +29,12 @@
 # with the GPU in the name (the log's first lines have it), e.g. bench/results/linear_act_h200.json and
 # gpu_profile_h200.json, and commit them.
 #
+# GPU_CHECK_GRID_ENV="NAME=VALUE ..." adds a step that reruns the linear_act CUDA grid (parity,
+# gradients, layouts, NaN, autocast; not the smoke, error or compile tests) with those switches
+# set, e.g. GPU_CHECK_GRID_ENV=FASTMLP_LT_BGRAD=1 before making BGRAD the default, so that one
+# device call both times a switch (gpu_profile's variants) and tests it as the default. Off by
+# default: it adds about a minute to a check the issue asks to keep near 5.
+#
 # Runtime switches the tests and benchmarks use (read on every call by the CUDA op):
 #   FASTMLP_CUBLASLT=0  force the at::mm + own-kernel fallback; FASTMLP_LT_RELU=1 (opt in) /
 #   FASTMLP_LT_GELU=0   disable cuBLASLt's RELU / GELU epilogues (e.g. to time both paths);
@@ -159,6 +165,13 @@ step tests 240 "$PY" -m pytest -v --tb=short --durations=15 -p no:cacheprovider 
 step bench_linear_act 150 "$PY" bench/bench_linear_act.py --device cuda --quick --json "$OUT/bench_linear_act.json"
 step bench_optim 60 "$PY" bench/bench_optim.py --device cuda --quick --json "$OUT/bench_optim.json"
 step profile 150 "$PY" bench/gpu_profile.py --json "$OUT/gpu_profile.json"
+if [ -n "${GPU_CHECK_GRID_ENV:-}" ]; then
+    # Word splitting on purpose: the variable is a list of NAME=VALUE settings for env.
+    # shellcheck disable=SC2086
+    step tests_with_env 150 env $GPU_CHECK_GRID_ENV "$PY" -m pytest -q --tb=short -p no:cacheprovider -m cuda \
+        tests/test_linear_act.py tests/test_linear_act_cuda.py \
+        -k "not smoke and not bgrad and not compile and not export and not opcheck and not ($ERRORS_K)"
+fi
 # Two torch.compile warm-ups make it the slowest benchmark; a timeout here loses only it.
 step bench_mlp 150 "$PY" bench/bench_mlp.py --device cuda --json "$OUT/bench_mlp.json"
 # Last, an experiment rather than a check: the backward prologue's grid settings, timed (its table

@@ -465,7 +465,7 @@ def test_gpu_profile_rejects_bad_shapes(capsys):
 # bench/gpu_check.sh runs only on a lent GPU, once, so its control flow is checked here with a
 # stand-in for python3 (PYTHON=...) that logs each call and exits with the status a case asks for.
 STUB_PYTHON = r"""#!/usr/bin/env bash
-echo "$*" >> "$STUB_LOG"
+echo "${FASTMLP_LT_BGRAD:+[FASTMLP_LT_BGRAD=$FASTMLP_LT_BGRAD] }$*" >> "$STUB_LOG"
 case "$*" in
     -) cat > /dev/null; echo "torch stub" ;;
     *get_device_capability*) echo 9.0 ;;
@@ -507,6 +507,23 @@ def test_gpu_check_runs_every_step_and_leaves_smoke_out_of_the_grid(tmp_path):
     assert list(summary) == GPU_CHECK_STEPS and set(summary.values()) == {"rc=0"}
     grid = [c for c in calls if "-m cuda" in c]
     assert len(grid) == 1 and "-k not smoke --junitxml" in grid[0]
+
+
+def test_gpu_check_reruns_the_grid_under_switches_when_asked(tmp_path):
+    # GPU_CHECK_GRID_ENV: one more step after the profile, the linear_act grid with those settings
+    # in its environment (and only there), without the smoke, error and compile tests.
+    proc, summary, calls, _ = run_gpu_check(tmp_path, GPU_CHECK_GRID_ENV="FASTMLP_LT_BGRAD=1 FASTMLP_OTHER=0",
+                                            STUB_TESTS_RC=0)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = GPU_CHECK_STEPS[:GPU_CHECK_STEPS.index("profile") + 1] + ["tests_with_env", "bench_mlp", "sweep"]
+    assert list(summary) == steps and set(summary.values()) == {"rc=0"}
+    switched = [c for c in calls if c.startswith("[FASTMLP_LT_BGRAD=1] ")]
+    assert len(switched) == 1 and "-m cuda tests/test_linear_act.py tests/test_linear_act_cuda.py" in switched[0]
+    assert "not smoke and not bgrad and not compile" in switched[0]
+    assert sum("-m cuda" in c for c in calls) == 2  # the plain grid ran without the switch
+    # A failing grid under the switch fails the check.
+    proc, summary, _, _ = run_gpu_check(tmp_path / "b", GPU_CHECK_GRID_ENV="FASTMLP_LT_BGRAD=1", STUB_TESTS_RC=1)
+    assert proc.returncode == 1 and summary["tests_with_env"] == "rc=1"
 
 
 def test_gpu_check_keeps_going_after_an_error_crash_and_a_failed_grid(tmp_path):
