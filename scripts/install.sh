@@ -5,7 +5,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-"$PY" -m pip install -q --disable-pip-version-check \
+# A torch that is already there (>= 2.11) stays: torchvision is then chosen to match it instead of
+# pulling in its own newest torch (a CUDA build is gigabytes), and fastmlp compiles against it.
+KEEP_TORCH=$("$PY" - 2>/dev/null <<'EOF' || true
+import re, torch
+v = re.match(r"(\d+)\.(\d+)\.(\d+)", torch.__version__)
+# The public version (2.11.0 for 2.11.0+cu130): pip finds no candidate for a local label.
+print(torch.__version__.split("+")[0] if v and tuple(map(int, v.groups())) >= (2, 11, 0) else "")
+EOF
+)
+CONSTRAINT=()
+if [ -n "$KEEP_TORCH" ]; then
+    mkdir -p build
+    echo "torch==$KEEP_TORCH" > build/torch-constraint.txt
+    CONSTRAINT=(-c build/torch-constraint.txt)
+fi
+"$PY" -m pip install -q --disable-pip-version-check "${CONSTRAINT[@]}" \
     'torch>=2.11' 'torchvision>=0.26' numpy tqdm matplotlib pyyaml pytest pytest-timeout ninja
 # No build isolation: an isolated build would fetch a second torch and compile against it.
 mkdir -p build

@@ -170,3 +170,57 @@ def test_sdist_ships_every_source_and_header(tmp_path):
                         (f"{major}.{minor + 1}.0a0", False)]:
         assert pin.specifier.contains(version, prereleases=True) == ok, (str(pin), version)
     assert record.read_text() == "# a built tree's record\n"
+
+
+INSTALL_STUB = r"""#!/usr/bin/env bash
+# Stands in for python3 in scripts/install.sh: the torch probe (a script on stdin) runs in the real
+# Python with a fake torch module first on its path (or none: FAKE_TORCH unset); pip, the build
+# and the import check are only logged.
+echo "$*" >> "$STUB_LOG"
+case "$1" in
+    -) if [ -n "${FAKE_TORCH:-}" ]; then PYTHONPATH="$FAKE_TORCH" exec "$REAL_PYTHON" -; fi
+       cat > /dev/null; exit 1 ;;
+    -c) echo "fastmlp stub ready" ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("installed,kept", [("2.12.0+cu130", "2.12.0"), ("2.13.0a0+git1234", "2.13.0a0"),
+                                            ("2.10.0+cpu", None), (None, None)])
+def test_install_script_keeps_a_recent_torch(tmp_path, installed, kept):
+    """scripts/install.sh leaves an installed torch >= 2.11 in place: pip gets it as a constraint
+    (its public version: pip finds no candidate for a local label like +cu130), so torchvision is
+    picked to match it instead of pulling in its own newest torch. An older torch, or none, gets
+    no constraint: then pip installs a recent one."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(root / "scripts" / "install.sh", repo / "scripts")
+    stub = tmp_path / "python3"
+    stub.write_text(INSTALL_STUB)
+    stub.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PYTHON": str(stub), "STUB_LOG": str(log), "REAL_PYTHON": sys.executable}
+    env.pop("FAKE_TORCH", None)
+    if installed is not None:
+        (tmp_path / "fake" / "torch").mkdir(parents=True)
+        (tmp_path / "fake" / "torch" / "__init__.py").write_text(f"__version__ = {installed!r}\n")
+        env["FAKE_TORCH"] = str(tmp_path / "fake")
+    r = subprocess.run(["bash", str(repo / "scripts" / "install.sh")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (pip,) = [c for c in log.read_text().splitlines() if c.startswith("-m pip install")]
+    assert "torch>=2.11 torchvision>=0.26" in pip
+    constraint = repo / "build" / "torch-constraint.txt"
+    if kept is None:
+        assert " -c " not in pip
+    else:
+        assert " -c build/torch-constraint.txt " in pip
+        assert constraint.read_text().strip() == f"torch=={kept}"
+        Requirement(constraint.read_text().strip())  # a valid requirement line
