@@ -1,6 +1,7 @@
-"""fastmlp command line: train, check-overfit, lr-find.
+"""fastmlp command line: train, evaluate, check-overfit, lr-find.
 
     python -m fastmlp train [--config FILE] [--<option> VALUE ...] [--compare] [--resume RUN_DIR]
+    python -m fastmlp evaluate RUN_DIR [--weights last|best] [--device D] [--data-dir D] [--no-plots]
     python -m fastmlp check-overfit [--<option> VALUE ...]
     python -m fastmlp lr-find [--<option> VALUE ...]
 
@@ -50,7 +51,7 @@ def _version():
 def build_parser():
     p = argparse.ArgumentParser(prog="fastmlp", description="Train MLPs on Fashion-MNIST with fastmlp's fused kernels.")
     p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,check-overfit,lr-find}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,check-overfit,lr-find}")
     t = sub.add_parser("train", help="train a model (the default recipe reaches ~0.91 test accuracy)",
                        description="Train into a new run folder <out_dir>/<timestamp>-<name>: config.yaml, "
                                    "metrics.jsonl (per step: the loss, the lr the step used, the gradient norm "
@@ -63,6 +64,21 @@ def build_parser():
                    "may be given with it (--monitor-every not for a --compile run)")
     t.add_argument("--compare", action="store_true", help="run with --impl torch and --impl fastmlp, print both")
     _add_config_flags(t)
+    e = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a trained run",
+                       description="Evaluate a run's weights on the Fashion-MNIST test set as the run did (its "
+                                   "normalisation and --amp), with per-class accuracy and the confusion matrix; "
+                                   "writes evaluation-<weights>.json and confusion-<weights>.png into the run "
+                                   "folder. In Python: fastmlp.train.load_model(RUN_DIR) gives the model for "
+                                   "predictions.")
+    e.add_argument("run", metavar="RUN_DIR", help="the run folder (or a checkpoint file in it)")
+    e.add_argument("--weights", choices=["last", "best"], default="last",
+                   help="last: checkpoint.pt, the latest weights (default); best: best.pt, the epoch with the best "
+                        "validation accuracy (runs with --val-split)")
+    e.add_argument("--device", default="auto", metavar="S", help="auto (CUDA when present, default), cpu, cuda, cuda:N")
+    e.add_argument("--data-dir", metavar="S",
+                   help="dataset root holding FashionMNIST/raw/ (default: $FASTMLP_DATA, else the cache)")
+    e.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="write confusion-<weights>.png (default: on)")
     c = sub.add_parser("check-overfit", help="sanity check: overfit one small batch to near-zero loss",
                        description="Overfit one batch of --samples training images (dropout, label smoothing and "
                                    "weight decay off, constant lr) until the loss is below --target-loss. "
@@ -428,6 +444,11 @@ def main(argv=None):
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "evaluate":
+            from .evaluate import evaluate_run  # noqa: PLC0415
+
+            evaluate_run(args.run, args.weights, args.device, args.data_dir, args.plots, out=sys.stdout)
+            return 0
         cfg, flags = resolve_config(args)
         warn_ignored(args.command, flags)
         if args.command == "check-overfit":

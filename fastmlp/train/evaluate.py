@@ -1,0 +1,241 @@
+"""A trained run as a model: load it for predictions, and evaluate it on the Fashion-MNIST test set.
+
+    model = fastmlp.train.load_model("runs/20261130-220000-fmnist-mlp")  # eval mode, on the CPU
+    labels = model.predict(images)      # images: uint8 (N, 28, 28) as in the IDX files, or float in [0, 1]
+    names = [model.classes[i] for i in labels]
+
+    python -m fastmlp evaluate runs/20261130-220000-fmnist-mlp [--weights best] [--device cuda]
+
+The model carries the run's input normalisation (the training split's mean and std, stored in the
+checkpoint), so it takes images as they come; `evaluate` reproduces the test accuracy and loss the
+run reported for the same weights, adds per-class accuracy and the confusion matrix, and writes
+them into the run folder (evaluation-<weights>.json, confusion-<weights>.png).
+"""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import nn as fnn
+from ..data import CLASSES, load_fashion_mnist
+from .checkpoint import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
+from .config import ConfigError, TrainConfig
+
+__all__ = ["TrainedModel", "load_model", "evaluate_run"]
+
+WEIGHTS = {"last": "checkpoint.pt", "best": "best.pt"}
+EVAL_BATCH = 4096  # as the trainer's evaluation, so the sums run in the same order
+
+
+class TrainedModel(nn.Module):
+    """A trained MLP with its input normalisation: ``forward(images)`` gives the logits (N, 10).
+
+    images: uint8 pixels 0-255 (as in the IDX files and torchvision's FashionMNIST.data) or floats in
+    [0, 1] (as ToTensor() gives), shaped (N, 28, 28), (N, 1, 28, 28) or (N, 784); one image without
+    the batch dimension works too. They are scaled and normalised exactly as the training run did.
+    """
+
+    def __init__(self, mlp, mean, std, config=None):
+        super().__init__()
+        self.mlp = mlp
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+        self.classes = CLASSES
+        self.config = config  # the run's TrainConfig, when loaded from a run
+
+    def normalise(self, images):
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"TrainedModel: images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dtype == torch.uint8:
+            x = images.to(self.mean.device, torch.float32).div_(255)
+        elif images.is_floating_point():
+            x = images.to(self.mean.device, torch.float32)
+        else:
+            raise TypeError(f"TrainedModel: images must be uint8 pixels (0-255) or floats in [0, 1], got {images.dtype}")
+        s = tuple(x.shape)
+        if s in ((784,), (28, 28)):
+            x = x.reshape(1, 784)  # one image
+        elif (len(s) == 2 and s[1] == 784) or s[1:] in ((28, 28), (1, 28, 28)):
+            x = x.reshape(s[0], 784)
+        else:
+            raise ValueError(f"TrainedModel: images must be shaped (N, 28, 28), (N, 1, 28, 28) or (N, 784), or be "
+                             f"one such image, got shape {list(s)}")
+        # The same operations, in the same order and precision, as FashionMNIST.load.
+        return x.sub_(self.mean.item()).div_(self.std.item())
+
+    def forward(self, images):
+        return self.mlp(self.normalise(images))
+
+    @torch.no_grad()
+    def predict(self, images):
+        """The predicted class index of each image, (N,) int64; ``model.classes[i]`` names it."""
+        return self(images).argmax(-1)
+
+
+def _load(run, weights):
+    """(run folder, weights, the weights file's dict, mean, std) of a run, or a clear error. A path to
+    checkpoint.pt or best.pt itself selects those weights."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    p = Path(run).expanduser()
+    if p.is_file():
+        by_file = {f: w for w, f in WEIGHTS.items()}
+        if p.name not in by_file:
+            raise FileNotFoundError(f"{p} is neither a run folder nor its checkpoint.pt or best.pt")
+        weights, p = by_file[p.name], p.parent
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p} does not exist; give a run folder (<out_dir>/<timestamp>-<name>)")
+    path = p / WEIGHTS[weights]
+    if not path.is_file():
+        if weights == "best":
+            why = (" best.pt is written only by runs with a validation split (--val-split, e.g. 0.1); "
+                   "use --weights last for the final weights")
+        elif (p / "config.yaml").is_file():
+            why = " The run stopped before its first checkpoint (written at the end of epoch 1)."
+        else:
+            why = " It is not a run folder of `fastmlp train`."
+        raise FileNotFoundError(f"{p} has no {WEIGHTS[weights]}.{why}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{path} is not a readable fastmlp checkpoint ({e})") from e
+    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
+        raise ConfigError(f"{path} is not a checkpoint of `fastmlp train` (it lacks the config and model entries)")
+    # The normalisation: in checkpoint.pt; best.pt takes it from the run's checkpoint or summary.
+    stats = ck.get("data")
+    if not stats:
+        for other in (p / WEIGHTS["last"], p / "summary.json"):
+            if other.is_file():
+                stats = (torch.load(other, map_location="cpu", weights_only=False).get("data") if other.suffix == ".pt"
+                         else json.loads(other.read_text()).get("normalisation"))
+                if stats:
+                    break
+    if not stats or "mean" not in stats or "std" not in stats:
+        raise ConfigError(f"{p}: found no input normalisation (mean, std) in {path.name}, checkpoint.pt or summary.json")
+    return p, weights, ck, float(stats["mean"]), float(stats["std"])
+
+
+def load_model(run, weights="last", device="cpu", impl=None):
+    """The trained model of a run folder of `fastmlp train`, in eval mode on ``device``.
+
+    weights: "last" (checkpoint.pt, the latest weights) or "best" (best.pt: the epoch with the best
+    validation accuracy, for runs with --val-split); ``run`` may also be one of those files. impl: "fastmlp" or "torch" to load the weights
+    into that implementation instead of the run's (the two share their state_dict keys).
+    """
+    _, weights, ck, mean, std = _load(run, weights)
+    return _model(ck, mean, std, WEIGHTS[weights], impl).to(device).eval()
+
+
+def _model(ck, mean, std, name, impl=None):
+    cfg = TrainConfig.from_dict(ck["config"], source=f"the config saved in {name}")
+    mlp = fnn.MLP(cfg.widths, activation=cfg.activation, dropout=cfg.dropout,
+                  norm=None if cfg.norm == "none" else cfg.norm, impl=cfg.impl if impl is None else impl)
+    mlp.load_state_dict(ck["model"])
+    return TrainedModel(mlp, mean, std, cfg)
+
+
+def _device(spec):
+    from .engine import resolve_device  # noqa: PLC0415  (engine imports this package's siblings)
+
+    return resolve_device(spec)
+
+
+@torch.no_grad()
+def evaluate_run(run, weights="last", device="cpu", data_dir=None, plots=True, out=None):
+    """Evaluates a run's weights on the Fashion-MNIST test set; returns (and writes into the run
+    folder as evaluation-<weights>.json) test accuracy and loss, per-class accuracy and the
+    confusion matrix (rows: true class, columns: predicted). The accuracy and loss are computed as
+    the trainer computes them (batches of 4096, autocast as the run's --amp), so for the weights at
+    the end of a run they equal the test_acc and test_loss of its last epoch."""
+    run_dir, weights, ck, mean, std = _load(run, weights)
+    outputs = [f"evaluation-{weights}.json", f"confusion-{weights}.png"]
+    remove_stale_temp_files(run_dir, outputs)  # left by an evaluation killed while writing
+    device = _device(device)
+    model = _model(ck, mean, std, WEIGHTS[weights]).to(device).eval()
+    cfg = model.config
+    raw = load_fashion_mnist(data_dir)
+    images, labels = raw["test_images"], raw["test_labels"].to(device)
+    amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    x = model.normalise(images.reshape(-1, 784))
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    loss = torch.zeros((), device=device)
+    pred = []
+    for i in range(0, len(x), EVAL_BATCH):
+        xb, yb = x[i:i + EVAL_BATCH], labels[i:i + EVAL_BATCH]
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model.mlp(xb)
+        p = logits.argmax(1)
+        correct += (p == yb).sum()
+        loss += nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
+        pred.append(p)
+    pred = torch.cat(pred) if pred else labels.new_empty(0)
+    n = len(labels)
+    confusion = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long)
+    confusion.index_put_((labels.cpu(), pred.cpu()), torch.ones(n, dtype=torch.long), accumulate=True)
+    per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
+    c, l = torch.stack([correct.float(), loss]).tolist()
+    result = {
+        "run_dir": str(run_dir), "weights": weights, "file": WEIGHTS[weights], "device": str(device),
+        "n_test": n, "test_acc": c / n if n else math.nan, "test_loss": l / n if n else math.nan,
+        "classes": list(CLASSES),
+        "per_class_acc": dict(zip(CLASSES, per_class.tolist())),
+        "confusion": confusion.tolist(),
+    }
+    json_path = run_dir / outputs[0]
+    atomic_write_json(json_path, result)
+    result["written"] = [str(json_path)]
+    if plots:
+        png = run_dir / outputs[1]
+        atomic_write_bytes(png, _confusion_png(confusion, f"{run_dir.name} ({WEIGHTS[weights]}): test accuracy "
+                                                           f"{result['test_acc']:.4f}"))
+        result["written"].append(str(png))
+    if out is not None:
+        print(report(result), file=out)
+    return result
+
+
+def report(result):
+    """The evaluation as text: accuracy and loss, per-class accuracy, the confusion matrix."""
+    w = max(len(c) for c in CLASSES)
+    lines = [f"{result['run_dir']} ({result['file']}): test accuracy {result['test_acc']:.4f}, "
+             f"loss {result['test_loss']:.4f} on {result['n_test']} images",
+             "", f"{'class':<{w}}  accuracy  most often mistaken for"]
+    conf = result["confusion"]
+    for i, name in enumerate(CLASSES):
+        wrong = [(conf[i][j], j) for j in range(len(CLASSES)) if j != i and conf[i][j]]
+        top = max(wrong) if wrong else None
+        lines.append(f"{name:<{w}}  {result['per_class_acc'][name]:8.4f}  "
+                     + (f"{CLASSES[top[1]]} ({top[0]})" if top else "-"))
+    lines += ["", "confusion matrix (rows: true class, columns: predicted, in class order)"]
+    lines += [" ".join(f"{v:5d}" for v in row) + f"  {CLASSES[i]}" for i, row in enumerate(conf)]
+    if result.get("written"):
+        lines += ["", "written: " + ", ".join(result["written"])]
+    return "\n".join(lines)
+
+
+def _confusion_png(confusion, title):
+    from .plots import _plt  # noqa: PLC0415  (matplotlib is slow to import)
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    counts = confusion.numpy()
+    im = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    top = counts.max() if counts.size else 0
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if counts[i, j] > top / 2 else "black")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,141 @@
+"""fastmlp evaluate and fastmlp.train.load_model: a trained run as a model, on the real test set."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmlp.data import CLASSES, load_fashion_mnist
+from fastmlp.train import ConfigError, TrainedModel, load_model
+from fastmlp.train.cli import main
+from test_data import real_data_dir
+
+
+def train_run(tmp_path, *extra, impl="fastmlp", device="cpu"):
+    """A small real run (1024 training images, 2 epochs); its run folder."""
+    out = tmp_path / "runs"
+    args = ["train", "--data-dir", real_data_dir(), "--out-dir", str(out), "--impl", impl, "--train-subset", "1024",
+            "--batch-size", "128", "--epochs", "2", "--widths", "784", "32", "10", "--progress", "off",
+            "--monitor-every", "0", "--no-plots", "--device", device, *extra]
+    assert main(args) == 0
+    (run,) = out.iterdir()
+    return run
+
+
+def evaluate(run, *extra, device="cpu"):
+    assert main(["evaluate", str(run), "--data-dir", real_data_dir(), "--device", device, *extra]) == 0
+    weights = extra[extra.index("--weights") + 1] if "--weights" in extra else "last"
+    return json.loads((run / f"evaluation-{weights}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    raw = load_fashion_mnist(real_data_dir(), download=False)
+    return raw["test_images"], raw["test_labels"]
+
+
+@pytest.mark.parametrize("impl,amp", [("fastmlp", "off"), ("torch", "off"), ("fastmlp", "bf16")])
+def test_evaluate_reproduces_the_runs_test_metrics(tmp_path, capsys, device, impl, amp):
+    run = train_run(tmp_path, "--amp", amp, impl=impl, device=device)
+    capsys.readouterr()
+    ev = evaluate(run, device=device)
+    assert ev["device"].startswith(device)
+    summary = json.loads((run / "summary.json").read_text())
+    # The same weights, normalisation, batches and autocast as the run's last evaluation: equal numbers.
+    assert ev["test_acc"] == summary["final_test_acc"]
+    assert ev["test_loss"] == summary["history"][-1]["test_loss"]
+    conf = torch.tensor(ev["confusion"])
+    labels = load_fashion_mnist(real_data_dir(), download=False)["test_labels"]
+    assert conf.shape == (10, 10) and conf.sum() == ev["n_test"] == 10000
+    assert conf.sum(1).tolist() == torch.bincount(labels, minlength=10).tolist()
+    assert conf.diag().sum().item() / 10000 == pytest.approx(ev["test_acc"], abs=1e-12)
+    for i, name in enumerate(CLASSES):
+        assert ev["per_class_acc"][name] == pytest.approx(conf[i, i].item() / conf[i].sum().item(), abs=1e-12)
+    assert (run / "confusion-last.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert f"test accuracy {ev['test_acc']:.4f}" in printed and "Ankle boot" in printed
+    assert "confusion matrix" in printed and str(run / "evaluation-last.json") in printed
+
+
+def test_best_weights_and_their_errors(tmp_path, capsys):
+    run = train_run(tmp_path, "--val-split", "0.1")
+    best = torch.load(run / "best.pt", weights_only=False)
+    ev = evaluate(run, "--weights", "best", "--no-plots")
+    assert ev["file"] == "best.pt" and ev["test_acc"] == best["test_acc"]
+    # The file itself selects its weights.
+    assert load_model(run / "best.pt").config == load_model(run, weights="best").config
+    assert main(["evaluate", str(run / "best.pt"), "--data-dir", real_data_dir(), "--device", "cpu", "--no-plots"]) == 0
+    assert json.loads((run / "evaluation-best.json").read_text())["test_acc"] == best["test_acc"]
+    (run / "notes.txt").write_text("")
+    assert main(["evaluate", str(run / "notes.txt"), "--device", "cpu"]) == 2
+    assert "neither a run folder nor its checkpoint.pt or best.pt" in capsys.readouterr().err
+    assert not (run / "confusion-best.png").exists()
+    # A run without a validation split has no best.pt: the error says why and what to use.
+    plain = train_run(tmp_path / "b")
+    capsys.readouterr()
+    assert main(["evaluate", str(plain), "--weights", "best", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "has no best.pt" in err and "--val-split" in err and "--weights last" in err
+    assert main(["evaluate", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", str(tmp_path / "empty"), "--device", "cpu"]) == 2
+    assert "has no checkpoint.pt" in capsys.readouterr().err
+
+
+def test_load_model_predicts_from_raw_images(tmp_path, test_set):
+    run = train_run(tmp_path)
+    images, labels = test_set
+    ev = evaluate(run, "--no-plots")
+    model = load_model(run)
+    assert isinstance(model, TrainedModel) and not model.training and model.classes == CLASSES
+    assert model.config.widths == [784, 32, 10]
+    pred = model.predict(images)  # uint8 (N, 28, 28), as read from the IDX file
+    conf = torch.zeros(10, 10, dtype=torch.long)
+    conf.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    assert conf.tolist() == ev["confusion"]
+    # Floats in [0, 1] (ToTensor's scale) as (N, 1, 28, 28), flat (N, 784), and one image alone.
+    floats = images[:64].float().div(255)
+    assert torch.equal(model.predict(floats.unsqueeze(1)), pred[:64])
+    assert torch.equal(model.predict(images[:64].reshape(64, 784)), pred[:64])
+    assert model.predict(images[7]).tolist() == [pred[7].item()]
+    # Eval mode: dropout is off, so two calls agree.
+    with torch.no_grad():
+        assert torch.equal(model(images[:32]), model(images[:32]))
+    # The run's fastmlp weights load into the torch implementation too (same state_dict keys).
+    as_torch = load_model(run, impl="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(as_torch(images[:256]), model(images[:256]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="uint8 pixels"):
+        model(images[:4].int())
+    with pytest.raises(ValueError, match=r"\(N, 28, 28\).*got shape \[4, 27, 28\]"):
+        model(images[:4, :27])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        model(images[:4].numpy())
+
+
+def test_best_pt_of_an_older_run_takes_the_normalisation_from_the_checkpoint(tmp_path, test_set):
+    run = train_run(tmp_path, "--val-split", "0.1")
+    best = torch.load(run / "best.pt", weights_only=False)
+    assert "data" not in best  # best.pt keeps only the weights, config and scores
+    model = load_model(run, weights="best")
+    data = torch.load(run / "checkpoint.pt", weights_only=False)["data"]
+    assert model.mean.item() == pytest.approx(data["mean"]) and model.std.item() == pytest.approx(data["std"])
+    # Without checkpoint.pt, summary.json's record of it is used.
+    (run / "checkpoint.pt").unlink()
+    assert load_model(run, weights="best").std.item() == pytest.approx(data["std"])
+    (run / "summary.json").unlink()
+    with pytest.raises(ConfigError, match="no input normalisation"):
+        load_model(run, weights="best")
+
+
+def test_evaluate_removes_its_own_stale_temp_files_only(tmp_path):
+    run = train_run(tmp_path)
+    stale = run / ".evaluation-last.json.abcd1234.tmp"
+    other = run / ".checkpoint.pt.abcd1234.tmp"
+    stale.write_text("{")
+    other.write_text("x")
+    evaluate(run, "--no-plots")
+    assert not stale.exists() and other.exists()
+    assert Path(run / "checkpoint.pt").is_file()
