@@ -141,3 +141,46 @@ def test_evaluate_removes_its_own_stale_temp_files_only(tmp_path):
     evaluate(run, "--no-plots")
     assert not stale.exists() and other.exists()
     assert Path(run / "checkpoint.pt").is_file()
+
+
+def test_predict_image_files(tmp_path, capsys, test_set):
+    from PIL import Image
+
+    from fastmlp.train import load_images, predict_files
+
+    run = train_run(tmp_path)
+    images, _ = test_set
+    model = load_model(run)
+    # A test image as a 28 x 28 PNG comes back pixel for pixel (dark border: not inverted).
+    exact = tmp_path / "boot.png"
+    Image.fromarray(images[0].numpy()).save(exact)
+    assert torch.equal(load_images([exact])[0], images[0])
+    # As a photo would be: dark on light, in colour, 3x larger, JPEG: inverted and scaled back close to it.
+    photo = tmp_path / "pullover.jpg"
+    Image.fromarray(255 - images[1].numpy()).convert("RGB").resize((84, 84), Image.Resampling.NEAREST).save(
+        photo, quality=95)
+    back = load_images([photo])[0]
+    assert (back.float() - images[1].float()).abs().mean() < 6
+    assert load_images([photo], invert="no")[0].float().mean() > 127  # left light
+    # Not square: padded with its border's grey to keep the aspect ratio, then 28 x 28.
+    wide = tmp_path / "wide.png"
+    Image.fromarray(torch.zeros(20, 50, dtype=torch.uint8).numpy()).save(wide)
+    assert load_images([wide]).shape == (1, 28, 28)
+
+    capsys.readouterr()
+    assert main(["predict", str(run), str(exact), str(photo), "--top", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(exact)) and lines[1].startswith(str(photo))
+    result = predict_files(run, [exact, photo], top=10)
+    assert result[0][1][0][0] == CLASSES[model.predict(images[:1]).item()]
+    for _, ranked in result:
+        probs = [p for _, p in ranked]
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert sorted(name for name, _ in ranked) == sorted(CLASSES)
+    assert f"{result[0][1][0][0]} {result[0][1][0][1]:.1%}" in lines[0]
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert main(["predict", str(run), str(tmp_path / "notes.txt")]) == 2
+    assert "is not an image file" in capsys.readouterr().err
+    assert main(["predict", str(run), str(tmp_path / "missing.png")]) == 2
+    assert "no such image file" in capsys.readouterr().err

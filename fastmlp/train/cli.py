@@ -1,7 +1,8 @@
-"""fastmlp command line: train, evaluate, check-overfit, lr-find.
+"""fastmlp command line: train, evaluate, predict, check-overfit, lr-find.
 
     python -m fastmlp train [--config FILE] [--<option> VALUE ...] [--compare] [--resume RUN_DIR]
     python -m fastmlp evaluate RUN_DIR [--weights last|best] [--device D] [--data-dir D] [--no-plots]
+    python -m fastmlp predict RUN_DIR IMAGE [IMAGE ...] [--weights last|best] [--top K] [--invert auto|yes|no]
     python -m fastmlp check-overfit [--<option> VALUE ...]
     python -m fastmlp lr-find [--<option> VALUE ...]
 
@@ -51,7 +52,7 @@ def _version():
 def build_parser():
     p = argparse.ArgumentParser(prog="fastmlp", description="Train MLPs on Fashion-MNIST with fastmlp's fused kernels.")
     p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,check-overfit,lr-find}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,check-overfit,lr-find}")
     t = sub.add_parser("train", help="train a model (the default recipe reaches ~0.91 test accuracy)",
                        description="Train into a new run folder <out_dir>/<timestamp>-<name>: config.yaml, "
                                    "metrics.jsonl (per step: the loss, the lr the step used, the gradient norm "
@@ -79,6 +80,17 @@ def build_parser():
                    help="dataset root holding FashionMNIST/raw/ (default: $FASTMLP_DATA, else the cache)")
     e.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write confusion-<weights>.png (default: on)")
+    pr = sub.add_parser("predict", help="classify image files with a trained run",
+                        description="Classify image files (PNG, JPEG, ...) with a run's weights: each is made grey, "
+                                    "fitted into 28 x 28 and, if its background is light, inverted (Fashion-MNIST "
+                                    "shows light objects on black); prints the most likely classes.")
+    pr.add_argument("run", metavar="RUN_DIR", help="the run folder (or a checkpoint file in it)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    pr.add_argument("--weights", choices=["last", "best"], default="last", help="last (default) or best, as for evaluate")
+    pr.add_argument("--device", default="cpu", metavar="S", help="cpu (default), cuda, cuda:N or auto")
+    pr.add_argument("--top", type=int, default=3, metavar="K", help="classes to print per image (default: 3)")
+    pr.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+                    help="auto (default): invert images whose border is light; yes / no: always / never")
     c = sub.add_parser("check-overfit", help="sanity check: overfit one small batch to near-zero loss",
                        description="Overfit one batch of --samples training images (dropout, label smoothing and "
                                    "weight decay off, constant lr) until the loss is below --target-loss. "
@@ -448,6 +460,11 @@ def main(argv=None):
             from .evaluate import evaluate_run  # noqa: PLC0415
 
             evaluate_run(args.run, args.weights, args.device, args.data_dir, args.plots, out=sys.stdout)
+            return 0
+        if args.command == "predict":
+            from .evaluate import predict_files  # noqa: PLC0415
+
+            predict_files(args.run, args.images, args.weights, args.device, args.invert, args.top, out=sys.stdout)
             return 0
         cfg, flags = resolve_config(args)
         warn_ignored(args.command, flags)

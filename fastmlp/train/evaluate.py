@@ -5,6 +5,7 @@
     names = [model.classes[i] for i in labels]
 
     python -m fastmlp evaluate runs/20261130-220000-fmnist-mlp [--weights best] [--device cuda]
+    python -m fastmlp predict runs/20261130-220000-fmnist-mlp shoe.jpg shirt.png [--top 3]
 
 The model carries the run's input normalisation (the training split's mean and std, stored in the
 checkpoint), so it takes images as they come; `evaluate` reproduces the test accuracy and loss the
@@ -25,7 +26,7 @@ from ..data import CLASSES, load_fashion_mnist
 from .checkpoint import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
 from .config import ConfigError, TrainConfig
 
-__all__ = ["TrainedModel", "load_model", "evaluate_run"]
+__all__ = ["TrainedModel", "load_model", "evaluate_run", "load_images", "predict_files"]
 
 WEIGHTS = {"last": "checkpoint.pt", "best": "best.pt"}
 EVAL_BATCH = 4096  # as the trainer's evaluation, so the sums run in the same order
@@ -239,3 +240,57 @@ def _confusion_png(confusion, title):
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def load_images(paths, invert="auto"):
+    """Image files as uint8 (N, 28, 28) in Fashion-MNIST's form: grey levels, the object light on a
+    dark background, the whole picture fitted into 28 x 28.
+
+    Each image is turned upright (EXIF), made grey, padded to a square with its border's mean grey
+    (so the aspect ratio is kept) and resized with antialiasing. invert: "auto" inverts images whose
+    border is light (a photo of a shoe on a white table), "yes" / "no" always / never.
+    """
+    if invert not in ("auto", "yes", "no"):
+        raise ConfigError(f"invert must be auto, yes or no, got {invert!r}")
+    try:
+        from PIL import Image, ImageOps  # noqa: PLC0415  (Pillow comes with torchvision)
+    except ImportError as e:
+        raise RuntimeError("reading image files needs Pillow: pip install pillow") from e
+    out = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such image file")
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im).convert("L")
+        except OSError as e:  # Pillow's UnidentifiedImageError is an OSError
+            raise ConfigError(f"{path} is not an image file Pillow can read ({e})") from e
+        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.height, im.width)
+        border = torch.cat([t[0], t[-1], t[:, 0], t[:, -1]]).float().mean().item()
+        side = max(im.width, im.height)
+        square = Image.new("L", (side, side), int(round(border)))
+        square.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+        small = square if side == 28 else square.resize((28, 28), Image.Resampling.LANCZOS)
+        if invert == "yes" or (invert == "auto" and border > 127.5):
+            small = ImageOps.invert(small)
+        out.append(torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).reshape(28, 28))
+    return torch.stack(out) if out else torch.empty(0, 28, 28, dtype=torch.uint8)
+
+
+@torch.no_grad()
+def predict_files(run, paths, weights="last", device="cpu", invert="auto", top=3, out=None):
+    """[(path, [(class name, probability), ...top classes])] for image files (see load_images)."""
+    model = load_model(run, weights, _device(device))
+    images = load_images(paths, invert)
+    probs = torch.softmax(model(images).float(), dim=-1).cpu()
+    top = max(1, min(int(top), len(CLASSES)))
+    result = []
+    for path, p in zip(paths, probs):
+        values, idx = p.topk(top)
+        result.append((str(path), [(CLASSES[i], v) for v, i in zip(values.tolist(), idx.tolist())]))
+    if out is not None:
+        w = max(len(r[0]) for r in result) if result else 0
+        for path, best in result:
+            print(f"{path:<{w}}  " + ", ".join(f"{name} {p:.1%}" for name, p in best), file=out)
+    return result
