@@ -99,7 +99,9 @@ def test_load_model_predicts_from_raw_images(tmp_path, test_set):
     assert conf.tolist() == ev["confusion"]
     # Floats in [0, 1] (ToTensor's scale) as (N, 1, 28, 28), flat (N, 784), and one image alone.
     floats = images[:64].float().div(255)
+    kept = floats.clone()
     assert torch.equal(model.predict(floats.unsqueeze(1)), pred[:64])
+    assert torch.equal(floats, kept)  # the caller's tensor is left as it was
     assert torch.equal(model.predict(images[:64].reshape(64, 784)), pred[:64])
     assert model.predict(images[7]).tolist() == [pred[7].item()]
     # Eval mode: dropout is off, so two calls agree.

@@ -54,7 +54,7 @@ class TrainedModel(nn.Module):
         if images.dtype == torch.uint8:
             x = images.to(self.mean.device, torch.float32).div_(255)
         elif images.is_floating_point():
-            x = images.to(self.mean.device, torch.float32)
+            x = images.to(self.mean.device, torch.float32, copy=True)  # normalised in place below
         else:
             raise TypeError(f"TrainedModel: images must be uint8 pixels (0-255) or floats in [0, 1], got {images.dtype}")
         s = tuple(x.shape)
@@ -110,11 +110,13 @@ def _load(run, weights):
     stats = ck.get("data")
     if not stats:
         for other in (p / WEIGHTS["last"], p / "summary.json"):
-            if other.is_file():
+            try:
                 stats = (torch.load(other, map_location="cpu", weights_only=False).get("data") if other.suffix == ".pt"
                          else json.loads(other.read_text()).get("normalisation"))
-                if stats:
-                    break
+            except Exception:  # noqa: BLE001  (missing or unreadable: try the next, else say so below)
+                stats = None
+            if stats:
+                break
     if not stats or "mean" not in stats or "std" not in stats:
         raise ConfigError(f"{p}: found no input normalisation (mean, std) in {path.name}, checkpoint.pt or summary.json")
     return p, weights, ck, float(stats["mean"]), float(stats["std"])
@@ -124,8 +126,9 @@ def load_model(run, weights="last", device="cpu", impl=None):
     """The trained model of a run folder of `fastmlp train`, in eval mode on ``device``.
 
     weights: "last" (checkpoint.pt, the latest weights) or "best" (best.pt: the epoch with the best
-    validation accuracy, for runs with --val-split); ``run`` may also be one of those files. impl: "fastmlp" or "torch" to load the weights
-    into that implementation instead of the run's (the two share their state_dict keys).
+    validation accuracy, for runs with --val-split); ``run`` may also be one of those files.
+    impl: "fastmlp" or "torch" to load the weights into that implementation instead of the run's
+    (the two share their state_dict keys).
     """
     _, weights, ck, mean, std = _load(run, weights)
     return _model(ck, mean, std, WEIGHTS[weights], impl).to(device).eval()
