@@ -186,3 +186,40 @@ def test_predict_image_files(tmp_path, capsys, test_set):
     assert "is not an image file" in capsys.readouterr().err
     assert main(["predict", str(run), str(tmp_path / "missing.png")]) == 2
     assert "no such image file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["float", "pixels"])
+def test_export_runs_with_torch_alone(tmp_path, capsys, test_set, fmt):
+    import os
+    import subprocess
+    import sys
+
+    run = train_run(tmp_path, "--val-split", "0.1")
+    images, _ = test_set
+    out = tmp_path / "deploy" / "fmnist.pt2"
+    out.parent.mkdir()
+    capsys.readouterr()
+    assert main(["export", str(run), "--weights", "best", "--input", fmt, "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    batch = images[:37] if fmt == "pixels" else images[:37].float().div(255).unsqueeze(1)
+    torch.save(batch, tmp_path / "batch.pt")
+    # Another process, from another folder, without fastmlp on its path: torch alone loads and runs it.
+    script = ("import sys, torch\n"
+              f"program = torch.export.load({str(out)!r}).module()\n"
+              f"logits = program(torch.load({str(tmp_path / 'batch.pt')!r}))\n"
+              "one = program(torch.load(" + repr(str(tmp_path / "batch.pt")) + ")[:1])\n"
+              f"torch.save((logits, one), {str(tmp_path / 'logits.pt')!r})\n"
+              "assert not any(m.split('.')[0] == 'fastmlp' for m in sys.modules), 'fastmlp was imported'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "deploy", env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logits, one = torch.load(tmp_path / "logits.pt")
+    with torch.no_grad():
+        assert torch.equal(logits, load_model(run, weights="best", impl="torch")(batch))
+        torch.testing.assert_close(logits, load_model(run, weights="best")(batch), rtol=1e-5, atol=1e-5)
+    assert logits.shape == (37, 10) and one.shape == (1, 10)  # any batch size, one image too
+    torch.testing.assert_close(one, logits[:1], rtol=1e-5, atol=1e-5)  # (a 1-row GEMM may round differently)
+    # Default path: into the run folder.
+    assert main(["export", str(run)]) == 0
+    assert (run / "model-last.pt2").is_file()

@@ -1,8 +1,9 @@
-"""fastmlp command line: train, evaluate, predict, check-overfit, lr-find.
+"""fastmlp command line: train, evaluate, predict, export, check-overfit, lr-find.
 
     python -m fastmlp train [--config FILE] [--<option> VALUE ...] [--compare] [--resume RUN_DIR]
     python -m fastmlp evaluate RUN_DIR [--weights last|best] [--device D] [--data-dir D] [--no-plots]
     python -m fastmlp predict RUN_DIR IMAGE [IMAGE ...] [--weights last|best] [--top K] [--invert auto|yes|no]
+    python -m fastmlp export RUN_DIR [--weights last|best] [--input float|pixels] [--out FILE]
     python -m fastmlp check-overfit [--<option> VALUE ...]
     python -m fastmlp lr-find [--<option> VALUE ...]
 
@@ -52,7 +53,7 @@ def _version():
 def build_parser():
     p = argparse.ArgumentParser(prog="fastmlp", description="Train MLPs on Fashion-MNIST with fastmlp's fused kernels.")
     p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,check-overfit,lr-find}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,export,check-overfit,lr-find}")
     t = sub.add_parser("train", help="train a model (the default recipe reaches ~0.91 test accuracy)",
                        description="Train into a new run folder <out_dir>/<timestamp>-<name>: config.yaml, "
                                    "metrics.jsonl (per step: the loss, the lr the step used, the gradient norm "
@@ -91,6 +92,16 @@ def build_parser():
     pr.add_argument("--top", type=int, default=3, metavar="K", help="classes to print per image (default: 3)")
     pr.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                     help="auto (default): invert images whose border is light; yes / no: always / never")
+    ex = sub.add_parser("export", help="write a trained run as a torch.export program that needs torch alone",
+                        description="Write a run's model, with its input normalisation, as a torch.export program "
+                                    "(.pt2) in plain torch ops: torch.export.load(FILE).module()(images) gives the "
+                                    "logits for a batch of any size, without fastmlp installed.")
+    ex.add_argument("run", metavar="RUN_DIR", help="the run folder (or a checkpoint file in it)")
+    ex.add_argument("--weights", choices=["last", "best"], default="last", help="last (default) or best, as for evaluate")
+    ex.add_argument("--input", choices=["float", "pixels"], default="float",
+                    help="float (default): float32 (N, 1, 28, 28) in [0, 1], as ToTensor() gives; pixels: uint8 "
+                         "(N, 28, 28) as in the IDX files")
+    ex.add_argument("--out", metavar="FILE", help="where to write it (default: RUN_DIR/model-<weights>.pt2)")
     c = sub.add_parser("check-overfit", help="sanity check: overfit one small batch to near-zero loss",
                        description="Overfit one batch of --samples training images (dropout, label smoothing and "
                                    "weight decay off, constant lr) until the loss is below --target-loss. "
@@ -460,6 +471,13 @@ def main(argv=None):
             from .evaluate import evaluate_run  # noqa: PLC0415
 
             evaluate_run(args.run, args.weights, args.device, args.data_dir, args.plots, out=sys.stdout)
+            return 0
+        if args.command == "export":
+            from .evaluate import EXPORT_INPUTS, export_model  # noqa: PLC0415
+
+            path = export_model(args.run, args.out, args.weights, args.input)
+            print(f"wrote {path}: takes {EXPORT_INPUTS[args.input]}; run it with torch alone:\n"
+                  f"    torch.export.load({str(path)!r}).module()(images)  # logits (N, 10)")
             return 0
         if args.command == "predict":
             from .evaluate import predict_files  # noqa: PLC0415

@@ -6,6 +6,7 @@
 
     python -m fastmlp evaluate runs/20261130-220000-fmnist-mlp [--weights best] [--device cuda]
     python -m fastmlp predict runs/20261130-220000-fmnist-mlp shoe.jpg shirt.png [--top 3]
+    python -m fastmlp export runs/20261130-220000-fmnist-mlp      # model-last.pt2: torch alone runs it
 
 The model carries the run's input normalisation (the training split's mean and std, stored in the
 checkpoint), so it takes images as they come; `evaluate` reproduces the test accuracy and loss the
@@ -26,7 +27,7 @@ from ..data import CLASSES, load_fashion_mnist
 from .checkpoint import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
 from .config import ConfigError, TrainConfig
 
-__all__ = ["TrainedModel", "load_model", "evaluate_run", "load_images", "predict_files"]
+__all__ = ["TrainedModel", "load_model", "evaluate_run", "load_images", "predict_files", "export_model"]
 
 WEIGHTS = {"last": "checkpoint.pt", "best": "best.pt"}
 EVAL_BATCH = 4096  # as the trainer's evaluation, so the sums run in the same order
@@ -65,8 +66,9 @@ class TrainedModel(nn.Module):
         else:
             raise ValueError(f"TrainedModel: images must be shaped (N, 28, 28), (N, 1, 28, 28) or (N, 784), or be "
                              f"one such image, got shape {list(s)}")
-        # The same operations, in the same order and precision, as FashionMNIST.load.
-        return x.sub_(self.mean.item()).div_(self.std.item())
+        # The same operations, in the same order and precision, as FashionMNIST.load (whose Python
+        # float mean and std are cast to float32 for these float32 ops, as the buffers are).
+        return x.sub_(self.mean).div_(self.std)
 
     def forward(self, images):
         return self.mlp(self.normalise(images))
@@ -297,3 +299,48 @@ def predict_files(run, paths, weights="last", device="cpu", invert="auto", top=3
         for path, best in result:
             print(f"{path:<{w}}  " + ", ".join(f"{name} {p:.1%}" for name, p in best), file=out)
     return result
+
+
+class _Exported(nn.Module):
+    """What export_model traces: one fixed input format, plain torch ops only."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.mlp = model.mlp
+        self.register_buffer("mean", model.mean.detach().clone())
+        self.register_buffer("std", model.std.detach().clone())
+
+    def forward(self, images):
+        x = images.reshape(-1, 784)
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32).div(255)
+        return self.mlp(x.sub(self.mean).div(self.std))
+
+
+EXPORT_INPUTS = {
+    "float": "float32 (N, 1, 28, 28) in [0, 1], as torchvision's ToTensor() gives",
+    "pixels": "uint8 (N, 28, 28) pixels 0-255, as in the IDX files",
+}
+
+
+def export_model(run, path=None, weights="last", input="float"):
+    """Writes a run's model as a torch.export program (.pt2) that needs torch alone, no fastmlp:
+    ``torch.export.load(path).module()(images)`` gives the logits (N, 10) for a batch of any size.
+
+    The program holds the run's weights in torch's own ops (nn.Linear and activations: the two
+    implementations share their weights) and its input normalisation, and takes ``input``:
+    "float" (N, 1, 28, 28) float32 in [0, 1] or "pixels" (N, 28, 28) uint8. Written atomically to
+    ``path`` (default: <run>/model-<weights>.pt2); returns the path.
+    """
+    if input not in EXPORT_INPUTS:
+        raise ConfigError(f"input must be one of {', '.join(EXPORT_INPUTS)}, got {input!r}")
+    run_dir, weights, ck, mean, std = _load(run, weights)
+    module = _Exported(_model(ck, mean, std, WEIGHTS[weights], impl="torch").eval())
+    example = (torch.rand(2, 1, 28, 28) if input == "float"
+               else torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8))
+    program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    path = Path(path) if path is not None else run_dir / f"model-{weights}.pt2"
+    atomic_write_bytes(path, buf.getvalue())
+    return path
