@@ -86,6 +86,15 @@ def test_best_weights_and_their_errors(tmp_path, capsys):
     assert "has no checkpoint.pt" in capsys.readouterr().err
 
 
+def test_load_model_on_cuda_without_cuda_kernels_says_what_to_do(tmp_path, monkeypatch):
+    import fastmlp
+
+    run = train_run(tmp_path)
+    monkeypatch.setattr(fastmlp, "WITH_CUDA", False)
+    with pytest.raises(RuntimeError, match="no CUDA kernels.*use --device cpu"):
+        load_model(run, device="cuda")
+
+
 def test_load_model_predicts_from_raw_images(tmp_path, test_set):
     run = train_run(tmp_path)
     images, labels = test_set
@@ -181,6 +190,8 @@ def test_predict_image_files(tmp_path, capsys, test_set):
         assert sorted(name for name, _ in ranked) == sorted(CLASSES)
     assert f"{result[0][1][0][0]} {result[0][1][0][1]:.1%}" in lines[0]
 
+    assert main(["predict", str(run), str(exact), "--top", "0"]) == 2
+    assert "top must be a whole number from 1 to 10" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("not an image")
     assert main(["predict", str(run), str(tmp_path / "notes.txt")]) == 2
     assert "is not an image file" in capsys.readouterr().err

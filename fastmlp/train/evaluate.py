@@ -133,15 +133,23 @@ def load_model(run, weights="last", device="cpu", impl=None):
     (the two share their state_dict keys).
     """
     _, weights, ck, mean, std = _load(run, weights)
-    return _model(ck, mean, std, WEIGHTS[weights], impl).to(device).eval()
+    return _model(ck, mean, std, WEIGHTS[weights], impl, device)
 
 
-def _model(ck, mean, std, name, impl=None):
+def _model(ck, mean, std, name, impl=None, device="cpu"):
     cfg = TrainConfig.from_dict(ck["config"], source=f"the config saved in {name}")
+    impl = cfg.impl if impl is None else impl
+    device = torch.device(device)
+    if impl == "fastmlp" and device.type == "cuda":
+        import fastmlp  # noqa: PLC0415
+
+        if not fastmlp.WITH_CUDA:
+            raise RuntimeError(f"--device {device}: this fastmlp build has no CUDA kernels for the run's fastmlp "
+                               "layers; use --device cpu (or impl='torch' in load_model), or rebuild with FASTMLP_CUDA=1")
     mlp = fnn.MLP(cfg.widths, activation=cfg.activation, dropout=cfg.dropout,
-                  norm=None if cfg.norm == "none" else cfg.norm, impl=cfg.impl if impl is None else impl)
+                  norm=None if cfg.norm == "none" else cfg.norm, impl=impl)
     mlp.load_state_dict(ck["model"])
-    return TrainedModel(mlp, mean, std, cfg)
+    return TrainedModel(mlp, mean, std, cfg).to(device).eval()
 
 
 def _device(spec):
@@ -161,7 +169,7 @@ def evaluate_run(run, weights="last", device="cpu", data_dir=None, plots=True, o
     outputs = [f"evaluation-{weights}.json", f"confusion-{weights}.png"]
     remove_stale_temp_files(run_dir, outputs)  # left by an evaluation killed while writing
     device = _device(device)
-    model = _model(ck, mean, std, WEIGHTS[weights]).to(device).eval()
+    model = _model(ck, mean, std, WEIGHTS[weights], device=device)
     cfg = model.config
     raw = load_fashion_mnist(data_dir)
     images, labels = raw["test_images"], raw["test_labels"].to(device)
@@ -286,10 +294,11 @@ def load_images(paths, invert="auto"):
 @torch.no_grad()
 def predict_files(run, paths, weights="last", device="cpu", invert="auto", top=3, out=None):
     """[(path, [(class name, probability), ...top classes])] for image files (see load_images)."""
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(CLASSES):
+        raise ConfigError(f"top must be a whole number from 1 to {len(CLASSES)} (the classes to list), got {top!r}")
     model = load_model(run, weights, _device(device))
     images = load_images(paths, invert)
     probs = torch.softmax(model(images).float(), dim=-1).cpu()
-    top = max(1, min(int(top), len(CLASSES)))
     result = []
     for path, p in zip(paths, probs):
         values, idx = p.topk(top)
@@ -335,7 +344,7 @@ def export_model(run, path=None, weights="last", input="float"):
     if input not in EXPORT_INPUTS:
         raise ConfigError(f"input must be one of {', '.join(EXPORT_INPUTS)}, got {input!r}")
     run_dir, weights, ck, mean, std = _load(run, weights)
-    module = _Exported(_model(ck, mean, std, WEIGHTS[weights], impl="torch").eval())
+    module = _Exported(_model(ck, mean, std, WEIGHTS[weights], impl="torch"))
     example = (torch.rand(2, 1, 28, 28) if input == "float"
                else torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8))
     program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
