@@ -23,6 +23,11 @@ def train_run(tmp_path, *extra, impl="fastmlp", device="cpu", data_dir=None):
     return run
 
 
+def test_train_points_to_evaluate(tmp_path, capsys):
+    run = train_run(tmp_path)
+    assert f"next: fastmlp evaluate {run}  (per class" in capsys.readouterr().out
+
+
 def evaluate(run, *extra, device="cpu", data_dir=None):
     assert main(["evaluate", str(run), "--data-dir", data_dir or real_data_dir(), "--device", device, *extra]) == 0
     weights = extra[extra.index("--weights") + 1] if "--weights" in extra else "last"

@@ -264,6 +264,8 @@ def _done(s):
     spe = f"{s['seconds_per_epoch']:.2f} s/epoch" if s.get("seconds_per_epoch") is not None else "no epochs timed"
     acc = f"{s['final_test_acc']:.4f}" if s.get("final_test_acc") is not None else "-"
     print(f"done: test acc {acc}, {spe}, run folder {s['run_dir']}")
+    if s.get("status", "completed") == "completed":
+        print(f"next: fastmlp evaluate {s['run_dir']}  (per class; also: predict RUN_DIR IMAGE..., export RUN_DIR)")
 
 
 def _resume(args):
