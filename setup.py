@@ -7,8 +7,9 @@ Install after torch, without build isolation (an isolated build would download a
 Switches (environment variables):
     FASTMLP_CUDA=auto|0|1   build the CUDA kernels: auto (default) when nvcc and a CUDA build of
                             torch are present (a visible GPU is not needed); 1 requires them.
-    FASTMLP_NATIVE=1|0      compile the CPU kernels for this machine's CPU (-march=native, the
-                            default: the extension is built where it runs); 0 for a portable build.
+    FASTMLP_NATIVE=1|0      compile the CPU kernels for this machine's CPU (-march=native, or
+                            -mcpu=native where the compiler wants that; the default: the extension
+                            is built where it runs); 0 for a portable build.
     FASTMLP_DEBUG=1         -O0 -g, for debugging the kernels.
     TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0" when no GPU is visible).
     MAX_JOBS                parallel compile jobs.
@@ -115,9 +116,36 @@ cxx_flags += ["-fno-math-errno", "-fno-trapping-math"]
 # updates and the gelu gradients). Without contraction every element gets the same arithmetic,
 # whatever the thread count. Measured cost: within this VM's noise.
 cxx_flags.append("-ffp-contract=off")
+
+
+def compiler_takes(flag):
+    """Whether the C++ compiler the build will use accepts `flag` (compiles an empty file with it):
+    -march=native is refused by some compilers (older Apple clang on arm64, which wants -mcpu)."""
+    import subprocess  # noqa: PLC0415
+    import sysconfig  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    cxx = (os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++").split()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        try:
+            r = subprocess.run([*cxx, flag, "-c", src, "-o", os.path.join(tmp, "probe.o")],
+                               capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return r.returncode == 0
+
+
+# For this machine's CPU: -march=native where the compiler takes it, else -mcpu=native (clang on
+# arm64), else the portable build, said in the build's first line instead of failing the build.
+native_flag = None
 if native and not debug:
-    cxx_flags.append("-march=native")
-    if platform.machine() in ("x86_64", "AMD64"):
+    native_flag = next((f for f in ("-march=native", "-mcpu=native") if compiler_takes(f)), None)
+if native_flag is not None:
+    cxx_flags.append(native_flag)
+    if native_flag == "-march=native" and platform.machine() in ("x86_64", "AMD64"):
         # Where this CPU has AVX-512, use its 512-bit vectors in our loops (gcc's default for
         # skylake-avx512 and later stays at 256 bits): torch's own CPU kernels dispatch to AVX-512
         # there, and at 256 bits our GELU forward and backward math ran 1.4x slower than at 512 on
@@ -231,12 +259,16 @@ builds = {"build", "build_ext", "bdist", "bdist_wheel", "bdist_egg", "install", 
 torch_requirement = ("torch>=2.11" if "sdist" in sys.argv and not builds & set(sys.argv)
                      else f"torch>={major}.{minor}.0.dev0,<{major}.{minor + 1}")
 
+cpu_target = (f" for this CPU ({native_flag})" if native_flag else " (portable)" if not debug else " (debug)")
 print(
-    f"fastmlp: building the CPU kernels{' and the CUDA kernels' if with_cuda else ''}"
+    f"fastmlp: building the CPU kernels{cpu_target}{' and the CUDA kernels' if with_cuda else ''}"
     + ("" if with_cuda else
        f" only ({'FASTMLP_CUDA=0' if cuda_mode == '0' else 'CPU-only torch' if torch.version.cuda is None else 'no nvcc found' if cuda_home is None else 'no CUDA sources yet'})"),
     file=sys.stderr,
 )
+if native and not debug and native_flag is None:
+    print("fastmlp: the C++ compiler takes neither -march=native nor -mcpu=native: building the portable CPU "
+          "kernels (as FASTMLP_NATIVE=0)", file=sys.stderr)
 
 setup(
     # fastmlp.configs holds data only (the default recipe), no __init__.py: listed by name.

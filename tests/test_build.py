@@ -224,3 +224,33 @@ def test_install_script_keeps_a_recent_torch(tmp_path, installed, kept):
         assert " -c build/torch-constraint.txt " in pip
         assert constraint.read_text().strip() == f"torch=={kept}"
         Requirement(constraint.read_text().strip())  # a valid requirement line
+
+
+@pytest.mark.parametrize("refused,want", [((), "for this CPU (-march=native)"),
+                                          (("-march=native",), "for this CPU (-mcpu=native)"),
+                                          (("-march=native", "-mcpu=native"), "(portable)")])
+def test_native_flag_is_one_the_compiler_takes(tmp_path, refused, want):
+    """setup.py asks the compiler before passing -march=native (older Apple clang on arm64 refuses
+    it and wants -mcpu=native): a compiler that takes neither gets the portable build, said so,
+    instead of a failed build. A stand-in compiler refuses the flags named, else runs g++."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++ for the stand-in compiler")
+    cxx = tmp_path / "c++"
+    cases = "|".join(refused) or "--never--"
+    cxx.write_text(f'#!/bin/sh\nfor a in "$@"; do case "$a" in {cases}) exit 1;; esac; done\nexec g++ "$@"\n')
+    cxx.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CXX": str(cxx), "FASTMLP_CUDA": "0"}
+    env.pop("FASTMLP_NATIVE", None)
+    env.pop("FASTMLP_DEBUG", None)
+    r = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(l for l in r.stderr.splitlines() if l.startswith("fastmlp: building"))
+    assert want in line, line
+    assert ("takes neither -march=native nor -mcpu=native" in r.stderr) == (len(refused) == 2)
