@@ -43,6 +43,14 @@ def _add_config_flags(p):
             g.add_argument(flag, type=str, metavar="S", **kw)
 
 
+def _add_run_args(p):
+    """RUN_DIR and --weights, for the commands that use a trained run (evaluate, predict, export)."""
+    p.add_argument("run", metavar="RUN_DIR", help="the run folder (or a checkpoint file in it)")
+    p.add_argument("--weights", choices=["last", "best"], default="last",
+                   help="last: checkpoint.pt, the latest weights (default); best: best.pt, the epoch with the best "
+                        "validation accuracy (runs with --val-split)")
+
+
 def _version():
     import fastmlp  # noqa: PLC0415
 
@@ -72,10 +80,7 @@ def build_parser():
                                    "writes evaluation-<weights>.json and confusion-<weights>.png into the run "
                                    "folder. In Python: fastmlp.train.load_model(RUN_DIR) gives the model for "
                                    "predictions.")
-    e.add_argument("run", metavar="RUN_DIR", help="the run folder (or a checkpoint file in it)")
-    e.add_argument("--weights", choices=["last", "best"], default="last",
-                   help="last: checkpoint.pt, the latest weights (default); best: best.pt, the epoch with the best "
-                        "validation accuracy (runs with --val-split)")
+    _add_run_args(e)
     e.add_argument("--device", default="auto", metavar="S", help="auto (CUDA when present, default), cpu, cuda, cuda:N")
     e.add_argument("--data-dir", metavar="S",
                    help="dataset root holding FashionMNIST/raw/ (default: $FASTMLP_DATA, else the cache)")
@@ -85,9 +90,8 @@ def build_parser():
                         description="Classify image files (PNG, JPEG, ...) with a run's weights: each is made grey, "
                                     "fitted into 28 x 28 and, if its background is light, inverted (Fashion-MNIST "
                                     "shows light objects on black); prints the most likely classes.")
-    pr.add_argument("run", metavar="RUN_DIR", help="the run folder (or a checkpoint file in it)")
+    _add_run_args(pr)
     pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    pr.add_argument("--weights", choices=["last", "best"], default="last", help="last (default) or best, as for evaluate")
     pr.add_argument("--device", default="cpu", metavar="S", help="cpu (default), cuda, cuda:N or auto")
     pr.add_argument("--top", type=int, default=3, metavar="K", help="classes to print per image (default: 3)")
     pr.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
@@ -96,8 +100,7 @@ def build_parser():
                         description="Write a run's model, with its input normalisation, as a torch.export program "
                                     "(.pt2) in plain torch ops: torch.export.load(FILE).module()(images) gives the "
                                     "logits for a batch of any size, without fastmlp installed.")
-    ex.add_argument("run", metavar="RUN_DIR", help="the run folder (or a checkpoint file in it)")
-    ex.add_argument("--weights", choices=["last", "best"], default="last", help="last (default) or best, as for evaluate")
+    _add_run_args(ex)
     ex.add_argument("--input", choices=["float", "pixels"], default="float",
                     help="float (default): float32 (N, 1, 28, 28) in [0, 1], as ToTensor() gives; pixels: uint8 "
                          "(N, 28, 28) as in the IDX files")
