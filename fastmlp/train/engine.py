@@ -98,17 +98,49 @@ def min_batch(cfg):
     return 2 if cfg.norm == "batch" else 1
 
 
-def build_model(cfg, device, data=None):
-    """The configured MLP, seeded so that both impls start from the same weights."""
-    if cfg.impl == "fastmlp" and device.type == "cuda":
+# --amp as the dtype autocast runs in (None: off).
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+EVAL_BATCH = 4096
+
+
+def make_mlp(cfg, device, impl=None):
+    """The configured MLP (in cfg.impl, or impl) on device, with torch's default init; an error that
+    says what to do when fastmlp layers are asked for on CUDA in a build without CUDA kernels."""
+    impl = cfg.impl if impl is None else impl
+    if impl == "fastmlp" and device.type == "cuda":
         import fastmlp  # noqa: PLC0415
 
         if not fastmlp.WITH_CUDA:
-            raise RuntimeError("--impl fastmlp on CUDA: this fastmlp build has no CUDA kernels; "
-                               "rebuild with FASTMLP_CUDA=1, or use --impl torch or --device cpu")
+            raise RuntimeError(f"--device {device}: this fastmlp build has no CUDA kernels for fastmlp layers; "
+                               "use --device cpu or --impl torch (impl='torch' in load_model), or rebuild with "
+                               "FASTMLP_CUDA=1")
+    return fnn.MLP(cfg.widths, activation=cfg.activation, dropout=cfg.dropout,
+                   norm=None if cfg.norm == "none" else cfg.norm, impl=impl).to(device)
+
+
+@torch.no_grad()
+def evaluation_sums(model, batches, device, amp_dtype, predictions=False):
+    """(correct, summed cross-entropy, predicted classes or []) of model over (x, y) batches, the
+    first two as tensors on device (read back once by the caller). The one evaluation loop: the
+    trainer's per-epoch numbers and `fastmlp evaluate`'s come from it, so they agree to the bit."""
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    loss = torch.zeros((), device=device)
+    preds = []
+    for xb, yb in batches:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(xb)
+        p = out.argmax(1)
+        correct += (p == yb).sum()
+        loss += nn.functional.cross_entropy(out.float(), yb, reduction="sum")
+        if predictions:
+            preds.append(p)
+    return correct, loss, preds
+
+
+def build_model(cfg, device, data=None):
+    """The configured MLP, seeded so that both impls start from the same weights."""
     torch.manual_seed(cfg.seed)
-    model = fnn.MLP(cfg.widths, activation=cfg.activation, dropout=cfg.dropout,
-                    norm=None if cfg.norm == "none" else cfg.norm, impl=cfg.impl).to(device)
+    model = make_mlp(cfg, device)
     batch = None
     if cfg.init == "lsuv":
         if data is None:
@@ -212,7 +244,7 @@ class Trainer:
         self.min_batch = min_batch(cfg)
         self.steps_per_epoch = self.data.train.num_batches(self.eff_batch, self.min_batch)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
-        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        self.amp_dtype = AMP_DTYPES[cfg.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.monitor = Monitor(self.model, cfg.monitor_every)
@@ -496,13 +528,7 @@ class Trainer:
         if ds is None:
             return None, None
         self.model.eval()
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        loss = torch.zeros((), device=self.device)
-        for xb, yb in ds.batches(4096):
-            with self._autocast():
-                out = self.model(xb)
-            correct += (out.argmax(1) == yb).sum()
-            loss += nn.functional.cross_entropy(out.float(), yb, reduction="sum")
+        correct, loss, _ = evaluation_sums(self.model, ds.batches(EVAL_BATCH), self.device, self.amp_dtype)
         self.model.train()
         c, l = torch.stack([correct.float(), loss]).tolist()
         return c / len(ds), l / len(ds)

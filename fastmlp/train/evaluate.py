@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import nn as fnn
 from ..data import CLASSES, load_fashion_mnist
 from .checkpoint import atomic_write_bytes, atomic_write_json, remove_stale_temp_files
 from .config import ConfigError, TrainConfig
+from .engine import AMP_DTYPES, EVAL_BATCH, evaluation_sums, make_mlp, resolve_device
 
 __all__ = ["TrainedModel", "load_model", "evaluate_run", "load_images", "predict_files", "export_model"]
 
 WEIGHTS = {"last": "checkpoint.pt", "best": "best.pt"}
-EVAL_BATCH = 4096  # as the trainer's evaluation, so the sums run in the same order
 
 
 class TrainedModel(nn.Module):
@@ -138,24 +137,10 @@ def load_model(run, weights="last", device="cpu", impl=None):
 
 def _model(ck, mean, std, name, impl=None, device="cpu"):
     cfg = TrainConfig.from_dict(ck["config"], source=f"the config saved in {name}")
-    impl = cfg.impl if impl is None else impl
     device = torch.device(device)
-    if impl == "fastmlp" and device.type == "cuda":
-        import fastmlp  # noqa: PLC0415
-
-        if not fastmlp.WITH_CUDA:
-            raise RuntimeError(f"--device {device}: this fastmlp build has no CUDA kernels for the run's fastmlp "
-                               "layers; use --device cpu (or impl='torch' in load_model), or rebuild with FASTMLP_CUDA=1")
-    mlp = fnn.MLP(cfg.widths, activation=cfg.activation, dropout=cfg.dropout,
-                  norm=None if cfg.norm == "none" else cfg.norm, impl=impl)
+    mlp = make_mlp(cfg, device, impl)
     mlp.load_state_dict(ck["model"])
     return TrainedModel(mlp, mean, std, cfg).to(device).eval()
-
-
-def _device(spec):
-    from .engine import resolve_device  # noqa: PLC0415  (engine imports this package's siblings)
-
-    return resolve_device(spec)
 
 
 @torch.no_grad()
@@ -168,24 +153,13 @@ def evaluate_run(run, weights="last", device="cpu", data_dir=None, plots=True, o
     run_dir, weights, ck, mean, std = _load(run, weights)
     outputs = [f"evaluation-{weights}.json", f"confusion-{weights}.png"]
     remove_stale_temp_files(run_dir, outputs)  # left by an evaluation killed while writing
-    device = _device(device)
+    device = resolve_device(device)
     model = _model(ck, mean, std, WEIGHTS[weights], device=device)
-    cfg = model.config
     raw = load_fashion_mnist(data_dir)
     images, labels = raw["test_images"], raw["test_labels"].to(device)
-    amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     x = model.normalise(images.reshape(-1, 784))
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    loss = torch.zeros((), device=device)
-    pred = []
-    for i in range(0, len(x), EVAL_BATCH):
-        xb, yb = x[i:i + EVAL_BATCH], labels[i:i + EVAL_BATCH]
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model.mlp(xb)
-        p = logits.argmax(1)
-        correct += (p == yb).sum()
-        loss += nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
-        pred.append(p)
+    batches = ((x[i:i + EVAL_BATCH], labels[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH))
+    correct, loss, pred = evaluation_sums(model.mlp, batches, device, AMP_DTYPES[model.config.amp], predictions=True)
     pred = torch.cat(pred) if pred else labels.new_empty(0)
     n = len(labels)
     confusion = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long)
@@ -296,7 +270,7 @@ def predict_files(run, paths, weights="last", device="cpu", invert="auto", top=3
     """[(path, [(class name, probability), ...top classes])] for image files (see load_images)."""
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= len(CLASSES):
         raise ConfigError(f"top must be a whole number from 1 to {len(CLASSES)} (the classes to list), got {top!r}")
-    model = load_model(run, weights, _device(device))
+    model = load_model(run, weights, resolve_device(device))
     images = load_images(paths, invert)
     probs = torch.softmax(model(images).float(), dim=-1).cpu()
     result = []
