@@ -19,7 +19,7 @@ from fastmlp.monitor import AnomalyError
 from fastmlp.train import ConfigError, Trainer, TrainConfig, build_scheduler
 from fastmlp.train.cli import check_overfit, lr_find, main
 from fastmlp.train.config import DEFAULT_YAML
-from fastmlp.train.engine import CHECKPOINT, new_run_dir
+from fastmlp.train.engine import CHECKPOINT, early_stop, new_run_dir
 from test_data import real_data_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +66,8 @@ def test_recipe_yaml_equals_dataclass_defaults():
     ({"learning_rate": 0.1}, "unknown option.*learning_rate"), ({"device": "tpu"}, "'device'"),
     ({"device": "cuda:x"}, "'device' must be auto, cpu, cuda or cuda:N"), ({"name": "a/b"}, "'name'.*path separator"),
     ({"min_lr": 0.01, "lr": 0.001}, r"'min_lr' \(0.01\) must not exceed 'lr' \(0.001\)"),
+    ({"early_stopping": -1}, "'early_stopping' must be an int >= 0"),
+    ({"early_stopping": 3}, r"'early_stopping' \(3\) needs a validation split.*--val-split"),
 ])
 def test_bad_config_values_name_the_option(bad, match):
     d = TrainConfig().to_dict()
@@ -402,6 +404,76 @@ def test_train_accuracy_val_loss_and_best_checkpoint(tmp_path):
     s2 = Trainer(cfg_small(tmp_path, epochs=1), data=synthetic()).fit()
     assert s2["best_val_acc"] is None and s2["best_epoch"] is None and s2["best_checkpoint"] is None
     assert not (Path(s2["run_dir"]) / "best.pt").exists()
+
+
+def test_early_stop_rule():
+    h = [{"epoch": e, "val_acc": v} for e, v in enumerate([0.5, 0.7, 0.7, 0.6, 0.8, 0.8, 0.8], start=1)]
+    assert early_stop(h, 0) is None
+    # The best is the first of equals (epoch 2): patience 2 ends the run after epoch 4.
+    assert early_stop(h, 2) == {"epoch": 4, "best_epoch": 2, "best_val_acc": 0.7, "patience": 2}
+    assert early_stop(h, 3) is None  # epoch 5 improves on epoch 2 within 3 epochs; 5 + 3 is past the history
+    assert early_stop(h, 1)["epoch"] == 3
+    assert early_stop([{"epoch": 1, "val_acc": None}, {"epoch": 2, "val_acc": None}], 1) is None
+
+
+def two_way_split(n_train=512, n_val=256):
+    d = synthetic(n_train=n_train + n_val)
+    return FashionMNIST(DeviceDataset(d.train.x[:n_train], d.train.y[:n_train]),
+                        DeviceDataset(d.train.x[n_train:], d.train.y[n_train:]), d.test, 0.0, 1.0)
+
+
+def test_early_stopping_stops_resumes_and_is_complete(tmp_path, capsys):
+    """A model that cannot improve (lr 1e-30: the weights do not move) stops `patience` epochs after
+    its first; the summary, best.pt and a resume agree on where it stopped."""
+    data = two_way_split()
+    cfg = cfg_small(tmp_path, epochs=10, early_stopping=2, val_split=0.25, optimizer="sgd", momentum=0.0, lr=1e-30,
+                    dropout=0.0, weight_decay=0.0)
+    s = Trainer(cfg, data=data).fit()
+    run = Path(s["run_dir"])
+    assert [r["epoch"] for r in s["history"]] == [1, 2, 3] and s["epochs"] == 3 and s["status"] == "completed"
+    assert s["early_stopped"] == {"epoch": 3, "best_epoch": 1, "best_val_acc": s["history"][0]["val_acc"],
+                                  "patience": 2}
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 1
+    out = capsys.readouterr().out
+    assert "early stopping: the validation accuracy has not improved for 2 epochs (best" in out and "at epoch 1" in out
+    assert "epoch   4/10" not in out
+    # A resume trains nothing more and leaves the folder as it is.
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["train", "--resume", str(run), "--progress", "off"]) == 0
+    assert f"run {run} is already complete: stopped early after epoch 3 (step 24)" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # Killed after the stopping epoch's checkpoint, before its summary: the resume writes the summary only.
+    (run / "summary.json").unlink()
+    r = Trainer.resume(run, data=data)
+    s2 = r.fit()
+    assert f"{run} stopped early after epoch 3; writing its summary" in capsys.readouterr().out
+    assert s2["early_stopped"] == s["early_stopped"] and s2["history"] == s["history"] and r.global_step == 24
+    # Without a plateau it trains every epoch; an improving run is never stopped by a long patience.
+    s3 = Trainer(dataclasses.replace(cfg, lr=5e-3, epochs=3, early_stopping=5), data=data).fit()
+    assert s3["epochs"] == 3 and s3["early_stopped"] is None
+
+
+def test_early_stopping_mid_run_resume_stops_at_the_same_epoch(tmp_path):
+    data = two_way_split()
+    cfg = cfg_small(tmp_path, epochs=10, early_stopping=1, val_split=0.25, lr=0.3, optimizer="sgd", momentum=0.0,
+                    dropout=0.0)
+    full = Trainer(dataclasses.replace(cfg, name="full"), data=data).fit()
+    assert full["early_stopped"] is not None and full["epochs"] < 10
+    part = Trainer(dataclasses.replace(cfg, name="part"), data=data)
+    orig, calls = part.train_step, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 10:  # in epoch 2
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    part.train_step = dying
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    s = Trainer.resume(part.run_dir, data=data).fit()
+    assert s["early_stopped"] == full["early_stopped"] and s["history"] == [
+        {**r, "seconds": h["seconds"], "samples_per_s": h["samples_per_s"]} for r, h in zip(full["history"], s["history"])]
 
 
 @pytest.mark.parametrize("impl", ["torch", "fastmlp"])

@@ -143,7 +143,7 @@ def _why(reason, *names):
     return {n: reason for n in names}
 
 
-_SCHEDULE = ("epochs", "scheduler", "step_size", "gamma", "warmup_epochs", "pct_start", "cycle_momentum", "min_lr")
+_SCHEDULE = ("epochs", "early_stopping", "scheduler", "step_size", "gamma", "warmup_epochs", "pct_start", "cycle_momentum", "min_lr")
 _LOGGING = ("log_every", "monitor_every", "checkpoint_every", "anomaly_guard", "progress")
 IGNORED = {
     "check-overfit": {
@@ -268,11 +268,12 @@ def _done(s):
     acc = f"{s['final_test_acc']:.4f}" if s.get("final_test_acc") is not None else "-"
     print(f"done: test acc {acc}, {spe}, run folder {s['run_dir']}")
     if s.get("status", "completed") == "completed":
-        print(f"next: fastmlp evaluate {s['run_dir']}  (per class; also: predict RUN_DIR IMAGE..., export RUN_DIR)")
+        best = " --weights best" if s.get("best_checkpoint") else ""
+        print(f"next: fastmlp evaluate {s['run_dir']}{best}  (per class; also: predict RUN_DIR IMAGE..., export RUN_DIR)")
 
 
 def _resume(args):
-    from .engine import Trainer, complete_message, completed_summary, open_run  # noqa: PLC0415
+    from .engine import Trainer, complete_message, completed_summary, early_stop, open_run  # noqa: PLC0415
 
     _, flags = resolve_config(args)
     if args.compare:
@@ -289,10 +290,12 @@ def _resume(args):
     if "monitor_every" in flags and ck["config"].get("compile"):
         raise ConfigError("--resume: drop --monitor-every: the run uses --compile, where monitored steps run eagerly "
                           "and the others compiled, so changing it would change the results")
-    epochs = ck["config"].get("epochs")
-    if isinstance(epochs, int) and completed_summary(run_dir, ck["epoch"], epochs) is not None:
-        print(complete_message(run_dir, epochs, ck["global_step"]))
-        return 0
+    epochs, patience = ck["config"].get("epochs"), ck["config"].get("early_stopping", 0)
+    if isinstance(epochs, int) and isinstance(patience, int):
+        stop = early_stop(ck.get("history", []), patience)
+        if completed_summary(run_dir, ck["epoch"] >= epochs or stop is not None) is not None:
+            print(complete_message(run_dir, epochs, ck["global_step"], stop))
+            return 0
     _done(_fit(Trainer.resume(run_dir, overrides=flags, checkpoint=ck)))
     return 0
 

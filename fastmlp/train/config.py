@@ -75,6 +75,8 @@ class TrainConfig:
                               "(no momentum was asked for)", default=True)
     min_lr: float = _h("cosine / warmup_cosine: final lr", default=0.0)
     epochs: int = _h("epochs", default=10)
+    early_stopping: int = _h("stop once the validation accuracy has not improved for N epochs in a row (needs "
+                             "--val-split; 0 = off); best.pt keeps the best epoch's weights", default=0)
     batch_size: int = _h("micro-batch size", default=256)
     accum_steps: int = _h("micro-batches per optimizer step (effective batch = batch_size x accum_steps). Dropout "
                           "masks are drawn per micro-batch and batch norm normalises with per-micro-batch "
@@ -126,7 +128,7 @@ class TrainConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(k, "an int >= 1", v)
-        for k in ("seed", "train_subset", "monitor_every", "checkpoint_every"):
+        for k in ("seed", "train_subset", "monitor_every", "checkpoint_every", "early_stopping"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(k, "an int >= 0", v)
@@ -156,6 +158,10 @@ class TrainConfig:
             raise ConfigError(f"config option 'warmup_epochs' ({self.warmup_epochs:g}) must be shorter than the run, "
                               f"'epochs' ({self.epochs}), with scheduler warmup_cosine: lower --warmup-epochs "
                               "or raise --epochs")
+        if self.early_stopping and self.val_split == 0:
+            raise ConfigError(f"config option 'early_stopping' ({self.early_stopping}) needs a validation split to "
+                              "watch: add --val-split (e.g. 0.1), or set --early-stopping 0 (stopping on the test "
+                              "accuracy would report an optimistic test accuracy)")
         if self.norm == "batch" and self.batch_size < 2:
             raise ConfigError(f"config option 'batch_size' must be >= 2 with norm batch (BatchNorm normalises with "
                               f"the statistics of the batch, which needs at least 2 samples), got {self.batch_size}")

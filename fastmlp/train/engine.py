@@ -32,7 +32,7 @@ from .config import ConfigError, TrainConfig
 
 __all__ = ["Trainer", "build_model", "build_optimizer", "build_scheduler", "resolve_device", "new_run_dir",
            "optim_module", "load_data", "open_run", "apply_deterministic", "min_batch", "completed_summary",
-           "complete_message", "cycles_momentum", "CheckpointError"]
+           "complete_message", "cycles_momentum", "early_stop", "CheckpointError"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -324,7 +324,7 @@ class Trainer:
         self.last_checkpoint = (epoch, step_in_epoch, global_step)
         # Temp files of writes a SIGKILL cut short: never renamed into place, never read again.
         remove_stale_temp_files(self.run_dir, ATOMIC_FILES)
-        if self.epoch >= self.cfg.epochs:
+        if self.finished():
             return  # nothing left to train: the folder is left as it is
         # Steps logged after the checkpoint (by the run that stopped) are about to be redone.
         path = self.run_dir / "metrics.jsonl"
@@ -550,12 +550,15 @@ class Trainer:
         self.model.train()
         show = self._progress()
         n_train = len(self.data.train)
-        if self.epoch >= cfg.epochs:
-            done = completed_summary(self.run_dir, self.epoch, cfg.epochs)
+        if self.finished():
+            done = completed_summary(self.run_dir, True)
+            stop = early_stop(self.history, cfg.early_stopping)
             if done is not None:
-                self._print(complete_message(self.run_dir, cfg.epochs, self.global_step))
+                self._print(complete_message(self.run_dir, cfg.epochs, self.global_step, stop))
                 return done
-            self._print(f"all {cfg.epochs} epochs of {self.run_dir} were trained; writing its summary")
+            what = f"{self.run_dir} stopped early after epoch {stop['epoch']}" if stop else \
+                f"all {cfg.epochs} epochs of {self.run_dir} were trained"
+            self._print(f"{what}; writing its summary")
             return self.finish()
         if self.epoch == 0 and self.step_in_epoch == 0:
             self._print(f"run folder {self.run_dir}  |  impl {cfg.impl}  device {self.device}  "
@@ -588,6 +591,10 @@ class Trainer:
         finally:
             gc.unfreeze()
         return self.finish()
+
+    def finished(self):
+        """Whether training is over: every epoch trained, or early stopping ended the run."""
+        return self.epoch >= self.cfg.epochs or early_stop(self.history, self.cfg.early_stopping) is not None
 
     def _stopped(self, e):
         """summary.json and plots for a run that ended early; never replaces the exception e."""
@@ -670,6 +677,12 @@ class Trainer:
                 if val_acc is not None and (best is None or val_acc > best):
                     self._save_best(row)
                 self._save_checkpoint()
+            stop = early_stop(self.history, cfg.early_stopping)
+            if stop is not None:
+                self._print(f"early stopping: the validation accuracy has not improved for {stop['patience']} epochs "
+                            f"(best {stop['best_val_acc']:.4f} at epoch {stop['best_epoch']}, whose weights are in "
+                            f"{self.run_dir / BEST})")
+                break
 
     def finish(self, status="completed", extra=None):
         """Write summary.json (and the plots) from the history and metrics.jsonl; returns the summary."""
@@ -692,6 +705,7 @@ class Trainer:
             "final_test_acc": self.history[-1]["test_acc"] if self.history else None,
             "final_val_acc": self.history[-1]["val_acc"] if self.history else None,
             **_best(self.history, self.run_dir),
+            "early_stopped": early_stop(self.history, self.cfg.early_stopping),
             "final_train_loss": self.history[-1]["train_loss"] if self.history else None,
             "final_train_acc": self.history[-1].get("train_acc") if self.history else None,
             "seconds_per_epoch": sum(secs) / len(secs) if secs else None,
@@ -744,14 +758,35 @@ def open_run(path):
     return p, load_checkpoint(ck_path)
 
 
-def complete_message(run_dir, epochs, step):
-    return (f"run {run_dir} is already complete: all {epochs} epochs trained (step {step}); nothing to do. "
+def early_stop(history, patience):
+    """Where early stopping with this patience ends a run of this history: {"epoch", "best_epoch",
+    "best_val_acc", "patience"} for the first epoch that ends `patience` epochs after the best
+    validation accuracy so far (the first of equals, as best.pt keeps it); None if no epoch does, or
+    for patience 0. A function of the history alone, so a resumed run stops where it would have."""
+    if not patience:
+        return None
+    best = None
+    for row in history:
+        if row.get("val_acc") is None:
+            continue
+        if best is None or row["val_acc"] > best["val_acc"]:
+            best = row
+        elif row["epoch"] - best["epoch"] >= patience:
+            return {"epoch": row["epoch"], "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+                    "patience": patience}
+    return None
+
+
+def complete_message(run_dir, epochs, step, stop=None):
+    what = f"stopped early after epoch {stop['epoch']}" if stop else f"all {epochs} epochs trained"
+    return (f"run {run_dir} is already complete: {what} (step {step}); nothing to do. "
             "Start a new run to train longer.")
 
 
-def completed_summary(run_dir, epoch, epochs):
-    """The summary of a run that finished all its epochs and wrote summary.json; else None."""
-    if epoch < epochs:
+def completed_summary(run_dir, finished):
+    """The summary of a run whose training is over (finished: all epochs trained or stopped early) and
+    that wrote summary.json; else None."""
+    if not finished:
         return None
     try:
         s = json.loads((Path(run_dir) / "summary.json").read_text())
