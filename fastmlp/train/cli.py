@@ -1,6 +1,7 @@
-"""fastmlp command line: train, evaluate, predict, export, check-overfit, lr-find.
+"""fastmlp command line: train, runs, evaluate, predict, export, check-overfit, lr-find.
 
     python -m fastmlp train [--config FILE] [--<option> VALUE ...] [--compare] [--resume RUN_DIR]
+    python -m fastmlp runs [OUT_DIR] [--sort start|test_acc|val_acc] [--json]
     python -m fastmlp evaluate RUN_DIR [--weights last|best] [--device D] [--data-dir D] [--no-plots]
     python -m fastmlp predict RUN_DIR IMAGE [IMAGE ...] [--weights last|best] [--top K] [--invert auto|yes|no]
     python -m fastmlp export RUN_DIR [--weights last|best] [--input float|pixels] [--out FILE]
@@ -61,7 +62,7 @@ def _version():
 def build_parser():
     p = argparse.ArgumentParser(prog="fastmlp", description="Train MLPs on Fashion-MNIST with fastmlp's fused kernels.")
     p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,export,check-overfit,lr-find}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,runs,evaluate,predict,export,check-overfit,lr-find}")
     t = sub.add_parser("train", help="train a model (the default recipe reaches ~0.91 test accuracy)",
                        description="Train into a new run folder <out_dir>/<timestamp>-<name>: config.yaml, "
                                    "metrics.jsonl (per step: the loss, the lr the step used, the gradient norm "
@@ -74,6 +75,17 @@ def build_parser():
                    "may be given with it (--monitor-every not for a --compile run)")
     t.add_argument("--compare", action="store_true", help="run with --impl torch and --impl fastmlp, print both")
     _add_config_flags(t)
+    r = sub.add_parser("runs", help="list the run folders: status, epochs, accuracy, speed, what each changed",
+                       description="One line per run folder under OUT_DIR: its status (completed, stopped early, "
+                                   "interrupted, anomaly, failed, or unfinished: still training or killed), epochs "
+                                   "done, last test accuracy, best validation accuracy and its epoch, seconds per "
+                                   "epoch and the options it changed from the recipe; lr-find folders show their "
+                                   "suggested lr. Read from each run's metrics.csv, config.yaml and summary.json.")
+    r.add_argument("out_dir", nargs="?", default=TrainConfig().out_dir, metavar="OUT_DIR",
+                   help="the folder that holds the run folders (train's --out-dir; default: %(default)s)")
+    r.add_argument("--sort", choices=["start", "test_acc", "val_acc"], default="start",
+                   help="start: oldest first (default); test_acc / val_acc: best first")
+    r.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     e = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a trained run",
                        description="Evaluate a run's weights on the Fashion-MNIST test set as the run did (its "
                                    "normalisation and --amp), with per-class accuracy and the confusion matrix; "
@@ -319,6 +331,21 @@ def _train(args):
     return 0
 
 
+def _runs(args):
+    import json  # noqa: PLC0415
+
+    from .runs import format_runs, list_runs  # noqa: PLC0415
+
+    runs = list_runs(args.out_dir, args.sort)
+    if args.json:
+        print(json.dumps(runs, indent=1))
+    elif not runs:
+        print(f"no run folders in {args.out_dir} (start one with: python -m fastmlp train --out-dir {args.out_dir})")
+    else:
+        print(format_runs(runs))
+    return 0
+
+
 def print_compare(results):
     t, f = results["torch"], results["fastmlp"]
     rows = [("final test acc", f"{t['final_test_acc']:.4f}", f"{f['final_test_acc']:.4f}"),
@@ -475,6 +502,8 @@ def main(argv=None):
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "runs":
+            return _runs(args)
         if args.command == "evaluate":
             from .evaluate import evaluate_run  # noqa: PLC0415
 
