@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DataError", "FILES", "DeviceDataset", "FashionMNIST", "resolve_root", "read_idx", "load_fashion_mnist"]
+__all__ = ["DataError", "FILES", "DeviceDataset", "FashionMNIST", "augment", "resolve_root", "read_idx", "load_fashion_mnist"]
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -223,6 +223,30 @@ class DeviceDataset:
         n = len(self)
         last = n % batch_size
         return n - last if 0 < last < min_size else n
+
+
+def augment(x, max_shift=0, flip=False, fill=0.0):
+    """Randomly shifted and flipped copies of a batch of 28 x 28 images x, (N, 784) row-major, on x's
+    device: each image moves by dx, dy drawn uniformly from [-max_shift, max_shift] (what leaves the
+    frame is cut, what enters is ``fill``: the normalised value of a black pixel) and, with flip, half
+    of them (each with probability 1/2) are mirrored left-right. One gather for the batch; the random
+    numbers come from torch's generator of x's device, so a seeded run, and a resumed one, repeat them."""
+    n = x.shape[0]
+    if (not max_shift and not flip) or n == 0:
+        return x
+    dev = x.device
+    side = 28 + 2 * max_shift
+    padded = torch.nn.functional.pad(x.reshape(n, 28, 28), (max_shift,) * 4, value=fill) if max_shift else x
+    off = torch.randint(0, 2 * max_shift + 1, (n, 2), device=dev)
+    ar = torch.arange(28, device=dev)
+    cols = ar
+    if flip:
+        cols = torch.where(torch.rand(n, 1, device=dev) < 0.5, ar.flip(0), ar)
+    # Image i's window of the padded batch starts at (i, off_y, off_x): one flat gather (take) for
+    # the batch, 2x faster here than advanced indexing with three index tensors.
+    start = torch.arange(n, device=dev) * (side * side) + off[:, 0] * side + off[:, 1]
+    out = padded.take(start[:, None, None] + (ar * side)[None, :, None] + cols.reshape(-1, 1, 28))
+    return out.reshape(n, 784)
 
 
 @dataclass

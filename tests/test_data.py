@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmlp.data import FILES, DataError, FashionMNIST, load_fashion_mnist, read_idx
+from fastmlp.data import FILES, DataError, FashionMNIST, augment, load_fashion_mnist, read_idx
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -224,3 +224,56 @@ def test_missing_files_one_level_off_suggest_the_root(tmp_path, monkeypatch):
         (flat / f.name).write_bytes(f.read_bytes())
     with pytest.raises(DataError, match=f"The four files are in {flat}, but fastmlp reads them from <root>/FashionMNIST/raw/"):
         load_fashion_mnist(flat)
+
+
+def augment_reference(img, dy, dx, mirrored, fill):
+    """One 28 x 28 image, mirrored left-right if asked, then moved down by dy and right by dx."""
+    src = img.flip(-1) if mirrored else img
+    out = torch.full_like(img, fill)
+    out[max(dy, 0):28 + min(dy, 0), max(dx, 0):28 + min(dx, 0)] = \
+        src[max(-dy, 0):28 - max(dy, 0), max(-dx, 0):28 - max(dx, 0)]
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize("shift, flip", [(2, False), (0, True), (3, True)])
+def test_augment_moves_and_mirrors_each_image(shift, flip, device):
+    torch.manual_seed(0)
+    x = torch.randn(64, 784, device=device)
+    fill = -0.8
+    y = augment(x, shift, flip, fill)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    seen_shifts, n_mirrored = set(), 0
+    for i in range(x.shape[0]):
+        img, out = x[i].view(28, 28).cpu(), y[i].view(28, 28).cpu()
+        # Find the one (dy, dx, mirrored) that the output is; the reference says what each gives.
+        matches = [(dy, dx, m) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)
+                   for m in ((False, True) if flip else (False,))
+                   if torch.equal(out, augment_reference(img, dy, dx, m, fill))]
+        assert len(matches) == 1, f"image {i}: output is no single shift/mirror of its input"
+        seen_shifts.add(matches[0][:2])
+        n_mirrored += matches[0][2]
+    if shift:
+        assert len(seen_shifts) >= min(64, (2 * shift + 1) ** 2) // 3  # the offsets vary from image to image
+    assert (16 <= n_mirrored <= 48) if flip else n_mirrored == 0
+    # The generator of x's device drives it: the same seed gives the same batch.
+    torch.manual_seed(1)
+    a = augment(x, shift, flip, fill)
+    torch.manual_seed(1)
+    assert torch.equal(a, augment(x, shift, flip, fill))
+
+
+def test_augment_offsets_are_uniform_and_off_is_the_identity():
+    x = torch.randn(3, 784)
+    assert augment(x, 0, False) is x and augment(x[:0], 2, True).shape == (0, 784)
+    # One lit pixel in the middle: where it lands is the image's offset.
+    torch.manual_seed(0)
+    n, s = 20000, 2
+    x = torch.zeros(n, 784)
+    x[:, 14 * 28 + 14] = 1.0
+    pos = augment(x, s, False).argmax(1)
+    dy, dx = pos // 28 - 14, pos % 28 - 14
+    counts = torch.bincount(((dy + s) * (2 * s + 1) + dx + s), minlength=(2 * s + 1) ** 2).float()
+    assert counts.numel() == 25 and (counts - n / 25).abs().max() < 5 * (n / 25) ** 0.5
+    assert dy.abs().max() == s and dx.abs().max() == s

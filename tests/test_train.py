@@ -20,7 +20,7 @@ from fastmlp.train import ConfigError, Trainer, TrainConfig, build_scheduler
 from fastmlp.train.cli import check_overfit, lr_find, main
 from fastmlp.train.config import DEFAULT_YAML
 from fastmlp.train.engine import CHECKPOINT, early_stop, new_run_dir
-from test_data import real_data_dir
+from test_data import augment_reference, real_data_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,6 +67,7 @@ def test_recipe_yaml_equals_dataclass_defaults():
     ({"device": "cuda:x"}, "'device' must be auto, cpu, cuda or cuda:N"), ({"name": "a/b"}, "'name'.*path separator"),
     ({"min_lr": 0.01, "lr": 0.001}, r"'min_lr' \(0.01\) must not exceed 'lr' \(0.001\)"),
     ({"early_stopping": -1}, "'early_stopping' must be an int >= 0"),
+    ({"augment_shift": 9}, r"'augment_shift' must be an int in \[0, 8\]"),
     ({"early_stopping": 3}, r"'early_stopping' \(3\) needs a validation split.*--val-split"),
 ])
 def test_bad_config_values_name_the_option(bad, match):
@@ -406,6 +407,27 @@ def test_train_accuracy_val_loss_and_best_checkpoint(tmp_path):
     assert not (Path(s2["run_dir"]) / "best.pt").exists()
 
 
+def test_augmentation_feeds_shifted_and_mirrored_images(tmp_path):
+    d = synthetic()
+    data = FashionMNIST(d.train, None, d.test, 0.25, 2.0)  # as if normalised with mean 0.25, std 2
+    t = Trainer(cfg_small(tmp_path, epochs=1, augment_shift=1, augment_flip=True), data=data)
+    seen, orig = [], t.train_step
+    t.train_step = lambda xb, yb, **k: (seen.append((xb.clone(), yb.clone())), orig(xb, yb, **k))[1]
+    t.fit()
+    src = data.train.x.index_select(0, data.train.permutation(t.cfg.seed, 0)[:64])
+    xb, yb = seen[0]
+    assert torch.equal(yb, data.train.y.index_select(0, data.train.permutation(t.cfg.seed, 0)[:64]))
+    kinds = set()
+    for i in range(64):
+        # Each image is one shift by at most 1 pixel, maybe mirrored, of its own source, filled with
+        # the normalised black pixel (0 - mean) / std.
+        kind = [(dy, dx, m) for dy in (-1, 0, 1) for dx in (-1, 0, 1) for m in (False, True)
+                if torch.equal(xb[i].view(28, 28), augment_reference(src[i].view(28, 28), dy, dx, m, -0.125))]
+        assert len(kind) == 1
+        kinds.add(kind[0])
+    assert len(kinds) > 6
+
+
 def test_early_stop_rule():
     h = [{"epoch": e, "val_acc": v} for e, v in enumerate([0.5, 0.7, 0.7, 0.6, 0.8, 0.8, 0.8], start=1)]
     assert early_stop(h, 0) is None
@@ -476,11 +498,13 @@ def test_early_stopping_mid_run_resume_stops_at_the_same_epoch(tmp_path):
         {**r, "seconds": h["seconds"], "samples_per_s": h["samples_per_s"]} for r, h in zip(full["history"], s["history"])]
 
 
+@pytest.mark.parametrize("extra", [{}, {"augment_shift": 2, "augment_flip": True}], ids=["plain", "augment"])
 @pytest.mark.parametrize("impl", ["torch", "fastmlp"])
-def test_in_process_resume_is_bitwise_identical(tmp_path, device, impl):
+def test_in_process_resume_is_bitwise_identical(tmp_path, device, impl, extra):
     data = synthetic_on(device)
-    full = Trainer(cfg_small(tmp_path, epochs=3, name="full", device=device, impl=impl), data=data).fit()
-    part = Trainer(cfg_small(tmp_path, epochs=3, name="part", checkpoint_every=5, device=device, impl=impl), data=data)
+    full = Trainer(cfg_small(tmp_path, epochs=3, name="full", device=device, impl=impl, **extra), data=data).fit()
+    part = Trainer(cfg_small(tmp_path, epochs=3, name="part", checkpoint_every=5, device=device, impl=impl, **extra),
+                   data=data)
     orig_step = part.train_step
     calls = {"n": 0}
 

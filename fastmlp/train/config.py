@@ -48,6 +48,9 @@ class TrainConfig:
     # Data
     val_split: float = _h("fraction of the training set held out for validation", default=0.0)
     train_subset: int = _h("train on the first N training images only (0 = all)", default=0)
+    augment_shift: int = _h("shift each training image by up to N pixels in x and y, at random per image and "
+                            "epoch (0 = off)", default=0)
+    augment_flip: bool = _h("mirror each training image left-right with probability 1/2", default=False)
     # Model
     widths: list[int] = _h("layer widths, input first", default_factory=lambda: [784, 512, 512, 10])
     activation: str = _h("relu | gelu | gelu_tanh | silu", default="gelu")
@@ -128,10 +131,13 @@ class TrainConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(k, "an int >= 1", v)
-        for k in ("seed", "train_subset", "monitor_every", "checkpoint_every", "early_stopping"):
+        for k in ("seed", "train_subset", "monitor_every", "checkpoint_every", "early_stopping", "augment_shift"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(k, "an int >= 0", v)
+        if not 0 <= self.augment_shift <= 8:
+            bad("augment_shift", "an int in [0, 8] (pixels of a 28 x 28 image)", self.augment_shift)
+
         def number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

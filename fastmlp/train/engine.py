@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 from .. import nn as fnn
-from ..data import FashionMNIST
+from ..data import FashionMNIST, augment
 from ..monitor import AnomalyError, AnomalyGuard, Monitor, total_grad_norm
 from .checkpoint import (CheckpointError, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint,
                          remove_stale_temp_files, rng_state, set_rng_state, sigint_deferred)
@@ -629,6 +629,8 @@ class Trainer:
             last_lr = None  # the lr of the epoch's last step (the scheduler has moved on to the next one's)
             for b, (xb, yb) in enumerate(self.data.train.batches(self.eff_batch, order, self.step_in_epoch, self.min_batch),
                                          start=self.step_in_epoch):
+                if cfg.augment_shift or cfg.augment_flip:
+                    xb = augment(xb, cfg.augment_shift, cfg.augment_flip, fill=-self.data.mean / self.data.std)
                 loss, gnorm, lr, mon = self.train_step(xb, yb, context=f" (epoch {epoch + 1}, batch {b + 1})")
                 last_lr = lr
                 self.global_step += 1
