@@ -131,12 +131,13 @@ class TrainConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(k, "an int >= 1", v)
-        for k in ("seed", "train_subset", "monitor_every", "checkpoint_every", "early_stopping", "augment_shift"):
+        for k in ("seed", "train_subset", "monitor_every", "checkpoint_every", "early_stopping"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(k, "an int >= 0", v)
-        if not 0 <= self.augment_shift <= 8:
-            bad("augment_shift", "an int in [0, 8] (pixels of a 28 x 28 image)", self.augment_shift)
+        v = self.augment_shift
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 8:
+            bad("augment_shift", "an int in [0, 8] (pixels of a 28 x 28 image)", v)
 
         def number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
