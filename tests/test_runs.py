@@ -7,7 +7,7 @@ import pytest
 
 from fastmlp.train import Trainer, TrainConfig
 from fastmlp.train.cli import lr_find, main
-from fastmlp.train.runs import format_runs, list_runs
+from fastmlp.train.runs import format_runs, list_runs, plot_runs
 from test_data import real_data_dir
 from test_train import cfg_small, synthetic, two_way_split
 
@@ -93,3 +93,11 @@ def test_cli_lists_runs_and_lr_find_folders(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [x["status"] for x in rows] == ["completed", "lr-find"]
     assert rows[0]["test_acc"] == pytest.approx(s["final_test_acc"])
+
+    # --plot draws the runs with finished epochs (not the lr-find folder).
+    png = tmp_path / "cmp.png"
+    assert main(["runs", str(out), "--plot", str(png)]) == 0
+    assert f"wrote {png}: 1 run(s)" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
+    assert plot_runs([x for x in list_runs(out) if x["status"] == "lr-find"], tmp_path / "none.png") == 0
+    assert not (tmp_path / "none.png").exists()

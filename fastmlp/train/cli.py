@@ -86,6 +86,8 @@ def build_parser():
     r.add_argument("--sort", choices=["start", "test_acc", "val_acc"], default="start",
                    help="start: oldest first (default); test_acc / val_acc: best first")
     r.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    r.add_argument("--plot", metavar="PNG", help="also write a figure comparing the runs' curves per epoch (test and "
+                                                 "validation accuracy, train loss) to this file")
     e = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a trained run",
                        description="Evaluate a run's weights on the Fashion-MNIST test set as the run did (its "
                                    "normalisation and --amp), with per-class accuracy and the confusion matrix; "
@@ -335,7 +337,7 @@ def _train(args):
 def _runs(args):
     import json  # noqa: PLC0415
 
-    from .runs import format_runs, list_runs  # noqa: PLC0415
+    from .runs import format_runs, list_runs, plot_runs  # noqa: PLC0415
 
     runs = list_runs(args.out_dir, args.sort)
     if args.json:
@@ -344,6 +346,10 @@ def _runs(args):
         print(f"no run folders in {args.out_dir} (start one with: python -m fastmlp train --out-dir {args.out_dir})")
     else:
         print(format_runs(runs))
+    if args.plot:
+        shown = plot_runs(runs, args.plot)
+        print(f"wrote {args.plot}: {shown} run(s)" if shown else "--plot: no run has a finished epoch to plot; "
+              "nothing written", file=sys.stderr if args.json or not shown else sys.stdout)
     return 0
 
 

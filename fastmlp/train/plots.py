@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
 
-__all__ = ["write_plots", "plot_lr_find"]
+__all__ = ["write_plots", "plot_lr_find", "plot_runs"]
 
 
 def _plt():
@@ -92,6 +92,29 @@ def write_plots(run_dir, steps, epochs, monitor):
         _save(fig, run_dir / "grad_norms.png"); out.append(run_dir / "grad_norms.png")
         plt.close(fig)
     return out
+
+
+def plot_runs(path, curves):
+    """One figure comparing runs: test accuracy (and validation accuracy, dashed, where there is
+    one) and the train loss per epoch. curves: [(label, metrics.csv rows as dicts of floats)]."""
+    plt = _plt()
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for label, rows in curves:
+        ep = [r["epoch"] for r in rows]
+        line, = acc.plot(ep, [r["test_acc"] for r in rows], "o-", ms=3, label=label)
+        val = [(r["epoch"], r["val_acc"]) for r in rows if r.get("val_acc") is not None]
+        if val:
+            acc.plot(*zip(*val), "--", color=line.get_color(), alpha=0.7)
+        loss.plot(ep, [r["train_loss"] for r in rows], "o-", ms=3, color=line.get_color())
+    for ax in (acc, loss):
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch"), ax.grid(alpha=0.3)
+    acc.set_ylabel("test accuracy (dashed: validation)"), loss.set_ylabel("train loss (training objective)")
+    loss.set_yscale("log")
+    fig.legend(*acc.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7, bbox_to_anchor=(0.5, -0.02 - 0.035 * ((len(curves) + 1) // 2)))
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
 
 
 def plot_lr_find(path, lrs, losses, smoothed, suggestion):

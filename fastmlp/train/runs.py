@@ -15,7 +15,7 @@ import yaml
 
 from .config import TrainConfig
 
-__all__ = ["list_runs", "format_runs", "SORT_KEYS"]
+__all__ = ["list_runs", "format_runs", "plot_runs", "SORT_KEYS"]
 
 # Options that say where and how a run logs, not what it trains: left out of "changes".
 _NOT_A_CHANGE = {"name", "out_dir", "data_dir", "progress", "plots", "log_every", "monitor_every",
@@ -79,7 +79,7 @@ def read_run(folder):
     config = _read(folder / "config.yaml", yaml.safe_load)
     if not isinstance(config, dict):
         return None
-    rows = _read(folder / "metrics.csv", lambda text: list(csv.DictReader(text.splitlines()))) or []
+    rows = _epochs(folder)
     vals = [(v, int(e)) for r in rows if (v := _float(r.get("val_acc"))) is not None
             and (e := _float(r.get("epoch"))) is not None]
     best = max(vals, key=lambda t: (t[0], -t[1])) if vals else (None, None)  # the first of equals, as best.pt
@@ -91,6 +91,30 @@ def read_run(folder):
             "best_val_acc": best[0], "best_epoch": best[1],
             "seconds_per_epoch": sum(secs) / len(secs) if secs else None,
             "suggested_lr": None, "changes": _changes(config)}
+
+
+def _epochs(folder):
+    return _read(Path(folder) / "metrics.csv", lambda text: list(csv.DictReader(text.splitlines()))) or []
+
+
+def plot_runs(runs, path):
+    """A PNG at path comparing the runs' curves per epoch (test and validation accuracy, train loss),
+    each labelled with its folder name and changes; returns how many runs it shows (lr-find folders
+    and runs without a finished epoch have no curve)."""
+    curves = []
+    for r in runs:
+        rows = []
+        for row in _epochs(r["run_dir"]):
+            vals = {k: _float(row.get(k)) for k in ("epoch", "test_acc", "val_acc", "train_loss")}
+            if None not in (vals["epoch"], vals["test_acc"], vals["train_loss"]):
+                rows.append(vals)
+        if rows and r["status"] != "lr-find":
+            curves.append((f"{r['run']}: {r['changes'] or 'the recipe'}", rows))
+    if curves:
+        from .plots import plot_runs as plot  # noqa: PLC0415  (matplotlib is slow to import)
+
+        plot(path, curves)
+    return len(curves)
 
 
 def list_runs(out_dir="runs", sort="start"):
