@@ -288,7 +288,7 @@ def _done(s):
 
 
 def _resume(args):
-    from .engine import Trainer, complete_message, completed_summary, early_stop, open_run  # noqa: PLC0415
+    from .engine import Trainer, complete_message, completed_summary, open_run, training_over  # noqa: PLC0415
 
     _, flags = resolve_config(args)
     if args.compare:
@@ -307,8 +307,8 @@ def _resume(args):
                           "and the others compiled, so changing it would change the results")
     epochs, patience = ck["config"].get("epochs"), ck["config"].get("early_stopping", 0)
     if isinstance(epochs, int) and isinstance(patience, int):
-        stop = early_stop(ck.get("history", []), patience)
-        if completed_summary(run_dir, ck["epoch"] >= epochs or stop is not None) is not None:
+        over, stop = training_over(ck["epoch"], epochs, ck.get("history", []), patience)
+        if over and completed_summary(run_dir) is not None:
             print(complete_message(run_dir, epochs, ck["global_step"], stop))
             return 0
     _done(_fit(Trainer.resume(run_dir, overrides=flags, checkpoint=ck)))

@@ -32,7 +32,7 @@ from .config import ConfigError, TrainConfig
 
 __all__ = ["Trainer", "build_model", "build_optimizer", "build_scheduler", "resolve_device", "new_run_dir",
            "optim_module", "load_data", "open_run", "apply_deterministic", "min_batch", "completed_summary",
-           "complete_message", "cycles_momentum", "early_stop", "CheckpointError"]
+           "complete_message", "cycles_momentum", "early_stop", "training_over", "CheckpointError"]
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -550,9 +550,9 @@ class Trainer:
         self.model.train()
         show = self._progress()
         n_train = len(self.data.train)
-        if self.finished():
-            done = completed_summary(self.run_dir, True)
-            stop = early_stop(self.history, cfg.early_stopping)
+        over, stop = training_over(self.epoch, cfg.epochs, self.history, cfg.early_stopping)
+        if over:
+            done = completed_summary(self.run_dir)
             if done is not None:
                 self._print(complete_message(self.run_dir, cfg.epochs, self.global_step, stop))
                 return done
@@ -594,7 +594,7 @@ class Trainer:
 
     def finished(self):
         """Whether training is over: every epoch trained, or early stopping ended the run."""
-        return self.epoch >= self.cfg.epochs or early_stop(self.history, self.cfg.early_stopping) is not None
+        return training_over(self.epoch, self.cfg.epochs, self.history, self.cfg.early_stopping)[0]
 
     def _stopped(self, e):
         """summary.json and plots for a run that ended early; never replaces the exception e."""
@@ -779,17 +779,22 @@ def early_stop(history, patience):
     return None
 
 
+def training_over(epoch, epochs, history, patience):
+    """(over, stop) for a run at this position: over when every epoch is trained or early stopping
+    ended it; stop is early_stop's record (None when it did not stop early)."""
+    stop = early_stop(history, patience)
+    return epoch >= epochs or stop is not None, stop
+
+
 def complete_message(run_dir, epochs, step, stop=None):
     what = f"stopped early after epoch {stop['epoch']}" if stop else f"all {epochs} epochs trained"
     return (f"run {run_dir} is already complete: {what} (step {step}); nothing to do. "
             "Start a new run to train longer.")
 
 
-def completed_summary(run_dir, finished):
-    """The summary of a run whose training is over (finished: all epochs trained or stopped early) and
-    that wrote summary.json; else None."""
-    if not finished:
-        return None
+def completed_summary(run_dir):
+    """The summary.json of a run that wrote it with status completed; else None. (Ask only for a
+    run whose training is over: see training_over.)"""
     try:
         s = json.loads((Path(run_dir) / "summary.json").read_text())
     except (OSError, ValueError):
