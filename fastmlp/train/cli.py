@@ -1,6 +1,7 @@
-"""fastmlp command line: train, runs, evaluate, predict, export, check-overfit, lr-find.
+"""fastmlp command line: train, sweep, runs, evaluate, predict, export, check-overfit, lr-find.
 
     python -m fastmlp train [--config FILE] [--<option> VALUE ...] [--compare] [--resume RUN_DIR]
+    python -m fastmlp sweep --grid OPTION=V1,V2,... [--grid ...] [--<option> VALUE ...] [--resume SWEEP_DIR]
     python -m fastmlp runs [OUT_DIR] [--sort start|test_acc|val_acc] [--json]
     python -m fastmlp evaluate RUN_DIR [--weights last|best] [--device D] [--data-dir D] [--no-plots]
     python -m fastmlp predict RUN_DIR IMAGE [IMAGE ...] [--weights last|best] [--top K] [--invert auto|yes|no]
@@ -19,6 +20,7 @@ import sys
 import torch
 
 from .config import DEFAULT_YAML, ConfigError, TrainConfig, load_yaml
+from .sweep import SweepStopped
 
 __all__ = ["main", "build_parser", "resolve_config"]
 
@@ -62,7 +64,8 @@ def _version():
 def build_parser():
     p = argparse.ArgumentParser(prog="fastmlp", description="Train MLPs on Fashion-MNIST with fastmlp's fused kernels.")
     p.add_argument("--version", action="version", version=_version())
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,runs,evaluate,predict,export,check-overfit,lr-find}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{train,sweep,runs,evaluate,predict,export,check-overfit,lr-find}")
     t = sub.add_parser("train", help="train a model (the default recipe reaches ~0.91 test accuracy)",
                        description="Train into a new run folder <out_dir>/<timestamp>-<name>: config.yaml, "
                                    "metrics.jsonl (per step: the loss, the lr the step used, the gradient norm "
@@ -75,6 +78,23 @@ def build_parser():
                    "may be given with it (--monitor-every not for a --compile run)")
     t.add_argument("--compare", action="store_true", help="run with --impl torch and --impl fastmlp, print both")
     _add_config_flags(t)
+    sw = sub.add_parser("sweep", help="train every combination of a grid of options and rank them",
+                        description="Train one run per combination of the --grid values (the other options as for "
+                                    "train) into a sweep folder <out_dir>/<timestamp>-<name>-sweep, one after the "
+                                    "other, and rank the combinations: on the best validation accuracy with "
+                                    "--val-split, else on the final test accuracy; with seed in the grid, as the "
+                                    "mean and standard deviation over the seeds. Writes sweep.json, one run folder "
+                                    "per trial, results.json and sweep.png. A diverged trial ranks last; Ctrl-C stops "
+                                    "at the running trial's checkpoint and --resume continues from there.")
+    sw.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2",
+                    help="an option and the values to try, e.g. lr=1e-3,2e-3 or activation=relu,gelu or "
+                         "'widths=[784,256,10],[784,512,10]' (repeat for more options; every combination is trained)")
+    sw.add_argument("--metric", choices=["auto", "val_acc", "test_acc"], default="auto",
+                    help="what ranks the trials: auto (default): val_acc with --val-split, else test_acc")
+    sw.add_argument("--resume", metavar="SWEEP_DIR", help="continue a stopped sweep: finished trials are kept, a "
+                    f"stopped one continues from its checkpoint (only {_flag_list(RESUME_MAY_CHANGE)} may be given)")
+    sw.add_argument("--dry-run", action="store_true", help="print the trials and exit, writing nothing")
+    _add_config_flags(sw)
     r = sub.add_parser("runs", help="list the run folders: status, epochs, accuracy, speed, what each changed",
                        description="One line per run folder under OUT_DIR: its status (completed, stopped early, "
                                    "interrupted, anomaly, failed, or unfinished: still training or killed), epochs "
@@ -334,6 +354,52 @@ def _train(args):
     return 0
 
 
+def _sweep(args):
+    from .sweep import format_results, parse_grid, plan_trials, resume_sweep, run_sweep  # noqa: PLC0415
+
+    cfg, flags = resolve_config(args)
+    if args.resume:
+        bad = sorted(set(flags) - RESUME_MAY_CHANGE) + [f for f, given in (("config", args.config), ("grid", args.grid),
+                                                         ("metric", args.metric != "auto"), ("dry_run", args.dry_run))
+                                                         if given]
+        if bad:
+            raise ConfigError(f"--resume continues a sweep with its saved grid and options; drop {_flag_list(bad)} "
+                              f"(only {_flag_list(RESUME_MAY_CHANGE)} may change, as they cannot change the results)")
+        res = resume_sweep(args.resume, overrides=flags)
+    else:
+        grid = parse_grid(args.grid)
+        if not grid:
+            raise ConfigError("give the options to sweep: --grid OPTION=VALUE,VALUE,... (e.g. --grid lr=1e-3,2e-3,4e-3)")
+        both = sorted(set(grid) & set(flags))
+        if both:
+            raise ConfigError(f"{_flag_list(both)} given both as an option and in --grid; keep one")
+        trials = plan_trials(cfg.to_dict(), grid)
+        warn_train_options(cfg)
+        # An option swept where no trial uses it (--grid momentum=... with adamw) would train the same run again.
+        # (unused_options names only values away from the recipe's, so the trials with one decide.)
+        recipe = TrainConfig().to_dict()
+        for k in grid:
+            reasons = {unused_options(t.cfg).get(k) for t in trials if t.params[k] != recipe[k]}
+            if reasons and None not in reasons:
+                print(f"fastmlp sweep: warning: --grid {k} has no effect ({reasons.pop()}): its trials train the "
+                      "same model", file=sys.stderr)
+        if args.dry_run:
+            from .sweep import describe  # noqa: PLC0415
+
+            print(f"{len(trials)} trials, {len(trials) * cfg.epochs} epochs in all, into a new folder "
+                  f"{cfg.out_dir}/<timestamp>-{cfg.name}-sweep (dry run: nothing written):")
+            for t in trials:
+                print(f"  {t.folder}: {describe(t.params)}")
+            return 0
+        res = run_sweep(cfg, grid, metric=args.metric)
+    print(format_results(res))
+    failed = [r["folder"] for r in res["trials"] if r["status"] == "failed"]
+    if failed:
+        print(f"fastmlp sweep: {len(failed)} trial(s) failed: {', '.join(failed)}; --resume retries them",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _runs(args):
     import json  # noqa: PLC0415
 
@@ -511,6 +577,8 @@ def main(argv=None):
             return _train(args)
         if args.command == "runs":
             return _runs(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "evaluate":
             from .evaluate import evaluate_run  # noqa: PLC0415
 
@@ -541,7 +609,7 @@ def main(argv=None):
     except OSError as e:  # an unwritable --out-dir, a full disk: say which path, no traceback
         print(f"fastmlp {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except _Stopped as e:
+    except (_Stopped, SweepStopped) as e:
         print(f"fastmlp {args.command}: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -3,7 +3,8 @@
 Each line is read from files a run writes atomically, so a run still training (or killed) shows
 what it has finished so far: metrics.csv (one row per finished epoch) for the numbers, config.yaml
 for what the run changed from the recipe, summary.json for how it ended. lr-find folders show
-their suggested learning rate.
+their suggested learning rate, sweep folders how many trials are over and the best so far
+(``fastmlp runs SWEEP_DIR`` lists the trials).
 """
 
 import csv
@@ -71,6 +72,15 @@ def read_run(folder):
     """One row for a run folder (None if folder is not one): its name, status, epochs, accuracies,
     speed and changes from the recipe; numbers that are not there yet are None."""
     folder = Path(folder)
+    if (folder / "sweep.json").is_file():
+        from .sweep import sweep_row  # noqa: PLC0415  (sweep.py builds on this module)
+
+        try:
+            return sweep_row(folder)
+        except (ValueError, OSError) as e:  # a damaged sweep.json: the listing goes on
+            return {"run": folder.name, "run_dir": str(folder), "status": "sweep", "epochs_done": None, "epochs": None,
+                    "test_acc": None, "best_val_acc": None, "best_epoch": None, "seconds_per_epoch": None,
+                    "suggested_lr": None, "changes": f"sweep: {e}"}
     lr_find = _read(folder / "lr_find.json", json.loads)
     if isinstance(lr_find, dict):
         return {"run": folder.name, "run_dir": str(folder), "status": "lr-find", "epochs_done": None, "epochs": None,
@@ -97,10 +107,10 @@ def _epochs(folder):
     return _read(Path(folder) / "metrics.csv", lambda text: list(csv.DictReader(text.splitlines()))) or []
 
 
-def plot_runs(runs, path):
+def plot_runs(runs, path, label=None):
     """A PNG at path comparing the runs' curves per epoch (test and validation accuracy, train loss),
-    each labelled with its folder name and changes; returns how many runs it shows (lr-find folders
-    and runs without a finished epoch have no curve)."""
+    each labelled with label(row), by default its folder name and changes; returns how many runs it
+    shows (lr-find and sweep folders, and runs without a finished epoch, have no curve)."""
     curves = []
     for r in runs:
         rows = []
@@ -108,8 +118,8 @@ def plot_runs(runs, path):
             vals = {k: _float(row.get(k)) for k in ("epoch", "test_acc", "val_acc", "train_loss")}
             if None not in (vals["epoch"], vals["test_acc"], vals["train_loss"]):
                 rows.append(vals)
-        if rows and r["status"] != "lr-find":
-            curves.append((f"{r['run']}: {r['changes'] or 'the recipe'}", rows))
+        if rows and r["status"] not in ("lr-find", "sweep"):
+            curves.append((label(r) if label else f"{r['run']}: {r['changes'] or 'the recipe'}", rows))
     if curves:
         from .plots import plot_runs as plot  # noqa: PLC0415  (matplotlib is slow to import)
 
@@ -146,6 +156,9 @@ def format_runs(runs):
             test = "-"
             changes = f"suggested lr {r['suggested_lr']:.2e}" if r["suggested_lr"] is not None else "no suggestion"
             changes += f"; {r['changes']}" if r["changes"] else ""
+        elif r["status"] == "sweep":
+            epochs = best = secs = test = "-"
+            changes = r["changes"]
         else:
             epochs = f"{r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'}"
             test = acc(r["test_acc"])

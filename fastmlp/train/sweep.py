@@ -1,0 +1,402 @@
+"""`fastmlp sweep`: train every combination of a grid of options, one run folder each, and rank them.
+
+    python -m fastmlp sweep --grid lr=1e-3,2e-3,4e-3 --grid dropout=0.1,0.2 --grid seed=0,1,2 --val-split 0.1
+    python -m fastmlp sweep --resume runs/20261201-101500-fmnist-mlp-sweep
+
+The sweep folder <out_dir>/<timestamp>-<name>-sweep holds sweep.json (the grid, the options shared
+by every trial and the trials, written once at the start), one run folder per trial
+(``03-lr=0.004_dropout=0.2``: an ordinary run folder, so evaluate, predict, export and
+``fastmlp runs SWEEP_DIR`` take it), and results.json and sweep.png (the grid points ranked, every
+trial's curves), rewritten after each trial. Trials run one after the other in one process. A trial
+whose loss diverged (the anomaly guard stopped it) is a result, ranked last; a trial that failed
+(an error) is reported and the sweep goes on. Ctrl-C stops the sweep at the running trial's
+checkpoint, and ``--resume`` continues it there, skipping the trials that are over: the results
+are those of a sweep never stopped.
+
+With seed in the grid, the grid points are the combinations of the other options, each reported as
+the mean and standard deviation over its seeds. They are ranked on the best validation accuracy of
+each run (with --val-split) or else on the final test accuracy, which then says so: a winner
+picked on the test set has an optimistic test number.
+"""
+
+import dataclasses
+import difflib
+import itertools
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import atomic_write_json
+from .config import ConfigError, TrainConfig, _coerce
+from .runs import _NOT_A_CHANGE, plot_runs, read_run
+
+__all__ = ["parse_grid", "plan_trials", "run_sweep", "resume_sweep", "sweep_results", "format_results",
+           "train_command", "SweepStopped", "SWEEP_FILE"]
+
+SWEEP_FILE = "sweep.json"
+RESULTS_FILE = "results.json"
+PLOT_FILE = "sweep.png"
+METRICS = ("auto", "val_acc", "test_acc")
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# The statuses after which a trial is over: a completed run (early stopping included) and one the
+# anomaly guard stopped (resuming it would repeat the same steps into the same NaN).
+_OVER = ("completed", "stopped early", "anomaly")
+
+
+class SweepStopped(Exception):
+    """A sweep ended by Ctrl-C; the message says how to resume it."""
+
+
+# ---- the grid ------------------------------------------------------------------------------------
+def _fmt(v):
+    """A grid value as it appears in folder names and tables."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return "x".join(map(_fmt, v))
+    return str(v)
+
+
+def describe(params):
+    """`lr=0.002 dropout=0.2` for a trial's (or a grid point's) options."""
+    return " ".join(f"{k}={_fmt(v)}" for k, v in params.items()) or "(no options)"
+
+
+def parse_grid(specs):
+    """{option: [values]} from --grid KEY=V1,V2,... specs, in the order given. Values are read as YAML
+    (`lr=1e-3,2e-3`, `activation=relu,gelu`, `augment_flip=true,false`, for the list options
+    `widths=[784,256,10],[784,512,10]`) and checked as the config file's are; the whole config of
+    each trial is checked by plan_trials. Raises ConfigError naming the spec."""
+    grid = {}
+    for spec in specs or []:
+        key, eq, text = str(spec).partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not eq or not key or not text.strip():
+            raise ConfigError(f"--grid {spec!r}: expected OPTION=VALUE,VALUE,..., e.g. --grid lr=1e-3,2e-3")
+        src = f"--grid {key}"
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, _FIELDS, n=1)
+            raise ConfigError(f"{src}: unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                                   f"; known options: {', '.join(_FIELDS)}"))
+        if key in _NOT_A_CHANGE:
+            raise ConfigError(f"{src}: {key} cannot be swept: it sets where or how a run logs, not what it trains "
+                              "(the sweep names its folders itself)")
+        if key in grid:
+            raise ConfigError(f"{src}: given twice; give all its values in one --grid {key}=V1,V2,...")
+        try:
+            values = yaml.safe_load(f"[{text}]")
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{src}: cannot read the values {text!r}: {e}") from None
+        recipe = TrainConfig().to_dict()[key]
+        if isinstance(recipe, list) and not all(isinstance(v, list) for v in values):
+            raise ConfigError(f"{src}: {key} takes a list per value; write each in brackets, e.g. "
+                              f"--grid '{key}=[{','.join(map(_fmt, recipe))}],[...]'")
+        values = [_coerce(key, _FIELDS[key], v, src) for v in values]
+        seen = []
+        for v in values:
+            if v in seen:
+                raise ConfigError(f"{src}: the value {_fmt(v)} is given twice")
+            seen.append(v)
+        grid[key] = values
+    return grid
+
+
+@dataclasses.dataclass
+class Trial:
+    index: int
+    folder: str
+    params: dict
+    cfg: TrainConfig
+
+
+def _folder(index, digits, params):
+    name = "_".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    name = re.sub(r"[^A-Za-z0-9.=_+-]", "-", name)[:120]
+    return f"{index:0{digits}d}-{name}" if name else f"{index:0{digits}d}"
+
+
+def plan_trials(base, grid, sweep_dir="."):
+    """The trials of a grid: every combination (the last option varying fastest), each a Trial with
+    its folder name and checked TrainConfig (base, a dict of options, with the combination's values;
+    out_dir is the sweep folder, name the trial's folder). A value that makes any trial's config
+    invalid raises ConfigError before anything trains."""
+    keys = list(grid)
+    combos = list(itertools.product(*(grid[k] for k in keys)))
+    digits = max(2, len(str(len(combos) - 1)))
+    trials = []
+    for i, combo in enumerate(combos):
+        params = dict(zip(keys, combo))
+        folder = _folder(i, digits, params)
+        d = {**base, **params, "out_dir": str(sweep_dir), "name": folder}
+        src = f"--grid {describe(params)}"
+        try:
+            cfg = TrainConfig.from_dict(d, source=src)
+        except ConfigError as e:  # validate()'s messages name the option, not where its value came from
+            raise (e if str(e).startswith(src) else ConfigError(f"{src}: {e}")) from None
+        trials.append(Trial(i, folder, params, cfg))
+    return trials
+
+
+def _check_metric(metric, val_split):
+    if metric not in METRICS:
+        raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if metric == "val_acc" and not val_split:
+        raise ConfigError("--metric val_acc needs a validation split: give --val-split (e.g. 0.1)")
+    if metric == "auto":
+        return "val_acc" if val_split else "test_acc"
+    return metric
+
+
+# ---- running -------------------------------------------------------------------------------------
+def run_sweep(cfg, grid, metric="auto", out=None, data=None):
+    """Train every trial of grid (see parse_grid) on top of cfg (a TrainConfig, or a dict of options)
+    into a new sweep folder <cfg.out_dir>/<timestamp>-<cfg.name>-sweep; returns sweep_results of it.
+    data: a FashionMNIST to train every trial on (default: loaded per trial as train does)."""
+    from .engine import new_run_dir  # noqa: PLC0415
+
+    base = cfg.to_dict() if isinstance(cfg, TrainConfig) else dict(cfg)
+    if not grid:
+        raise ConfigError("the grid is empty: give at least one --grid OPTION=VALUE,VALUE,...")
+    if any(k in _NOT_A_CHANGE for k in grid):
+        parse_grid([f"{k}={v}" for k, v in grid.items() if k in _NOT_A_CHANGE])  # raises the --grid error
+    trials = plan_trials(base, grid)  # checks every trial before the folder exists
+    val_splits = {t.cfg.val_split for t in trials}
+    metric = _check_metric(metric, min(val_splits))
+    sweep_dir = new_run_dir(base.get("out_dir", "runs"), f"{base.get('name', 'fmnist-mlp')}-sweep")
+    spec = {"grid": grid, "config": base, "metric": metric,
+            "trials": [{"trial": t.index, "folder": t.folder, "params": t.params} for t in trials]}
+    atomic_write_json(sweep_dir / SWEEP_FILE, spec)
+    return _run(sweep_dir, spec, {}, out, data)
+
+
+def _open(path):
+    d = Path(path).expanduser()
+    if d.is_file() and d.name == SWEEP_FILE:
+        d = d.parent
+    f = d / SWEEP_FILE
+    if not f.is_file():
+        hint = " It is a run folder: continue it with python -m fastmlp train --resume." \
+            if (d / "config.yaml").is_file() else ""
+        raise FileNotFoundError(f"{d} is not a sweep folder: it has no {SWEEP_FILE}.{hint}")
+    try:
+        spec = json.loads(f.read_text())
+        if not isinstance(spec, dict) or not all(k in spec for k in ("grid", "config", "metric", "trials")):
+            raise ValueError("grid, config, metric or trials missing")
+    except ValueError as e:
+        raise ConfigError(f"{f} is damaged ({e}); the trials' run folders beside it are intact") from None
+    return d, spec
+
+
+def _trials(sweep_dir, spec, overrides=None):
+    trials = plan_trials({**spec["config"], **(overrides or {})}, spec["grid"], sweep_dir)
+    if [t.folder for t in trials] != [t["folder"] for t in spec["trials"]]:
+        raise ConfigError(f"{Path(sweep_dir) / SWEEP_FILE}: its trials do not match its grid (edited by hand?)")
+    return trials
+
+
+def resume_sweep(path, overrides=None, out=None, data=None):
+    """Continue the sweep in folder path: trials that are over are kept, a stopped trial continues from
+    its checkpoint, the rest start. overrides: options that cannot change results (device, progress,
+    plots, data_dir, log_every, checkpoint_every, anomaly_guard). Returns sweep_results."""
+    sweep_dir, spec = _open(path)
+    return _run(sweep_dir, spec, overrides or {}, out, data)
+
+
+def _status(folder):
+    row = read_run(folder) if (Path(folder) / "config.yaml").is_file() else None
+    return row["status"] if row else None
+
+
+def _run(sweep_dir, spec, overrides, out, data):
+    from .engine import load_data, resolve_device  # noqa: PLC0415
+
+    out = out if out is not None else sys.stdout
+    trials = _trials(sweep_dir, spec, overrides)
+    n, loaded = len(trials), {}
+    sizes = " x ".join(f"{len(v)} {k}" for k, v in spec["grid"].items())
+    print(f"sweep {sweep_dir}: {n} trials ({sizes}), one after the other", file=out)
+
+    def data_for(cfg):
+        if data is not None:
+            return data
+        key = (cfg.data_dir, cfg.device, cfg.val_split, cfg.train_subset)
+        if key not in loaded:
+            loaded.clear()  # one copy of the dataset at a time
+            loaded[key] = load_data(cfg, resolve_device(cfg.device))
+        return loaded[key]
+
+    t = None
+    try:
+        for t in trials:
+            _trial(t, n, sweep_dir, overrides, data_for, out)
+            _write_results(sweep_dir, spec, trials)
+    except KeyboardInterrupt:
+        where = f"in trial {t.index + 1}/{n} ({sweep_dir / t.folder})" if t is not None else "before the first trial"
+        raise SweepStopped(f"interrupted {where}; continue the sweep with: python -m fastmlp sweep --resume "
+                           f"{sweep_dir}") from None
+    return _write_results(sweep_dir, spec, trials)
+
+
+def _trial(t, n, sweep_dir, overrides, data_for, out):
+    """Train trial t, unless it is over; a diverged or failed trial is reported and the sweep goes on."""
+    from ..data import DataError  # noqa: PLC0415
+    from ..monitor import AnomalyError  # noqa: PLC0415
+    from .engine import CHECKPOINT, Trainer  # noqa: PLC0415
+
+    d = sweep_dir / t.folder
+    head = f"--- trial {t.index + 1}/{n}: {describe(t.params)}"
+    status = _status(d)
+    if status in _OVER:
+        print(f"{head}: {status}, kept ({d})", file=out)
+        return
+    print(head + " ---", file=out)
+    try:
+        if (d / CHECKPOINT).is_file():
+            trainer = Trainer.resume(d, out=out, overrides=overrides, data=data_for(t.cfg))
+        else:
+            d.mkdir(exist_ok=True)
+            (d / "summary.json").unlink(missing_ok=True)  # of an attempt stopped before its first checkpoint
+            trainer = Trainer(t.cfg, run_dir=d, out=out, data=data_for(t.cfg))
+        trainer.fit()
+    except (ConfigError, DataError):
+        raise  # the setup is wrong for every trial: say so once
+    except AnomalyError as e:
+        print(f"trial {t.index + 1}/{n} stopped by the anomaly guard, ranked last: {e}", file=out)
+    except Exception as e:  # noqa: BLE001  (reported in the results; the sweep goes on)
+        print(f"trial {t.index + 1}/{n} failed: {type(e).__name__}: {e}", file=out)
+
+
+# ---- results -------------------------------------------------------------------------------------
+def _mean_std(values):
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def sweep_results(path):
+    """The sweep in folder path as the trials' own files say: {"sweep_dir", "metric", "grid",
+    "aggregated_over_seed", "trials": [one row per trial: trial, folder, params, and fastmlp runs'
+    row of its folder: status (None before it starts), epochs_done, test_acc, best_val_acc, ...],
+    "ranking": [one row per grid point, best first: params, trials, finished, statuses, val_acc and
+    test_acc as {mean, std, n} over its finished trials, seconds_per_epoch, folders]}. A trial counts
+    once its training is over (completed or stopped early); one the anomaly guard stopped counts as
+    diverged and ranks its grid point last."""
+    sweep_dir, spec = _open(path)
+    rows = []
+    for t in spec["trials"]:
+        folder = sweep_dir / t["folder"]
+        run = read_run(folder) if folder.is_dir() else None
+        run = run or {"status": None, "epochs_done": 0, "test_acc": None, "best_val_acc": None, "best_epoch": None,
+                      "seconds_per_epoch": None}
+        rows.append({"trial": t["trial"], "folder": t["folder"], "params": t["params"],
+                     **{k: run.get(k) for k in ("status", "epochs_done", "epochs", "test_acc", "best_val_acc",
+                                                "best_epoch", "seconds_per_epoch")}})
+    over_seed = "seed" in spec["grid"] and len(spec["grid"]) > 1
+    groups = {}
+    for r in rows:
+        params = {k: v for k, v in r["params"].items() if not (over_seed and k == "seed")}
+        groups.setdefault(json.dumps(params, sort_keys=True), (params, []))[1].append(r)
+    ranking = []
+    for params, members in groups.values():
+        done = [m for m in members if m["status"] in ("completed", "stopped early")]
+        statuses = {}
+        for m in members:
+            statuses[m["status"] or "not started"] = statuses.get(m["status"] or "not started", 0) + 1
+        secs = [m["seconds_per_epoch"] for m in done if m["seconds_per_epoch"] is not None]
+        ranking.append({
+            "params": params, "trials": len(members), "finished": len(done), "statuses": statuses,
+            "val_acc": _mean_std([m["best_val_acc"] for m in done if m["best_val_acc"] is not None]),
+            "test_acc": _mean_std([m["test_acc"] for m in done if m["test_acc"] is not None]),
+            "seconds_per_epoch": statistics.fmean(secs) if secs else None,
+            "diverged": statuses.get("anomaly", 0), "folders": [m["folder"] for m in members]})
+    metric = spec["metric"]
+    # Best first; grid points without a result yet after those with one, and any with a diverged trial last.
+    ranking.sort(key=lambda g: (g["diverged"] > 0, g[metric] is None, -(g[metric]["mean"] if g[metric] else 0.0)))
+    return {"sweep_dir": str(sweep_dir), "metric": metric, "grid": spec["grid"], "aggregated_over_seed": over_seed,
+            "config": spec["config"], "trials": rows, "ranking": ranking}
+
+
+def _write_results(sweep_dir, spec, trials):
+    res = sweep_results(sweep_dir)
+    atomic_write_json(Path(sweep_dir) / RESULTS_FILE, res)
+    if trials and trials[0].cfg.plots:
+        runs = [{**r, "run": r["folder"], "run_dir": str(Path(sweep_dir) / r["folder"])}
+                for r in res["trials"] if r["status"] is not None]
+        plot_runs(runs, Path(sweep_dir) / PLOT_FILE, label=lambda r: f"{r['folder'][:3]}{describe(r['params'])}")
+    return res
+
+
+def train_command(config, leave_out=()):
+    """`python -m fastmlp train ...` with the flags that give config (a dict of options) from the
+    recipe: the options it changes, without those that only say where and how a run logs."""
+    import shlex  # noqa: PLC0415
+
+    recipe, flags = TrainConfig().to_dict(), []
+    for k, v in config.items():
+        if k in _NOT_A_CHANGE or k in leave_out or k not in recipe or v == recipe[k]:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, list):
+            flags.append(f"{flag} {' '.join(map(_fmt, v))}")
+        else:
+            flags.append(f"{flag} {shlex.quote(_fmt(v))}")
+    return " ".join(["python -m fastmlp train", *flags])
+
+
+def _acc(s):
+    if s is None:
+        return "-"
+    return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["std"] is not None else "")
+
+
+def format_results(res):
+    """The ranking as a table, then the best grid point and the command that trains it."""
+    keys = [k for k in res["grid"] if not (res["aggregated_over_seed"] and k == "seed")]
+    head = ["rank", *keys, "runs" if res["aggregated_over_seed"] else "done", "val acc (best epoch)", "test acc",
+            "s/epoch", "status"]
+    lines = []
+    for i, g in enumerate(res["ranking"]):
+        status = ", ".join(f"{n} {s}" if g["trials"] > 1 else s for s, n in g["statuses"].items())
+        secs = "-" if g["seconds_per_epoch"] is None else f"{g['seconds_per_epoch']:.2f}"
+        lines.append([str(i + 1), *(_fmt(g["params"][k]) for k in keys), f"{g['finished']}/{g['trials']}",
+                      _acc(g["val_acc"]), _acc(g["test_acc"]), secs, status])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [head, *lines]]
+    metric = res["metric"]
+    if metric == "test_acc":
+        out.append("ranked on the final test accuracy (no --val-split): the winner's test number is optimistic, "
+                   "as it was picked on the test set; give --val-split 0.1 to rank on held-out training images")
+    else:
+        out.append("ranked on the best validation accuracy of each run (held-out training images)")
+    best = res["ranking"][0] if res["ranking"] and res["ranking"][0][metric] else None
+    if best is None:
+        out.append("no trial has finished yet")
+        return "\n".join(out)
+    s = best[metric]
+    over = f" over {s['n']} seeds" if res["aggregated_over_seed"] else ""
+    out.append(f"best: {describe(best['params'])} ({'val' if metric == 'val_acc' else 'test'} acc {_acc(s)}{over})")
+    config = {**res["config"], **best["params"]}
+    out.append("train it: " + train_command(config, leave_out=("seed",) if res["aggregated_over_seed"] else ()))
+    return "\n".join(out)
+
+
+def sweep_row(folder):
+    """fastmlp runs' row for a sweep folder: how many trials are over and the best so far."""
+    res = sweep_results(folder)
+    over = sum(r["status"] in _OVER for r in res["trials"])
+    best = res["ranking"][0] if res["ranking"] and res["ranking"][0][res["metric"]] else None
+    note = f"sweep: {over}/{len(res['trials'])} trials over"
+    if best:
+        note += f"; best {describe(best['params'])}: {res['metric'].replace('_', ' ')} {best[res['metric']]['mean']:.4f}"
+    return {"run": Path(folder).name, "run_dir": str(folder), "status": "sweep", "epochs_done": None, "epochs": None,
+            "test_acc": None, "best_val_acc": None, "best_epoch": None, "seconds_per_epoch": None,
+            "suggested_lr": None, "changes": note + f"; its trials: fastmlp runs {folder}"}
