@@ -65,7 +65,11 @@ def test_a_damaged_run_folder_does_not_stop_the_listing(tmp_path):
     (bad / "config.yaml").write_text("epochs: 4\n")
     (bad / "metrics.csv").write_text("epoch,test_acc,val_acc,seconds\n1,0.5,,x\n?,0.6,0.7\n3,nan")  # edited by hand
     (bad / "summary.json").write_text("{not json")
+    bad_sweep = tmp_path / "runs" / "20260101-000000-x-sweep"
+    bad_sweep.mkdir()
+    (bad_sweep / "sweep.json").write_text("{cut short")
     rows = by_name(list_runs(tmp_path / "runs"))
+    assert rows[bad_sweep.name]["status"] == "sweep" and "sweep.json is damaged" in rows[bad_sweep.name]["changes"]
     assert rows[bad.name]["status"] == "unfinished" and rows[bad.name]["epochs_done"] == 3
     assert rows[bad.name]["test_acc"] is None and rows[bad.name]["seconds_per_epoch"] is None
     assert rows[Path(s["run_dir"]).name]["status"] == "completed"

@@ -9,7 +9,7 @@ import pytest
 
 from fastmlp.train import ConfigError, Trainer, TrainConfig, resume_sweep, run_sweep, sweep_results
 from fastmlp.train.cli import main
-from fastmlp.train.sweep import SweepStopped, format_results, parse_grid, plan_trials, train_command
+from fastmlp.train.sweep import SweepStopped, check_grid, format_results, parse_grid, plan_trials, train_command
 from test_data import real_data_dir
 from test_train import cfg_small, two_way_split
 
@@ -45,6 +45,13 @@ def test_grid_values_are_read_as_the_config_file_reads_them():
             parse_grid([spec])
     with pytest.raises(ConfigError, match="--grid lr: given twice; give all its values in one --grid lr=V1,V2"):
         parse_grid(["lr=1", "lr=2"])
+    # A grid from Python is checked the same way; tuples become lists as in the saved config.
+    assert check_grid({"widths": [(784, 8, 10)], "lr": [1]}) == {"widths": [[784, 8, 10]], "lr": [1.0]}
+    for grid, match in [({"lr": 0.01}, "--grid lr: expected a list of one or more values, got 0.01"),
+                        ({"lr": []}, "--grid lr: expected a list of one or more values"),
+                        ({"plots": [True, False]}, "--grid plots: plots cannot be swept")]:
+        with pytest.raises(ConfigError, match=match):
+            check_grid(grid)
     # Each trial's whole config is checked before anything trains, naming the combination.
     with pytest.raises(ConfigError, match="--grid lr=0.01 dropout=1.5: config option 'dropout'"):
         plan_trials(TrainConfig().to_dict(), parse_grid(["lr=0.01", "dropout=0.1,1.5"]))

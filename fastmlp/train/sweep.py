@@ -34,7 +34,7 @@ from .checkpoint import atomic_write_json
 from .config import ConfigError, TrainConfig, _coerce
 from .runs import _NOT_A_CHANGE, plot_runs, read_run
 
-__all__ = ["parse_grid", "plan_trials", "run_sweep", "resume_sweep", "sweep_results", "format_results",
+__all__ = ["parse_grid", "check_grid", "plan_trials", "run_sweep", "resume_sweep", "sweep_results", "format_results",
            "train_command", "SweepStopped", "SWEEP_FILE"]
 
 SWEEP_FILE = "sweep.json"
@@ -71,40 +71,52 @@ def describe(params):
 def parse_grid(specs):
     """{option: [values]} from --grid KEY=V1,V2,... specs, in the order given. Values are read as YAML
     (`lr=1e-3,2e-3`, `activation=relu,gelu`, `augment_flip=true,false`, for the list options
-    `widths=[784,256,10],[784,512,10]`) and checked as the config file's are; the whole config of
-    each trial is checked by plan_trials. Raises ConfigError naming the spec."""
+    `widths=[784,256,10],[784,512,10]`) and checked as check_grid does. Raises ConfigError naming
+    the spec."""
     grid = {}
     for spec in specs or []:
         key, eq, text = str(spec).partition("=")
         key = key.strip().lstrip("-").replace("-", "_")
         if not eq or not key or not text.strip():
             raise ConfigError(f"--grid {spec!r}: expected OPTION=VALUE,VALUE,..., e.g. --grid lr=1e-3,2e-3")
+        if key in grid:
+            raise ConfigError(f"--grid {key}: given twice; give all its values in one --grid {key}=V1,V2,...")
+        try:
+            grid[key] = yaml.safe_load(f"[{text}]")
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--grid {key}: cannot read the values {text!r}: {e}") from None
+    return check_grid(grid)
+
+
+def check_grid(grid):
+    """grid ({option: [values]}) with each value as the config file would read it (YAML's 1e-3 string a
+    float, a tuple a list). Raises ConfigError for an unknown option, one that cannot be swept (where
+    and how a run logs), an empty or repeated value list, or a value of the wrong type; the whole
+    config of each trial is checked by plan_trials."""
+    if not isinstance(grid, dict):
+        raise ConfigError(f"the grid must be a mapping of option: [values], got {type(grid).__name__}")
+    out = {}
+    for key, values in grid.items():
         src = f"--grid {key}"
         if key not in _FIELDS:
-            close = difflib.get_close_matches(key, _FIELDS, n=1)
+            close = difflib.get_close_matches(str(key), _FIELDS, n=1)
             raise ConfigError(f"{src}: unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else
                                                                    f"; known options: {', '.join(_FIELDS)}"))
         if key in _NOT_A_CHANGE:
             raise ConfigError(f"{src}: {key} cannot be swept: it sets where or how a run logs, not what it trains "
                               "(the sweep names its folders itself)")
-        if key in grid:
-            raise ConfigError(f"{src}: given twice; give all its values in one --grid {key}=V1,V2,...")
-        try:
-            values = yaml.safe_load(f"[{text}]")
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{src}: cannot read the values {text!r}: {e}") from None
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"{src}: expected a list of one or more values, got {values!r}")
         recipe = TrainConfig().to_dict()[key]
-        if isinstance(recipe, list) and not all(isinstance(v, list) for v in values):
+        if isinstance(recipe, list) and not all(isinstance(v, (list, tuple)) for v in values):
             raise ConfigError(f"{src}: {key} takes a list per value; write each in brackets, e.g. "
                               f"--grid '{key}=[{','.join(map(_fmt, recipe))}],[...]'")
-        values = [_coerce(key, _FIELDS[key], v, src) for v in values]
-        seen = []
-        for v in values:
-            if v in seen:
+        out[key] = []
+        for v in (_coerce(key, _FIELDS[key], v, src) for v in values):
+            if v in out[key]:
                 raise ConfigError(f"{src}: the value {_fmt(v)} is given twice")
-            seen.append(v)
-        grid[key] = values
-    return grid
+            out[key].append(v)
+    return out
 
 
 @dataclasses.dataclass
@@ -161,10 +173,9 @@ def run_sweep(cfg, grid, metric="auto", out=None, data=None):
     from .engine import new_run_dir  # noqa: PLC0415
 
     base = cfg.to_dict() if isinstance(cfg, TrainConfig) else dict(cfg)
+    grid = check_grid(grid)
     if not grid:
         raise ConfigError("the grid is empty: give at least one --grid OPTION=VALUE,VALUE,...")
-    if any(k in _NOT_A_CHANGE for k in grid):
-        parse_grid([f"{k}={v}" for k, v in grid.items() if k in _NOT_A_CHANGE])  # raises the --grid error
     trials = plan_trials(base, grid)  # checks every trial before the folder exists
     val_splits = {t.cfg.val_split for t in trials}
     metric = _check_metric(metric, min(val_splits))
