@@ -225,6 +225,19 @@ def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, stat
     return None
 
 
+ema_update_ = torch.ops.fastmlp.ema_update_.default
+
+
+@torch.library.register_fake("fastmlp::ema_update_")
+def _ema_update_fake(averages, values, weight):
+    op = "fastmlp.ema_update_"
+    _check_optim_lists(op, averages, [("values", values, False)])
+    for a in averages:
+        _check_floating(op, "averages", a)
+    _check_writable(op, [("averages", averages)])
+    return None
+
+
 @torch.library.register_fake("fastmlp::sgd_step_")
 def _sgd_step_fake(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening,
                    weight_decay, nesterov, maximize, is_first_step, grad_scale, found_inf):

@@ -21,6 +21,7 @@ import fastmlp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 import bench_dropout  # noqa: E402
+import bench_ema  # noqa: E402
 import bench_linear_act  # noqa: E402
 import bench_mlp  # noqa: E402
 import bench_optim  # noqa: E402
@@ -293,6 +294,45 @@ def test_bench_optim_candidates_compute_the_same_update():
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(opt.state[p][key], ref.state[r][key], msg=f"{k} {key}")
             assert opt.state[p]["step"].item() == 4
+
+
+EMA_CANDIDATES = ["torch AveragedModel", "torch _foreach_lerp_", "torch.compile lerp", "fastmlp EMA", "floor"]
+
+
+def test_bench_ema_tiny_run(tmp_path, monkeypatch):
+    tiny = {"tiny mlp": [(6, 5), (6,), (3, 6), (3,)], "3 x 4x4": [(4, 4)] * 3}
+    monkeypatch.setattr(bench_ema, "cases", lambda: tiny)
+    out = tmp_path / "ema.json"
+    bench_ema.main(["--repeats", "20", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True and [r["case"] for r in saved["rows"]] == list(tiny)
+    for r in saved["rows"]:
+        t = {k: r[f"{k}_us"] for k in EMA_CANDIDATES}
+        assert all(v > 0 and math.isfinite(v) for v in t.values())
+        assert r["params"] == sum(torch.Size(s).numel() for s in tiny[r["case"]])
+        assert r["speedup_vs_averaged_model"] == pytest.approx(t["torch AveragedModel"] / t["fastmlp EMA"])
+        assert r["speedup_vs_compiled"] == pytest.approx(t["torch.compile lerp"] / t["fastmlp EMA"])
+        assert r["fastmlp_gb_s"] == pytest.approx(12 * r["params"] / (t["fastmlp EMA"] / 1e6) / 1e9)
+    assert saved["run"]["command"] == shlex.join(["python", "bench/bench_ema.py", "--repeats", "20", "--json", out.name])
+
+
+def test_bench_ema_candidates_compute_the_same_average():
+    """Every timed candidate is the same EMA: after the same updates towards weights that moved, the
+    averages agree with a float64 reference."""
+    shapes = [(6, 5), (6,), (40, 3)]
+    fns, models, averages = bench_ema.candidates(shapes)
+    assert list(fns) == EMA_CANDIDATES
+    ref = [p.detach().double().clone() for p in bench_ema.module_of(shapes).parameters()]
+    for step in range(3):
+        for k, m in models.items():
+            with torch.no_grad():
+                for i, p in enumerate(m.parameters()):
+                    p.fill_(step + i)  # the weights move between updates, alike for every candidate
+            fns[k]()
+        ref = [r * bench_ema.DECAY + (step + i) * (1 - bench_ema.DECAY) for i, r in enumerate(ref)]
+    for k, read in averages.items():
+        for a, r in zip(read(), ref):
+            torch.testing.assert_close(a.double(), r, rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_bench_dropout_tiny_run(tmp_path):

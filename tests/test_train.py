@@ -69,6 +69,7 @@ def test_recipe_yaml_equals_dataclass_defaults():
     ({"early_stopping": -1}, "'early_stopping' must be an int >= 0"),
     ({"augment_shift": 9}, r"'augment_shift' must be an int in \[0, 8\]"),
     ({"augment_shift": -1}, r"'augment_shift' must be an int in \[0, 8\]"),
+    ({"ema": 1.0}, r"'ema' must be a number in \[0, 1\)"),
     ({"early_stopping": 3}, r"'early_stopping' \(3\) needs a validation split.*--val-split"),
 ])
 def test_bad_config_values_name_the_option(bad, match):

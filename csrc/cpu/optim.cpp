@@ -641,6 +641,46 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   d.finish();
 }
 
+// ---- EMA ------------------------------------------------------------------------------------
+
+void check_ema_args(at::TensorList averages, at::TensorList values, double weight, const char* op) {
+  check_list_size(values, averages.size(), op, "values");
+  FASTMLP_CHECK_VALUE(std::isfinite(weight) && weight >= 0.0 && weight <= 1.0, op,
+                      ": weight must be in [0, 1], got ", weight);
+  for (size_t i = 0; i < averages.size(); ++i) {
+    check_floating(averages[i], op, "averages");
+    FASTMLP_CHECK_TYPE(averages[i].scalar_type() == averages[0].scalar_type(), op,
+                       ": all averages of one call must have one dtype, got ", averages[0].scalar_type(),
+                       " and ", averages[i].scalar_type());
+    FASTMLP_CHECK(averages[i].device() == averages[0].device(), op,
+                  ": all averages of one call must be on one device, got ", averages[0].device(), " and ",
+                  averages[i].device());
+    check_like_param(averages[i], values[i], op, "values", i, averages[0].scalar_type());
+  }
+  check_writable(averages, op, "averages");
+}
+
+void ema_update_cpu(at::TensorList averages, at::TensorList values, double weight) {
+  constexpr const char* op = "fastmlp.ema_update_";
+  check_ema_args(averages, values, weight, op);
+  if (averages.empty()) return;
+  DenseGroup d = make_dense({averages, values}, {true, false});
+  const Slots sl = slots_of(d);
+  const Items items = make_items(sl.numel);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, averages[0].scalar_type(), "ema_update_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t w = static_cast<acc_t>(weight);
+    for_each_item(items, [&](const Item& it) {
+      scalar_t* __restrict__ a = static_cast<scalar_t*>(sl.ptr[0][it.tensor]);
+      const scalar_t* __restrict__ v = static_cast<const scalar_t*>(sl.ptr[1][it.tensor]);
+      for (int64_t i = it.begin; i < it.end; ++i) {
+        a[i] = static_cast<scalar_t>(lerp(static_cast<acc_t>(a[i]), static_cast<acc_t>(v[i]), w));
+      }
+    });
+  });
+  d.finish();
+}
+
 // ---- Step plans -----------------------------------------------------------------------------
 //
 // fastmlp.optim's fast path on the CPU. Passing every tensor of a group through the dispatcher
@@ -885,6 +925,7 @@ class SGDPlan : public StepPlan {
 TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
   m.impl("adamw_step_", &adamw_step_cpu);
   m.impl("sgd_step_", &sgd_step_cpu);
+  m.impl("ema_update_", &ema_update_cpu);
 }
 
 // The step plans are classes, not ops: they hold tensors between calls. csrc/ops.cpp holds the
@@ -906,6 +947,7 @@ TORCH_LIBRARY_FRAGMENT(fastmlp, m) {
 TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
   m.impl("adamw_step_", torch::CppFunction::makeFallthrough());
   m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
+  m.impl("ema_update_", torch::CppFunction::makeFallthrough());
 }
 
 #ifdef FASTMLP_WITH_CUDA
@@ -1002,11 +1044,21 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   d.finish();
 }
 
+// torch's fused multi-tensor lerp is already one launch per ~hundred tensors on CUDA; this adds
+// the op's validation and the device guard.
+void ema_update_cuda(at::TensorList averages, at::TensorList values, double weight) {
+  check_ema_args(averages, values, weight, "fastmlp.ema_update_");
+  if (averages.empty()) return;
+  const c10::cuda::CUDAGuard guard(averages[0].device());
+  at::_foreach_lerp_(averages, values, at::Scalar(weight));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) {
   m.impl("adamw_step_", &adamw_step_cuda);
   m.impl("sgd_step_", &sgd_step_cuda);
+  m.impl("ema_update_", &ema_update_cuda);
 }
 #endif  // FASTMLP_WITH_CUDA
 

@@ -184,6 +184,7 @@ IGNORED = {
         **_why("it trains one batch at a constant --lr for at most --max-steps steps", *_SCHEDULE),
         **_why("--samples sets its one batch", "batch_size", "accum_steps"),
         **_why("it runs the model eagerly", "compile"),
+        **_why("it reads the loss of the trained weights, not of an average of them", "ema"),
         **_why("it switches dropout, label smoothing, weight decay and augmentation off to test memorisation alone",
                "dropout", "label_smoothing", "weight_decay", "augment_shift", "augment_flip"),
         **_why("it writes no run folder, log, checkpoint or plot, and stops on a non-finite loss by itself",
@@ -195,6 +196,7 @@ IGNORED = {
         **_why("it takes one --batch-size batch per step", "accum_steps"),
         **_why("the range test trains on the images as they are", "augment_shift", "augment_flip"),
         **_why("it runs the model eagerly", "compile"),
+        **_why("it reads the loss of the trained weights, not of an average of them", "ema"),
         **_why("it writes only lr_find.json and lr_find.png, and stops on a non-finite loss by itself", *_LOGGING),
     },
 }

@@ -87,6 +87,9 @@ class TrainConfig:
                           "and batch norm match one big batch exactly", default=1)
     clip_grad_norm: float = _h("clip the global gradient norm to this (0 = off)", default=0.0)
     label_smoothing: float = _h("label smoothing for the cross-entropy", default=0.1)
+    ema: float = _h("keep an exponential moving average of the weights with this decay per optimizer step "
+                    "(e.g. 0.999; 0 = off; warmed up as min(decay, (1 + t) / (10 + t))): the validation and test "
+                    "accuracy, best.pt, evaluate, predict and export then use the averaged weights", default=0.0)
     amp: str = _h("off | bf16 | fp16 (autocast; fp16 adds a GradScaler)", default="off")
     # Logging, checkpoints, safety
     log_every: int = _h("steps between metrics.jsonl flushes and progress-bar loss updates", default=50)
@@ -151,7 +154,7 @@ class TrainConfig:
             v = getattr(self, k)
             if not number(v) or v < 0:
                 bad(k, "a number >= 0", v)
-        for k, hi in (("dropout", 1.0), ("val_split", 1.0), ("label_smoothing", 1.0), ("pct_start", 1.0)):
+        for k, hi in (("dropout", 1.0), ("val_split", 1.0), ("label_smoothing", 1.0), ("pct_start", 1.0), ("ema", 1.0)):
             v = getattr(self, k)
             if not number(v) or not 0 <= v < hi:
                 bad(k, f"a number in [0, {hi:g})", v)

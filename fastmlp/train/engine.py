@@ -6,6 +6,7 @@ gradient norms stay on the device and are read back in one batch every log_every
 """
 
 import collections
+import contextlib
 import csv
 import gc
 import io
@@ -247,6 +248,8 @@ class Trainer:
         self.amp_dtype = AMP_DTYPES[cfg.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        # The moving average of the weights (--ema): what evaluation, best.pt and the saved model use.
+        self.ema = optim_module("fastmlp").EMA(self.model, cfg.ema) if cfg.ema else None
         self.monitor = Monitor(self.model, cfg.monitor_every)
         self.guard = AnomalyGuard(self.model) if cfg.anomaly_guard else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -310,9 +313,11 @@ class Trainer:
             epoch, step_in_epoch, global_step = (int(ck[k]) for k in ("epoch", "step_in_epoch", "global_step"))
             history, epoch_losses, epoch_time = list(ck["history"]), list(ck["epoch_losses"]), float(ck["epoch_time"])
             epoch_correct = int(ck.get("epoch_correct", 0))  # absent in checkpoints written before it existed
+            if self.ema is not None:
+                self.ema.load_state_dict(ck["ema"])
             set_rng_state(ck["rng"])
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
-            raise CheckpointError(f"--resume: {path}: the optimizer, scheduler or RNG state does not fit the run's "
+            raise CheckpointError(f"--resume: {path}: the optimizer, scheduler, EMA or RNG state does not fit the run's "
                                   f"config ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
         if not (0 <= step_in_epoch < max(1, self.steps_per_epoch) and 0 <= epoch):
             raise CheckpointError(f"--resume: {path}: its position (epoch {epoch + 1}, batch {step_in_epoch}) is not "
@@ -346,6 +351,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(), "rng": rng_state(),
+            # With --ema the averaged weights, which the run evaluates; "model" keeps the trained ones.
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "history": self.history, "epoch_losses": self.epoch_losses, "epoch_time": self.epoch_time,
             "epoch_correct": int(self.epoch_correct),
@@ -362,10 +369,15 @@ class Trainer:
 
     def _save_best(self, row):
         """best.pt: the model weights of the epoch with the highest validation accuracy so far (only
-        with a validation split: choosing on the test set would report an optimistic test accuracy)."""
-        atomic_save({"version": 1, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+        with a validation split: choosing on the test set would report an optimistic test accuracy);
+        with --ema the averaged weights, which were evaluated."""
+        atomic_save({"version": 1, "config": self.cfg.to_dict(), "model": self.evaluated_state_dict(),
                      "epoch": row["epoch"], "val_acc": row["val_acc"], "test_acc": row["test_acc"]},
                     self.run_dir / BEST)
+
+    def evaluated_state_dict(self):
+        """The weights the run evaluates: the moving average with --ema, else the trained ones."""
+        return self.ema.averaged_state_dict() if self.ema is not None else self.model.state_dict()
 
     def checkpoint_description(self):
         """Where the checkpoint on disk stands, in words; None when none was written."""
@@ -489,6 +501,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
         mon = self.monitor.after_step()
         return loss, gnorm, lr, mon
 
@@ -655,8 +669,9 @@ class Trainer:
                 torch.cuda.synchronize()
             self.epoch_time += time.perf_counter() - t0
             bar.close()
-            val_acc, val_loss = self.evaluate(self.data.val)
-            test_acc, test_loss = self.evaluate(self.data.test)
+            with self.ema.average_parameters() if self.ema is not None else contextlib.nullcontext():
+                val_acc, val_loss = self.evaluate(self.data.val)
+                test_acc, test_loss = self.evaluate(self.data.test)
             train_loss = sum(self.epoch_losses) / max(1, len(self.epoch_losses))
             n_seen = n_train - self.data.train.dropped(self.eff_batch, self.min_batch)
             train_acc = int(self.epoch_correct) / n_seen

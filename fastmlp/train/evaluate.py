@@ -139,7 +139,8 @@ def _model(ck, mean, std, name, impl=None, device="cpu"):
     cfg = TrainConfig.from_dict(ck["config"], source=f"the config saved in {name}")
     device = torch.device(device)
     mlp = make_mlp(cfg, device, impl)
-    mlp.load_state_dict(ck["model"])
+    # checkpoint.pt of an --ema run holds the trained weights and the average, which the run evaluated.
+    mlp.load_state_dict(ck["ema"]["averaged"] if isinstance(ck.get("ema"), dict) else ck["model"])
     return TrainedModel(mlp, mean, std, cfg).to(device).eval()
 
 

@@ -1,0 +1,113 @@
+"""An exponential moving average (EMA) of a model's weights, for evaluating and shipping the average."""
+
+import contextlib
+
+import torch
+
+from .. import ops
+
+__all__ = ["EMA"]
+
+
+class EMA:
+    """An exponential moving average of ``model``'s state: every floating-point parameter and buffer
+    (batch norm's running statistics too) is averaged, integer buffers (``num_batches_tracked``) are
+    copied. Call ``update()`` after each optimizer step::
+
+        ema = fastmlp.optim.EMA(model, decay=0.999)
+        for x, y in batches:
+            loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad(); ema.update()
+        with ema.average_parameters():     # the averaged weights in the model, the trained ones back after
+            evaluate(model)
+
+    Each update does ``avg = lerp(avg, w, 1 - d)`` (= ``d * avg + (1 - d) * w``) with ``d = decay``,
+    in one fastmlp.ema_update_ call per device and dtype (on the CPU one parallel pass over every
+    element; torch's lerp_ there is a per-tensor loop several times slower than a copy; on CUDA
+    torch's fused _foreach_lerp_), or with ``warmup=True`` (default)
+    ``d = min(decay, (1 + t) / (10 + t))`` for the t-th update (t = 0, 1, ...), as TensorFlow's
+    ExponentialMovingAverage with num_updates: early averages then follow the training instead of
+    holding on to the initial weights for ~1 / (1 - decay) steps. The average starts as a copy of
+    the model's state and lives on its devices, in its dtypes. ``state_dict()`` /
+    ``load_state_dict()`` save and restore it exactly; ``averaged_state_dict()`` is the average as
+    a state_dict of the model (``model.load_state_dict`` takes it).
+    """
+
+    def __init__(self, model, decay=0.999, warmup=True):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"EMA: model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA: decay must be a number in [0, 1) (e.g. 0.999), got {decay!r}")
+        self.model, self.decay, self.warmup, self.num_updates = model, float(decay), bool(warmup), 0
+        # The model's own tensors (parameters and persistent buffers, as its state_dict names them).
+        self._live = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+        self._avg = {k: v.clone() for k, v in self._live.items()}
+        groups = {}
+        for k, v in self._live.items():
+            if v.is_floating_point() or v.is_complex():
+                groups.setdefault((v.device, v.dtype), []).append(k)
+        self._groups = list(groups.values())
+        self._copied = [k for k, v in self._live.items() if not (v.is_floating_point() or v.is_complex())]
+
+    def current_decay(self):
+        """The decay the next update uses."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self):
+        """Move the average towards the model's current state by one step."""
+        weight = 1.0 - self.current_decay()
+        for keys in self._groups:
+            ops.ema_update_([self._avg[k] for k in keys], [self._live[k] for k in keys], weight)
+        for k in self._copied:
+            self._avg[k].copy_(self._live[k])
+        self.num_updates += 1
+
+    def averaged_state_dict(self):
+        """The average as a state_dict of the model (a copy)."""
+        return {k: v.clone() for k, v in self._avg.items()}
+
+    @torch.no_grad()
+    def copy_to(self, model=None):
+        """Load the average into ``model`` (default: the averaged model itself)."""
+        (model if model is not None else self.model).load_state_dict(self._avg)
+
+    @contextlib.contextmanager
+    def average_parameters(self):
+        """Within the block the model holds the averaged state; on leaving it (an exception too) the
+        trained state is back, bit for bit."""
+        with torch.no_grad():
+            saved = {k: v.clone() for k, v in self._live.items()}
+            for k, v in self._live.items():
+                v.copy_(self._avg[k])
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for k, v in self._live.items():
+                    v.copy_(saved[k])
+
+    def state_dict(self):
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "averaged": self.averaged_state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        """Restore a state_dict() of an EMA of the same model."""
+        if not isinstance(state, dict) or not {"decay", "num_updates", "averaged"} <= set(state):
+            raise ValueError("EMA.load_state_dict: expected the dict of EMA.state_dict() (decay, num_updates, averaged)")
+        avg = state["averaged"]
+        if set(avg) != set(self._avg):
+            missing, extra = sorted(set(self._avg) - set(avg)), sorted(set(avg) - set(self._avg))
+            what = "; ".join(f"{name} {', '.join(keys)}" for name, keys in (("missing", missing), ("unexpected", extra))
+                             if keys)
+            raise ValueError(f"EMA.load_state_dict: the average is of another model ({what})")
+        for k, v in avg.items():
+            if v.shape != self._avg[k].shape:
+                raise ValueError(f"EMA.load_state_dict: {k} has shape {tuple(v.shape)}, the model's "
+                                 f"{tuple(self._avg[k].shape)}")
+        for k, v in avg.items():
+            self._avg[k].copy_(v)
+        self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
+        self.warmup = bool(state.get("warmup", True))
