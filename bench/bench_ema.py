@@ -89,7 +89,7 @@ def main(argv=None):
     if args.repeats < 20:
         ap.error("--repeats must be at least 20 (the protocol takes the median of >= 20 samples)")
     machine = machine_name("cpu")
-    print(f"fastmlp {fastmlp.__version__} EMA update (decay {DECAY}) on {machine}, {torch.get_num_threads()} threads")
+    print(f"fastmlp {fastmlp.__version__} EMA update (decay {DECAY}) on {machine}")
     print(f"median of {args.repeats} interleaved samples, microseconds; floor = an in-place add of the same bytes")
 
     def save(rows, complete):

@@ -55,7 +55,7 @@ TORCH_LIBRARY(fastmlp, m) {
       "Tensor? found_inf) -> ()");
   // Exponential moving average: averages[i] = lerp(averages[i], values[i], weight), in the form of
   // torch's lerp (fp32 math for fp16/bf16), for every tensor of one device and dtype in one call
-  // (fastmlp.optim.EMA). CPU: one parallel region over all elements (torch's CPU lerp_ is a
-  // per-tensor loop ~10x slower than a copy); CUDA: torch's fused _foreach_lerp_.
+  // (fastmlp.optim.EMA). CPU: one parallel region over all elements (torch's _foreach_lerp_ runs
+  // one per tensor there); CUDA: torch's fused _foreach_lerp_.
   m.def("ema_update_(Tensor(a!)[] averages, Tensor[] values, float weight) -> ()");
 }

@@ -670,12 +670,17 @@ void ema_update_cpu(at::TensorList averages, at::TensorList values, double weigh
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, averages[0].scalar_type(), "ema_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t w = static_cast<acc_t>(weight);
-    for_each_item(items, [&](const Item& it) {
-      scalar_t* __restrict__ a = static_cast<scalar_t*>(sl.ptr[0][it.tensor]);
-      const scalar_t* __restrict__ v = static_cast<const scalar_t*>(sl.ptr[1][it.tensor]);
-      for (int64_t i = it.begin; i < it.end; ++i) {
-        a[i] = static_cast<scalar_t>(lerp(static_cast<acc_t>(a[i]), static_cast<acc_t>(v[i]), w));
-      }
+    // lerp's form is chosen once for the call (it depends on the weight only), so the inner loop
+    // has no branch and vectorises.
+    with_bool(w < acc_t(0.5), [&](auto low) {
+      for_each_item(items, [&](const Item& it) {
+        scalar_t* __restrict__ a = static_cast<scalar_t*>(sl.ptr[0][it.tensor]);
+        const scalar_t* __restrict__ v = static_cast<const scalar_t*>(sl.ptr[1][it.tensor]);
+        for (int64_t i = it.begin; i < it.end; ++i) {
+          const acc_t ai = static_cast<acc_t>(a[i]), vi = static_cast<acc_t>(v[i]);
+          a[i] = static_cast<scalar_t>(decltype(low)::value ? ai + w * (vi - ai) : vi - (vi - ai) * (acc_t(1) - w));
+        }
+      });
     });
   });
   d.finish();

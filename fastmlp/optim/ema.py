@@ -22,8 +22,8 @@ class EMA:
 
     Each update does ``avg = lerp(avg, w, 1 - d)`` (= ``d * avg + (1 - d) * w``) with ``d = decay``,
     in one fastmlp.ema_update_ call per device and dtype (on the CPU one parallel pass over every
-    element; torch's lerp_ there is a per-tensor loop several times slower than a copy; on CUDA
-    torch's fused _foreach_lerp_), or with ``warmup=True`` (default)
+    element, where torch's _foreach_lerp_ runs a parallel region per tensor; on CUDA torch's fused
+    _foreach_lerp_), or with ``warmup=True`` (default)
     ``d = min(decay, (1 + t) / (10 + t))`` for the t-th update (t = 0, 1, ...), as TensorFlow's
     ExponentialMovingAverage with num_updates: early averages then follow the training instead of
     holding on to the initial weights for ~1 / (1 - decay) steps. The average starts as a copy of
@@ -45,7 +45,8 @@ class EMA:
         for k, v in self._live.items():
             if v.is_floating_point() or v.is_complex():
                 groups.setdefault((v.device, v.dtype), []).append(k)
-        self._groups = list(groups.values())
+        # (average list, model list) per device and dtype, built once: update() passes them as they are.
+        self._groups = [([self._avg[k] for k in keys], [self._live[k] for k in keys]) for keys in groups.values()]
         self._copied = [k for k, v in self._live.items() if not (v.is_floating_point() or v.is_complex())]
 
     def current_decay(self):
@@ -58,8 +59,8 @@ class EMA:
     def update(self):
         """Move the average towards the model's current state by one step."""
         weight = 1.0 - self.current_decay()
-        for keys in self._groups:
-            ops.ema_update_([self._avg[k] for k in keys], [self._live[k] for k in keys], weight)
+        for averages, values in self._groups:
+            ops.ema_update_(averages, values, weight)
         for k in self._copied:
             self._avg[k].copy_(self._live[k])
         self.num_updates += 1
