@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
-from common import machine_name, time_interleaved, write_json  # noqa: E402
+from common import add_repeats_arg, check_repeats, machine_name, time_interleaved, write_json  # noqa: E402
 from fastmlp.functional import dropout  # noqa: E402
 
 
@@ -46,12 +46,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--p", type=float, default=0.2)
     ap.add_argument("--shapes", default="256x512,1024x512,4096x2048", help="comma list of BATCHxWIDTH")
-    ap.add_argument("--repeats", type=int, default=25,
-                    help="timed samples per candidate, at least 20 (the median is reported)")
+    add_repeats_arg(ap)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
-    if args.repeats < 20:
-        ap.error("--repeats must be at least 20 (the protocol takes the median of >= 20 samples)")
+    check_repeats(ap, args)
     if not 0.0 < args.p < 1.0:
         ap.error(f"--p must be in (0, 1), got {args.p}")
     machine = machine_name("cpu")

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
-from common import machine_name, time_interleaved, write_json  # noqa: E402
+from common import add_repeats_arg, check_repeats, machine_name, time_interleaved, write_json  # noqa: E402
 
 DECAY = 0.999
 
@@ -82,12 +82,10 @@ def candidates(shapes):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=25,
-                    help="timed samples per candidate, at least 20 (the median is reported)")
+    add_repeats_arg(ap)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
-    if args.repeats < 20:
-        ap.error("--repeats must be at least 20 (the protocol takes the median of >= 20 samples)")
+    check_repeats(ap, args)
     machine = machine_name("cpu")
     print(f"fastmlp {fastmlp.__version__} EMA update (decay {DECAY}) on {machine}")
     print(f"median of {args.repeats} interleaved samples, microseconds; floor = an in-place add of the same bytes")

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
-from common import machine_name, time_interleaved, write_json  # noqa: E402
+from common import add_repeats_arg, check_repeats, machine_name, time_interleaved, write_json  # noqa: E402
 from fastmlp import ops as fm_ops  # noqa: E402
 from fastmlp.functional import linear_act  # noqa: E402
 
@@ -184,8 +184,7 @@ def main(argv=None):
     p.add_argument("--activations", default="relu,gelu,silu")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--modes", default="fwd,fwdbwd")
-    p.add_argument("--repeats", type=int, default=25,
-                    help="timed samples per candidate, at least 20 (the median is reported)")
+    add_repeats_arg(p)
     p.add_argument("--min-sample-ms", type=float, default=2.0,
                    help="each sample times enough back-to-back calls to last at least this long (default 2)")
     p.add_argument("--json", help="also write the rows and the summary here")
@@ -198,8 +197,7 @@ def main(argv=None):
             args.activations = "relu,gelu"
     if not args.min_sample_ms > 0:
         p.error("--min-sample-ms must be positive")
-    if args.repeats < 20:
-        p.error("--repeats must be at least 20 (the protocol takes the median of >= 20 samples)")
+    check_repeats(p, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     args.batches = [int(v) for v in args.batches.split(",")]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastmlp  # noqa: E402
-from common import machine_name, time_interleaved, write_json  # noqa: E402
+from common import add_repeats_arg, check_repeats, machine_name, time_interleaved, write_json  # noqa: E402
 from fastmlp.nn import MLP  # noqa: E402
 
 CANDIDATES = ("torch eager", "torch eager fused", "torch.compile", "fastmlp", "fastmlp compiled", "torch graphed",
@@ -207,8 +207,7 @@ def main(argv=None):
     p.add_argument("--amp", default="off", choices=list(AMP))
     p.add_argument("--candidates", default=None,
                    help=f"comma list, some of: {', '.join(CANDIDATES)} (default: all; the graphed ones on CUDA only)")
-    p.add_argument("--repeats", type=int, default=25,
-                    help="timed samples per candidate, at least 20 (the median is reported)")
+    add_repeats_arg(p)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     try:
@@ -221,8 +220,7 @@ def main(argv=None):
         p.error(f"--batch must be positive, got {args.batch}")
     if not 0.0 <= args.dropout < 1.0:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.repeats < 20:
-        p.error("--repeats must be at least 20 (the protocol takes the median of >= 20 samples)")
+    check_repeats(p, args)
     if args.candidates is None:
         args.candidates = [c for c in CANDIDATES if args.device == "cuda" or c not in GRAPHED]
     else:

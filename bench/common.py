@@ -152,6 +152,21 @@ def gc_paused():
             gc.enable()
 
 
+MIN_REPEATS = 20
+
+
+def add_repeats_arg(parser, default=25):
+    """--repeats: the samples per candidate whose median a script reports."""
+    parser.add_argument("--repeats", type=int, default=default,
+                        help=f"timed samples per candidate, at least {MIN_REPEATS} (the median is reported)")
+
+
+def check_repeats(parser, args):
+    if args.repeats < MIN_REPEATS:
+        parser.error(f"--repeats must be at least {MIN_REPEATS} (the protocol takes the median of >= {MIN_REPEATS} "
+                     "samples)")
+
+
 def time_interleaved(fns, device, repeats, min_sample_s=2e-3, untimed_first=False, max_inner=1000):
     """(median seconds per call of each fn, seconds each fn's 3 warm-up calls took).
 

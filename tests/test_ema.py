@@ -12,7 +12,7 @@ from fastmlp.optim import EMA
 from fastmlp.train import Trainer
 from fastmlp.train.engine import BEST, CHECKPOINT, evaluation_sums
 from fastmlp.train.evaluate import load_model
-from test_train import cfg_small, synthetic, two_way_split
+from test_train import _dying, cfg_small, synthetic, two_way_split
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -196,15 +196,7 @@ def test_resume_with_ema_is_bitwise(tmp_path, impl):
     data = synthetic()
     full = Trainer(cfg_small(tmp_path, epochs=3, name="full", impl=impl, ema=0.95), data=data).fit()
     part = Trainer(cfg_small(tmp_path, epochs=3, name="part", impl=impl, ema=0.95, checkpoint_every=5), data=data)
-    orig, calls = part.train_step, {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt
-        return orig(*a, **k)
-
-    part.train_step = dying
+    _dying(part, 13)  # mid-epoch 2, three steps after the step-10 checkpoint
     with pytest.raises(KeyboardInterrupt):
         part.fit()
     s = Trainer.resume(part.run_dir, data=data).fit()
