@@ -11,7 +11,8 @@ from fastmlp.nn import MLP
 from fastmlp.optim import EMA
 from fastmlp.train import Trainer
 from fastmlp.train.engine import BEST, CHECKPOINT, evaluation_sums
-from fastmlp.train.evaluate import load_model
+from fastmlp.train.evaluate import evaluate_run, load_model, report
+from test_data import real_data_dir
 from test_train import _dying, cfg_small, synthetic, two_way_split
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -183,6 +184,8 @@ def test_trainer_evaluates_and_saves_the_average(tmp_path):
         assert torch.equal(v, avg[k])
     correct, loss, _ = evaluation_sums(model.mlp, data.test.batches(4096), torch.device("cpu"), None)
     assert int(correct) / len(data.test) == s["final_test_acc"]
+    r = evaluate_run(run, data_dir=real_data_dir(), plots=False)
+    assert r["ema"] == 0.9 and f"{run} (checkpoint.pt, the moving average of the weights (--ema 0.9)): " in report(r)
     # best.pt holds the averaged weights of its epoch (here the only one).
     s = Trainer(cfg_small(tmp_path, epochs=1, ema=0.9, val_split=0.25, lr=0.02, name="one"), data=data).fit()
     best = torch.load(Path(s["run_dir"]) / BEST, weights_only=False)

@@ -166,6 +166,8 @@ def test_a_diverged_trial_ranks_last_and_a_failed_one_is_retried(tmp_path, monke
     assert res["ranking"][2]["diverged"] == 1 and res["ranking"][2]["statuses"] == {"anomaly": 1}
     assert res["ranking"][1]["statuses"] == {"failed": 1} and res["ranking"][1]["test_acc"] is None
     monkeypatch.undo()
+    with pytest.raises(ConfigError, match="--resume: --lr is swept by this sweep's grid; its values come from the grid"):
+        resume_sweep(res["sweep_dir"], overrides={"lr": 0.1}, data=data)
     res = resume_sweep(res["sweep_dir"], data=data)
     out = capsys.readouterr().out
     assert "--- trial 1/3: lr=1e+30: anomaly, kept" in out and "--- trial 3/3: lr=0.05 ---" in out

@@ -357,7 +357,8 @@ def _train(args):
 
 
 def _sweep(args):
-    from .sweep import format_results, parse_grid, plan_trials, resume_sweep, run_sweep  # noqa: PLC0415
+    from .sweep import (check_metric, describe, format_results, parse_grid, plan_trials,  # noqa: PLC0415
+                        resume_sweep, run_sweep)
 
     cfg, flags = resolve_config(args)
     if args.resume:
@@ -376,6 +377,7 @@ def _sweep(args):
         if both:
             raise ConfigError(f"{_flag_list(both)} given both as an option and in --grid; keep one")
         trials = plan_trials(cfg.to_dict(), grid)
+        check_metric(args.metric, min(t.cfg.val_split for t in trials))
         warn_train_options(cfg)
         # An option swept where no trial uses it (--grid momentum=... with adamw) would train the same run again.
         # (unused_options names only values away from the recipe's, so the trials with one decide.)
@@ -386,8 +388,6 @@ def _sweep(args):
                 print(f"fastmlp sweep: warning: --grid {k} has no effect ({reasons.pop()}): its trials train the "
                       "same model", file=sys.stderr)
         if args.dry_run:
-            from .sweep import describe  # noqa: PLC0415
-
             print(f"{len(trials)} trials, {len(trials) * cfg.epochs} epochs in all, into a new folder "
                   f"{cfg.out_dir}/<timestamp>-{cfg.name}-sweep (dry run: nothing written):")
             for t in trials:

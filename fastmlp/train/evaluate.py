@@ -169,6 +169,7 @@ def evaluate_run(run, weights="last", device="cpu", data_dir=None, plots=True, o
     c, l = torch.stack([correct.float(), loss]).tolist()
     result = {
         "run_dir": str(run_dir), "weights": weights, "file": WEIGHTS[weights], "device": str(device),
+        "ema": model.config.ema or None,  # the weights are the run's moving average (--ema)
         "n_test": n, "test_acc": c / n if n else math.nan, "test_loss": l / n if n else math.nan,
         "classes": list(CLASSES),
         "per_class_acc": dict(zip(CLASSES, per_class.tolist())),
@@ -190,7 +191,8 @@ def evaluate_run(run, weights="last", device="cpu", data_dir=None, plots=True, o
 def report(result):
     """The evaluation as text: accuracy and loss, per-class accuracy, the confusion matrix."""
     w = max(len(c) for c in CLASSES)
-    lines = [f"{result['run_dir']} ({result['file']}): test accuracy {result['test_acc']:.4f}, "
+    avg = f", the moving average of the weights (--ema {result['ema']:g})" if result.get("ema") else ""
+    lines = [f"{result['run_dir']} ({result['file']}{avg}): test accuracy {result['test_acc']:.4f}, "
              f"loss {result['test_loss']:.4f} on {result['n_test']} images",
              "", f"{'class':<{w}}  accuracy  most often mistaken for"]
     conf = result["confusion"]

@@ -34,8 +34,8 @@ from .checkpoint import atomic_write_json
 from .config import ConfigError, TrainConfig, _coerce
 from .runs import _NOT_A_CHANGE, plot_runs, read_run
 
-__all__ = ["parse_grid", "check_grid", "plan_trials", "run_sweep", "resume_sweep", "sweep_results", "format_results",
-           "train_command", "SweepStopped", "SWEEP_FILE"]
+__all__ = ["parse_grid", "check_grid", "check_metric", "plan_trials", "run_sweep", "resume_sweep", "sweep_results",
+           "format_results", "describe", "train_command", "SweepStopped", "SWEEP_FILE"]
 
 SWEEP_FILE = "sweep.json"
 RESULTS_FILE = "results.json"
@@ -155,7 +155,8 @@ def plan_trials(base, grid, sweep_dir="."):
     return trials
 
 
-def _check_metric(metric, val_split):
+def check_metric(metric, val_split):
+    """The metric that ranks a sweep whose smallest --val-split is val_split ('auto' resolved)."""
     if metric not in METRICS:
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if metric == "val_acc" and not val_split:
@@ -178,7 +179,7 @@ def run_sweep(cfg, grid, metric="auto", out=None, data=None):
         raise ConfigError("the grid is empty: give at least one --grid OPTION=VALUE,VALUE,...")
     trials = plan_trials(base, grid)  # checks every trial before the folder exists
     val_splits = {t.cfg.val_split for t in trials}
-    metric = _check_metric(metric, min(val_splits))
+    metric = check_metric(metric, min(val_splits))
     sweep_dir = new_run_dir(base.get("out_dir", "runs"), f"{base.get('name', 'fmnist-mlp')}-sweep")
     spec = {"grid": grid, "config": base, "metric": metric,
             "trials": [{"trial": t.index, "folder": t.folder, "params": t.params} for t in trials]}
@@ -216,6 +217,10 @@ def resume_sweep(path, overrides=None, out=None, data=None):
     its checkpoint, the rest start. overrides: options that cannot change results (device, progress,
     plots, data_dir, log_every, checkpoint_every, anomaly_guard). Returns sweep_results."""
     sweep_dir, spec = _open(path)
+    swept = sorted(set(overrides or {}) & set(spec["grid"]))
+    if swept:
+        raise ConfigError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in swept)} is swept by this sweep's "
+                          "grid; its values come from the grid")
     return _run(sweep_dir, spec, overrides or {}, out, data)
 
 
@@ -340,7 +345,7 @@ def _write_results(sweep_dir, spec, trials):
     if trials and trials[0].cfg.plots:
         runs = [{**r, "run": r["folder"], "run_dir": str(Path(sweep_dir) / r["folder"])}
                 for r in res["trials"] if r["status"] is not None]
-        plot_runs(runs, Path(sweep_dir) / PLOT_FILE, label=lambda r: f"{r['folder'][:3]}{describe(r['params'])}")
+        plot_runs(runs, Path(sweep_dir) / PLOT_FILE, label=lambda r: f"{r['trial']:02d}: {describe(r['params'])}")
     return res
 
 
