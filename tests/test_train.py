@@ -1045,9 +1045,11 @@ def test_subcommands_honour_amp_and_warn_about_ignored_flags(tmp_path, monkeypat
     assert seen and all(s == (torch.bfloat16, True) for s in seen)
     assert not list(tmp_path.glob("*/lr_find.png")) and list(tmp_path.glob("*/lr_find.json"))  # --no-plots honoured
     seen.clear()
-    main(["check-overfit", *common, "--samples", "8", "--max-steps", "10", "--accum-steps", "2", "--dropout", "0.5"])
+    main(["check-overfit", *common, "--samples", "8", "--max-steps", "10", "--accum-steps", "2", "--dropout", "0.5",
+          "--ema", "0.99"])
     err = capsys.readouterr().err
     assert "--accum-steps has no effect (--samples sets its one batch)" in err and "--dropout has no effect" in err
+    assert "--ema has no effect (it reads the loss of the trained weights, not of an average of them)" in err
     assert seen and all(s == (torch.bfloat16, True) for s in seen)
     with pytest.raises(SystemExit):
         main(["check-overfit", "--help"])
