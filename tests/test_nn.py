@@ -286,6 +286,41 @@ def test_jit_script_and_sparse_input_get_clear_errors():
         fastmlp.functional.linear_act(torch.eye(3).to_sparse(), torch.randn(2, 3))
 
 
+def test_convert_swaps_dropout_for_fastmlps_unless_asked_not_to():
+    torch.manual_seed(0)
+    shared = nn.Dropout(0.3)
+
+    class MyDropout(nn.Dropout):  # a subclass may do more: kept
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), shared, nn.Linear(8, 8), shared, nn.Dropout(0.5, inplace=True),
+                          MyDropout(0.1), nn.Dropout2d(0.1), nn.Sequential(nn.Dropout(0.2).eval()))
+    model[5].tag = "kept along"
+    keys = list(model.state_dict())
+    fastmlp.convert(model)
+    assert type(model[2]) is fastmlp.nn.Dropout and model[2] is model[4] and model[2].p == 0.3  # still one module
+    assert type(model[5]) is fastmlp.nn.Dropout and model[5].inplace and model[5].tag == "kept along"
+    assert type(model[6]) is MyDropout and type(model[7]) is nn.Dropout2d
+    assert type(model[8][0]) is fastmlp.nn.Dropout and not model[8][0].training and model[5].training
+    assert list(model.state_dict()) == keys
+    x = torch.randn(64, 8)
+    out = model[2](x)  # training: each element dropped or scaled by 1 / (1 - p), as nn.Dropout does
+    assert torch.all((out == 0) | torch.isclose(out, x / 0.7)) and 0 < (out == 0).float().mean() < 0.6
+    ref = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 8))
+    ref.load_state_dict({k: v for k, v in model.state_dict().items()})
+    torch.testing.assert_close(model[:4].eval()(x), ref.eval()(x))  # in eval mode dropout is the identity
+    kept = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3))
+    fastmlp.convert(kept, dropout=False)
+    assert type(kept[1]) is nn.Dropout and isinstance(kept[0], FusedLinear)
+    hooked = nn.Sequential(nn.Dropout(0.1))
+    hooked[0].register_forward_hook(lambda m, i, o: None)
+    with pytest.warns(UserWarning, match="fastmlp.convert: 0 kept as they were.*nn.Linear or nn.Dropout with hooks"):
+        fastmlp.convert(hooked)
+    assert type(hooked[0]) is nn.Dropout
+    root = fastmlp.convert(nn.Dropout(0.25))
+    assert type(root) is fastmlp.nn.Dropout and root.p == 0.25
+
+
 def test_convert_plain_linear_and_bad_argument():
     lin = nn.Linear(3, 2)
     fused = fastmlp.convert(lin)

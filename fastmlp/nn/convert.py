@@ -4,6 +4,7 @@ import warnings
 
 from torch import nn
 
+from .dropout import Dropout
 from .linear import FusedLinear
 
 
@@ -35,15 +36,40 @@ def _runs_in_order(parent):
     return isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
 
 
+def _plain(m):
+    """Whether m has no hooks of its own and runs its class's forward. A forward set on the instance
+    (a wrapper, as accelerate's hooks install) or a per-module compile() would keep calling the old
+    forward on a replacement."""
+    own = vars(m)
+    return not _has_hooks(m) and "forward" not in own and own.get("_compiled_call_impl") is None
+
+
 def _convertible(linear):
-    """Whether a fused layer can stand in for linear: it has no hooks of its own, holds its weight
-    and bias as Parameters (or no bias), which the fused layer shares, and runs nn.Linear's own
-    forward. A forward set on the instance (a wrapper, as accelerate's hooks install) or a
-    per-module compile() would keep calling the old forward on the fused layer."""
-    own = vars(linear)
-    return (not _has_hooks(linear) and isinstance(linear.weight, nn.Parameter)
-            and (linear.bias is None or isinstance(linear.bias, nn.Parameter))
-            and "forward" not in own and own.get("_compiled_call_impl") is None)
+    """Whether a fused layer can stand in for linear: a plain module (see _plain) holding its weight
+    and bias as Parameters (or no bias), which the fused layer shares."""
+    return (_plain(linear) and isinstance(linear.weight, nn.Parameter)
+            and (linear.bias is None or isinstance(linear.bias, nn.Parameter)))
+
+
+def _carry(old, new, skip=()):
+    """Whatever else the user attached to old comes along to new: attributes, extra parameters,
+    buffers (persistent or not) and submodules, so the state_dict keeps its keys."""
+    for key, value in vars(old).items():
+        if key not in vars(new):
+            vars(new)[key] = value
+    for name, p in old._parameters.items():
+        if name not in skip:
+            new._parameters[name] = p
+    new._buffers.update(old._buffers)
+    new._non_persistent_buffers_set |= old._non_persistent_buffers_set
+    new._modules.update(old._modules)
+    return new
+
+
+def _dropout_from(drop):
+    new = Dropout(drop.p, drop.inplace)
+    new.train(drop.training)
+    return _carry(drop, new)
 
 
 def _fused_from(linear, activation):
@@ -55,25 +81,17 @@ def _fused_from(linear, activation):
     fused.weight = linear.weight
     fused.bias = linear.bias
     fused.train(linear.training)
-    # Whatever else the user attached to the layer comes along: attributes, extra parameters,
-    # buffers (persistent or not) and submodules, so the state_dict keeps its keys.
-    for key, value in vars(linear).items():
-        if key not in vars(fused):
-            vars(fused)[key] = value
-    for name, p in linear._parameters.items():
-        if name not in ("weight", "bias"):
-            fused._parameters[name] = p
-    fused._buffers.update(linear._buffers)
-    fused._non_persistent_buffers_set |= linear._non_persistent_buffers_set
-    fused._modules.update(linear._modules)
-    return fused
+    return _carry(linear, fused, skip=("weight", "bias"))
 
 
-def convert(module: nn.Module) -> nn.Module:
+def convert(module: nn.Module, dropout: bool = True) -> nn.Module:
     """Replace, in place, each nn.Linear followed by nn.ReLU / nn.GELU / nn.SiLU inside an
     nn.Sequential (at any depth) with one FusedLinear that shares its parameters; the
     activation's slot becomes nn.Identity, so indices and state_dict keys do not change. Every
-    other plain nn.Linear becomes FusedLinear(activation="none"). Returns the module.
+    other plain nn.Linear becomes FusedLinear(activation="none"). With dropout=True (default) every
+    plain nn.Dropout becomes fastmlp.nn.Dropout with the same p, inplace and mode: the same
+    distribution, a mask computed in parallel on the CPU (elsewhere torch's dropout runs), but not
+    the same mask as torch's for one seed; dropout=False keeps torch's. Returns the module.
 
     Folding assumes each nn.Sequential runs its children in order, as its own forward does:
     subclasses that define another forward only get their linear layers converted, and code that
@@ -81,8 +99,8 @@ def convert(module: nn.Module) -> nn.Module:
     activated output. A linear layer used in several places stays one shared module where it
     becomes the same fused layer.
 
-    Subclasses of nn.Linear (FusedLinear among them) are left as they are, since their forward
-    may differ from a plain linear layer. Modules with hooks of their own (forward, backward,
+    Subclasses of nn.Linear and nn.Dropout (FusedLinear among them) are left as they are, since
+    their forward may differ from the plain module's. Modules with hooks of their own (forward, backward,
     state_dict) keep them and keep running them: an nn.Linear with hooks stays as it is, and an
     activation with hooks is not folded into the layer before it (that layer still becomes
     FusedLinear(activation="none")); a warning names them. Register hooks after convert() to get
@@ -95,11 +113,11 @@ def convert(module: nn.Module) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fastmlp.convert: module must be a torch.nn.Module, got {type(module).__name__}")
-    if type(module) is nn.Linear:
-        if not _convertible(module):
+    if type(module) is nn.Linear or (dropout and type(module) is nn.Dropout):
+        if not (_convertible(module) if type(module) is nn.Linear else _plain(module)):
             _warn_kept(["(the module itself)"])
             return module
-        return _fused_from(module, "none")
+        return _fused_from(module, "none") if type(module) is nn.Linear else _dropout_from(module)
     hooked = []
     made = {}  # (id(linear), activation) -> its FusedLinear: a layer used twice stays one module
     # Every replacement is made before any is applied: should building one fail, the model is
@@ -109,6 +127,15 @@ def convert(module: nn.Module) -> nn.Module:
         names = list(parent._modules.keys())
         for i, name in enumerate(names):
             child = parent._modules[name]
+            if dropout and type(child) is nn.Dropout:
+                if not _plain(child):
+                    hooked.append(f"{prefix}.{name}" if prefix else name)
+                    continue
+                key = (id(child), "dropout")
+                if key not in made:
+                    made[key] = _dropout_from(child)
+                edits.append((parent, name, made[key]))
+                continue
             if type(child) is not nn.Linear:
                 continue
             if not _convertible(child):
@@ -139,8 +166,8 @@ def convert(module: nn.Module) -> nn.Module:
 def _warn_kept(names):
     warnings.warn(
         f"fastmlp.convert: {', '.join(names)} kept as they were, since they have hooks that a fused "
-        "layer would not run (an nn.Linear with hooks is not converted; an activation with hooks is not "
-        "fused into the layer before it), or a weight or bias that is not an nn.Parameter, which a fused "
+        "layer would not run (an nn.Linear or nn.Dropout with hooks is not converted; an activation with hooks "
+        "is not fused into the layer before it), or a weight or bias that is not an nn.Parameter, which a fused "
         "layer cannot share, or a forward of their own (set on the instance, or Module.compile()). Register "
         "hooks (or compile) after convert() to get the fused layers.",
         UserWarning, stacklevel=3)
