@@ -247,20 +247,21 @@ def _run(sweep_dir, spec, overrides, out, data):
             loaded[key] = load_data(cfg, resolve_device(cfg.device))
         return loaded[key]
 
-    t = None
+    t, res = None, None
     try:
         for t in trials:
-            _trial(t, n, sweep_dir, overrides, data_for, out)
-            _write_results(sweep_dir, spec, trials)
+            # results.json and sweep.png after each trial that trained (not for those kept).
+            res = _write_results(sweep_dir, spec, trials) if _trial(t, n, sweep_dir, overrides, data_for, out) else None
     except KeyboardInterrupt:
         where = f"in trial {t.index + 1}/{n} ({sweep_dir / t.folder})" if t is not None else "before the first trial"
         raise SweepStopped(f"interrupted {where}; continue the sweep with: python -m fastmlp sweep --resume "
                            f"{sweep_dir}") from None
-    return _write_results(sweep_dir, spec, trials)
+    return res if res is not None else _write_results(sweep_dir, spec, trials)
 
 
 def _trial(t, n, sweep_dir, overrides, data_for, out):
-    """Train trial t, unless it is over; a diverged or failed trial is reported and the sweep goes on."""
+    """Train trial t, unless it is over (then False); a diverged or failed trial is reported and the
+    sweep goes on."""
     from ..data import DataError  # noqa: PLC0415
     from ..monitor import AnomalyError  # noqa: PLC0415
     from .engine import CHECKPOINT, Trainer  # noqa: PLC0415
@@ -270,7 +271,7 @@ def _trial(t, n, sweep_dir, overrides, data_for, out):
     status = _status(d)
     if status in _OVER:
         print(f"{head}: {status}, kept ({d})", file=out)
-        return
+        return False
     print(head + " ---", file=out)
     try:
         if (d / CHECKPOINT).is_file():
@@ -286,6 +287,7 @@ def _trial(t, n, sweep_dir, overrides, data_for, out):
         print(f"trial {t.index + 1}/{n} stopped by the anomaly guard, ranked last: {e}", file=out)
     except Exception as e:  # noqa: BLE001  (reported in the results; the sweep goes on)
         print(f"trial {t.index + 1}/{n} failed: {type(e).__name__}: {e}", file=out)
+    return True
 
 
 # ---- results -------------------------------------------------------------------------------------
