@@ -21,7 +21,7 @@ if [ -n "$KEEP_TORCH" ]; then
     CONSTRAINT=(-c build/torch-constraint.txt)
 fi
 "$PY" -m pip install -q --disable-pip-version-check "${CONSTRAINT[@]}" \
-    'torch>=2.11' 'torchvision>=0.26' numpy tqdm matplotlib pyyaml pytest pytest-timeout ninja
+    'torch>=2.11' 'torchvision>=0.26' numpy tqdm matplotlib pyyaml pytest pytest-timeout ninja tensorboard
 # No build isolation: an isolated build would fetch a second torch and compile against it.
 mkdir -p build
 echo "fastmlp: building the extension (log: build/build.log) ..."

@@ -99,6 +99,8 @@ class TrainConfig:
     anomaly_guard: bool = _h("stop with the step and layer on a NaN/Inf loss or gradient", default=True)
     progress: str = _h("auto (a bar when stderr is a terminal) | on | off", default="auto")
     plots: bool = _h("write PNG plots into the run folder", default=True)
+    tensorboard: bool = _h("also write the metrics as TensorBoard event files into <run folder>/tensorboard (view "
+                           "them with: tensorboard --logdir runs); needs the tensorboard package", default=False)
 
     def __post_init__(self):
         self._tuples_to_lists()

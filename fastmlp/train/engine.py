@@ -30,6 +30,7 @@ from ..monitor import AnomalyError, AnomalyGuard, Monitor, total_grad_norm
 from .checkpoint import (CheckpointError, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint,
                          remove_stale_temp_files, rng_state, set_rng_state, sigint_deferred)
 from .config import ConfigError, TrainConfig
+from .tensorboard import TensorBoardLog, require_tensorboard
 
 __all__ = ["Trainer", "build_model", "build_optimizer", "build_scheduler", "resolve_device", "new_run_dir",
            "optim_module", "load_data", "open_run", "apply_deterministic", "min_batch", "completed_summary",
@@ -251,6 +252,9 @@ class Trainer:
         # The moving average of the weights (--ema): what evaluation, best.pt and the saved model use.
         self.ema = optim_module("fastmlp").EMA(self.model, cfg.ema) if cfg.ema else None
         self.monitor = Monitor(self.model, cfg.monitor_every)
+        if cfg.tensorboard:
+            require_tensorboard()  # before anything trains
+        self.tb = None  # the TensorBoardLog while fit() runs with --tensorboard
         self.guard = AnomalyGuard(self.model) if cfg.anomaly_guard else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -407,18 +411,20 @@ class Trainer:
                              for p in self.pending]).double()  # a diverging run's norm can pass fp32's range
         lv, nv = torch.stack([losses.double(), norms.to(losses.device)]).tolist()  # the one sync
         self.recent_losses.extend(lv)
-        lines = []
+        records = []
         for (step, epoch, _, _, lr, mon), loss, gn in zip(self.pending, lv, nv):
             rec = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": lr}
             if not math.isnan(gn):
                 rec["grad_norm"] = gn
             if mon:
                 rec.update({k: v for k, v in mon.items() if k != "step"})
-            lines.append(json.dumps(rec))
+            records.append(rec)
             if epoch == self.epoch:
                 self.epoch_losses.append(loss)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write("\n".join(map(json.dumps, records)) + "\n")
+        if self.tb is not None:
+            self.tb.steps(records)
         self.pending = []
         return lv[-1]
 
@@ -592,6 +598,9 @@ class Trainer:
         # leaves ~300k of them: 140 ms per collection here, ~7% of a CPU epoch. Freezing what exists
         # once the run is set up (gc.freeze) leaves collections only what training allocates. (No
         # gc.collect() first: it would cost such a collection; garbage frozen here is freed later.)
+        if cfg.tensorboard:
+            # A resumed run writes on from its checkpoint; TensorBoard drops the stopped run's later steps.
+            self.tb = TensorBoardLog(self.run_dir, first_step=self.global_step + 1)
         gc.freeze()
         try:
             self._fit_epochs(show, n_train)
@@ -621,6 +630,9 @@ class Trainer:
         try:
             self.finish(status=status, extra=extra)
         except BaseException as pe:  # noqa: BLE001  (a second Ctrl-C, a plotting or disk error)
+            if self.tb is not None:  # (finish() closes it once the summary is written)
+                tb, self.tb = self.tb, None
+                tb.close()
             print(f"warning: could not write the summary and plots of the stopped run in {self.run_dir}: "
                   f"{type(pe).__name__}: {pe}", file=sys.stderr)
             try:
@@ -682,6 +694,8 @@ class Trainer:
                    "seconds": self.epoch_time, "samples_per_s": n_seen / self.epoch_time}
             best = max((r["val_acc"] for r in self.history if r.get("val_acc") is not None), default=None)
             self.history.append(row)
+            if self.tb is not None:
+                self.tb.epoch(row)
             val_s = f"{val_acc:.4f}" if val_acc is not None else "  -   "
             self._print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  acc {train_acc:.4f}  "
                         f"val acc {val_s}  test acc {test_acc:.4f}  last lr {row['lr']:.2e}  {self.epoch_time:6.2f} s  "
@@ -739,6 +753,9 @@ class Trainer:
 
             summary["plots"] = [str(p.name) for p in write_plots(self.run_dir, steps, self.history, monitor)]
         atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.tb is not None:
+            tb, self.tb = self.tb, None
+            tb.finish(self.cfg, summary)
         return summary
 
 
