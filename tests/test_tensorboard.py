@@ -53,11 +53,13 @@ def test_a_resumed_run_shows_each_step_once(tmp_path):
         part.fit()
     stopped, _ = scalars(part.run_dir)
     assert [st for st, _ in stopped["train/loss"]][-1] == 12
+    assert not any(tag.startswith("hparam/") for tag in stopped)  # written when the run completes
     s = Trainer.resume(part.run_dir, data=data).fit()
     got, _ = scalars(s["run_dir"])
     want, _ = scalars(full["run_dir"])
     assert [st for st, _ in got["train/loss"]] == list(range(1, 25))
     assert got["train/loss"] == want["train/loss"] and got["epoch/test_acc"] == want["epoch/test_acc"]
+    assert got["hparam/final_test_acc"] == want["hparam/final_test_acc"]
 
 
 def test_tensorboard_missing_is_a_config_error(tmp_path, monkeypatch):

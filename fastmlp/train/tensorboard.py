@@ -65,7 +65,11 @@ class TensorBoardLog:
         self.writer.flush()
 
     def finish(self, cfg, summary):
-        """The run's options and final numbers for the HParams dashboard; closes the files."""
+        """For a completed run its options and final numbers for the HParams dashboard (a stopped
+        run gets them when its resume completes); closes the files."""
+        if summary.get("status") != "completed":
+            self.close()
+            return
         hparams = {}
         for k, v in cfg.to_dict().items():
             if k in _NOT_A_CHANGE:  # where and how the run logs: not a hyperparameter
