@@ -11,7 +11,7 @@ from fastmlp.nn import MLP
 from fastmlp.optim import EMA
 from fastmlp.train import Trainer
 from fastmlp.train.engine import BEST, CHECKPOINT, evaluation_sums
-from fastmlp.train.evaluate import evaluate_run, load_model, report
+from fastmlp.train.evaluate import evaluate_run, export_model, load_model, report
 from test_data import real_data_dir
 from test_train import _dying, cfg_small, synthetic, two_way_split
 
@@ -184,6 +184,10 @@ def test_trainer_evaluates_and_saves_the_average(tmp_path):
         assert torch.equal(v, avg[k])
     correct, loss, _ = evaluation_sums(model.mlp, data.test.batches(4096), torch.device("cpu"), None)
     assert int(correct) / len(data.test) == s["final_test_acc"]
+    # export ships the average too: the program's logits are the averaged model's.
+    images = torch.rand(5, 1, 28, 28)
+    program = torch.export.load(export_model(run)).module()
+    torch.testing.assert_close(program(images), model(images.reshape(5, 784)))
     r = evaluate_run(run, data_dir=real_data_dir(), plots=False)
     assert r["ema"] == 0.9 and f"{run} (checkpoint.pt, the moving average of the weights (--ema 0.9)): " in report(r)
     # best.pt holds the averaged weights of its epoch (here the only one).
