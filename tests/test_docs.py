@@ -41,3 +41,16 @@ def test_every_relative_link_resolves(doc):
         elif anchor and (file.suffix != ".md" or anchor not in anchors_of(file)):
             broken.append(f"{link}: no heading with that anchor in {file.relative_to(REPO)}")
     assert not broken, f"broken links in {doc}:\n" + "\n".join(broken)
+
+
+def test_every_training_option_is_in_the_readmes_table():
+    """A newcomer finds any option of `fastmlp train` in the README's table of options."""
+    import dataclasses
+
+    from fastmlp.train import TrainConfig
+
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| options | what they do |"):]
+    table = table[:table.index("\n\n")]
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`--{f.name.replace('_', '-')}" not in table]
+    assert not missing, f"options missing from the README's table: {missing}"
