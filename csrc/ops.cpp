@@ -58,4 +58,12 @@ TORCH_LIBRARY(fastmlp, m) {
   // (fastmlp.optim.EMA). CPU: one parallel region over all elements (torch's _foreach_lerp_ runs
   // one per tensor there); CUDA: torch's fused _foreach_lerp_.
   m.def("ema_update_(Tensor(a!)[] averages, Tensor[] values, float weight) -> ()");
+  // The L2 norm of each tensor, accumulated in float64 (a sum of squares of finite fp32 values
+  // overflows fp32 once they reach ~1e19, which a diverging run's gradients do before any is Inf),
+  // as a float64 tensor of shape (len(tensors),) on their device (a non-empty list: the dispatcher
+  // picks the kernel from the tensors); NaN and Inf propagate. CPU: one
+  // parallel pass over fixed chunks of every tensor, summed in a fixed order, so the result does not
+  // depend on the thread count (torch's _foreach_norm with dtype=float64 converts each tensor to a
+  // float64 copy there first); CUDA: torch's _foreach_norm. fastmlp.monitor's gradient norms.
+  m.def("norms(Tensor[] tensors) -> Tensor");
 }

@@ -238,6 +238,16 @@ def _ema_update_fake(averages, values, weight):
     return None
 
 
+norms = torch.ops.fastmlp.norms.default
+
+
+@torch.library.register_fake("fastmlp::norms")
+def _norms_fake(tensors):
+    for t in tensors:
+        _check_floating("fastmlp.norms", "tensors", t)
+    return torch.empty((len(tensors),), dtype=torch.float64, device=tensors[0].device if tensors else "cpu")
+
+
 @torch.library.register_fake("fastmlp::sgd_step_")
 def _sgd_step_fake(params, grads, momentum_buffers, master_params, lr, lr_tensor, momentum, dampening,
                    weight_decay, nesterov, maximize, is_first_step, grad_scale, found_inf):

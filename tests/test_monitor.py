@@ -199,3 +199,51 @@ def test_guard_blames_the_lr_when_a_growing_loss_overflows():
     for steady in ([2.3, 2.2, 2.25, 2.1], [], [1e-6, 2e-6, 5e-5], [2.0, float("nan"), float("inf")]):
         msg = str(guard.error(9, _replay(m, x, y), recent_losses=steady))
         assert "check the labels and the loss inputs" in msg and "learning rate" not in msg
+
+
+# ---- fastmlp.norms: the gradient norms' kernel ---------------------------------------------------
+def _norm_inputs(device, dtype):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g).to(device, dtype) for s in [(0,), (3,), (40001,), (129, 257)]] + \
+        [torch.randn(65, 33, generator=g).to(device, dtype).t(), torch.randn(8, 6, generator=g).to(device, dtype)[:, ::2]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_norms_match_a_float64_reference(device, dtype):
+    from fastmlp import ops
+
+    ts = _norm_inputs(device, dtype)
+    got = ops.norms(ts)
+    ref = torch.stack([t.double().square().sum().sqrt() for t in ts])
+    assert got.dtype == torch.float64 and got.shape == (len(ts),) and got.device == ts[0].device
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    torch.library.opcheck(ops.norms, (ts,))
+
+
+def test_norms_do_not_overflow_propagate_nan_and_ignore_the_thread_count(device):
+    from fastmlp import ops
+
+    big = torch.full((1000,), 1e20, device=device)  # finite fp32 whose squares overflow fp32
+    assert ops.norms([big]).item() == pytest.approx(1e20 * math.sqrt(1000))
+    bad = torch.ones(50000, device=device)
+    bad[31337] = float("nan")
+    inf = torch.ones(3, device=device)
+    inf[1] = float("inf")
+    out = ops.norms([bad, inf, torch.ones(4, device=device)])
+    assert math.isnan(out[0]) and math.isinf(out[1]) and out[2] == 2.0
+    ts = _norm_inputs(device, torch.float32) + [torch.randn(300000, device=device)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.norms(ts)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(ops.norms(ts), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_norms_errors():
+    from fastmlp import ops
+
+    with pytest.raises(TypeError, match=r"fastmlp.norms: tensors must be a floating-point tensor"):
+        ops.norms([torch.ones(3), torch.ones(3, dtype=torch.long)])

@@ -686,6 +686,88 @@ void ema_update_cpu(at::TensorList averages, at::TensorList values, double weigh
   d.finish();
 }
 
+// ---- norms ----------------------------------------------------------------------------------
+
+void check_norms_args(at::TensorList tensors, const char* op) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_floating(tensors[i], op, "tensors");
+    FASTMLP_CHECK(tensors[i].device() == tensors[0].device(), op,
+                  ": all tensors of one call must be on one device, got ", tensors[0].device(), " and ",
+                  tensors[i].device());
+  }
+}
+
+// Sum of squares of x[0, n) in double, in 16 independent partial sums (two 8-wide vectors once
+// vectorised: a single running sum would wait on each add's latency), added up in a fixed order.
+template <typename scalar_t>
+double sum_of_squares(const scalar_t* __restrict__ x, int64_t n) {
+  constexpr int kLanes = 16;
+  double acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const double v = static_cast<double>(x[i + j]);
+      acc[j] += v * v;
+    }
+  }
+  double tail = 0.0;
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    tail += v * v;
+  }
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  return acc[0] + tail;
+}
+
+at::Tensor norms_cpu(at::TensorList tensors) {
+  constexpr const char* op = "fastmlp.norms";
+  check_norms_args(tensors, op);
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
+  if (n == 0) return out;
+  // Dense working copies only for the rare tensor that is not (the sum ignores element order).
+  std::vector<at::Tensor> work(tensors.begin(), tensors.end());
+  for (auto& t : work) {
+    if (!t.is_non_overlapping_and_dense()) t = t.contiguous();
+  }
+  // Fixed chunks of kChunk elements, each summed on its own, then each tensor's chunks in order:
+  // the same result for any thread count.
+  constexpr int64_t kChunk = 16384;
+  struct Chunk {
+    int64_t tensor, begin, end;
+  };
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t numel = work[t].numel();
+    total += numel;
+    for (int64_t b = 0; b < numel; b += kChunk) chunks.push_back({t, b, std::min(numel, b + kChunk)});
+  }
+  std::vector<double> partial(chunks.size(), 0.0);
+  auto run = [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const Chunk& k = chunks[c];
+      const at::Tensor& t = work[k.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "norms_cpu", [&] {
+        partial[c] = sum_of_squares(t.const_data_ptr<scalar_t>() + k.begin, k.end - k.begin);
+      });
+    }
+  };
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  if (total < 2 * kMinPerThread || at::get_num_threads() == 1) {
+    run(0, nc);
+  } else {
+    at::parallel_for(0, nc, 1, run);
+  }
+  double* o = out.data_ptr<double>();
+  std::fill(o, o + n, 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) o[chunks[c].tensor] += partial[c];
+  for (int64_t t = 0; t < n; ++t) o[t] = std::sqrt(o[t]);
+  return out;
+}
+
 // ---- Step plans -----------------------------------------------------------------------------
 //
 // fastmlp.optim's fast path on the CPU. Passing every tensor of a group through the dispatcher
@@ -931,6 +1013,7 @@ TORCH_LIBRARY_IMPL(fastmlp, CPU, m) {
   m.impl("adamw_step_", &adamw_step_cpu);
   m.impl("sgd_step_", &sgd_step_cpu);
   m.impl("ema_update_", &ema_update_cpu);
+  m.impl("norms", &norms_cpu);
 }
 
 // The step plans are classes, not ops: they hold tensors between calls. csrc/ops.cpp holds the
@@ -953,6 +1036,7 @@ TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
   m.impl("adamw_step_", torch::CppFunction::makeFallthrough());
   m.impl("sgd_step_", torch::CppFunction::makeFallthrough());
   m.impl("ema_update_", torch::CppFunction::makeFallthrough());
+  m.impl("norms", torch::CppFunction::makeFallthrough());
 }
 
 #ifdef FASTMLP_WITH_CUDA
@@ -1058,12 +1142,20 @@ void ema_update_cuda(at::TensorList averages, at::TensorList values, double weig
   at::_foreach_lerp_(averages, values, at::Scalar(weight));
 }
 
+at::Tensor norms_cuda(at::TensorList tensors) {
+  check_norms_args(tensors, "fastmlp.norms");
+  if (tensors.empty()) return at::empty({0}, at::TensorOptions().dtype(at::kDouble).device(at::kCUDA));
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  return at::stack(at::_foreach_norm(tensors, 2, at::kDouble));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmlp, CUDA, m) {
   m.impl("adamw_step_", &adamw_step_cuda);
   m.impl("sgd_step_", &sgd_step_cuda);
   m.impl("ema_update_", &ema_update_cuda);
+  m.impl("norms", &norms_cuda);
 }
 #endif  // FASTMLP_WITH_CUDA
 

@@ -169,7 +169,7 @@ def build_parser():
 # monitor_every may change unless the run uses --compile: monitored steps run eagerly, the others
 # compiled, so their numerics differ.
 RESUME_MAY_CHANGE = {"device", "progress", "plots", "data_dir", "log_every", "checkpoint_every", "anomaly_guard",
-                     "tensorboard"}
+                     "tensorboard", "profile_steps"}
 
 # Options a subcommand does not use, with the reason; given on its command line, they get a warning.
 # (Both honour the data, model and optimizer options, --amp, --clip-grad-norm, --seed, --deterministic
@@ -179,7 +179,8 @@ def _why(reason, *names):
 
 
 _SCHEDULE = ("epochs", "early_stopping", "scheduler", "step_size", "gamma", "warmup_epochs", "pct_start", "cycle_momentum", "min_lr")
-_LOGGING = ("log_every", "monitor_every", "checkpoint_every", "anomaly_guard", "progress", "tensorboard")
+_LOGGING = ("log_every", "monitor_every", "checkpoint_every", "anomaly_guard", "progress", "tensorboard",
+            "profile_steps")
 IGNORED = {
     "check-overfit": {
         **_why("it trains one batch at a constant --lr for at most --max-steps steps", *_SCHEDULE),

@@ -96,6 +96,9 @@ class TrainConfig:
     monitor_every: int = _h("steps between per-layer monitor records: gradient norm (before clipping), "
                             "update/weight ratio, activation statistics (0 = off)", default=50)
     checkpoint_every: int = _h("also checkpoint every N optimizer steps (0 = at epoch ends only)", default=0)
+    profile_steps: int = _h("profile N training steps with torch.profiler, after 5 warm-up steps: writes "
+                            "profile/trace.json (open it in Perfetto or chrome://tracing) and profile/ops.txt (ops "
+                            "by self time) into the run folder; training goes on unchanged (0 = off)", default=0)
     anomaly_guard: bool = _h("stop with the step and layer on a NaN/Inf loss or gradient", default=True)
     progress: str = _h("auto (a bar when stderr is a terminal) | on | off", default="auto")
     plots: bool = _h("write PNG plots into the run folder", default=True)
@@ -136,7 +139,7 @@ class TrainConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(k, "an int >= 1", v)
-        for k in ("seed", "train_subset", "monitor_every", "checkpoint_every", "early_stopping"):
+        for k in ("seed", "train_subset", "monitor_every", "checkpoint_every", "early_stopping", "profile_steps"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(k, "an int >= 0", v)

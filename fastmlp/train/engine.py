@@ -30,6 +30,7 @@ from ..monitor import AnomalyError, AnomalyGuard, Monitor, total_grad_norm
 from .checkpoint import (CheckpointError, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint,
                          remove_stale_temp_files, rng_state, set_rng_state, sigint_deferred)
 from .config import ConfigError, TrainConfig
+from .profiling import StepProfiler
 from .tensorboard import TensorBoardLog, require_tensorboard
 
 __all__ = ["Trainer", "build_model", "build_optimizer", "build_scheduler", "resolve_device", "new_run_dir",
@@ -255,6 +256,7 @@ class Trainer:
         if cfg.tensorboard:
             require_tensorboard()  # before anything trains
         self.tb = None  # the TensorBoardLog while fit() runs with --tensorboard
+        self.profiler = None  # the StepProfiler while fit() runs with --profile-steps
         self.guard = AnomalyGuard(self.model) if cfg.anomaly_guard else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -601,10 +603,15 @@ class Trainer:
         if cfg.tensorboard:
             # A resumed run writes on from its checkpoint; TensorBoard drops the stopped run's later steps.
             self.tb = TensorBoardLog(self.run_dir, first_step=self.global_step + 1)
+        if cfg.profile_steps:
+            self.profiler = StepProfiler(self.run_dir, cfg.profile_steps, self.device, self.global_step)
         gc.freeze()
         try:
             self._fit_epochs(show, n_train)
+            self._profile_written(self.profiler.finish() if self.profiler is not None else None)
         except BaseException as e:
+            if self.profiler is not None:
+                self.profiler.abandon()
             if isinstance(e, Exception) and isinstance(e.__context__, KeyboardInterrupt):
                 stop = KeyboardInterrupt()
                 self._stopped(stop)
@@ -614,6 +621,12 @@ class Trainer:
         finally:
             gc.unfreeze()
         return self.finish()
+
+    def _profile_written(self, files):
+        if files:
+            trace, ops = files
+            self._print(f"profile: {self.profiler.profiled} steps in {trace} (open it in https://ui.perfetto.dev or "
+                        f"chrome://tracing) and {ops} (ops by self time)")
 
     def finished(self):
         """Whether training is over: every epoch trained, or early stopping ended the run."""
@@ -657,9 +670,13 @@ class Trainer:
                                          start=self.step_in_epoch):
                 if cfg.augment_shift or cfg.augment_flip:
                     xb = augment(xb, cfg.augment_shift, cfg.augment_flip, fill=-self.data.mean / self.data.std)
+                if self.profiler is not None:
+                    self.profiler.before_step(self.global_step)
                 loss, gnorm, lr, mon = self.train_step(xb, yb, context=f" (epoch {epoch + 1}, batch {b + 1})")
                 last_lr = lr
                 self.global_step += 1
+                if self.profiler is not None:
+                    self._profile_written(self.profiler.after_step())
                 self.step_in_epoch = b + 1
                 self.pending.append((self.global_step, epoch, loss, gnorm, lr, mon))
                 if self.global_step % cfg.log_every == 0:

@@ -20,7 +20,7 @@ __all__ = ["list_runs", "format_runs", "plot_runs", "SORT_KEYS"]
 
 # Options that say where and how a run logs, not what it trains: left out of "changes".
 _NOT_A_CHANGE = {"name", "out_dir", "data_dir", "progress", "plots", "log_every", "monitor_every",
-                 "checkpoint_every", "anomaly_guard", "tensorboard"}
+                 "checkpoint_every", "anomaly_guard", "tensorboard", "profile_steps"}
 SORT_KEYS = ("start", "test_acc", "val_acc")
 
 
