@@ -16,11 +16,12 @@ import yaml
 
 from .config import TrainConfig
 
-__all__ = ["list_runs", "format_runs", "plot_runs", "SORT_KEYS"]
+__all__ = ["list_runs", "format_runs", "plot_runs", "SORT_KEYS", "LOGGING_OPTIONS"]
 
-# Options that say where and how a run logs, not what it trains: left out of "changes".
-_NOT_A_CHANGE = {"name", "out_dir", "data_dir", "progress", "plots", "log_every", "monitor_every",
-                 "checkpoint_every", "anomaly_guard", "tensorboard", "profile_steps"}
+# Options that say where and how a run logs, not what it trains: left out of "changes", not
+# sweepable, not hyperparameters on TensorBoard's HParams tab.
+LOGGING_OPTIONS = {"name", "out_dir", "data_dir", "progress", "plots", "log_every", "monitor_every",
+                   "checkpoint_every", "anomaly_guard", "tensorboard", "profile_steps"}
 SORT_KEYS = ("start", "test_acc", "val_acc")
 
 
@@ -46,7 +47,7 @@ def _changes(config):
     recipe = TrainConfig().to_dict()
     out = []
     for k, v in config.items():
-        if k in _NOT_A_CHANGE or k not in recipe or v == recipe[k]:
+        if k in LOGGING_OPTIONS or k not in recipe or v == recipe[k]:
             continue
         if isinstance(v, list):
             v = ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)

@@ -32,7 +32,7 @@ import yaml
 
 from .checkpoint import atomic_write_json
 from .config import ConfigError, TrainConfig, _coerce
-from .runs import _NOT_A_CHANGE, plot_runs, read_run
+from .runs import LOGGING_OPTIONS, plot_runs, read_run
 
 __all__ = ["parse_grid", "check_grid", "check_metric", "plan_trials", "run_sweep", "resume_sweep", "sweep_results",
            "format_results", "describe", "train_command", "SweepStopped", "SWEEP_FILE"]
@@ -102,7 +102,7 @@ def check_grid(grid):
             close = difflib.get_close_matches(str(key), _FIELDS, n=1)
             raise ConfigError(f"{src}: unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else
                                                                    f"; known options: {', '.join(_FIELDS)}"))
-        if key in _NOT_A_CHANGE:
+        if key in LOGGING_OPTIONS:
             raise ConfigError(f"{src}: {key} cannot be swept: it sets where or how a run logs, not what it trains "
                               "(the sweep names its folders itself)")
         if not isinstance(values, (list, tuple)) or not values:
@@ -358,7 +358,7 @@ def train_command(config, leave_out=()):
 
     recipe, flags = TrainConfig().to_dict(), []
     for k, v in config.items():
-        if k in _NOT_A_CHANGE or k in leave_out or k not in recipe or v == recipe[k]:
+        if k in LOGGING_OPTIONS or k in leave_out or k not in recipe or v == recipe[k]:
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):

@@ -9,7 +9,7 @@ What is written, on TensorBoard's step axis (the optimizer step, as in metrics.j
   monitored steps;
 - epoch/<train_loss|train_acc|val_loss|val_acc|test_loss|test_acc|seconds|samples_per_s> at each
   epoch's last step;
-- when the run ends, its options and final numbers for the HParams dashboard.
+- when the run completes, its options and final numbers for the HParams dashboard.
 A resumed run writes on from its checkpoint's step and has TensorBoard drop what the stopped run
 logged after that step (SummaryWriter's purge_step), so the curves show each step once.
 """
@@ -18,7 +18,7 @@ import importlib.util
 import math
 
 from .config import ConfigError
-from .runs import _NOT_A_CHANGE
+from .runs import LOGGING_OPTIONS
 
 __all__ = ["TensorBoardLog", "require_tensorboard", "LOG_FOLDER"]
 
@@ -72,7 +72,7 @@ class TensorBoardLog:
             return
         hparams = {}
         for k, v in cfg.to_dict().items():
-            if k in _NOT_A_CHANGE:  # where and how the run logs: not a hyperparameter
+            if k in LOGGING_OPTIONS:  # where and how the run logs: not a hyperparameter
                 continue
             hparams[k] = ",".join(map(str, v)) if isinstance(v, list) else ("none" if v is None else v)
         metrics = {f"hparam/{k}": summary[k] for k in ("final_test_acc", "final_val_acc", "best_val_acc",
