@@ -96,6 +96,19 @@ def test_each_trial_is_the_run_train_gives_and_the_ranking_is_their_mean(tmp_pat
     assert f"--lr {best['params']['lr']:g}" in text[-1] and "--seed" not in text[-1] and "--out-dir" not in text[-1]
 
 
+def test_seeds_alone_give_one_row_with_their_mean_and_spread(tmp_path, capsys):
+    data = two_way_split()
+    res = run_sweep(base(tmp_path, epochs=1), {"seed": [0, 1, 2]}, data=data)
+    assert len(res["trials"]) == 3 and len(res["ranking"]) == 1 and res["ranking"][0]["params"] == {}
+    vals = [t["best_val_acc"] for t in res["trials"]]
+    assert res["ranking"][0]["val_acc"] == {"mean": pytest.approx(statistics.fmean(vals)),
+                                            "std": pytest.approx(statistics.stdev(vals)), "n": 3}
+    text = format_results(res).splitlines()
+    assert text[0].split()[:2] == ["rank", "runs"] and text[1].split()[:2] == ["1", "3/3"]
+    assert text[-2].startswith("the options: val acc ") and text[-2].endswith(" over 3 seeds")
+    assert text[-1].startswith("train it: python -m fastmlp train ") and "--seed" not in text[-1]
+
+
 def test_train_command_gives_the_config_back():
     from fastmlp.train.cli import build_parser, resolve_config
 

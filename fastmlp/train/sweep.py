@@ -316,7 +316,7 @@ def sweep_results(path):
         rows.append({"trial": t["trial"], "folder": t["folder"], "params": t["params"],
                      **{k: run.get(k) for k in ("status", "epochs_done", "epochs", "test_acc", "best_val_acc",
                                                 "best_epoch", "seconds_per_epoch")}})
-    over_seed = "seed" in spec["grid"] and len(spec["grid"]) > 1
+    over_seed = "seed" in spec["grid"]  # (alone in the grid: one row, the options' mean over the seeds)
     groups = {}
     for r in rows:
         params = {k: v for k, v in r["params"].items() if not (over_seed and k == "seed")}
@@ -401,7 +401,8 @@ def format_results(res):
         return "\n".join(out)
     s = best[metric]
     over = f" over {s['n']} seeds" if res["aggregated_over_seed"] else ""
-    out.append(f"best: {describe(best['params'])} ({'val' if metric == 'val_acc' else 'test'} acc {_acc(s)}{over})")
+    what = f"{'val' if metric == 'val_acc' else 'test'} acc {_acc(s)}{over}"
+    out.append(f"best: {describe(best['params'])} ({what})" if best["params"] else f"the options: {what}")
     config = {**res["config"], **best["params"]}
     out.append("train it: " + train_command(config, leave_out=("seed",) if res["aggregated_over_seed"] else ()))
     return "\n".join(out)
