@@ -9,7 +9,8 @@ import pytest
 
 from fastmlp.train import ConfigError, Trainer, TrainConfig, resume_sweep, run_sweep, sweep_results
 from fastmlp.train.cli import main
-from fastmlp.train.sweep import SweepStopped, check_grid, format_results, parse_grid, plan_trials, train_command
+from fastmlp.train.sweep import (SweepStopped, check_grid, format_results, parse_grid, plan_trials, sample_combos,
+                                  train_command)
 from test_data import real_data_dir
 from test_train import cfg_small, two_way_split
 
@@ -94,6 +95,44 @@ def test_each_trial_is_the_run_train_gives_and_the_ranking_is_their_mean(tmp_pat
     assert f"best: lr={best['params']['lr']:g} (val acc" in text[-2] and "over 2 seeds" in text[-2]
     assert text[-1] == "train it: " + train_command({**cfg.to_dict(), "lr": best["params"]["lr"]})
     assert f"--lr {best['params']['lr']:g}" in text[-1] and "--seed" not in text[-1] and "--out-dir" not in text[-1]
+
+
+def test_random_search_draws_reproducibly_within_the_ranges(tmp_path, capsys):
+    grid = parse_grid(["lr=loguniform(1e-4, 1e-2)", "dropout=uniform(0,0.5)", "batch_size=loguniform(64,512)",
+                       "activation=relu,gelu", "seed=0,1"])
+    assert grid["lr"] == {"dist": "loguniform", "low": 1e-4, "high": 1e-2}
+    assert grid["dropout"] == {"dist": "uniform", "low": 0.0, "high": 0.5}
+    combos = sample_combos(grid, 50, sample_seed=3)
+    assert combos == sample_combos(grid, 50, sample_seed=3) != sample_combos(grid, 50, sample_seed=4)
+    assert len(combos) == 100 and [c[-1] for c in combos[:4]] == [0, 1, 0, 1]  # each draw with each seed
+    draws = combos[::2]
+    assert len({c[:-1] for c in draws}) == 50  # distinct configurations
+    for lr, dropout, bs, act, _ in draws:
+        assert 1e-4 <= lr <= 1e-2 and float(f"{lr:.3g}") == lr and 0 <= dropout <= 0.5
+        assert type(bs) is int and 64 <= bs <= 512 and act in ("relu", "gelu")
+    many = sample_combos({"lr": grid["lr"]}, 1000, sample_seed=0)
+    below = sum(lr < 1e-3 for (lr,) in many) / len(many)
+    assert 0.45 < below < 0.55  # log-uniform: as many draws in [1e-4, 1e-3) as in [1e-3, 1e-2]
+    assert len(sample_combos({"activation": ["relu", "gelu"]}, 5)) == 2  # no more than the grid holds
+    for specs, match in [(["activation=uniform(0,1)"], "activation is not a number; give its values as a list"),
+                         (["lr=uniform(1,0.5)"], r"uniform\(1,0.5\) needs finite bounds with low < high"),
+                         (["lr=loguniform(0,1)"], r"loguniform\(0,1\) needs bounds > 0")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_grid(specs)
+    with pytest.raises(ConfigError, match=r"--grid lr is a range \(loguniform\): give --samples N"):
+        plan_trials(TrainConfig().to_dict(), grid)
+
+    data = two_way_split()
+    res = run_sweep(base(tmp_path, epochs=1), {"lr": grid["lr"], "seed": [0, 1]}, data=data, samples=2,
+                    sample_seed=7)
+    assert len(res["trials"]) == 4 and len(res["ranking"]) == 2
+    assert [(t["params"]["lr"], t["params"]["seed"]) for t in res["trials"]] == sample_combos(res["grid"], 2, 7)
+    lrs = [t["params"]["lr"] for t in res["trials"]]
+    assert lrs[0] == lrs[1] != lrs[2] == lrs[3] and all(1e-4 <= v <= 1e-2 for v in lrs)
+    assert "2 draws of lr ~ loguniform(0.0001, 0.01), each with 2 seeds" in capsys.readouterr().out
+    again = resume_sweep(res["sweep_dir"], data=data)  # the same draws planned again: every trial kept
+    assert [t["folder"] for t in again["trials"]] == [t["folder"] for t in res["trials"]]
+    assert "--- trial 4/4: " in capsys.readouterr().out
 
 
 def test_seeds_alone_give_one_row_with_their_mean_and_spread(tmp_path, capsys):

@@ -88,7 +88,13 @@ def build_parser():
                                     "at the running trial's checkpoint and --resume continues from there.")
     sw.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2",
                     help="an option and the values to try, e.g. lr=1e-3,2e-3 or activation=relu,gelu or "
-                         "'widths=[784,256,10],[784,512,10]' (repeat for more options; every combination is trained)")
+                         "'widths=[784,256,10],[784,512,10]' (repeat for more options; every combination is trained, "
+                         "or with --samples N a random N of them)")
+    sw.add_argument("--samples", type=int, default=0, metavar="N",
+                    help="random search: draw N configurations from the grid instead of training every combination "
+                         "(a --grid value may then be a range, lr=loguniform(1e-4,1e-2) or dropout=uniform(0,0.5); "
+                         "a list is picked from; seed=0,1 runs every draw with each seed)")
+    sw.add_argument("--sample-seed", type=int, default=0, metavar="N", help="seed of the draws (default: 0)")
     sw.add_argument("--metric", choices=["auto", "val_acc", "test_acc"], default="auto",
                     help="what ranks the trials: auto (default): val_acc with --val-split, else test_acc")
     sw.add_argument("--resume", metavar="SWEEP_DIR", help="continue a stopped sweep: finished trials are kept, a "
@@ -365,7 +371,8 @@ def _sweep(args):
     cfg, flags = resolve_config(args)
     if args.resume:
         bad = sorted(set(flags) - RESUME_MAY_CHANGE) + [f for f, given in (("config", args.config), ("grid", args.grid),
-                                                         ("metric", args.metric != "auto"), ("dry_run", args.dry_run))
+                                                         ("metric", args.metric != "auto"), ("dry_run", args.dry_run),
+                                                         ("samples", args.samples), ("sample_seed", args.sample_seed))
                                                          if given]
         if bad:
             raise ConfigError(f"--resume continues a sweep with its saved grid and options; drop {_flag_list(bad)} "
@@ -378,7 +385,9 @@ def _sweep(args):
         both = sorted(set(grid) & set(flags))
         if both:
             raise ConfigError(f"{_flag_list(both)} given both as an option and in --grid; keep one")
-        trials = plan_trials(cfg.to_dict(), grid)
+        if args.samples < 0:
+            raise ConfigError(f"--samples must be >= 0 (0 = every combination of the grid), got {args.samples}")
+        trials = plan_trials(cfg.to_dict(), grid, samples=args.samples, sample_seed=args.sample_seed)
         check_metric(args.metric, min(t.cfg.val_split for t in trials))
         warn_train_options(cfg)
         # An option swept where no trial uses it (--grid momentum=... with adamw) would train the same run again.
@@ -395,7 +404,7 @@ def _sweep(args):
             for t in trials:
                 print(f"  {t.folder}: {describe(t.params)}")
             return 0
-        res = run_sweep(cfg, grid, metric=args.metric)
+        res = run_sweep(cfg, grid, metric=args.metric, samples=args.samples, sample_seed=args.sample_seed)
     print(format_results(res))
     failed = [r["folder"] for r in res["trials"] if r["status"] == "failed"]
     if failed:

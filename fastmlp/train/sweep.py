@@ -23,6 +23,8 @@ import dataclasses
 import difflib
 import itertools
 import json
+import math
+import random
 import re
 import statistics
 import sys
@@ -31,11 +33,11 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import atomic_write_json
-from .config import ConfigError, TrainConfig, _coerce
+from .config import ConfigError, TrainConfig, _coerce, _number
 from .runs import LOGGING_OPTIONS, plot_runs, read_run
 
-__all__ = ["parse_grid", "check_grid", "check_metric", "plan_trials", "run_sweep", "resume_sweep", "sweep_results",
-           "format_results", "describe", "train_command", "SweepStopped", "SWEEP_FILE"]
+__all__ = ["parse_grid", "check_grid", "check_metric", "plan_trials", "sample_combos", "run_sweep", "resume_sweep",
+           "sweep_results", "format_results", "describe", "describe_grid", "train_command", "SweepStopped", "SWEEP_FILE"]
 
 SWEEP_FILE = "sweep.json"
 RESULTS_FILE = "results.json"
@@ -68,6 +70,17 @@ def describe(params):
     return " ".join(f"{k}={_fmt(v)}" for k, v in params.items()) or "(no options)"
 
 
+def describe_grid(grid, samples=0):
+    """`3 lr x 2 seed`, or for random search `4 draws of lr ~ loguniform(0.0001, 0.01), dropout in
+    {0.1, 0.2}, each with 2 seeds`."""
+    if not samples:
+        return " x ".join(f"{len(v)} {k}" for k, v in grid.items())
+    parts = [f"{k} ~ {v['dist']}({v['low']:g}, {v['high']:g})" if isinstance(v, dict)
+             else f"{k} in {{{', '.join(map(_fmt, v))}}}" for k, v in grid.items() if k != "seed"]
+    seeds = f", each with {len(grid['seed'])} seeds" if "seed" in grid else ""
+    return f"{samples} draws of {', '.join(parts) or 'the options'}{seeds}"
+
+
 def parse_grid(specs):
     """{option: [values]} from --grid KEY=V1,V2,... specs, in the order given. Values are read as YAML
     (`lr=1e-3,2e-3`, `activation=relu,gelu`, `augment_flip=true,false`, for the list options
@@ -81,6 +94,10 @@ def parse_grid(specs):
             raise ConfigError(f"--grid {spec!r}: expected OPTION=VALUE,VALUE,..., e.g. --grid lr=1e-3,2e-3")
         if key in grid:
             raise ConfigError(f"--grid {key}: given twice; give all its values in one --grid {key}=V1,V2,...")
+        dist = _RANGE.fullmatch(text.strip())
+        if dist:
+            grid[key] = {"dist": dist[1], "low": dist[2].strip(), "high": dist[3].strip()}
+            continue
         try:
             grid[key] = yaml.safe_load(f"[{text}]")
         except yaml.YAMLError as e:
@@ -88,11 +105,30 @@ def parse_grid(specs):
     return check_grid(grid)
 
 
+_RANGE = re.compile(r"(uniform|loguniform)\(([^,()]+),([^,()]+)\)")
+
+
+def _check_range(key, spec, src):
+    """A range {"dist": "uniform"|"loguniform", "low", "high"} of a numeric option, bounds as numbers."""
+    kind = type(TrainConfig().to_dict()[key])
+    if kind not in (int, float):
+        raise ConfigError(f"{src}: {key} is not a number; give its values as a list (--grid {key}=V1,V2,...)")
+    if spec.get("dist") not in ("uniform", "loguniform") or set(spec) != {"dist", "low", "high"}:
+        raise ConfigError(f"{src}: a range is {{'dist': 'uniform' or 'loguniform', 'low': L, 'high': H}}, got {spec!r}")
+    low, high = (_number(key, float, spec[k], src) for k in ("low", "high"))
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ConfigError(f"{src}: {spec['dist']}({low:g},{high:g}) needs finite bounds with low < high")
+    if spec["dist"] == "loguniform" and low <= 0:
+        raise ConfigError(f"{src}: loguniform({low:g},{high:g}) needs bounds > 0 (it draws log(value) uniformly)")
+    return {"dist": spec["dist"], "low": low, "high": high}
+
+
 def check_grid(grid):
-    """grid ({option: [values]}) with each value as the config file would read it (YAML's 1e-3 string a
-    float, a tuple a list). Raises ConfigError for an unknown option, one that cannot be swept (where
-    and how a run logs), an empty or repeated value list, or a value of the wrong type; the whole
-    config of each trial is checked by plan_trials."""
+    """grid ({option: [values] or a range {"dist": "uniform"|"loguniform", "low", "high"}}) with each
+    value as the config file would read it (YAML's 1e-3 string a float, a tuple a list). Raises
+    ConfigError for an unknown option, one that cannot be swept (where and how a run logs), an empty
+    or repeated value list, a value of the wrong type or a bad range; the whole config of each trial
+    is checked by plan_trials."""
     if not isinstance(grid, dict):
         raise ConfigError(f"the grid must be a mapping of option: [values], got {type(grid).__name__}")
     out = {}
@@ -105,6 +141,9 @@ def check_grid(grid):
         if key in LOGGING_OPTIONS:
             raise ConfigError(f"{src}: {key} cannot be swept: it sets where or how a run logs, not what it trains "
                               "(the sweep names its folders itself)")
+        if isinstance(values, dict):
+            out[key] = _check_range(key, values, src)
+            continue
         if not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"{src}: expected a list of one or more values, got {values!r}")
         recipe = TrainConfig().to_dict()[key]
@@ -133,13 +172,60 @@ def _folder(index, digits, params):
     return f"{index:0{digits}d}-{name}" if name else f"{index:0{digits}d}"
 
 
-def plan_trials(base, grid, sweep_dir="."):
-    """The trials of a grid: every combination (the last option varying fastest), each a Trial with
-    its folder name and checked TrainConfig (base, a dict of options, with the combination's values;
-    out_dir is the sweep folder, name the trial's folder). A value that makes any trial's config
-    invalid raises ConfigError before anything trains."""
+def _draw(rng, spec, kind):
+    if isinstance(spec, list):
+        return rng.choice(spec)
+    low, high = spec["low"], spec["high"]
+    if spec["dist"] == "loguniform":
+        v = math.exp(rng.uniform(math.log(low), math.log(high)))
+    else:
+        v = rng.uniform(low, high)
+    if kind is int:
+        return min(max(int(round(v)), math.ceil(low)), math.floor(high))
+    return float(f"{v:.3g}")  # 3 significant digits: readable folder names and tables
+
+
+def sample_combos(grid, samples, sample_seed=0):
+    """Random search: `samples` distinct configurations drawn from grid (ranges drawn as they say,
+    value lists picked from uniformly) with Python's random.Random(sample_seed), so a sweep plans
+    the same trials again on --resume; a `seed` list is not drawn from: every configuration runs
+    with each of its seeds (seed varying fastest). Fewer than `samples` when the grid has fewer
+    distinct configurations."""
+    keys = [k for k in grid if k != "seed"]
+    kinds = {k: type(TrainConfig().to_dict()[k]) for k in keys}
+    rng, seen, keys_seen, combos, misses = random.Random(sample_seed), [], set(), [], 0
+    # Until `samples` distinct draws, or 1000 draws in a row that were all seen before (the grid, at
+    # 3 significant digits, holds fewer).
+    while len(seen) < samples and misses < 1000:
+        c = {k: _draw(rng, grid[k], kinds[k]) for k in keys}
+        key = tuple(tuple(v) if isinstance(v, list) else v for v in c.values())
+        if key in keys_seen:
+            misses += 1
+            continue
+        misses = 0
+        keys_seen.add(key)
+        seen.append(c)
+    for c in seen:
+        for seed in grid.get("seed", [None]):
+            combos.append(tuple(c[k] if k != "seed" else seed for k in grid))
+    return combos
+
+
+def plan_trials(base, grid, sweep_dir=".", samples=0, sample_seed=0):
+    """The trials of a grid: every combination (the last option varying fastest), or with samples > 0
+    the configurations sample_combos draws; each a Trial with its folder name and checked TrainConfig
+    (base, a dict of options, with the combination's values; out_dir is the sweep folder, name the
+    trial's folder). A value that makes any trial's config invalid raises ConfigError before anything
+    trains; so does a range without samples."""
     keys = list(grid)
-    combos = list(itertools.product(*(grid[k] for k in keys)))
+    ranges = [k for k in keys if isinstance(grid[k], dict)]
+    if ranges and not samples:
+        raise ConfigError(f"--grid {ranges[0]} is a range ({grid[ranges[0]]['dist']}): give --samples N to draw N "
+                          "configurations from the grid (random search)")
+    if samples:
+        combos = sample_combos(grid, samples, sample_seed)
+    else:
+        combos = list(itertools.product(*(grid[k] for k in keys)))
     digits = max(2, len(str(len(combos) - 1)))
     trials = []
     for i, combo in enumerate(combos):
@@ -167,9 +253,10 @@ def check_metric(metric, val_split):
 
 
 # ---- running -------------------------------------------------------------------------------------
-def run_sweep(cfg, grid, metric="auto", out=None, data=None):
+def run_sweep(cfg, grid, metric="auto", out=None, data=None, samples=0, sample_seed=0):
     """Train every trial of grid (see parse_grid) on top of cfg (a TrainConfig, or a dict of options)
     into a new sweep folder <cfg.out_dir>/<timestamp>-<cfg.name>-sweep; returns sweep_results of it.
+    samples > 0: random search, `samples` configurations drawn from the grid (see sample_combos).
     data: a FashionMNIST to train every trial on (default: loaded per trial as train does)."""
     from .engine import new_run_dir  # noqa: PLC0415
 
@@ -177,11 +264,13 @@ def run_sweep(cfg, grid, metric="auto", out=None, data=None):
     grid = check_grid(grid)
     if not grid:
         raise ConfigError("the grid is empty: give at least one --grid OPTION=VALUE,VALUE,...")
-    trials = plan_trials(base, grid)  # checks every trial before the folder exists
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ConfigError(f"--samples must be an int >= 0 (0 = every combination of the grid), got {samples!r}")
+    trials = plan_trials(base, grid, samples=samples, sample_seed=sample_seed)  # all checked before the folder exists
     val_splits = {t.cfg.val_split for t in trials}
     metric = check_metric(metric, min(val_splits))
     sweep_dir = new_run_dir(base.get("out_dir", "runs"), f"{base.get('name', 'fmnist-mlp')}-sweep")
-    spec = {"grid": grid, "config": base, "metric": metric,
+    spec = {"grid": grid, "config": base, "metric": metric, "samples": samples, "sample_seed": sample_seed,
             "trials": [{"trial": t.index, "folder": t.folder, "params": t.params} for t in trials]}
     atomic_write_json(sweep_dir / SWEEP_FILE, spec)
     return _run(sweep_dir, spec, {}, out, data)
@@ -206,7 +295,8 @@ def _open(path):
 
 
 def _trials(sweep_dir, spec, overrides=None):
-    trials = plan_trials({**spec["config"], **(overrides or {})}, spec["grid"], sweep_dir)
+    trials = plan_trials({**spec["config"], **(overrides or {})}, spec["grid"], sweep_dir,
+                         samples=spec.get("samples", 0), sample_seed=spec.get("sample_seed", 0))
     if [t.folder for t in trials] != [t["folder"] for t in spec["trials"]]:
         raise ConfigError(f"{Path(sweep_dir) / SWEEP_FILE}: its trials do not match its grid (edited by hand?)")
     return trials
@@ -235,8 +325,8 @@ def _run(sweep_dir, spec, overrides, out, data):
     out = out if out is not None else sys.stdout
     trials = _trials(sweep_dir, spec, overrides)
     n, loaded = len(trials), {}
-    sizes = " x ".join(f"{len(v)} {k}" for k, v in spec["grid"].items())
-    print(f"sweep {sweep_dir}: {n} trials ({sizes}), one after the other", file=out)
+    print(f"sweep {sweep_dir}: {n} trials ({describe_grid(spec['grid'], spec.get('samples', 0))}), one after "
+          "the other", file=out)
 
     def data_for(cfg):
         if data is not None:
