@@ -74,19 +74,17 @@ def read_run(folder):
     speed and changes from the recipe; numbers that are not there yet are None."""
     folder = Path(folder)
     if (folder / "sweep.json").is_file():
-        from .sweep import sweep_row  # noqa: PLC0415  (sweep.py builds on this module)
+        from .sweep import sweep_note  # noqa: PLC0415  (sweep.py builds on this module)
 
         try:
-            return sweep_row(folder)
+            note = sweep_note(folder)
         except (ValueError, OSError) as e:  # a damaged sweep.json: the listing goes on
-            return {"run": folder.name, "run_dir": str(folder), "status": "sweep", "epochs_done": None, "epochs": None,
-                    "test_acc": None, "best_val_acc": None, "best_epoch": None, "seconds_per_epoch": None,
-                    "suggested_lr": None, "changes": f"sweep: {e}"}
+            note = f"sweep: {e}"
+        return _row_without_epochs(folder, "sweep", note)
     lr_find = _read(folder / "lr_find.json", json.loads)
     if isinstance(lr_find, dict):
-        return {"run": folder.name, "run_dir": str(folder), "status": "lr-find", "epochs_done": None, "epochs": None,
-                "test_acc": None, "best_val_acc": None, "best_epoch": None, "seconds_per_epoch": None,
-                "suggested_lr": _float(lr_find.get("suggested_lr")), "changes": _changes(lr_find.get("config"))}
+        return _row_without_epochs(folder, "lr-find", _changes(lr_find.get("config")),
+                                   suggested_lr=_float(lr_find.get("suggested_lr")))
     config = _read(folder / "config.yaml", yaml.safe_load)
     if not isinstance(config, dict):
         return None
@@ -102,6 +100,13 @@ def read_run(folder):
             "best_val_acc": best[0], "best_epoch": best[1],
             "seconds_per_epoch": sum(secs) / len(secs) if secs else None,
             "suggested_lr": None, "changes": _changes(config)}
+
+
+def _row_without_epochs(folder, status, changes, suggested_lr=None):
+    """The row of a folder that trained no epochs of its own (lr-find, a sweep's folder)."""
+    return {"run": folder.name, "run_dir": str(folder), "status": status, "epochs_done": None, "epochs": None,
+            "test_acc": None, "best_val_acc": None, "best_epoch": None, "seconds_per_epoch": None,
+            "suggested_lr": suggested_lr, "changes": changes}
 
 
 def _epochs(folder):

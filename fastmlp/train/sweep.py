@@ -44,6 +44,7 @@ RESULTS_FILE = "results.json"
 PLOT_FILE = "sweep.png"
 METRICS = ("auto", "val_acc", "test_acc")
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_RECIPE = TrainConfig().to_dict()  # (read only)
 # The statuses after which a trial is over: a completed run (early stopping included) and one the
 # anomaly guard stopped (resuming it would repeat the same steps into the same NaN).
 _OVER = ("completed", "stopped early", "anomaly")
@@ -110,7 +111,7 @@ _RANGE = re.compile(r"(uniform|loguniform)\(([^,()]+),([^,()]+)\)")
 
 def _check_range(key, spec, src):
     """A range {"dist": "uniform"|"loguniform", "low", "high"} of a numeric option, bounds as numbers."""
-    kind = type(TrainConfig().to_dict()[key])
+    kind = type(_RECIPE[key])
     if kind not in (int, float):
         raise ConfigError(f"{src}: {key} is not a number; give its values as a list (--grid {key}=V1,V2,...)")
     if spec.get("dist") not in ("uniform", "loguniform") or set(spec) != {"dist", "low", "high"}:
@@ -146,7 +147,7 @@ def check_grid(grid):
             continue
         if not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"{src}: expected a list of one or more values, got {values!r}")
-        recipe = TrainConfig().to_dict()[key]
+        recipe = _RECIPE[key]
         if isinstance(recipe, list) and not all(isinstance(v, (list, tuple)) for v in values):
             raise ConfigError(f"{src}: {key} takes a list per value; write each in brackets, e.g. "
                               f"--grid '{key}=[{','.join(map(_fmt, recipe))}],[...]'")
@@ -192,7 +193,7 @@ def sample_combos(grid, samples, sample_seed=0):
     with each of its seeds (seed varying fastest). Fewer than `samples` when the grid has fewer
     distinct configurations."""
     keys = [k for k in grid if k != "seed"]
-    kinds = {k: type(TrainConfig().to_dict()[k]) for k in keys}
+    kinds = {k: type(_RECIPE[k]) for k in keys}
     rng, seen, keys_seen, combos, misses = random.Random(sample_seed), [], set(), [], 0
     # Until `samples` distinct draws, or 1000 draws in a row that were all seen before (the grid, at
     # 3 significant digits, holds fewer).
@@ -446,7 +447,7 @@ def train_command(config, leave_out=()):
     recipe: the options it changes, without those that only say where and how a run logs."""
     import shlex  # noqa: PLC0415
 
-    recipe, flags = TrainConfig().to_dict(), []
+    recipe, flags = _RECIPE, []
     for k, v in config.items():
         if k in LOGGING_OPTIONS or k in leave_out or k not in recipe or v == recipe[k]:
             continue
@@ -498,14 +499,12 @@ def format_results(res):
     return "\n".join(out)
 
 
-def sweep_row(folder):
-    """fastmlp runs' row for a sweep folder: how many trials are over and the best so far."""
+def sweep_note(folder):
+    """fastmlp runs' text for a sweep folder: how many trials are over and the best so far."""
     res = sweep_results(folder)
     over = sum(r["status"] in _OVER for r in res["trials"])
     best = res["ranking"][0] if res["ranking"] and res["ranking"][0][res["metric"]] else None
     note = f"sweep: {over}/{len(res['trials'])} trials over"
     if best:
         note += f"; best {describe(best['params'])}: {res['metric'].replace('_', ' ')} {best[res['metric']]['mean']:.4f}"
-    return {"run": Path(folder).name, "run_dir": str(folder), "status": "sweep", "epochs_done": None, "epochs": None,
-            "test_acc": None, "best_val_acc": None, "best_epoch": None, "seconds_per_epoch": None,
-            "suggested_lr": None, "changes": note + f"; its trials: fastmlp runs {folder}"}
+    return note + f"; its trials: fastmlp runs {folder}"
