@@ -14,12 +14,16 @@
 // second-order term comes back into this op's backward as a gradient for that output.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/native_batch_norm.h>
+#include <ATen/ops/native_layer_norm.h>
+#include <ATen/ops/rsqrt.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/silu.h>
@@ -317,16 +321,311 @@ at::Tensor dropout_autograd(const at::Tensor& input, double p, const at::Tensor&
   return Dropout::apply(input, p, seed);
 }
 
+
+// ---- norms ----
+// The same pattern as linear_act: a C++ autograd Function over the forward op, the backward op
+// below autograd; a recorded backward (create_graph=True) and forward-mode AD / torch.func run as
+// differentiable ATen ops instead. The statistics outputs (mean, rstd / invstd, unbiased_var) are
+// not differentiable, as the saved statistics of torch's native norms.
+using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, std::array<bool, 3>);
+using LayerNormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double);
+using LayerNormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, at::IntArrayRef, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, std::array<bool, 3>);
+using BatchNormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double);
+
+const c10::TypedOperatorHandle<LayerNormSig>& layer_norm_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastmlp::layer_norm", "").typed<LayerNormSig>();
+  return op;
+}
+const c10::TypedOperatorHandle<LayerNormBwdSig>& layer_norm_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastmlp::layer_norm_backward", "").typed<LayerNormBwdSig>();
+  return op;
+}
+const c10::TypedOperatorHandle<BatchNormSig>& batch_norm_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastmlp::batch_norm", "").typed<BatchNormSig>();
+  return op;
+}
+const c10::TypedOperatorHandle<NormBwdSig>& batch_norm_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastmlp::batch_norm_backward", "").typed<NormBwdSig>();
+  return op;
+}
+
+at::ScalarType norm_acc(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Gradients of a norm over the columns of x2 (M, N) (layer norm, stats (M, 1)) or over its rows (batch
+// norm, stats (1, N)) as ATen ops, differentiable in every argument: xhat = (x - mean) * rstd,
+// gw = g * weight, dx = rstd * (gw - avg(gw) - xhat * avg(gw * xhat)) with avg over the normalised
+// dimension, dweight = sum of g * xhat and dbias = sum of g over the rows. In acc_t; the results
+// in x's dtype (dx) and the weight's (dweight, dbias), shaped as x2 and as (N,).
+variable_list norm_gradients_aten(const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& mean,
+                                  const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+                                  std::array<bool, 3> mask, int64_t norm_dim) {
+  const auto acc = norm_acc(x2);
+  const at::Tensor gf = g2.to(acc), xf = x2.to(acc);
+  const at::Tensor xhat = (xf - mean) * rstd;
+  variable_list out(3);
+  const auto param_dtype = weight.has_value() ? weight->scalar_type() : x2.scalar_type();
+  if (mask[0]) {
+    const at::Tensor gw = weight.has_value() ? gf * weight->to(acc) : gf;
+    const at::Tensor dx = rstd * (gw - gw.mean(norm_dim, true) - xhat * (gw * xhat).mean(norm_dim, true));
+    out[0] = dx.to(x2.scalar_type());
+  }
+  if (mask[1]) out[1] = (gf * xhat).sum(0).to(param_dtype);
+  if (mask[2]) out[2] = gf.sum(0).to(param_dtype);
+  return out;
+}
+
+// Mean and 1 / sqrt(biased var + eps) of x2 along dim, as differentiable ATen ops (keepdim).
+std::pair<at::Tensor, at::Tensor> norm_stats_aten(const at::Tensor& x2, int64_t dim, double eps) {
+  const at::Tensor xf = x2.to(norm_acc(x2));
+  const at::Tensor mean = xf.mean(dim, true);
+  const at::Tensor var = (xf - mean).pow(2).mean(dim, true);
+  return {mean, at::rsqrt(var + eps)};
+}
+
+// Which of input, weight and bias need a gradient. needs_input_grad counts the tensors given to
+// apply() only (not the sizes or eps, nor a weight or bias that is None).
+std::array<bool, 3> norm_grad_mask(AutogradContext* ctx, bool has_weight) {
+  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  return {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
+          has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
+}
+
+struct LayerNorm : public torch::autograd::Function<LayerNorm> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, at::IntArrayRef normalized_shape,
+                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                               double eps) {
+    at::Tensor y, mean, rstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(y, mean, rstd) = layer_norm_op().call(input, normalized_shape, weight, bias, eps);
+    }
+    ctx->saved_data["normalized_shape"] = normalized_shape.vec();
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->save_for_backward({input, weight.has_value() ? *weight : at::Tensor(), mean, rstd});
+    ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);
+    return {y, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(5);  // input, normalized_shape, weight, bias, eps
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return out;
+    const auto vars = ctx->get_saved_variables();
+    const at::Tensor& input = vars[0];
+    const std::optional<at::Tensor> weight = vars[1].defined() ? std::optional<at::Tensor>(vars[1]) : std::nullopt;
+    const std::vector<int64_t> shape = ctx->saved_data["normalized_shape"].toIntVector();
+    const std::array<bool, 3> mask = norm_grad_mask(ctx, weight.has_value());
+    variable_list r;
+    if (torch::autograd::GradMode::is_enabled()) {
+      // create_graph=True: the statistics recomputed from the input, so that their dependence on
+      // it is part of the recorded graph.
+      const int64_t N = c10::multiply_integers(shape);
+      const int64_t M = N == 0 ? 0 : input.numel() / N;
+      const at::Tensor x2 = input.reshape({M, N});
+      const auto [mean, rstd] = norm_stats_aten(x2, 1, ctx->saved_data["eps"].toDouble());
+      r = norm_gradients_aten(g.reshape({M, N}), x2, mean, rstd, weight, mask, 1);
+      if (r[0].defined()) r[0] = r[0].reshape(input.sizes());
+      for (int i = 1; i < 3; ++i) {
+        if (r[i].defined()) r[i] = r[i].reshape(shape);
+      }
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [gx, gw, gb] = layer_norm_backward_op().call(g, input, shape, vars[2], vars[3], weight, mask);
+      r = {gx, gw, gb};
+    }
+    if (mask[0]) out[0] = r[0];
+    if (mask[1]) out[2] = r[1];
+    if (mask[2]) out[3] = r[2];
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_aten(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                                                               const std::optional<at::Tensor>& weight,
+                                                               const std::optional<at::Tensor>& bias, double eps) {
+  auto [y, mean, rstd] = at::native_layer_norm(input, normalized_shape, weight, bias, eps);
+  const int64_t rows = input.numel() == 0 ? 0 : input.numel() / c10::multiply_integers(normalized_shape);
+  return {y, mean.detach().reshape({rows}).to(norm_acc(input)), rstd.detach().reshape({rows}).to(norm_acc(input))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_autograd(const at::Tensor& input,
+                                                                   at::IntArrayRef normalized_shape,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   const std::optional<at::Tensor>& bias, double eps) {
+  if (run_as_aten_ops({&input, weight.has_value() ? &*weight : nullptr, bias.has_value() ? &*bias : nullptr})) {
+    return layer_norm_aten(input, normalized_shape, weight, bias, eps);
+  }
+  const bool needs_grad = torch::autograd::GradMode::is_enabled() &&
+                          (input.requires_grad() || (weight.has_value() && weight->requires_grad()) ||
+                           (bias.has_value() && bias->requires_grad()));
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return layer_norm_op().call(input, normalized_shape, weight, bias, eps);
+  }
+  auto r = LayerNorm::apply(input, normalized_shape, weight, bias, eps);
+  return {r[0], r[1], r[2]};
+}
+
+// The backward op called directly while recording: its formula as ATen ops (mean and rstd as the
+// explicit inputs they are here).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef normalized_shape, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, std::array<bool, 3> output_mask) {
+  const bool record = torch::autograd::GradMode::is_enabled() &&
+                      (grad_output.requires_grad() || input.requires_grad() || mean.requires_grad() ||
+                       rstd.requires_grad() || (weight.has_value() && weight->requires_grad()));
+  if (!record) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return layer_norm_backward_op().call(grad_output, input, normalized_shape, mean, rstd, weight, output_mask);
+  }
+  {
+    // The op's own checks, on tensors that do not record.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::NoGradGuard no_grad;
+    layer_norm_backward_op().call(grad_output.detach(), input.detach(), normalized_shape, mean.detach(), rstd.detach(),
+                                  weight.has_value() ? std::optional<at::Tensor>(weight->detach()) : std::nullopt,
+                                  {false, false, false});
+  }
+  const int64_t N = c10::multiply_integers(normalized_shape);
+  const int64_t M = mean.numel();
+  auto g = norm_gradients_aten(grad_output.reshape({M, N}), input.reshape({M, N}), mean.reshape({M, 1}),
+                               rstd.reshape({M, 1}), weight, output_mask, 1);
+  if (g[0].defined()) g[0] = g[0].reshape(input.sizes());
+  for (int i = 1; i < 3; ++i) {
+    if (g[i].defined()) g[i] = g[i].reshape(normalized_shape);
+  }
+  for (int i = 0; i < 3; ++i) {
+    if (!g[i].defined()) g[i] = grad_output.new_empty({0}, i == 0 ? grad_output.options() : grad_output.options().dtype(weight.has_value() ? weight->scalar_type() : input.scalar_type()));
+  }
+  return {g[0], g[1], g[2]};
+}
+
+struct BatchNorm : public torch::autograd::Function<BatchNorm> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, double eps) {
+    at::Tensor y, mean, invstd, uvar;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(y, mean, invstd, uvar) = batch_norm_op().call(input, weight, bias, eps);
+    }
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->save_for_backward({input, weight.has_value() ? *weight : at::Tensor(), mean, invstd});
+    ctx->mark_non_differentiable({mean, invstd, uvar});
+    ctx->set_materialize_grads(false);
+    return {y, mean, invstd, uvar};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(4);  // input, weight, bias, eps
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return out;
+    const auto vars = ctx->get_saved_variables();
+    const at::Tensor& input = vars[0];
+    const std::optional<at::Tensor> weight = vars[1].defined() ? std::optional<at::Tensor>(vars[1]) : std::nullopt;
+    const std::array<bool, 3> mask = norm_grad_mask(ctx, weight.has_value());
+    variable_list r;
+    if (torch::autograd::GradMode::is_enabled()) {
+      const auto [mean, invstd] = norm_stats_aten(input, 0, ctx->saved_data["eps"].toDouble());
+      r = norm_gradients_aten(g, input, mean, invstd, weight, mask, 0);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [gx, gw, gb] = batch_norm_backward_op().call(g, input, vars[2], vars[3], weight, mask);
+      r = {gx, gw, gb};
+    }
+    if (mask[0]) out[0] = r[0];
+    if (mask[1]) out[1] = r[1];
+    if (mask[2]) out[2] = r[2];
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_aten(const at::Tensor& input,
+                                                                           const std::optional<at::Tensor>& weight,
+                                                                           const std::optional<at::Tensor>& bias,
+                                                                           double eps) {
+  auto [y, mean, invstd] = at::native_batch_norm(input, weight, bias, std::nullopt, std::nullopt, true, 0.0, eps);
+  const auto acc = norm_acc(input);
+  return {y, mean.detach().to(acc), invstd.detach().to(acc), input.detach().to(acc).var(0, /*unbiased=*/true)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(const at::Tensor& input,
+                                                                               const std::optional<at::Tensor>& weight,
+                                                                               const std::optional<at::Tensor>& bias,
+                                                                               double eps) {
+  if (run_as_aten_ops({&input, weight.has_value() ? &*weight : nullptr, bias.has_value() ? &*bias : nullptr})) {
+    return batch_norm_aten(input, weight, bias, eps);
+  }
+  const bool needs_grad = torch::autograd::GradMode::is_enabled() &&
+                          (input.requires_grad() || (weight.has_value() && weight->requires_grad()) ||
+                           (bias.has_value() && bias->requires_grad()));
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return batch_norm_op().call(input, weight, bias, eps);
+  }
+  auto r = BatchNorm::apply(input, weight, bias, eps);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, std::array<bool, 3> output_mask) {
+  const bool record = torch::autograd::GradMode::is_enabled() &&
+                      (grad_output.requires_grad() || input.requires_grad() || mean.requires_grad() ||
+                       invstd.requires_grad() || (weight.has_value() && weight->requires_grad()));
+  if (!record) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return batch_norm_backward_op().call(grad_output, input, mean, invstd, weight, output_mask);
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::NoGradGuard no_grad;
+    batch_norm_backward_op().call(grad_output.detach(), input.detach(), mean.detach(), invstd.detach(),
+                                  weight.has_value() ? std::optional<at::Tensor>(weight->detach()) : std::nullopt,
+                                  {false, false, false});
+  }
+  auto g = norm_gradients_aten(grad_output, input, mean.reshape({1, -1}), invstd.reshape({1, -1}), weight,
+                               output_mask, 0);
+  for (int i = 0; i < 3; ++i) {
+    if (!g[i].defined()) g[i] = grad_output.new_empty({0}, i == 0 ? grad_output.options() : grad_output.options().dtype(weight.has_value() ? weight->scalar_type() : input.scalar_type()));
+  }
+  return {g[0], g[1], g[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_batched(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias, double eps) {
+  return layer_norm_aten(input, normalized_shape, weight, bias, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmlp, FuncTorchBatched, m) {
   m.impl("linear_act_forward", &linear_act_forward_batched);
+  m.impl("layer_norm", &layer_norm_batched);
+  m.impl("batch_norm", &batch_norm_aten);
 }
 
 TORCH_LIBRARY_IMPL(fastmlp, Autograd, m) {
   m.impl("linear_act_forward", &linear_act_forward_autograd);
   m.impl("linear_act_backward", &linear_act_backward_autograd);
   m.impl("dropout", &dropout_autograd);
+  m.impl("layer_norm", &layer_norm_autograd);
+  m.impl("layer_norm_backward", &layer_norm_backward_autograd);
+  m.impl("batch_norm", &batch_norm_autograd);
+  m.impl("batch_norm_backward", &batch_norm_backward_autograd);
 }
 
 }  // namespace fastmlp

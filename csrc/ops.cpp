@@ -66,4 +66,28 @@ TORCH_LIBRARY(fastmlp, m) {
   // depend on the thread count (torch's _foreach_norm with dtype=float64 converts each tensor to a
   // float64 copy there first); CUDA: torch's _foreach_norm. fastmlp.monitor's gradient norms.
   m.def("norms(Tensor[] tensors) -> Tensor");
+
+  // ---- norms (CPU kernels in csrc/cpu/norm.cpp; fastmlp.nn.LayerNorm / BatchNorm1d use torch's
+  // norms on other devices) ----
+  // Layer norm over the trailing dimensions normalized_shape: returns (y, mean, rstd), mean and rstd
+  // of shape (rows,) in float32 (float64 for a float64 input), rstd = 1 / sqrt(biased var + eps).
+  // weight and bias: shape normalized_shape, the input's dtype or float32 with a float16/bfloat16
+  // input. The backward's grad_weight / grad_bias have the weight's dtype; outputs not asked for
+  // by output_mask come back empty.
+  m.def(
+      "layer_norm(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_norm_backward(Tensor grad_output, Tensor input, int[] normalized_shape, Tensor mean, "
+      "Tensor rstd, Tensor? weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Training-mode batch norm of a (batch, channels) input with the batch's statistics: returns (y,
+  // mean, invstd, unbiased_var) per channel (float32, or float64 for a float64 input). The running
+  // estimates are the caller's to update (fastmlp.functional.batch_norm, from mean and
+  // unbiased_var), so the op mutates nothing.
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from . import ops
 from .ops import _FLOATING
 
-__all__ = ["dropout", "linear_act"]
+__all__ = ["batch_norm", "dropout", "layer_norm", "linear_act"]
 
 _SEED_RANGE = 2**62
 
@@ -48,3 +48,44 @@ def dropout(input, p=0.5, training=True, inplace=False):
         # requires grad is refused by copy_ as by torch's in-place dropout.)
         return input.copy_(out) if inplace else out
     return F.dropout(input, p, training, inplace)
+
+
+def _cpu_floating(input):
+    return input.device.type == "cpu" and input.dtype in _FLOATING and input.layout == torch.strided
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Same arguments and result as ``torch.nn.functional.layer_norm``.
+
+    On the CPU this is fastmlp's layer_norm op (csrc/cpu/norm.cpp): statistics in float32 (float64
+    for float64 inputs), one read of the input per pass, the backward fused into one pass over the
+    rows and the weight and bias gradients, and results that do not depend on the thread count.
+    A float32 weight and bias with a float16 / bfloat16 input is allowed, as in torch. Everywhere
+    else (CUDA) this is torch's layer norm.
+    """
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    if _cpu_floating(input):
+        return ops.layer_norm(input, list(normalized_shape), weight, bias, float(eps))[0]
+    return F.layer_norm(input, tuple(normalized_shape), weight, bias, eps)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """Same arguments and result as ``torch.nn.functional.batch_norm``.
+
+    In training mode on a (batch, channels) CPU input this is fastmlp's batch_norm op: the batch's
+    mean and variance in one parallel pass (float32 statistics, float64 for float64 inputs, merged
+    across chunks of rows in float64), normalisation in a second, and a backward of two passes; the
+    running estimates, when given, move towards the batch's mean and unbiased variance by
+    ``momentum``, as torch's do. Evaluation mode (the running estimates), inputs of other shapes and
+    devices, and batches of fewer than two rows (torch's error for one) are torch's batch norm.
+    """
+    if training and input.dim() == 2 and input.shape[0] > 1 and _cpu_floating(input):
+        y, mean, _, unbiased_var = ops.batch_norm(input, weight, bias, float(eps))
+        if running_mean is not None or running_var is not None:
+            with torch.no_grad():
+                for stat, batch in ((running_mean, mean), (running_var, unbiased_var)):
+                    if stat is not None:
+                        stat.lerp_(batch.to(stat.dtype), momentum)
+        return y
+    return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

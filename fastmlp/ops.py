@@ -260,3 +260,118 @@ def _sgd_step_fake(params, grads, momentum_buffers, master_params, lr, lr_tensor
                     + ([("grads", grads)] if grad_scale is not None else [])
                     + [("momentum_buffers", momentum_buffers)])
     return None
+
+
+# ---- norms ----
+# Layer norm and training-mode batch norm (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu/norm.cpp,
+# autograd in csrc/autograd.cpp). The statistics are float32 (float64 for a float64 input).
+
+layer_norm = torch.ops.fastmlp.layer_norm.default
+layer_norm_backward = torch.ops.fastmlp.layer_norm_backward.default
+batch_norm = torch.ops.fastmlp.batch_norm.default
+batch_norm_backward = torch.ops.fastmlp.batch_norm_backward.default
+
+_LN, _LN_BWD = "fastmlp.layer_norm", "fastmlp.layer_norm_backward"
+_BN, _BN_BWD = "fastmlp.batch_norm", "fastmlp.batch_norm_backward"
+_DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_norm_param(op, name, t, input, shape, what):
+    """Mirror of check_param in csrc/cpu/norm.cpp."""
+    if t is None:
+        return
+    _check_floating(op, name, t)
+    _check_same_device(op, "input", input, name, t)
+    mixed = t.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16)
+    if t.dtype != input.dtype and not mixed:
+        raise TypeError(f"{op}: expected {name} to have the input's dtype ({_DTYPE_NAMES[input.dtype]}) or float32 "
+                        f"with a float16/bfloat16 input, got {_DTYPE_NAMES[t.dtype]}")
+    torch._check_value(list(t.shape) == list(shape),
+                       lambda: f"{op}: {name} must have shape {what} = {list(shape)}, got {list(t.shape)}")
+
+
+def _check_layer_norm_args(op, input, normalized_shape, weight, bias):
+    _check_floating(op, "input", input)
+    k = len(normalized_shape)
+    if k < 1:
+        raise ValueError(f"{op}: normalized_shape must have at least one size, got []")
+    torch._check_value(
+        input.dim() >= k and list(input.shape[input.dim() - k:]) == list(normalized_shape),
+        lambda: f"{op}: input's last {k} dimension(s) must be normalized_shape = {list(normalized_shape)}, got input "
+        f"of shape {list(input.shape)}")
+    _check_norm_param(op, "weight", weight, input, normalized_shape, "normalized_shape")
+    _check_norm_param(op, "bias", bias, input, normalized_shape, "normalized_shape")
+    if weight is not None and bias is not None:
+        _check_same_dtype(op, "weight", weight, "bias", bias)
+
+
+def _check_norm_backward(op, grad_output, input, stats, n):
+    """Mirror of check_grad_output and check_stats in csrc/cpu/norm.cpp."""
+    _check_floating(op, "grad_output", grad_output)
+    _check_same_device(op, "input", input, "grad_output", grad_output)
+    _check_same_dtype(op, "grad_output", grad_output, "input", input)
+    torch._check_value(list(grad_output.shape) == list(input.shape),
+                       lambda: f"{op}: grad_output must have the input's shape {list(input.shape)}, got "
+                       f"{list(grad_output.shape)}")
+    acc = _stats_dtype(input.dtype)
+    for name, t in stats:
+        _check_same_device(op, "input", input, name, t)
+        if t.dtype != acc:
+            raise TypeError(f"{op}: {name} must be {_DTYPE_NAMES[acc]} (the forward's), got {_DTYPE_NAMES.get(t.dtype, t.dtype)}")
+        torch._check_value(t.numel() == n, lambda: f"{op}: {name} must have {n} elements (the forward's statistics), "
+                           f"got shape {list(t.shape)}")
+
+
+def _grad_params(input, weight, shape, mask):
+    dtype = weight.dtype if weight is not None else input.dtype
+    return tuple(input.new_empty(shape, dtype=dtype) if m else input.new_empty((0,), dtype=dtype) for m in mask[1:])
+
+
+@torch.library.register_fake("fastmlp::layer_norm")
+def _layer_norm_fake(input, normalized_shape, weight, bias, eps):
+    _check_layer_norm_args(_LN, input, normalized_shape, weight, bias)
+    rows = math.prod(input.shape[:input.dim() - len(normalized_shape)])
+    acc = _stats_dtype(input.dtype)
+    return (input.new_empty(input.shape), input.new_empty((rows,), dtype=acc), input.new_empty((rows,), dtype=acc))
+
+
+@torch.library.register_fake("fastmlp::layer_norm_backward")
+def _layer_norm_backward_fake(grad_output, input, normalized_shape, mean, rstd, weight, output_mask):
+    _check_layer_norm_args(_LN_BWD, input, normalized_shape, weight, None)
+    rows = math.prod(input.shape[:input.dim() - len(normalized_shape)])
+    _check_norm_backward(_LN_BWD, grad_output, input, (("mean", mean), ("rstd", rstd)), rows)
+    dx = grad_output.new_empty(input.shape) if output_mask[0] else grad_output.new_empty((0,))
+    return (dx, *_grad_params(input, weight, normalized_shape, output_mask))
+
+
+def _check_batch_norm_args(op, input, weight, bias):
+    _check_floating(op, "input", input)
+    if input.dim() != 2:
+        raise ValueError(f"{op}: input must be 2-D (batch, channels), got a {input.dim()}-D tensor of shape "
+                         f"{list(input.shape)}")
+    c = input.shape[1]
+    _check_norm_param(op, "weight", weight, input, (c,), "[channels]")
+    _check_norm_param(op, "bias", bias, input, (c,), "[channels]")
+    if weight is not None and bias is not None:
+        _check_same_dtype(op, "weight", weight, "bias", bias)
+
+
+@torch.library.register_fake("fastmlp::batch_norm")
+def _batch_norm_fake(input, weight, bias, eps):
+    _check_batch_norm_args(_BN, input, weight, bias)
+    c = input.shape[1]
+    acc = _stats_dtype(input.dtype)
+    return (input.new_empty(input.shape), *(input.new_empty((c,), dtype=acc) for _ in range(3)))
+
+
+@torch.library.register_fake("fastmlp::batch_norm_backward")
+def _batch_norm_backward_fake(grad_output, input, mean, invstd, weight, output_mask):
+    _check_batch_norm_args(_BN_BWD, input, weight, None)
+    c = input.shape[1]
+    _check_norm_backward(_BN_BWD, grad_output, input, (("mean", mean), ("invstd", invstd)), c)
+    dx = grad_output.new_empty(input.shape) if output_mask[0] else grad_output.new_empty((0,))
+    return (dx, *_grad_params(input, weight, (c,), output_mask))

@@ -5,5 +5,6 @@ from .dropout import Dropout
 from .init import he_, init_, kaiming_, lsuv_, xavier_
 from .linear import FusedLinear
 from .mlp import MLP
+from .norm import BatchNorm1d, LayerNorm
 
-__all__ = ["Dropout", "FusedLinear", "MLP", "convert", "he_", "init_", "kaiming_", "lsuv_", "xavier_"]
+__all__ = ["BatchNorm1d", "Dropout", "FusedLinear", "LayerNorm", "MLP", "convert", "he_", "init_", "kaiming_", "lsuv_", "xavier_"]

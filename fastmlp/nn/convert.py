@@ -5,6 +5,7 @@ import warnings
 from torch import nn
 
 from .dropout import Dropout
+from .norm import BatchNorm1d, LayerNorm
 from .linear import FusedLinear
 
 
@@ -72,6 +73,20 @@ def _dropout_from(drop):
     return _carry(drop, new)
 
 
+def _norm_from(norm):
+    """fastmlp's BatchNorm1d / LayerNorm for torch's: the same module state (parameters, running
+    estimates, num_batches_tracked, eps, momentum, training mode...), its containers copied so that
+    the two modules do not share them."""
+    new = object.__new__(BatchNorm1d if type(norm) is nn.BatchNorm1d else LayerNorm)
+    vars(new).update({k: type(v)(v) if isinstance(v, (dict, set)) else v for k, v in vars(norm).items()})
+    return new
+
+
+# The modules convert() swaps one for one (same state, same forward): {torch's class: (flag, maker)}.
+_SWAPS = {nn.Dropout: ("dropout", _dropout_from), nn.BatchNorm1d: ("norm", _norm_from),
+          nn.LayerNorm: ("norm", _norm_from)}
+
+
 def _fused_from(linear, activation):
     fused = FusedLinear(
         linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -84,14 +99,17 @@ def _fused_from(linear, activation):
     return _carry(linear, fused, skip=("weight", "bias"))
 
 
-def convert(module: nn.Module, dropout: bool = True) -> nn.Module:
+def convert(module: nn.Module, dropout: bool = True, norm: bool = True) -> nn.Module:
     """Replace, in place, each nn.Linear followed by nn.ReLU / nn.GELU / nn.SiLU inside an
     nn.Sequential (at any depth) with one FusedLinear that shares its parameters; the
     activation's slot becomes nn.Identity, so indices and state_dict keys do not change. Every
     other plain nn.Linear becomes FusedLinear(activation="none"). With dropout=True (default) every
     plain nn.Dropout becomes fastmlp.nn.Dropout with the same p, inplace and mode: the same
     distribution, a mask computed in parallel on the CPU (elsewhere torch's dropout runs), but not
-    the same mask as torch's for one seed; dropout=False keeps torch's. Returns the module.
+    the same mask as torch's for one seed; dropout=False keeps torch's. With norm=True (default)
+    every plain nn.BatchNorm1d and nn.LayerNorm becomes fastmlp.nn.BatchNorm1d / LayerNorm holding
+    the same parameters and buffers (fastmlp's norm kernels on the CPU, torch's elsewhere);
+    norm=False keeps torch's. Returns the module.
 
     Folding assumes each nn.Sequential runs its children in order, as its own forward does:
     subclasses that define another forward only get their linear layers converted, and code that
@@ -99,7 +117,7 @@ def convert(module: nn.Module, dropout: bool = True) -> nn.Module:
     activated output. A linear layer used in several places stays one shared module where it
     becomes the same fused layer.
 
-    Subclasses of nn.Linear and nn.Dropout (FusedLinear among them) are left as they are, since
+    Subclasses of nn.Linear, nn.Dropout and the norms (FusedLinear among them) are left as they are, since
     their forward may differ from the plain module's. Modules with hooks of their own (forward, backward,
     state_dict) keep them and keep running them: an nn.Linear with hooks stays as it is, and an
     activation with hooks is not folded into the layer before it (that layer still becomes
@@ -113,11 +131,18 @@ def convert(module: nn.Module, dropout: bool = True) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fastmlp.convert: module must be a torch.nn.Module, got {type(module).__name__}")
-    if type(module) is nn.Linear or (dropout and type(module) is nn.Dropout):
+    flags = {"dropout": dropout, "norm": norm}
+
+    def swap_of(m):
+        """The maker of m's replacement when m is a module convert() swaps one for one, else None."""
+        flag, maker = _SWAPS.get(type(m), (None, None))
+        return maker if flag is not None and flags[flag] else None
+
+    if type(module) is nn.Linear or swap_of(module) is not None:
         if not (_convertible(module) if type(module) is nn.Linear else _plain(module)):
             _warn_kept(["(the module itself)"])
             return module
-        return _fused_from(module, "none") if type(module) is nn.Linear else _dropout_from(module)
+        return _fused_from(module, "none") if type(module) is nn.Linear else swap_of(module)(module)
     hooked = []
     made = {}  # (id(linear), activation) -> its FusedLinear: a layer used twice stays one module
     # Every replacement is made before any is applied: should building one fail, the model is
@@ -127,13 +152,14 @@ def convert(module: nn.Module, dropout: bool = True) -> nn.Module:
         names = list(parent._modules.keys())
         for i, name in enumerate(names):
             child = parent._modules[name]
-            if dropout and type(child) is nn.Dropout:
+            maker = swap_of(child)
+            if maker is not None:
                 if not _plain(child):
                     hooked.append(f"{prefix}.{name}" if prefix else name)
                     continue
-                key = (id(child), "dropout")
+                key = (id(child), "swap")
                 if key not in made:
-                    made[key] = _dropout_from(child)
+                    made[key] = maker(child)
                 edits.append((parent, name, made[key]))
                 continue
             if type(child) is not nn.Linear:
@@ -166,7 +192,7 @@ def convert(module: nn.Module, dropout: bool = True) -> nn.Module:
 def _warn_kept(names):
     warnings.warn(
         f"fastmlp.convert: {', '.join(names)} kept as they were, since they have hooks that a fused "
-        "layer would not run (an nn.Linear or nn.Dropout with hooks is not converted; an activation with hooks "
+        "layer would not run (an nn.Linear, nn.Dropout or norm with hooks is not converted; an activation with hooks "
         "is not fused into the layer before it), or a weight or bias that is not an nn.Parameter, which a fused "
         "layer cannot share, or a forward of their own (set on the instance, or Module.compile()). Register "
         "hooks (or compile) after convert() to get the fused layers.",

@@ -10,6 +10,7 @@ from torch import nn
 
 from .dropout import Dropout
 from .linear import FusedLinear
+from .norm import BatchNorm1d, LayerNorm
 
 __all__ = ["MLP"]
 
@@ -68,8 +69,8 @@ class MLP(nn.Sequential):
     optional norm, optional dropout; the last block is a bare linear layer (logits).
 
     impl="fastmlp" fuses linear and activation into one FusedLinear (the activation slot holds an
-    nn.Identity) and uses fastmlp.nn.Dropout; impl="torch" uses nn.Linear followed by the nn
-    activation module, and nn.Dropout. Both build their
+    nn.Identity) and uses fastmlp.nn.BatchNorm1d / LayerNorm and Dropout; impl="torch" uses nn.Linear
+    followed by the nn activation module, and torch's norms and nn.Dropout. Both build their
     parameters in the same order with the same initialisation and have the same state_dict keys
     (``{i}.linear.weight``, ``{i}.norm.weight``...), so with one seed they are the same model and
     checkpoints move between them.
@@ -101,9 +102,9 @@ class MLP(nn.Sequential):
             if not last:
                 parts["act"] = nn.Identity() if impl == "fastmlp" else _TORCH_ACT[activation]()
                 if norm == "batch":
-                    parts["norm"] = nn.BatchNorm1d(fan_out, **kw)
+                    parts["norm"] = (BatchNorm1d if impl == "fastmlp" else nn.BatchNorm1d)(fan_out, **kw)
                 elif norm == "layer":
-                    parts["norm"] = nn.LayerNorm(fan_out, **kw)
+                    parts["norm"] = (LayerNorm if impl == "fastmlp" else nn.LayerNorm)(fan_out, **kw)
                 if dropout:
                     parts["dropout"] = Dropout(float(dropout)) if impl == "fastmlp" else nn.Dropout(float(dropout))
             blocks.append(nn.Sequential(parts))
