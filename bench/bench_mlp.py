@@ -40,9 +40,10 @@ import fastmlp  # noqa: E402
 from common import add_repeats_arg, check_repeats, machine_name, time_interleaved, write_json  # noqa: E402
 from fastmlp.nn import MLP  # noqa: E402
 
-CANDIDATES = ("torch eager", "torch eager fused", "torch.compile", "fastmlp", "fastmlp compiled", "torch graphed",
-              "fastmlp graphed", "gemm floor")
+CANDIDATES = ("torch eager", "torch eager fused", "torch.compile", "fastmlp", "fastmlp torch norms", "fastmlp compiled",
+              "torch graphed", "fastmlp graphed", "gemm floor")
 GRAPHED = ("torch graphed", "fastmlp graphed")  # CUDA only
+NORMED = ("fastmlp torch norms",)  # with --norm batch / layer only: fastmlp's model with torch's norm modules
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -140,7 +141,7 @@ def build(args, failures=None):
     recorded there (name: error) and left out instead of ending the run; without one it raises."""
     device, amp = args.device, AMP[args.amp]
     torch.manual_seed(0)
-    ref = MLP(args.widths, activation=args.activation, dropout=args.dropout, impl="torch", device=device)
+    ref = MLP(args.widths, activation=args.activation, dropout=args.dropout, norm=args.norm, impl="torch", device=device)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(args.batch, args.widths[0], generator=gen).to(device)
     y = torch.randint(0, args.widths[-1], (args.batch,), generator=gen).to(device)
@@ -150,8 +151,18 @@ def build(args, failures=None):
         return copy.deepcopy(ref)
 
     def fastmlp_model():
-        m = MLP(args.widths, activation=args.activation, dropout=args.dropout, impl="fastmlp", device=device)
+        m = MLP(args.widths, activation=args.activation, dropout=args.dropout, norm=args.norm, impl="fastmlp",
+                device=device)
         m.load_state_dict(ref.state_dict())
+        return m
+
+    def fastmlp_model_torch_norms():
+        """fastmlp's model whose norms run torch's modules (fastmlp's are subclasses with no state of
+        their own, so the class is all that changes): the norm kernels' share of the step."""
+        m = fastmlp_model()
+        for block in m:
+            if hasattr(block, "norm"):
+                block.norm.__class__ = type(block.norm).__mro__[1]
         return m
 
     optimizers = {
@@ -171,6 +182,7 @@ def build(args, failures=None):
         "torch eager fused": (torch_model, "torch fused", "eager"),
         "torch.compile": (torch_model, "torch fused", "compile"),
         "fastmlp": (fastmlp_model, "fastmlp", "eager"),
+        "fastmlp torch norms": (fastmlp_model_torch_norms, "fastmlp", "eager"),
         "fastmlp compiled": (fastmlp_model, "fastmlp", "compile"),
         "torch graphed": (torch_model, "torch capturable", "graph"),
         "fastmlp graphed": (fastmlp_model, "fastmlp capturable", "graph"),
@@ -204,6 +216,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--activation", default="gelu", choices=["relu", "gelu", "gelu_tanh", "silu"])
     p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--norm", default="none", choices=["none", "batch", "layer"],
+                   help="a norm after each hidden activation (fastmlp's BatchNorm1d / LayerNorm against torch's)")
     p.add_argument("--amp", default="off", choices=list(AMP))
     p.add_argument("--candidates", default=None,
                    help=f"comma list, some of: {', '.join(CANDIDATES)} (default: all; the graphed ones on CUDA only)")
@@ -222,12 +236,15 @@ def main(argv=None):
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     check_repeats(p, args)
     if args.candidates is None:
-        args.candidates = [c for c in CANDIDATES if args.device == "cuda" or c not in GRAPHED]
+        args.candidates = [c for c in CANDIDATES if (args.device == "cuda" or c not in GRAPHED)
+                           and (args.norm != "none" or c not in NORMED)]
     else:
         args.candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
     for c in args.candidates:
         if c not in CANDIDATES:
             p.error(f"--candidates: unknown {c!r}; expected some of {', '.join(CANDIDATES)}")
+        if c in NORMED and args.norm == "none":
+            p.error(f"--candidates: {c!r} swaps the model's norms for torch's; it needs --norm batch or layer")
         if c in GRAPHED and args.device != "cuda":
             p.error(f"--candidates: {c!r} captures the step into a CUDA graph; it needs --device cuda")
         if c in GRAPHED and args.amp == "fp16":
@@ -238,7 +255,8 @@ def main(argv=None):
         p.error("--amp fp16 is for CUDA (GradScaler); use --amp bf16 on the CPU")
 
     machine = machine_name(args.device)
-    model_desc = (f"{'-'.join(map(str, args.widths))} {args.activation}, dropout {args.dropout}, batch {args.batch}, "
+    model_desc = (f"{'-'.join(map(str, args.widths))} {args.activation}, norm {args.norm}, dropout {args.dropout}, "
+                  f"batch {args.batch}, "
                   f"amp {args.amp}")
     print(f"fastmlp {fastmlp.__version__} training-step benchmark on {machine}")
     print(f"model {model_desc}; median of {args.repeats} interleaved samples")

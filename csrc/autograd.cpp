@@ -375,7 +375,7 @@ variable_list norm_gradients_aten(const at::Tensor& g2, const at::Tensor& x2, co
   variable_list out(3);
   const auto param_dtype = weight.has_value() ? weight->scalar_type() : x2.scalar_type();
   if (mask[0]) {
-    const at::Tensor gw = weight.has_value() ? gf * weight->to(acc) : gf;
+    const at::Tensor gw = weight.has_value() ? gf * weight->to(acc).reshape({-1}) : gf;
     const at::Tensor dx = rstd * (gw - gw.mean(norm_dim, true) - xhat * (gw * xhat).mean(norm_dim, true));
     out[0] = dx.to(x2.scalar_type());
   }

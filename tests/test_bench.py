@@ -24,6 +24,7 @@ import bench_dropout  # noqa: E402
 import bench_ema  # noqa: E402
 import bench_linear_act  # noqa: E402
 import bench_mlp  # noqa: E402
+import bench_norm  # noqa: E402
 import bench_optim  # noqa: E402
 import bwd_prologue_sweep  # noqa: E402
 import common  # noqa: E402
@@ -82,7 +83,7 @@ def test_source_digest_follows_the_code_not_the_build(tmp_path):
 
 def test_bench_mlp_step_trains_the_candidates():
     """The timed step is a real training step: each candidate's loss goes down on its batch."""
-    args = argparse.Namespace(device="cpu", widths=[12, 16, 3], batch=32, activation="relu", dropout=0.0,
+    args = argparse.Namespace(device="cpu", widths=[12, 16, 3], batch=32, activation="relu", dropout=0.0, norm="none",
                               amp="off", candidates=["torch eager", "torch eager fused", "fastmlp"])
     for name, step in bench_mlp.build(args).items():
         def loss():
@@ -111,7 +112,27 @@ def test_bench_mlp_default_candidates_per_device(monkeypatch):
     monkeypatch.setattr(bench_mlp, "build", lambda args, failures=None: seen.append(args.candidates) or {})
     monkeypatch.setattr(bench_mlp, "time_interleaved", lambda *a, **k: ({}, {}))
     bench_mlp.main([])
-    assert seen == [[c for c in bench_mlp.CANDIDATES if c not in bench_mlp.GRAPHED]]
+    bench_mlp.main(["--norm", "layer"])
+    plain = [c for c in bench_mlp.CANDIDATES if c not in bench_mlp.GRAPHED]
+    assert seen == [[c for c in plain if c not in bench_mlp.NORMED], plain]
+
+
+def test_bench_mlp_torch_norms_candidate():
+    """With --norm, "fastmlp torch norms" is fastmlp's model with torch's norm modules: the same
+    parameters and running estimates, the same step (to rounding) as the fastmlp candidate."""
+    for norm, cls in (("batch", torch.nn.BatchNorm1d), ("layer", torch.nn.LayerNorm)):
+        args = argparse.Namespace(device="cpu", widths=[12, 16, 16, 3], batch=32, activation="gelu", dropout=0.0,
+                                  norm=norm, amp="off", candidates=["fastmlp", "fastmlp torch norms"])
+        steps = bench_mlp.build(args)
+        ours, theirs = steps["fastmlp"], steps["fastmlp torch norms"]
+        assert type(ours.model[0].norm) is not cls and type(theirs.model[0].norm) is cls
+        for _ in range(3):
+            ours()
+            theirs()
+        for (n, a), b in zip(ours.model.state_dict().items(), theirs.model.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    with pytest.raises(SystemExit):
+        bench_mlp.main(["--candidates", "fastmlp torch norms"])
 
 
 def test_bench_mlp_reports_a_failed_capture(monkeypatch):
@@ -122,7 +143,7 @@ def test_bench_mlp_reports_a_failed_capture(monkeypatch):
 
     monkeypatch.setattr(bench_mlp, "make_graphed_step", fail)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    args = argparse.Namespace(device="cpu", widths=[12, 16, 3], batch=8, activation="relu", dropout=0.0,
+    args = argparse.Namespace(device="cpu", widths=[12, 16, 3], batch=8, activation="relu", dropout=0.0, norm="none",
                               amp="off", candidates=["fastmlp", "fastmlp graphed"])
     failures = {}
     assert list(bench_mlp.build(args, failures)) == ["fastmlp"]
@@ -139,7 +160,7 @@ def test_bench_mlp_graphed_steps_match_eager():
     if not (torch.cuda.is_available() and fastmlp.WITH_CUDA):
         pytest.skip("needs a CUDA GPU and fastmlp built with CUDA kernels")
     for amp in ("off", "bf16"):
-        args = argparse.Namespace(device="cuda", widths=[24, 32, 32, 5], batch=16, activation="gelu", dropout=0.0,
+        args = argparse.Namespace(device="cuda", widths=[24, 32, 32, 5], batch=16, activation="gelu", dropout=0.0, norm="none",
                                   amp=amp, candidates=["torch eager fused", "torch graphed", "fastmlp",
                                                        "fastmlp graphed"])
         fns = bench_mlp.build(args)
@@ -153,7 +174,7 @@ def test_bench_mlp_graphed_steps_match_eager():
             tol = {} if amp == "off" else {"rtol": 2e-2, "atol": 2e-3}
             for (name, a), b in zip(fns[eager].model.named_parameters(), fns[graphed].model.parameters()):
                 torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{graphed} vs {eager}, {amp}, {name}: {m}")
-    args = argparse.Namespace(device="cuda", widths=[12, 16, 3], batch=32, activation="relu", dropout=0.2,
+    args = argparse.Namespace(device="cuda", widths=[12, 16, 3], batch=32, activation="relu", dropout=0.2, norm="none",
                               amp="off", candidates=["torch graphed", "fastmlp graphed"])
     for name, step in bench_mlp.build(args).items():
         def loss():  # outside the graph, without dropout
@@ -372,6 +393,41 @@ def test_bench_dropout_candidates_are_dropout():
             assert 0.6 < kept.float().mean().item() < 0.8, name
             if mode == "fwd":
                 torch.testing.assert_close(y[kept], x[kept] / (1 - p), msg=name)
+
+
+def test_bench_norm_tiny_run(tmp_path):
+    out = tmp_path / "norm.json"
+    bench_norm.main(["--shapes", "4x8", "--repeats", "20", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True and saved["threads"] == torch.get_num_threads()
+    assert [(r["norm"], r["shape"], r["mode"]) for r in saved["rows"]] == [
+        (n, "4x8", m) for n in ("layer", "batch") for m in ("fwd", "fwdbwd")]
+    for r in saved["rows"]:
+        kernels = ("native_kernels_ms", "fastmlp_kernels_ms") if r["mode"] == "fwdbwd" else ()
+        for k in ("native_ms", "compiled_ms", "fastmlp_ms", "floor_ms", *kernels):
+            assert r[k] > 0 and math.isfinite(r[k]), k
+        assert r["speedup_vs_native"] == pytest.approx(r["native_ms"] / r["fastmlp_ms"])
+        assert r["speedup_vs_compiled"] == pytest.approx(r["compiled_ms"] / r["fastmlp_ms"])
+        if kernels:
+            assert r["kernels_speedup"] == pytest.approx(r["native_kernels_ms"] / r["fastmlp_kernels_ms"])
+    with pytest.raises(SystemExit):
+        bench_norm.main(["--norms", "group"])
+
+
+@pytest.mark.parametrize("norm", bench_norm.NORMS)
+def test_bench_norm_candidates_compute_the_same_norm(norm):
+    """Every timed candidate is the same norm: equal outputs, and in fwdbwd equal gradients."""
+    torch.manual_seed(0)
+    for mode in ("fwd", "fwdbwd"):
+        fns = bench_norm.candidates(norm, 64, 96, mode)
+        kernels = {"native kernels", "fastmlp kernels"} if mode == "fwdbwd" else set()
+        assert set(fns) == {"native", "compiled", "fastmlp", "floor"} | kernels
+        assert fns["floor"]().shape == (64, 96)
+        ref = fns["native"]()
+        for name in ("compiled", "fastmlp", *sorted(kernels)):
+            got = fns[name]()
+            for a, b in zip(got if mode == "fwdbwd" else [got], ref if mode == "fwdbwd" else [ref]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def _event(name, start, end):

@@ -314,7 +314,7 @@ def test_convert_swaps_dropout_for_fastmlps_unless_asked_not_to():
     assert type(kept[1]) is nn.Dropout and isinstance(kept[0], FusedLinear)
     hooked = nn.Sequential(nn.Dropout(0.1))
     hooked[0].register_forward_hook(lambda m, i, o: None)
-    with pytest.warns(UserWarning, match="fastmlp.convert: 0 kept as they were.*nn.Linear or nn.Dropout with hooks"):
+    with pytest.warns(UserWarning, match="fastmlp.convert: 0 kept as they were.*nn.Linear, nn.Dropout or norm with hooks"):
         fastmlp.convert(hooked)
     assert type(hooked[0]) is nn.Dropout
     root = fastmlp.convert(nn.Dropout(0.25))

@@ -1,0 +1,392 @@
+"""fastmlp.layer_norm / batch_norm (CPU ops), their functional forms and fastmlp.nn.LayerNorm /
+BatchNorm1d.
+
+Every case is checked against torch's norm computed in float64 (forward, the three gradients, the
+running estimates): within 2x torch's own error in the input dtype, plus a few float64 ulps. Also:
+odd and empty shapes, 3-D inputs, every weight/bias combination, float32 parameters on half inputs,
+non-contiguous inputs, NaN, thread-count independence, gradcheck and gradgradcheck, opcheck,
+forward-mode AD and vmap, errors (eager and fake kernels alike), torch.compile, torch.fx, the
+modules as drop-ins (state, running estimates, momentum=None, eval mode), convert() and MLP.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmlp
+from fastmlp import ops
+from fastmlp.functional import batch_norm, layer_norm
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+FLOOR = {torch.float64: 1e-13, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _err(got, ref):
+    return (got.double() - ref).abs().max().item() if got.numel() else 0.0
+
+
+def _params(n_shape, dtype, weight, bias):
+    w = torch.randn(n_shape, dtype=torch.float64).to(dtype) if weight else None
+    b = torch.randn(n_shape, dtype=torch.float64).to(dtype) if bias else None
+    return w, b
+
+
+def _compare(ours_fn, torch_fn, x, w, b, g):
+    """Forward and gradients of ours_fn against torch_fn in float64 (the reference) and in x's dtype
+    (torch's own error): ours may be off by at most 2x torch's error plus a floor."""
+    ref_args = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
+    ref_y = torch_fn(*ref_args)
+    ref_y.backward(g.double())
+    tr_args = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    tr_y = torch_fn(*tr_args)
+    tr_y.backward(g)
+    our_args = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    our_y = ours_fn(*our_args)
+    our_y.backward(g)
+    assert our_y.dtype == tr_y.dtype and our_y.shape == tr_y.shape
+    floor = FLOOR[x.dtype] * max(1.0, ref_y.abs().max().item() if ref_y.numel() else 1.0)
+    assert _err(our_y, ref_y) <= 2 * _err(tr_y, ref_y) + floor, ("y", _err(our_y, ref_y), _err(tr_y, ref_y))
+    for name, o, t, r in zip(("x", "weight", "bias"), our_args, tr_args, ref_args):
+        if r is None:
+            continue
+        assert o.grad.dtype == t.grad.dtype and o.grad.shape == t.grad.shape, name
+        fl = FLOOR[o.dtype] * max(1.0, r.grad.abs().max().item() if r.grad.numel() else 1.0)
+        assert _err(o.grad, r.grad) <= 2 * _err(t.grad, r.grad) + fl, (name, _err(o.grad, r.grad), _err(t.grad, r.grad))
+    return our_y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,n_shape", [((7, 781), (781,)), ((300, 10), (10,)), ((1, 33), (33,)),
+                                           ((4, 5, 12), (12,)), ((3, 5, 12), (5, 12)), ((256, 512), (512,))])
+def test_layer_norm_matches_torch(dtype, shape, n_shape):
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).to(dtype)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype)
+    for weight, bias in [(True, True), (True, False), (False, False), (False, True)]:
+        w, b = _params(n_shape, dtype, weight, bias)
+        _compare(lambda x, w, b: layer_norm(x, n_shape, w, b, 1e-5), lambda x, w, b: F.layer_norm(x, n_shape, w, b, 1e-5),
+                 x, w, b, g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 781), (300, 10), (2, 1), (256, 512), (5000, 3)])
+def test_batch_norm_matches_torch(dtype, shape):
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).to(dtype)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype)
+    for weight, bias in [(True, True), (False, False), (True, False)]:
+        w, b = _params(shape[1], dtype, weight, bias)
+        _compare(lambda x, w, b: batch_norm(x, None, None, w, b, True), lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
+                 x, w, b, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_parameters_on_half_inputs(dtype):
+    # As torch allows (autocast leaves a norm's float32 parameters alone): the output in the input's
+    # dtype, the parameter gradients in float32.
+    x = torch.randn(64, 48, dtype=torch.float64).to(dtype)
+    g = torch.randn(64, 48, dtype=torch.float64).to(dtype)
+    w, b = _params(48, torch.float32, True, True)
+    y = _compare(lambda x, w, b: layer_norm(x, 48, w, b), lambda x, w, b: F.layer_norm(x, (48,), w, b), x, w, b, g)
+    assert y.dtype == dtype
+    _compare(lambda x, w, b: batch_norm(x, None, None, w, b, True), lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
+             x, w, b, g)
+
+
+def test_statistics_outputs():
+    x = torch.randn(9, 4, 20) * 2 + 5
+    y, mean, rstd = ops.layer_norm(x, [20], None, None, 1e-5)
+    assert mean.shape == rstd.shape == (36,) and mean.dtype == torch.float32
+    torch.testing.assert_close(mean, x.reshape(36, 20).mean(1))
+    torch.testing.assert_close(rstd, (x.reshape(36, 20).var(1, unbiased=False) + 1e-5).rsqrt())
+    x2 = torch.randn(40, 6, dtype=torch.float64) * 3 - 7
+    y, mean, invstd, uvar = ops.batch_norm(x2, None, None, 1e-3)
+    assert mean.dtype == torch.float64 and mean.shape == (6,)
+    torch.testing.assert_close(mean, x2.mean(0))
+    torch.testing.assert_close(invstd, (x2.var(0, unbiased=False) + 1e-3).rsqrt())
+    torch.testing.assert_close(uvar, x2.var(0))
+    _, mean, rstd = ops.layer_norm(torch.randn(2, 8).bfloat16(), [8], None, None, 1e-5)
+    assert mean.dtype == rstd.dtype == torch.float32
+
+
+def test_large_mean_small_spread():
+    # Two-pass statistics: no cancellation when the mean dwarfs the spread (a one-pass E[x^2] - E[x]^2
+    # in float32 would lose the variance, ~0.01 against rounding errors of ~10, entirely). What is left
+    # is the rounding of x - mean in float32, as in torch's.
+    x = (1e4 + torch.randn(512, 64, dtype=torch.float64) * 1e-1).float()
+    for fn, ref in [(lambda t: layer_norm(t, 64), lambda t: F.layer_norm(t, (64,))),
+                    (lambda t: batch_norm(t, None, None, training=True), lambda t: F.batch_norm(t, None, None, training=True))]:
+        expect = ref(x.double())
+        ours, torchs = _err(fn(x), expect), _err(ref(x), expect)
+        assert ours <= 2 * torchs + 1e-5 and ours < 0.1, (ours, torchs)
+
+
+def test_layouts_and_edge_shapes():
+    # Non-contiguous inputs and gradients give what their contiguous copies give.
+    base = torch.randn(96, 40)
+    x = base.t()[:, ::2]  # (40, 48), strided
+    g = torch.randn(48, 40).t()
+    w, b = torch.randn(48), torch.randn(48)
+    for fn in (lambda t: layer_norm(t, 48, w, b), lambda t: batch_norm(t, None, None, w, b, True)):
+        a = x.clone().requires_grad_()
+        c = x.contiguous().requires_grad_()
+        ya, yc = fn(a), fn(c)
+        ya.backward(g)
+        yc.backward(g.contiguous())
+        assert torch.equal(ya, yc) and torch.equal(a.grad, c.grad)
+    # Empty batches: layer norm gives empty results and zero parameter gradients; a batch norm
+    # module with an empty batch does what torch's does (torch's path).
+    for shape in [(0, 16), (3, 0, 16)]:
+        x0 = torch.randn(shape, requires_grad=True)
+        w0 = torch.randn(16, requires_grad=True)
+        y0 = layer_norm(x0, 16, w0)
+        y0.sum().backward()
+        assert y0.shape == shape and torch.equal(w0.grad, torch.zeros(16))
+    ours, ref = fastmlp.nn.BatchNorm1d(16), nn.BatchNorm1d(16)
+    e = torch.randn(0, 16)
+    assert ours(e).shape == ref(e).shape == (0, 16)
+    assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
+    # One row in training: torch's error.
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        fastmlp.nn.BatchNorm1d(4)(torch.randn(1, 4))
+
+
+def test_nan_propagates():
+    x = torch.randn(6, 8)
+    x[2, 3] = float("nan")
+    y = layer_norm(x, 8)
+    assert torch.isnan(y[2]).all() and torch.isfinite(torch.cat([y[:2], y[3:]])).all()
+    yb = batch_norm(x, None, None, training=True)
+    assert torch.isnan(yb[:, 3]).all() and torch.isfinite(torch.cat([yb[:, :3], yb[:, 4:]], 1)).all()
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x = torch.randn(1000, 300)
+    g = torch.randn(1000, 300)
+    w, b = torch.randn(300), torch.randn(300)
+    threads = torch.get_num_threads()
+
+    def run():
+        y, mean, rstd = ops.layer_norm(x, [300], w, b, 1e-5)
+        lb = ops.layer_norm_backward(g, x, [300], mean, rstd, w, [True, True, True])
+        yb, bmean, invstd, uvar = ops.batch_norm(x, w, b, 1e-5)
+        bb = ops.batch_norm_backward(g, x, bmean, invstd, w, [True, True, True])
+        return [y, mean, rstd, *lb, yb, bmean, invstd, uvar, *bb]
+
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+def test_output_mask():
+    x, g, w = torch.randn(20, 12), torch.randn(20, 12), torch.randn(12)
+    y, mean, rstd = ops.layer_norm(x, [12], w, None, 1e-5)
+    full = ops.layer_norm_backward(g, x, [12], mean, rstd, w, [True, True, True])
+    for mask in ([True, False, False], [False, True, False], [False, False, True], [False, False, False]):
+        part = ops.layer_norm_backward(g, x, [12], mean, rstd, w, mask)
+        for m, p, f in zip(mask, part, full):
+            assert torch.equal(p, f) if m else p.numel() == 0
+    _, bmean, invstd, _ = ops.batch_norm(x, w, None, 1e-5)
+    full = ops.batch_norm_backward(g, x, bmean, invstd, w, [True, True, True])
+    for mask in ([True, False, False], [False, True, True]):
+        part = ops.batch_norm_backward(g, x, bmean, invstd, w, mask)
+        for m, p, f in zip(mask, part, full):
+            assert torch.equal(p, f) if m else p.numel() == 0
+
+
+def test_gradcheck_gradgradcheck_and_opcheck():
+    x = torch.randn(5, 3, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    xb = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
+    for fn, args in [(lambda x, w, b: layer_norm(x, 7, w, b), (x, w, b)),
+                     (lambda x, w: layer_norm(x, (3, 7), w.expand(3, 7)), (x, w)),
+                     (lambda x, w, b: batch_norm(x, None, None, w, b, True), (xb, w, b)),
+                     (lambda x: batch_norm(x, None, None, training=True), (xb,))]:
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+    # The backward ops called directly while recording are differentiable too.
+    g = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
+    _, mean, rstd = ops.layer_norm(xb.detach(), [7], w.detach(), None, 1e-5)
+    assert torch.autograd.gradcheck(
+        lambda g, x, w: ops.layer_norm_backward(g, x, [7], mean, rstd, w, [True, True, True]), (g, xb, w))
+    _, bmean, invstd, _ = ops.batch_norm(xb.detach(), w.detach(), None, 1e-5)
+    assert torch.autograd.gradcheck(
+        lambda g, x, w: ops.batch_norm_backward(g, x, bmean, invstd, w, [True, True, True]), (g, xb, w))
+    f32 = torch.float32
+    for args in [(torch.randn(6, 10), [10], torch.randn(10), torch.randn(10), 1e-5),
+                 (torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True), [3, 4], None, None, 1e-3),
+                 (torch.randn(0, 5), [5], torch.randn(5), None, 1e-5),
+                 (torch.randn(8, 6).bfloat16(), [6], torch.randn(6, dtype=f32), torch.randn(6, dtype=f32), 1e-5),
+                 (torch.randn(12, 8).t(), [12], None, torch.randn(12, requires_grad=True), 1e-5)]:
+        torch.library.opcheck(ops.layer_norm, args)
+    for args in [(torch.randn(6, 10), torch.randn(10), torch.randn(10), 1e-5),
+                 (torch.randn(7, 3, dtype=torch.float64, requires_grad=True), None, None, 1e-3),
+                 (torch.randn(16, 4).half(), torch.randn(4, dtype=f32), None, 1e-5),
+                 (torch.randn(12, 8).t(), torch.randn(12, requires_grad=True), torch.randn(12), 1e-5)]:
+        torch.library.opcheck(ops.batch_norm, args)
+    x, g, w = torch.randn(6, 10), torch.randn(6, 10), torch.randn(10)
+    _, mean, rstd = ops.layer_norm(x, [10], w, None, 1e-5)
+    torch.library.opcheck(ops.layer_norm_backward, (g, x, [10], mean, rstd, w, [True, True, False]))
+    torch.library.opcheck(ops.layer_norm_backward, (g, x, [10], mean, rstd, None, [True, False, True]))
+    _, bmean, invstd, _ = ops.batch_norm(x, w, None, 1e-5)
+    torch.library.opcheck(ops.batch_norm_backward, (g, x, bmean, invstd, w, [True, True, True]))
+    torch.library.opcheck(ops.batch_norm_backward, (g, x, bmean, invstd, None, [False, False, True]))
+
+
+def test_forward_ad_and_vmap():
+    x, t = torch.randn(6, 9, dtype=torch.float64), torch.randn(6, 9, dtype=torch.float64)
+    w = torch.randn(9, dtype=torch.float64)
+    for ours, ref in [(lambda x: layer_norm(x, 9, w), lambda x: F.layer_norm(x, (9,), w)),
+                      (lambda x: batch_norm(x, None, None, w, None, True), lambda x: F.batch_norm(x, None, None, w, None, True))]:
+        p1, t1 = torch.func.jvp(ours, (x,), (t,))
+        p2, t2 = torch.func.jvp(ref, (x,), (t,))
+        torch.testing.assert_close(p1, p2)
+        torch.testing.assert_close(t1, t2)
+        xs = torch.randn(3, 6, 9, dtype=torch.float64)
+        torch.testing.assert_close(torch.func.vmap(ours)(xs), torch.stack([ref(v) for v in xs]))
+        torch.testing.assert_close(torch.func.grad(lambda x: ours(x).pow(2).sum())(x),
+                                   torch.func.grad(lambda x: ref(x).pow(2).sum())(x))
+
+
+def test_bad_inputs_eager_and_fake_alike():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cases = [
+        (lambda: ops.layer_norm(torch.randn(4, 6), [5], None, None, 1e-5), ValueError,
+         r"fastmlp.layer_norm: input's last 1 dimension\(s\) must be normalized_shape = \[5\], got input of shape \[4, 6\]"),
+        (lambda: ops.layer_norm(torch.randn(4, 6), [], None, None, 1e-5), ValueError, "normalized_shape must have at least one"),
+        (lambda: ops.layer_norm(torch.randn(4, 6), [6], torch.randn(5), None, 1e-5), ValueError,
+         r"weight must have shape normalized_shape = \[6\], got \[5\]"),
+        (lambda: ops.layer_norm(torch.randn(4, 6), [6], torch.randn(6, dtype=torch.float64), None, 1e-5), TypeError,
+         "expected weight to have the input's dtype"),
+        (lambda: ops.layer_norm(torch.randn(4, 6, dtype=torch.float64), [6], torch.randn(6), None, 1e-5), TypeError,
+         "expected weight to have the input's dtype"),
+        (lambda: ops.layer_norm(torch.randint(0, 3, (4, 6)), [6], None, None, 1e-5), TypeError,
+         "input must be a floating-point tensor"),
+        (lambda: ops.batch_norm(torch.randn(4, 6, 2), None, None, 1e-5), ValueError,
+         r"fastmlp.batch_norm: input must be 2-D \(batch, channels\), got a 3-D tensor"),
+        (lambda: ops.batch_norm(torch.randn(4, 6), None, torch.randn(4), 1e-5), ValueError,
+         r"bias must have shape \[channels\] = \[6\], got \[4\]"),
+        (lambda: ops.batch_norm_backward(torch.randn(4, 5), torch.randn(4, 6), torch.zeros(6), torch.ones(6), None,
+                                         [True, True, True]), ValueError, "grad_output must have the input's shape"),
+        (lambda: ops.batch_norm_backward(torch.randn(4, 6), torch.randn(4, 6), torch.zeros(5), torch.ones(6), None,
+                                         [True, True, True]), ValueError, "mean must have 6 elements"),
+        (lambda: ops.layer_norm_backward(torch.randn(4, 6), torch.randn(4, 6), [6], torch.zeros(4, dtype=torch.float64),
+                                         torch.ones(4), None, [True, True, True]), TypeError, "mean must be Float"),
+    ]
+    for fn, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            fn()
+        with FakeTensorMode(), pytest.raises(exc, match=pattern.split(": ", 1)[-1].replace("Float", "(Float|torch.float32)")):
+            fn()
+    # The modules point at torch's own checks first.
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        fastmlp.nn.BatchNorm1d(4)(torch.randn(2, 4, 3, 3))
+
+
+def test_modules_are_drop_ins():
+    for ours, ref in [(fastmlp.nn.BatchNorm1d(12), nn.BatchNorm1d(12)),
+                      (fastmlp.nn.BatchNorm1d(12, momentum=None), nn.BatchNorm1d(12, momentum=None)),
+                      (fastmlp.nn.BatchNorm1d(12, affine=False, track_running_stats=False),
+                       nn.BatchNorm1d(12, affine=False, track_running_stats=False)),
+                      (fastmlp.nn.LayerNorm(12), nn.LayerNorm(12)),
+                      (fastmlp.nn.LayerNorm(12, elementwise_affine=False), nn.LayerNorm(12, elementwise_affine=False)),
+                      (fastmlp.nn.LayerNorm(12, bias=False), nn.LayerNorm(12, bias=False))]:
+        assert repr(ours) == repr(ref) and isinstance(ours, type(ref))
+        ours.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.uniform_(0.5, 1.5)
+        ours.load_state_dict(ref.state_dict())
+        for step in range(3):
+            x = torch.randn(32, 12) * 2 + step
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = ours(xa), ref(xb)
+            torch.testing.assert_close(ya, yb)
+            ya.pow(2).sum().backward()
+            yb.pow(2).sum().backward()
+            torch.testing.assert_close(xa.grad, xb.grad)
+        for (na, a), (nb, b) in zip(ours.named_parameters(), ref.named_parameters()):
+            assert na == nb
+            torch.testing.assert_close(a.grad, b.grad)
+        sa, sb = ours.state_dict(), ref.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], msg=k)
+        ours.eval()
+        ref.eval()
+        x = torch.randn(5, 12)
+        torch.testing.assert_close(ours(x), ref(x))
+    # A 3-D input (N, C, L) to BatchNorm1d: torch's path, the same result.
+    ours, ref = fastmlp.nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+    x = torch.randn(6, 4, 5)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_compile_and_fx():
+    torch._dynamo.reset()
+    for norm in ("batch", "layer"):
+        torch.manual_seed(0)
+        m = fastmlp.nn.MLP([20, 32, 32, 4], activation="gelu", norm=norm)
+        assert type(m[0].norm) is (fastmlp.nn.BatchNorm1d if norm == "batch" else fastmlp.nn.LayerNorm)
+        torch.manual_seed(0)
+        ref = fastmlp.nn.MLP([20, 32, 32, 4], activation="gelu", norm=norm, impl="torch")
+        x = torch.randn(16, 20)
+        compiled = torch.compile(m, fullgraph=True)
+        for mod in (m, compiled):
+            out, expect = mod(x), ref(x)
+            torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+            out.sum().backward()
+        expect.sum().backward()
+        for p, q in zip(m.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, 2 * q.grad, rtol=1e-4, atol=1e-5)
+        if norm == "batch":
+            # Two training calls (eager, compiled): the running estimates moved twice.
+            assert m[0].norm.num_batches_tracked.item() == 2
+        # torch.fx: one call per norm module, following train() / eval() when run.
+        gm = torch.fx.symbolic_trace(m)
+        m.eval()
+        gm.eval()
+        torch.testing.assert_close(gm(x), m(x))
+
+
+def test_convert_swaps_norms():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 16), nn.LayerNorm(16),
+                      nn.Linear(16, 3))
+    m(torch.randn(10, 8))  # moves the running estimates
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    bn, ln = m[2], m[4]
+    fastmlp.convert(m)
+    assert type(m[2]) is fastmlp.nn.BatchNorm1d and type(m[4]) is fastmlp.nn.LayerNorm
+    assert m[2].weight is bn.weight and m[2].running_mean is bn.running_mean and m[4].weight is ln.weight
+    assert m[2].num_batches_tracked is bn.num_batches_tracked and repr(m[2]) == repr(bn)
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items()) and m.state_dict().keys() == state.keys()
+    # The two modules do not share their containers.
+    m[2].register_buffer("extra", torch.zeros(1))
+    assert "extra" not in bn._buffers
+    kept = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    assert type(fastmlp.convert(kept, norm=False)[1]) is nn.BatchNorm1d
+    hooked = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    hooked[1].register_forward_hook(lambda *a: None)
+    with pytest.warns(UserWarning, match="1 kept as they were"):
+        fastmlp.convert(hooked)
+    assert type(hooked[1]) is nn.LayerNorm
+    assert type(fastmlp.convert(nn.BatchNorm1d(3))) is fastmlp.nn.BatchNorm1d
+
+
+def test_cuda_runs_torchs_norms(device):
+    if device == "cpu":
+        pytest.skip("the CUDA fallback")
+    for ours, ref in [(fastmlp.nn.BatchNorm1d(16), nn.BatchNorm1d(16)), (fastmlp.nn.LayerNorm(16), nn.LayerNorm(16))]:
+        ours.to(device)
+        ref.to(device)
+        x = torch.randn(32, 16, device=device)
+        torch.testing.assert_close(ours(x), ref(x))
