@@ -50,10 +50,6 @@ def dropout(input, p=0.5, training=True, inplace=False):
     return F.dropout(input, p, training, inplace)
 
 
-def _cpu_floating(input):
-    return input.device.type == "cpu" and input.dtype in _FLOATING and input.layout == torch.strided
-
-
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Same arguments and result as ``torch.nn.functional.layer_norm``.
 
@@ -63,11 +59,11 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     A float32 weight and bias with a float16 / bfloat16 input is allowed, as in torch. Everywhere
     else (CUDA) this is torch's layer norm.
     """
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    if _cpu_floating(input):
-        return ops.layer_norm(input, list(normalized_shape), weight, bias, float(eps))[0]
-    return F.layer_norm(input, tuple(normalized_shape), weight, bias, eps)
+    # (Lean on purpose: for a small layer this function's own Python is a visible part of the call.)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    if input.is_cpu and input.dtype in _FLOATING and input.layout == torch.strided:
+        return ops.layer_norm(input, shape, weight, bias, eps)[0]
+    return F.layer_norm(input, tuple(shape), weight, bias, eps)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -80,9 +76,13 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     ``momentum``, as torch's do. Evaluation mode (the running estimates), inputs of other shapes and
     devices, and batches of fewer than two rows (torch's error for one) are torch's batch norm.
     """
-    if training and input.dim() == 2 and input.shape[0] > 1 and _cpu_floating(input):
-        y, mean, _, unbiased_var = ops.batch_norm(input, weight, bias, float(eps))
-        if running_mean is not None or running_var is not None:
+    if (training and input.is_cpu and input.dim() == 2 and input.shape[0] > 1 and input.dtype in _FLOATING
+            and input.layout == torch.strided):
+        y, mean, _, unbiased_var = ops.batch_norm(input, weight, bias, eps)
+        if running_mean is not None and running_var is not None and running_mean.dtype == running_var.dtype == mean.dtype:
+            with torch.no_grad():
+                torch._foreach_lerp_((running_mean, running_var), (mean, unbiased_var), momentum)
+        elif running_mean is not None or running_var is not None:
             with torch.no_grad():
                 for stat, batch in ((running_mean, mean), (running_var, unbiased_var)):
                     if stat is not None:

@@ -41,7 +41,7 @@ constexpr const char* kLayerNormBwd = "fastmlp.layer_norm_backward";
 constexpr const char* kBatchNorm = "fastmlp.batch_norm";
 constexpr const char* kBatchNormBwd = "fastmlp.batch_norm_backward";
 
-constexpr int64_t kElemsPerTask = 32768;  // below this a parallel region costs more than it saves
+constexpr int64_t kElemsPerTask = 8192;  // below this a parallel region costs more than it saves
 constexpr int64_t kChunkElems = 8192;     // a chunk of rows: 32 KiB of float32, one L1's worth
 
 template <typename scalar_t>
@@ -162,7 +162,7 @@ void layer_norm_backward_kernel(const scalar_t* g, const scalar_t* x, const acc_
                                 acc_type<scalar_t>* dw, acc_type<scalar_t>* db, int64_t M, int64_t N) {
   using acc_t = acc_type<scalar_t>;
   const int64_t groups = (M + kRowGroup - 1) / kRowGroup;
-  const RowChunks chunks(groups, kRowGroup * N, /*max_chunks=*/64);  // in groups of rows
+  const RowChunks chunks(groups, kRowGroup * N, /*max_chunks=*/32);  // in groups of rows
   const bool want_params = dw != nullptr || db != nullptr;
   std::vector<acc_t> pw(want_params ? chunks.count * N : 0), pb(want_params ? chunks.count * N : 0);
   acc_t* const pwp = pw.data();
@@ -253,7 +253,7 @@ void batch_norm_forward_kernel(const scalar_t* x, const acc_type<scalar_t>* w, c
                                scalar_t* y, acc_type<scalar_t>* mean, acc_type<scalar_t>* invstd,
                                acc_type<scalar_t>* unbiased_var, int64_t M, int64_t N, double eps) {
   using acc_t = acc_type<scalar_t>;
-  const RowChunks chunks(M, N, /*max_chunks=*/256);
+  const RowChunks chunks(M, N, /*max_chunks=*/32);
   std::vector<acc_t> pmean_v(chunks.count * N), pm2_v(chunks.count * N);
   acc_t* const pmean = pmean_v.data();
   acc_t* const pm2 = pm2_v.data();
@@ -337,7 +337,7 @@ void batch_norm_backward_kernel(const scalar_t* g, const scalar_t* x, const acc_
                                 const acc_type<scalar_t>* invstd, const acc_type<scalar_t>* w, scalar_t* dx,
                                 acc_type<scalar_t>* dw, acc_type<scalar_t>* db, int64_t M, int64_t N) {
   using acc_t = acc_type<scalar_t>;
-  const RowChunks chunks(M, N, /*max_chunks=*/256);
+  const RowChunks chunks(M, N, /*max_chunks=*/32);
   std::vector<acc_t> pg_v(chunks.count * N), pgx_v(chunks.count * N);
   acc_t* const pg = pg_v.data();
   acc_t* const pgx = pgx_v.data();
@@ -415,7 +415,8 @@ void check_param(const std::optional<at::Tensor>& p, const char* name, const at:
 // kernels always scale and shift (by 1 and 0 exactly), so their loops have no branch.
 at::Tensor as_acc(const std::optional<at::Tensor>& p, at::ScalarType acc, int64_t n, double fill, const at::Tensor& like) {
   if (!p.has_value()) return at::full({n}, fill, like.options().dtype(acc));
-  return p->to(acc).contiguous().reshape({-1});
+  if (p->scalar_type() == acc && p->is_contiguous()) return *p;  // the common case: no copy, no dispatch
+  return p->to(acc).contiguous();
 }
 
 at::ScalarType acc_of(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
@@ -497,8 +498,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
   const at::Tensor x = input.contiguous(), g = grad_output.contiguous();
   at::Tensor dx = output_mask[0] ? at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous))
                                  : input.new_empty({0});
-  at::Tensor dw = output_mask[1] ? at::zeros({N}, input.options().dtype(acc)) : at::Tensor();
-  at::Tensor db = output_mask[2] ? at::zeros({N}, input.options().dtype(acc)) : at::Tensor();
+  at::Tensor dw = output_mask[1] ? at::empty({N}, input.options().dtype(acc)) : at::Tensor();
+  at::Tensor db = output_mask[2] ? at::empty({N}, input.options().dtype(acc)) : at::Tensor();
   if (M > 0 && N > 0) {
     const at::Tensor w = as_acc(weight, acc, N, 1.0, x), mu = mean.contiguous(), rs = rstd.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kLayerNormBwd, [&] {
@@ -509,9 +510,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
           dw.defined() ? dw.mutable_data_ptr<acc_t>() : nullptr, db.defined() ? db.mutable_data_ptr<acc_t>() : nullptr,
           M, N);
     });
+  } else {  // an empty batch: nothing to sum, zero gradients
+    if (dw.defined()) dw.zero_();
+    if (db.defined()) db.zero_();
   }
   const auto param = [&](const at::Tensor& t) {
-    return t.defined() ? t.to(param_dtype).reshape(normalized_shape) : input.new_empty({0}, input.options().dtype(param_dtype));
+    if (!t.defined()) return input.new_empty({0}, input.options().dtype(param_dtype));
+    const at::Tensor r = t.scalar_type() == param_dtype ? t : t.to(param_dtype);
+    return normalized_shape.size() == 1 ? r : r.reshape(normalized_shape);
   };
   return {dx, param(dw), param(db)};
 }
@@ -572,8 +578,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const at::Tensor x = input.contiguous(), g = grad_output.contiguous();
   at::Tensor dx = output_mask[0] ? at::empty({M, N}, input.options().memory_format(at::MemoryFormat::Contiguous))
                                  : input.new_empty({0});
-  at::Tensor dw = output_mask[1] ? at::zeros({N}, input.options().dtype(acc)) : at::Tensor();
-  at::Tensor db = output_mask[2] ? at::zeros({N}, input.options().dtype(acc)) : at::Tensor();
+  at::Tensor dw = output_mask[1] ? at::empty({N}, input.options().dtype(acc)) : at::Tensor();
+  at::Tensor db = output_mask[2] ? at::empty({N}, input.options().dtype(acc)) : at::Tensor();
   if (M > 0 && N > 0) {
     const at::Tensor w = as_acc(weight, acc, N, 1.0, x), mu = mean.contiguous(), rs = invstd.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBatchNormBwd, [&] {
@@ -584,9 +590,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
           dw.defined() ? dw.mutable_data_ptr<acc_t>() : nullptr, db.defined() ? db.mutable_data_ptr<acc_t>() : nullptr,
           M, N);
     });
+  } else {  // an empty batch: nothing to sum, zero gradients
+    if (dw.defined()) dw.zero_();
+    if (db.defined()) db.zero_();
   }
   const auto param = [&](const at::Tensor& t) {
-    return t.defined() ? t.to(param_dtype) : input.new_empty({0}, input.options().dtype(param_dtype));
+    if (!t.defined()) return input.new_empty({0}, input.options().dtype(param_dtype));
+    return t.scalar_type() == param_dtype ? t : t.to(param_dtype);
   };
   return {dx, param(dw), param(db)};
 }
