@@ -89,85 +89,58 @@ void sum_chunks(const acc_t* part, int64_t chunks, int64_t N, acc_t* out) {
 
 // ---- layer norm -------------------------------------------------------------------------------
 //
-// A row's sum, as an `omp simd` reduction, is one chain of dependent vector adds (gcc may not
-// reorder float adds further): ~4 cycles per 16 floats. Four rows reduced in one loop are four
-// independent chains. Rows go in groups of kRowGroup starting at multiples of kRowGroup, the last
-// group padded with its last row (computed again, not written), so every row goes through the same
-// loop in the same order whatever the thread count.
-constexpr int64_t kRowGroup = 4;
-
-// The row pointers of group q (rows 4q .. 4q+3 of base, the last valid row repeated past M).
-template <typename T>
-FASTMLP_INLINE void group_rows(T* base, int64_t q, int64_t M, int64_t N, T* (&rows)[kRowGroup]) {
-  for (int64_t k = 0; k < kRowGroup; ++k) rows[k] = base + std::min(q * kRowGroup + k, M - 1) * N;
-}
+// One row at a time: a row's reductions are `omp simd` reductions (their order depends on the build's
+// vector width only), and the row stays in L1 between the passes over it. (Reducing four rows in one
+// loop, for four independent chains of adds, measured no faster, and with rows 4 KiB apart its eight
+// input streams share one L1 set and evict each other: 1.8x slower at 1024 x 1024.)
 
 template <typename scalar_t>
 void layer_norm_forward_kernel(const scalar_t* x, const acc_type<scalar_t>* w, const acc_type<scalar_t>* b,
                                scalar_t* y, acc_type<scalar_t>* mean, acc_type<scalar_t>* rstd, int64_t M,
                                int64_t N, double eps) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t groups = (M + kRowGroup - 1) / kRowGroup;
-  parallel_items(groups, kRowGroup * N, [=](int64_t q0, int64_t q1) {
+  parallel_items(M, N, [=](int64_t r0, int64_t r1) {
     // Local copies: a pointer read through the closure inside an `omp simd` loop is re-read every
     // iteration (a store might change it), and gcc then gathers instead of loading a vector.
     const acc_t *__restrict__ w_ = w, *__restrict__ b_ = b;
     const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
-    for (int64_t q = q0; q < q1; ++q) {
-      const scalar_t* xr[kRowGroup];
-      group_rows(x, q, M, N, xr);
-      const scalar_t *__restrict__ x0 = xr[0], *__restrict__ x1 = xr[1], *__restrict__ x2 = xr[2],
-                                  *__restrict__ x3 = xr[3];
-      acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict__ xr = x + r * N;
+      scalar_t* __restrict__ yr = y + r * N;
+      acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < N; ++j) s += static_cast<acc_t>(xr[j]);
+      const acc_t mu = s * inv_n;
+      acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
       for (int64_t j = 0; j < N; ++j) {
-        s0 += static_cast<acc_t>(x0[j]);
-        s1 += static_cast<acc_t>(x1[j]);
-        s2 += static_cast<acc_t>(x2[j]);
-        s3 += static_cast<acc_t>(x3[j]);
+        const acc_t d = static_cast<acc_t>(xr[j]) - mu;
+        ss += d * d;
       }
-      const acc_t m0 = s0 * inv_n, m1 = s1 * inv_n, m2 = s2 * inv_n, m3 = s3 * inv_n;
-      acc_t v0 = 0, v1 = 0, v2 = 0, v3 = 0;
-#pragma omp simd reduction(+ : v0, v1, v2, v3)
-      for (int64_t j = 0; j < N; ++j) {
-        const acc_t d0 = static_cast<acc_t>(x0[j]) - m0, d1 = static_cast<acc_t>(x1[j]) - m1;
-        const acc_t d2 = static_cast<acc_t>(x2[j]) - m2, d3 = static_cast<acc_t>(x3[j]) - m3;
-        v0 += d0 * d0;
-        v1 += d1 * d1;
-        v2 += d2 * d2;
-        v3 += d3 * d3;
-      }
-      const acc_t mus[kRowGroup] = {m0, m1, m2, m3}, vars[kRowGroup] = {v0, v1, v2, v3};
-      for (int64_t k = 0; k < kRowGroup && q * kRowGroup + k < M; ++k) {
-        const int64_t r = q * kRowGroup + k;
-        const acc_t mu = mus[k], rs = acc_t(1) / std::sqrt(vars[k] * inv_n + static_cast<acc_t>(eps));
-        mean[r] = mu;
-        rstd[r] = rs;
-        const scalar_t* __restrict__ xk = xr[k];
-        scalar_t* __restrict__ yr = y + r * N;
+      const acc_t rs = acc_t(1) / std::sqrt(ss * inv_n + static_cast<acc_t>(eps));
+      mean[r] = mu;
+      rstd[r] = rs;
 #pragma omp simd
-        for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((static_cast<acc_t>(xk[j]) - mu) * rs * w_[j] + b_[j]);
-      }
+      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((static_cast<acc_t>(xr[j]) - mu) * rs * w_[j] + b_[j]);
     }
   });
 }
 
-// Per row, xhat = (x - mean) * rstd and gw = g * w: dx = rstd * (gw - avg(gw) - xhat * avg(gw * xhat))
-// (the two averages for a group of rows at once, as in the forward); dw = sum over rows of g * xhat,
-// db = sum over rows of g, each chunk of rows (whole groups) into a partial of its own that stays in
-// L1 while the rows stream past, the partials added up in chunk order.
+// Per row, xhat = (x - mean) * rstd and gw = g * w: dx = rstd * (gw - avg(gw) - xhat * avg(gw * xhat));
+// dw = sum over rows of g * xhat, db = sum over rows of g, each chunk of rows into a partial of its
+// own (it stays in L1 while the chunk's rows stream past), the partials added up in chunk order. Two
+// passes over each row: the averages with the partials' terms, then dx.
 template <typename scalar_t>
 void layer_norm_backward_kernel(const scalar_t* g, const scalar_t* x, const acc_type<scalar_t>* mean,
                                 const acc_type<scalar_t>* rstd, const acc_type<scalar_t>* w, scalar_t* dx,
                                 acc_type<scalar_t>* dw, acc_type<scalar_t>* db, int64_t M, int64_t N) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t groups = (M + kRowGroup - 1) / kRowGroup;
-  const RowChunks chunks(groups, kRowGroup * N, /*max_chunks=*/32);  // in groups of rows
+  const RowChunks chunks(M, N, /*max_chunks=*/32);
   const bool want_params = dw != nullptr || db != nullptr;
   std::vector<acc_t> pw(want_params ? chunks.count * N : 0), pb(want_params ? chunks.count * N : 0);
   acc_t* const pwp = pw.data();
   acc_t* const pbp = pb.data();
-  parallel_items(chunks.count, chunks.rows * kRowGroup * N, [=](int64_t c0, int64_t c1) {
+  parallel_items(chunks.count, chunks.rows * N, [=](int64_t c0, int64_t c1) {
     const acc_t* __restrict__ w_ = w;  // a local copy, as in layer_norm_forward_kernel
     const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
     for (int64_t c = c0; c < c1; ++c) {
@@ -177,63 +150,37 @@ void layer_norm_backward_kernel(const scalar_t* g, const scalar_t* x, const acc_
         std::fill(pwc, pwc + N, acc_t(0));
         std::fill(pbc, pbc + N, acc_t(0));
       }
-      for (int64_t q = chunks.begin(c); q < chunks.end(c, groups); ++q) {
-        const scalar_t *gq[kRowGroup], *xq[kRowGroup];
-        group_rows(g, q, M, N, gq);
-        group_rows(x, q, M, N, xq);
-        acc_t mu[kRowGroup], rs[kRowGroup];
-        for (int64_t k = 0; k < kRowGroup; ++k) {
-          const int64_t r = std::min(q * kRowGroup + k, M - 1);
-          mu[k] = mean[r];
-          rs[k] = rstd[r];
-        }
-        acc_t a[kRowGroup] = {}, bb[kRowGroup] = {};
-        if (dx != nullptr) {
-          const scalar_t *__restrict__ g0 = gq[0], *__restrict__ g1 = gq[1], *__restrict__ g2 = gq[2],
-                                      *__restrict__ g3 = gq[3];
-          const scalar_t *__restrict__ x0 = xq[0], *__restrict__ x1 = xq[1], *__restrict__ x2 = xq[2],
-                                      *__restrict__ x3 = xq[3];
-          const acc_t mu0 = mu[0], mu1 = mu[1], mu2 = mu[2], mu3 = mu[3];
-          const acc_t rs0 = rs[0], rs1 = rs[1], rs2 = rs[2], rs3 = rs[3];
-          acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, t0 = 0, t1 = 0, t2 = 0, t3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, t0, t1, t2, t3)
+      for (int64_t r = chunks.begin(c); r < chunks.end(c, M); ++r) {
+        const scalar_t* __restrict__ gr = g + r * N;
+        const scalar_t* __restrict__ xr = x + r * N;
+        const acc_t mu = mean[r], rs = rstd[r];
+        acc_t s1 = 0, s2 = 0;
+        if (want_params) {
+#pragma omp simd reduction(+ : s1, s2)
           for (int64_t j = 0; j < N; ++j) {
-            const acc_t gw0 = static_cast<acc_t>(g0[j]) * w_[j], gw1 = static_cast<acc_t>(g1[j]) * w_[j];
-            const acc_t gw2 = static_cast<acc_t>(g2[j]) * w_[j], gw3 = static_cast<acc_t>(g3[j]) * w_[j];
-            s0 += gw0;
-            s1 += gw1;
-            s2 += gw2;
-            s3 += gw3;
-            t0 += gw0 * ((static_cast<acc_t>(x0[j]) - mu0) * rs0);
-            t1 += gw1 * ((static_cast<acc_t>(x1[j]) - mu1) * rs1);
-            t2 += gw2 * ((static_cast<acc_t>(x2[j]) - mu2) * rs2);
-            t3 += gw3 * ((static_cast<acc_t>(x3[j]) - mu3) * rs3);
+            const acc_t gj = static_cast<acc_t>(gr[j]);
+            const acc_t xhat = (static_cast<acc_t>(xr[j]) - mu) * rs;
+            pwc[j] += gj * xhat;
+            pbc[j] += gj;
+            const acc_t gw = gj * w_[j];
+            s1 += gw;
+            s2 += gw * xhat;
           }
-          const acc_t ss[kRowGroup] = {s0, s1, s2, s3}, tt[kRowGroup] = {t0, t1, t2, t3};
-          for (int64_t k = 0; k < kRowGroup; ++k) {
-            a[k] = ss[k] * inv_n;
-            bb[k] = tt[k] * inv_n;
+        } else {
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t j = 0; j < N; ++j) {
+            const acc_t gw = static_cast<acc_t>(gr[j]) * w_[j];
+            s1 += gw;
+            s2 += gw * ((static_cast<acc_t>(xr[j]) - mu) * rs);
           }
         }
-        for (int64_t k = 0; k < kRowGroup && q * kRowGroup + k < M; ++k) {
-          const scalar_t* __restrict__ gr = gq[k];
-          const scalar_t* __restrict__ xr = xq[k];
-          const acc_t muk = mu[k], rsk = rs[k], ak = a[k], bk = bb[k];
-          if (want_params) {
+        if (dx == nullptr) continue;
+        const acc_t a = s1 * inv_n, bb = s2 * inv_n;
+        scalar_t* __restrict__ dxr = dx + r * N;
 #pragma omp simd
-            for (int64_t j = 0; j < N; ++j) {
-              const acc_t gj = static_cast<acc_t>(gr[j]);
-              pwc[j] += gj * ((static_cast<acc_t>(xr[j]) - muk) * rsk);
-              pbc[j] += gj;
-            }
-          }
-          if (dx == nullptr) continue;
-          scalar_t* __restrict__ dxr = dx + (q * kRowGroup + k) * N;
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) {
-            const acc_t xhat = (static_cast<acc_t>(xr[j]) - muk) * rsk;
-            dxr[j] = static_cast<scalar_t>(rsk * (static_cast<acc_t>(gr[j]) * w_[j] - ak - xhat * bk));
-          }
+        for (int64_t j = 0; j < N; ++j) {
+          const acc_t xhat = (static_cast<acc_t>(xr[j]) - mu) * rs;
+          dxr[j] = static_cast<scalar_t>(rs * (static_cast<acc_t>(gr[j]) * w_[j] - a - xhat * bb));
         }
       }
     }
