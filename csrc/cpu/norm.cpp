@@ -368,6 +368,45 @@ at::Tensor as_acc(const std::optional<at::Tensor>& p, at::ScalarType acc, int64_
 
 at::ScalarType acc_of(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The backward host work both norms share, after their checks: contiguous inputs, the gradients asked
+// for (grad_weight and grad_bias in the weight's dtype and of shape param_shape, empty tensors for
+// those not asked for), the kernel over M rows of N, zero parameter gradients for an empty batch.
+// stat: rstd (layer norm, per row) or invstd (batch norm, per column).
+template <bool kLayer>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                             const at::Tensor& mean, const at::Tensor& stat,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             std::array<bool, 3> output_mask, int64_t M, int64_t N,
+                                                             at::IntArrayRef param_shape) {
+  const auto acc = acc_of(input.scalar_type());
+  const auto param_dtype = weight.has_value() ? weight->scalar_type() : input.scalar_type();
+  const at::Tensor x = input.contiguous(), g = grad_output.contiguous();
+  at::Tensor dx = output_mask[0] ? at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous))
+                                 : input.new_empty({0});
+  at::Tensor dw = output_mask[1] ? at::empty({N}, input.options().dtype(acc)) : at::Tensor();
+  at::Tensor db = output_mask[2] ? at::empty({N}, input.options().dtype(acc)) : at::Tensor();
+  if (M > 0 && N > 0) {
+    const at::Tensor w = as_acc(weight, acc, N, 1.0, x), mu = mean.contiguous(), st = stat.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kLayer ? kLayerNormBwd : kBatchNormBwd, [&] {
+      using acc_t = acc_type<scalar_t>;
+      const auto kernel = kLayer ? &layer_norm_backward_kernel<scalar_t> : &batch_norm_backward_kernel<scalar_t>;
+      kernel(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(),
+             st.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), output_mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr,
+             dw.defined() ? dw.mutable_data_ptr<acc_t>() : nullptr, db.defined() ? db.mutable_data_ptr<acc_t>() : nullptr,
+             M, N);
+    });
+  } else {  // an empty batch: nothing to sum, zero gradients
+    if (dw.defined()) dw.zero_();
+    if (db.defined()) db.zero_();
+  }
+  const auto param = [&](const at::Tensor& t) {
+    if (!t.defined()) return input.new_empty({0}, input.options().dtype(param_dtype));
+    const at::Tensor r = t.scalar_type() == param_dtype ? t : t.to(param_dtype);
+    return param_shape.size() == 1 ? r : r.reshape(param_shape);
+  };
+  return {dx, param(dw), param(db)};
+}
+
 int64_t check_layer_norm_args(const at::Tensor& input, at::IntArrayRef normalized_shape,
                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                               const char* op) {
@@ -440,33 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
   check_grad_output(grad_output, input, op);
   const int64_t M = c10::multiply_integers(input.sizes().slice(0, input.dim() - normalized_shape.size()));
   check_stats(input, mean, "mean", rstd, "rstd", M, op);
-  const auto acc = acc_of(input.scalar_type());
-  const auto param_dtype = weight.has_value() ? weight->scalar_type() : input.scalar_type();
-  const at::Tensor x = input.contiguous(), g = grad_output.contiguous();
-  at::Tensor dx = output_mask[0] ? at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous))
-                                 : input.new_empty({0});
-  at::Tensor dw = output_mask[1] ? at::empty({N}, input.options().dtype(acc)) : at::Tensor();
-  at::Tensor db = output_mask[2] ? at::empty({N}, input.options().dtype(acc)) : at::Tensor();
-  if (M > 0 && N > 0) {
-    const at::Tensor w = as_acc(weight, acc, N, 1.0, x), mu = mean.contiguous(), rs = rstd.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kLayerNormBwd, [&] {
-      using acc_t = acc_type<scalar_t>;
-      layer_norm_backward_kernel<scalar_t>(
-          g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(),
-          rs.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), output_mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr,
-          dw.defined() ? dw.mutable_data_ptr<acc_t>() : nullptr, db.defined() ? db.mutable_data_ptr<acc_t>() : nullptr,
-          M, N);
-    });
-  } else {  // an empty batch: nothing to sum, zero gradients
-    if (dw.defined()) dw.zero_();
-    if (db.defined()) db.zero_();
-  }
-  const auto param = [&](const at::Tensor& t) {
-    if (!t.defined()) return input.new_empty({0}, input.options().dtype(param_dtype));
-    const at::Tensor r = t.scalar_type() == param_dtype ? t : t.to(param_dtype);
-    return normalized_shape.size() == 1 ? r : r.reshape(normalized_shape);
-  };
-  return {dx, param(dw), param(db)};
+  return norm_backward<true>(grad_output, input, mean, rstd, weight, output_mask, M, N, normalized_shape);
 }
 
 void check_batch_norm_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -520,32 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   check_grad_output(grad_output, input, op);
   const int64_t M = input.size(0), N = input.size(1);
   check_stats(input, mean, "mean", invstd, "invstd", N, op);
-  const auto acc = acc_of(input.scalar_type());
-  const auto param_dtype = weight.has_value() ? weight->scalar_type() : input.scalar_type();
-  const at::Tensor x = input.contiguous(), g = grad_output.contiguous();
-  at::Tensor dx = output_mask[0] ? at::empty({M, N}, input.options().memory_format(at::MemoryFormat::Contiguous))
-                                 : input.new_empty({0});
-  at::Tensor dw = output_mask[1] ? at::empty({N}, input.options().dtype(acc)) : at::Tensor();
-  at::Tensor db = output_mask[2] ? at::empty({N}, input.options().dtype(acc)) : at::Tensor();
-  if (M > 0 && N > 0) {
-    const at::Tensor w = as_acc(weight, acc, N, 1.0, x), mu = mean.contiguous(), rs = invstd.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBatchNormBwd, [&] {
-      using acc_t = acc_type<scalar_t>;
-      batch_norm_backward_kernel<scalar_t>(
-          g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(),
-          rs.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), output_mask[0] ? dx.mutable_data_ptr<scalar_t>() : nullptr,
-          dw.defined() ? dw.mutable_data_ptr<acc_t>() : nullptr, db.defined() ? db.mutable_data_ptr<acc_t>() : nullptr,
-          M, N);
-    });
-  } else {  // an empty batch: nothing to sum, zero gradients
-    if (dw.defined()) dw.zero_();
-    if (db.defined()) db.zero_();
-  }
-  const auto param = [&](const at::Tensor& t) {
-    if (!t.defined()) return input.new_empty({0}, input.options().dtype(param_dtype));
-    return t.scalar_type() == param_dtype ? t : t.to(param_dtype);
-  };
-  return {dx, param(dw), param(db)};
+  return norm_backward<false>(grad_output, input, mean, invstd, weight, output_mask, M, N, {N});
 }
 
 }  // namespace
