@@ -56,9 +56,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     On the CPU this is fastmlp's layer_norm op (csrc/cpu/norm.cpp): statistics in float32 (float64
     for float64 inputs), each row read from memory once in the forward and once in the backward
     (which also sums the weight and bias gradients), and results that do not depend on the thread
-    count.
-    A float32 weight and bias with a float16 / bfloat16 input is allowed, as in torch. Everywhere
-    else (CUDA) this is torch's layer norm.
+    count. A float32 weight and bias with a float16 / bfloat16 input is allowed, as in torch.
+    Everywhere else (CUDA) this is torch's layer norm.
     """
     # (Lean on purpose: for a small layer this function's own Python is a visible part of the call.)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
@@ -72,11 +71,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
     In training mode on a (batch, channels) CPU input this is fastmlp's batch_norm op: the batch's
     mean and variance in one parallel pass over memory (float32 statistics, float64 for float64
-    inputs, merged across chunks of rows in float64), normalisation in a second, and a backward of
-    two passes; results do not depend on the thread count; the
-    running estimates, when given, move towards the batch's mean and unbiased variance by
-    ``momentum``, as torch's do. Evaluation mode (the running estimates), inputs of other shapes and
-    devices, and batches of fewer than two rows (torch's error for one) are torch's batch norm.
+    inputs, merged across chunks of rows in float64), normalisation in a second, a backward of two
+    passes, and results that do not depend on the thread count. The running estimates, when given,
+    move towards the batch's mean and unbiased variance by ``momentum``, as torch's do. Evaluation
+    mode (the running estimates), inputs of other shapes and devices, and batches of fewer than two
+    rows (torch's error for one) are torch's batch norm.
     """
     if (training and input.is_cpu and input.dim() == 2 and input.shape[0] > 1 and input.dtype in _FLOATING
             and input.layout == torch.strided):

@@ -390,3 +390,25 @@ def test_cuda_runs_torchs_norms(device):
         ref.to(device)
         x = torch.randn(32, 16, device=device)
         torch.testing.assert_close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_mlp_under_cpu_autocast(norm):
+    # Under CPU autocast the norm gets the bfloat16 output of the layer before it and keeps its
+    # float32 parameters, as torch's norm modules do: the same dtypes and, within bfloat16's
+    # precision, the same values and gradients as the torch MLP.
+    torch.manual_seed(0)
+    ours = fastmlp.nn.MLP([24, 32, 32, 5], activation="gelu", norm=norm)
+    ref = fastmlp.nn.MLP([24, 32, 32, 5], activation="gelu", norm=norm, impl="torch")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(16, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, yb = ours(x), ref(x)
+        ha, hb = ours[0](x), ref[0](x)
+    assert ya.dtype == yb.dtype == torch.bfloat16 and ha.dtype == hb.dtype == torch.bfloat16
+    torch.testing.assert_close(ya.float(), yb.float(), rtol=5e-2, atol=5e-2)
+    ya.float().pow(2).sum().backward()
+    yb.float().pow(2).sum().backward()
+    for (n, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert a.grad.dtype == torch.float32, n
+        torch.testing.assert_close(a.grad, b.grad, rtol=5e-2, atol=5e-2 * b.grad.abs().max().item(), msg=n)
