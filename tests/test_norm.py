@@ -22,6 +22,15 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FLOOR = {torch.float64: 1e-13, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
+def _ln(x, n_shape, w=None, b=None, eps=1e-5):
+    """The op itself (fastmlp.functional sends float16 / bfloat16 inputs to torch's norms)."""
+    return ops.layer_norm(x, [n_shape] if isinstance(n_shape, int) else list(n_shape), w, b, eps)[0]
+
+
+def _bn(x, w=None, b=None, eps=1e-5):
+    return ops.batch_norm(x, w, b, eps)[0]
+
+
 def _err(got, ref):
     return (got.double() - ref).abs().max().item() if got.numel() else 0.0
 
@@ -64,8 +73,7 @@ def test_layer_norm_matches_torch(dtype, shape, n_shape):
     g = torch.randn(shape, dtype=torch.float64).to(dtype)
     for weight, bias in [(True, True), (True, False), (False, False), (False, True)]:
         w, b = _params(n_shape, dtype, weight, bias)
-        _compare(lambda x, w, b: layer_norm(x, n_shape, w, b, 1e-5), lambda x, w, b: F.layer_norm(x, n_shape, w, b, 1e-5),
-                 x, w, b, g)
+        _compare(lambda x, w, b: _ln(x, n_shape, w, b), lambda x, w, b: F.layer_norm(x, n_shape, w, b, 1e-5), x, w, b, g)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -75,8 +83,7 @@ def test_batch_norm_matches_torch(dtype, shape):
     g = torch.randn(shape, dtype=torch.float64).to(dtype)
     for weight, bias in [(True, True), (False, False), (True, False)]:
         w, b = _params(shape[1], dtype, weight, bias)
-        _compare(lambda x, w, b: batch_norm(x, None, None, w, b, True), lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
-                 x, w, b, g)
+        _compare(lambda x, w, b: _bn(x, w, b), lambda x, w, b: F.batch_norm(x, None, None, w, b, True), x, w, b, g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -86,10 +93,24 @@ def test_float32_parameters_on_half_inputs(dtype):
     x = torch.randn(64, 48, dtype=torch.float64).to(dtype)
     g = torch.randn(64, 48, dtype=torch.float64).to(dtype)
     w, b = _params(48, torch.float32, True, True)
-    y = _compare(lambda x, w, b: layer_norm(x, 48, w, b), lambda x, w, b: F.layer_norm(x, (48,), w, b), x, w, b, g)
+    y = _compare(lambda x, w, b: _ln(x, 48, w, b), lambda x, w, b: F.layer_norm(x, (48,), w, b), x, w, b, g)
     assert y.dtype == dtype
-    _compare(lambda x, w, b: batch_norm(x, None, None, w, b, True), lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
-             x, w, b, g)
+    _compare(lambda x, w, b: _bn(x, w, b), lambda x, w, b: F.batch_norm(x, None, None, w, b, True), x, w, b, g)
+
+
+def test_functional_forms_send_half_inputs_to_torch():
+    # float32 / float64: the op (bitwise); float16 / bfloat16: torch's norm (bitwise), as its CPU
+    # kernels convert half types faster than ours would.
+    for dtype in DTYPES:
+        x = torch.randn(32, 16, dtype=torch.float64).to(dtype)
+        w, b = torch.randn(16), torch.randn(16)
+        if dtype == torch.float64:
+            w, b = w.double(), b.double()
+        use_op = dtype in (torch.float32, torch.float64)
+        expect_ln = _ln(x, 16, w, b) if use_op else F.layer_norm(x, (16,), w, b)
+        expect_bn = _bn(x, w, b) if use_op else F.batch_norm(x, None, None, w, b, True)
+        assert torch.equal(layer_norm(x, 16, w, b), expect_ln), dtype
+        assert torch.equal(batch_norm(x, None, None, w, b, True), expect_bn), dtype
 
 
 def test_statistics_outputs():

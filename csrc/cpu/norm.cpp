@@ -15,11 +15,11 @@
 // only. Chunks depend on the shape only and are merged in chunk order, so no result depends on the
 // thread count (a resumed run is bitwise the same).
 //
-// Layout contract: the kernels read and write contiguous row-major buffers, x of M rows and N
-// columns (layer norm: N = the normalised size; batch norm: N = the channels). The host functions
-// make the inputs contiguous; weight and bias arrive as acc_t arrays (a float32 weight with a
-// bfloat16 input, as torch allows, needs no second instantiation). mean and rstd / invstd are
-// acc_t tensors of shape (M,) (layer norm) or (N,) (batch norm).
+// Layout contract: the kernels (float32 and float64; float16 / bfloat16 inputs are converted to
+// float32 by the host functions, see is_reduced) read and write contiguous row-major buffers, x of M
+// rows and N columns (layer norm: N = the normalised size; batch norm: N = the channels). The host
+// functions make the inputs contiguous; weight and bias arrive as acc_t arrays (given, or ones and
+// zeros). mean and rstd / invstd are acc_t tensors of shape (M,) (layer norm) or (N,) (batch norm).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -358,6 +358,17 @@ void check_param(const std::optional<at::Tensor>& p, const char* name, const at:
                       shape_str(want_shape), ", got ", shape_str(t.sizes()));
 }
 
+// float16 / bfloat16 inputs run as float32: the kernels compute in float32 anyway, so converting the
+// inputs up front (torch's vectorised conversion) and the results back once gives the same values,
+// while gcc left c10's scalar Half / BFloat16 conversions inside the kernels' loops unvectorised
+// (3x-30x slower than torch's norms at 256x512).
+bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+
+std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& p) {
+  if (!p.has_value()) return std::nullopt;
+  return p->to(at::kFloat);
+}
+
 // A parameter as an acc_t array of n elements (contiguous, converted), `fill` where not given: the
 // kernels always scale and shift (by 1 and 0 exactly), so their loops have no branch.
 at::Tensor as_acc(const std::optional<at::Tensor>& p, at::ScalarType acc, int64_t n, double fill, const at::Tensor& like) {
@@ -378,8 +389,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(const at::Tensor& g
                                                              const std::optional<at::Tensor>& weight,
                                                              std::array<bool, 3> output_mask, int64_t M, int64_t N,
                                                              at::IntArrayRef param_shape) {
-  const auto acc = acc_of(input.scalar_type());
   const auto param_dtype = weight.has_value() ? weight->scalar_type() : input.scalar_type();
+  if (is_reduced(input)) {
+    auto [dx, dw, db] = norm_backward<kLayer>(grad_output.to(at::kFloat), input.to(at::kFloat), mean, stat,
+                                              as_float(weight), output_mask, M, N, param_shape);
+    return {dx.to(input.scalar_type()), dw.to(param_dtype), db.to(param_dtype)};
+  }
+  const auto acc = acc_of(input.scalar_type());
   const at::Tensor x = input.contiguous(), g = grad_output.contiguous();
   at::Tensor dx = output_mask[0] ? at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous))
                                  : input.new_empty({0});
@@ -387,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(const at::Tensor& g
   at::Tensor db = output_mask[2] ? at::empty({N}, input.options().dtype(acc)) : at::Tensor();
   if (M > 0 && N > 0) {
     const at::Tensor w = as_acc(weight, acc, N, 1.0, x), mu = mean.contiguous(), st = stat.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kLayer ? kLayerNormBwd : kBatchNormBwd, [&] {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kLayer ? kLayerNormBwd : kBatchNormBwd, [&] {
       using acc_t = acc_type<scalar_t>;
       const auto kernel = kLayer ? &layer_norm_backward_kernel<scalar_t> : &batch_norm_backward_kernel<scalar_t>;
       kernel(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(),
@@ -450,6 +466,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& 
                                                               const std::optional<at::Tensor>& weight,
                                                               const std::optional<at::Tensor>& bias, double eps) {
   const int64_t N = check_layer_norm_args(input, normalized_shape, weight, bias, kLayerNorm);
+  if (is_reduced(input)) {
+    auto [y, mean, rstd] = layer_norm_cpu(input.to(at::kFloat), normalized_shape, as_float(weight), as_float(bias), eps);
+    return {y.to(input.scalar_type()), mean, rstd};
+  }
   const at::Tensor x = input.contiguous();
   const int64_t M = N == 0 ? c10::multiply_integers(input.sizes().slice(0, input.dim() - normalized_shape.size()))
                            : x.numel() / N;
@@ -459,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cpu(const at::Tensor& 
   at::Tensor rstd = at::empty({M}, input.options().dtype(acc));
   if (M == 0) return {y, mean, rstd};
   const at::Tensor w = as_acc(weight, acc, N, 1.0, x), b = as_acc(bias, acc, N, 0.0, x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kLayerNorm, [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kLayerNorm, [&] {
     using acc_t = acc_type<scalar_t>;
     layer_norm_forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
                                         y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
@@ -501,6 +521,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(const 
                                                                           const std::optional<at::Tensor>& bias,
                                                                           double eps) {
   check_batch_norm_args(input, weight, bias, kBatchNorm);
+  if (is_reduced(input)) {
+    auto [y, mean, invstd, uvar] = batch_norm_cpu(input.to(at::kFloat), as_float(weight), as_float(bias), eps);
+    return {y.to(input.scalar_type()), mean, invstd, uvar};
+  }
   const int64_t M = input.size(0), N = input.size(1);
   const auto acc = acc_of(input.scalar_type());
   const at::Tensor x = input.contiguous();
@@ -516,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(const 
   }
   if (N == 0) return {y, mean, invstd, uvar};
   const at::Tensor w = as_acc(weight, acc, N, 1.0, x), b = as_acc(bias, acc, N, 0.0, x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBatchNorm, [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBatchNorm, [&] {
     using acc_t = acc_type<scalar_t>;
     batch_norm_forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
                                         y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),

@@ -35,9 +35,9 @@ torch.fx.wrap("_layer_norm_of")
 
 class BatchNorm1d(nn.BatchNorm1d):
     """torch.nn.BatchNorm1d (same arguments, parameters, buffers and state_dict keys) whose training
-    forward and backward on a (batch, features) CPU input are fastmlp's batch_norm op (its forward
-    and backward ops 1.5x-3.5x faster than torch's on the 2-core Xeon VM, bench/bench_norm.py).
-    Other inputs, devices and evaluation mode run torch's batch norm."""
+    forward and backward on a float32 / float64 (batch, features) CPU input are fastmlp's batch_norm
+    op (its forward and backward ops 1.5x-3.5x faster than torch's on the 2-core Xeon VM,
+    bench/bench_norm.py). Other inputs, dtypes, devices and evaluation mode run torch's batch norm."""
 
     def forward(self, input):
         return _batch_norm_of(self, input)
@@ -48,8 +48,9 @@ class BatchNorm1d(nn.BatchNorm1d):
 
 class LayerNorm(nn.LayerNorm):
     """torch.nn.LayerNorm (same arguments, parameters and state_dict keys) whose forward and backward
-    on the CPU are fastmlp's layer_norm op (its forward and backward ops 1.4x-1.8x faster than
-    torch's on the 2-core Xeon VM, bench/bench_norm.py). Other devices run torch's."""
+    on float32 / float64 CPU inputs are fastmlp's layer_norm op (its forward and backward ops
+    1.4x-1.8x faster than torch's on the 2-core Xeon VM, bench/bench_norm.py). Other dtypes and
+    devices run torch's."""
 
     def forward(self, input):
         return _layer_norm_of(self, input)
