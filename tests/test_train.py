@@ -500,7 +500,8 @@ def test_early_stopping_mid_run_resume_stops_at_the_same_epoch(tmp_path):
         {**r, "seconds": h["seconds"], "samples_per_s": h["samples_per_s"]} for r, h in zip(full["history"], s["history"])]
 
 
-@pytest.mark.parametrize("extra", [{}, {"augment_shift": 2, "augment_flip": True}], ids=["plain", "augment"])
+@pytest.mark.parametrize("extra", [{}, {"augment_shift": 2, "augment_flip": True}, {"norm": "batch"}, {"norm": "layer"}],
+                         ids=["plain", "augment", "batchnorm", "layernorm"])
 @pytest.mark.parametrize("impl", ["torch", "fastmlp"])
 def test_in_process_resume_is_bitwise_identical(tmp_path, device, impl, extra):
     data = synthetic_on(device)
