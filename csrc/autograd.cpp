@@ -197,6 +197,18 @@ bool run_as_aten_ops(std::initializer_list<const at::Tensor*> ts) {
   return false;
 }
 
+// Whether autograd records a call with these tensors (undefined ones and nullptr skipped).
+bool records(std::initializer_list<const at::Tensor*> ts) {
+  if (!torch::autograd::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : ts) {
+    if (t != nullptr && t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
+// An optional tensor as the pointer run_as_aten_ops and records take.
+const at::Tensor* ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
 std::tuple<at::Tensor, at::Tensor> linear_act_aten(const at::Tensor& input, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias, Act act, bool save) {
   const at::Tensor z = at::linear(input, weight, bias);
@@ -233,14 +245,11 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     c10::string_view activation, bool save_for_backward) {
   // Keep what the backward needs whenever a gradient can flow, whatever the caller passed.
-  if (run_as_aten_ops({&input, &weight, bias.has_value() ? &*bias : nullptr})) {
+  if (run_as_aten_ops({&input, &weight, ptr(bias)})) {
     return linear_act_aten(input, weight, bias, parse_activation(activation, "fastmlp.linear_act_forward"),
                            save_for_backward);
   }
-  const bool needs_grad = torch::autograd::GradMode::is_enabled() &&
-                          (input.requires_grad() || weight.requires_grad() ||
-                           (bias.has_value() && bias->defined() && bias->requires_grad()));
-  if (!needs_grad) {
+  if (!records({&input, &weight, ptr(bias)})) {
     // Nothing to record (inference, no_grad, frozen layers): skip the autograd Function's node,
     // input bookkeeping and output wrapping, a few us per call, as ATen's own ops do.
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -256,10 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& output, const at::Tensor& saved, c10::string_view activation,
     std::array<bool, 3> output_mask) {
-  const bool record = torch::autograd::GradMode::is_enabled() &&
-                      (grad_output.requires_grad() || input.requires_grad() || weight.requires_grad() ||
-                       output.requires_grad() || saved.requires_grad());
-  if (record) {
+  if (records({&grad_output, &input, &weight, &output, &saved})) {
     // The op's own checks first: the ATen ops below would raise their own errors, or none.
     const Act act = check_linear_act_backward_args(grad_output, input, weight, output, saved, activation,
                                                    "fastmlp.linear_act_backward");
@@ -400,6 +406,16 @@ std::array<bool, 3> norm_grad_mask(AutogradContext* ctx, bool has_weight) {
           has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
 }
 
+// A norm backward op's outputs from norm_gradients_aten's: an empty tensor (the input's dtype for
+// grad_input, param_dtype for the others) for each gradient not asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_op_result(variable_list& g, const at::Tensor& grad_output,
+                                                              at::ScalarType param_dtype) {
+  for (int i = 0; i < 3; ++i) {
+    if (!g[i].defined()) g[i] = grad_output.new_empty({0}, grad_output.options().dtype(i == 0 ? grad_output.scalar_type() : param_dtype));
+  }
+  return {g[0], g[1], g[2]};
+}
+
 struct LayerNorm : public torch::autograd::Function<LayerNorm> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, at::IntArrayRef normalized_shape,
                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
@@ -464,13 +480,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_autograd(const at::Ten
                                                                    at::IntArrayRef normalized_shape,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias, double eps) {
-  if (run_as_aten_ops({&input, weight.has_value() ? &*weight : nullptr, bias.has_value() ? &*bias : nullptr})) {
+  if (run_as_aten_ops({&input, ptr(weight), ptr(bias)})) {
     return layer_norm_aten(input, normalized_shape, weight, bias, eps);
   }
-  const bool needs_grad = torch::autograd::GradMode::is_enabled() &&
-                          (input.requires_grad() || (weight.has_value() && weight->requires_grad()) ||
-                           (bias.has_value() && bias->requires_grad()));
-  if (!needs_grad) {
+  if (!records({&input, ptr(weight), ptr(bias)})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return layer_norm_op().call(input, normalized_shape, weight, bias, eps);
   }
@@ -483,10 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_autograd(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef normalized_shape, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight, std::array<bool, 3> output_mask) {
-  const bool record = torch::autograd::GradMode::is_enabled() &&
-                      (grad_output.requires_grad() || input.requires_grad() || mean.requires_grad() ||
-                       rstd.requires_grad() || (weight.has_value() && weight->requires_grad()));
-  if (!record) {
+  if (!records({&grad_output, &input, &mean, &rstd, ptr(weight)})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return layer_norm_backward_op().call(grad_output, input, normalized_shape, mean, rstd, weight, output_mask);
   }
@@ -506,10 +516,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_autograd(
   for (int i = 1; i < 3; ++i) {
     if (g[i].defined()) g[i] = g[i].reshape(normalized_shape);
   }
-  for (int i = 0; i < 3; ++i) {
-    if (!g[i].defined()) g[i] = grad_output.new_empty({0}, i == 0 ? grad_output.options() : grad_output.options().dtype(weight.has_value() ? weight->scalar_type() : input.scalar_type()));
-  }
-  return {g[0], g[1], g[2]};
+  return norm_op_result(g, grad_output, weight.has_value() ? weight->scalar_type() : input.scalar_type());
 }
 
 struct BatchNorm : public torch::autograd::Function<BatchNorm> {
@@ -565,13 +572,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(c
                                                                                const std::optional<at::Tensor>& weight,
                                                                                const std::optional<at::Tensor>& bias,
                                                                                double eps) {
-  if (run_as_aten_ops({&input, weight.has_value() ? &*weight : nullptr, bias.has_value() ? &*bias : nullptr})) {
+  if (run_as_aten_ops({&input, ptr(weight), ptr(bias)})) {
     return batch_norm_aten(input, weight, bias, eps);
   }
-  const bool needs_grad = torch::autograd::GradMode::is_enabled() &&
-                          (input.requires_grad() || (weight.has_value() && weight->requires_grad()) ||
-                           (bias.has_value() && bias->requires_grad()));
-  if (!needs_grad) {
+  if (!records({&input, ptr(weight), ptr(bias)})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return batch_norm_op().call(input, weight, bias, eps);
   }
@@ -582,10 +586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& weight, std::array<bool, 3> output_mask) {
-  const bool record = torch::autograd::GradMode::is_enabled() &&
-                      (grad_output.requires_grad() || input.requires_grad() || mean.requires_grad() ||
-                       invstd.requires_grad() || (weight.has_value() && weight->requires_grad()));
-  if (!record) {
+  if (!records({&grad_output, &input, &mean, &invstd, ptr(weight)})) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return batch_norm_backward_op().call(grad_output, input, mean, invstd, weight, output_mask);
   }
@@ -598,10 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
   }
   auto g = norm_gradients_aten(grad_output, input, mean.reshape({1, -1}), invstd.reshape({1, -1}), weight,
                                output_mask, 0);
-  for (int i = 0; i < 3; ++i) {
-    if (!g[i].defined()) g[i] = grad_output.new_empty({0}, i == 0 ? grad_output.options() : grad_output.options().dtype(weight.has_value() ? weight->scalar_type() : input.scalar_type()));
-  }
-  return {g[0], g[1], g[2]};
+  return norm_op_result(g, grad_output, weight.has_value() ? weight->scalar_type() : input.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_batched(const at::Tensor& input, at::IntArrayRef normalized_shape,

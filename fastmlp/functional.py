@@ -85,13 +85,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if (training and input.is_cpu and input.dim() == 2 and input.shape[0] > 1 and input.dtype in _NORM_DTYPES
             and input.layout == torch.strided):
         y, mean, _, unbiased_var = ops.batch_norm(input, weight, bias, eps)
-        if running_mean is not None and running_var is not None and running_mean.dtype == running_var.dtype == mean.dtype:
+        moving = [(stat, batch) for stat, batch in ((running_mean, mean), (running_var, unbiased_var)) if stat is not None]
+        if moving:
             with torch.no_grad():
-                torch._foreach_lerp_((running_mean, running_var), (mean, unbiased_var), momentum)
-        elif running_mean is not None or running_var is not None:
-            with torch.no_grad():
-                for stat, batch in ((running_mean, mean), (running_var, unbiased_var)):
-                    if stat is not None:
-                        stat.lerp_(batch.to(stat.dtype), momentum)
+                torch._foreach_lerp_([s for s, _ in moving], [b.to(s.dtype) for s, b in moving], momentum)
         return y
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
