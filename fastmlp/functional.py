@@ -1,5 +1,7 @@
 """Functional forms of the fused ops (like torch.nn.functional)."""
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -82,8 +84,22 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     estimates), other dtypes, shapes and devices, and batches of fewer than two rows (torch's error
     for one) are torch's batch norm.
     """
+    # torch's own checks, made here for every path (torch 2.11's F.batch_norm lacks the eps ones), so
+    # that the fast path fails as F.batch_norm does before it touches the running estimates.
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if (training and input.is_cpu and input.dim() == 2 and input.shape[0] > 1 and input.dtype in _NORM_DTYPES
             and input.layout == torch.strided):
+        if running_mean is not None:
+            if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+                raise TypeError(f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}")
+            for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+                if stat.numel() != input.shape[1]:
+                    raise RuntimeError(f"{name} should contain {input.shape[1]} elements not {stat.numel()}")
         y, mean, _, unbiased_var = ops.batch_norm(input, weight, bias, eps)
         moving = [(stat, batch) for stat, batch in ((running_mean, mean), (running_var, unbiased_var)) if stat is not None]
         if moving:

@@ -2,6 +2,7 @@
 
 import io
 import pickle
+import types
 
 import pytest
 import torch
@@ -213,6 +214,14 @@ def test_convert_folds_only_where_the_sequential_runs_its_children_in_order():
     assert model[1].activation == "relu" and isinstance(model[2], nn.Identity)  # plain Sequential: folded
     x = torch.randn(5, 8)
     torch.testing.assert_close(model(x), ref(x))
+    # A forward replaced on the instance is not Sequential's either.
+    seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    seq.forward = types.MethodType(lambda self, x: self[0](x) - self[1](self[0](x)), seq)
+    x = torch.randn(3, 4)
+    expect = seq(x)
+    fastmlp.convert(seq)
+    assert seq[0].activation == "none" and isinstance(seq[1], nn.ReLU)
+    torch.testing.assert_close(seq(x), expect)
     # fastmlp's MLP has a forward of its own, but its blocks are plain Sequentials: still folded.
     mlp = fastmlp.nn.MLP([6, 5, 3], impl="torch")
     fastmlp.convert(mlp)

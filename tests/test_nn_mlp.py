@@ -212,3 +212,34 @@ def test_lsuv_max_iters_reports_the_last_measurement_and_warns_when_short():
 def test_lsuv_names_nan_batches():
     with pytest.raises(ValueError, match="give NaN or Inf"):
         lsuv_(MLP([8, 4, 2], impl="torch"), torch.full((16, 8), float("nan")))
+
+
+def test_lsuv_gives_each_submodule_its_own_mode_back():
+    # A frozen batch norm in a training model, Monte Carlo dropout in an eval one: lsuv_ runs in eval
+    # mode and leaves every module's flag as it found it, not the root's.
+    m = MLP([8, 16, 4], norm="batch", dropout=0.5)
+    m[0].norm.eval()
+    lsuv_(m, torch.randn(64, 8))
+    assert m.training and not m[0].norm.training and m[0].dropout.training and m[1].training
+    m.eval()
+    m[0].dropout.train()
+    lsuv_(m, torch.randn(64, 8))
+    assert not m.training and m[0].dropout.training and not m[0].norm.training
+
+
+@pytest.mark.parametrize("impl", ["fastmlp", "torch"])
+def test_slices_are_mlps_of_the_same_blocks(impl):
+    # As nn.Sequential's: the same modules under their names; mlp[:-1] drops the head.
+    torch.manual_seed(0)
+    m = MLP([12, 8, 6, 3], norm="layer", impl=impl).eval()
+    body, tail = m[:-1], m[1:]
+    assert type(body) is MLP and body.widths == [12, 8, 6] and tail.widths == [8, 6, 3]
+    assert body[0] is m[0] and body[1] is m[1] and tail[1] is m[2]
+    assert list(tail.state_dict()) == [k for k in m.state_dict() if not k.startswith("0.")]
+    assert [name for name, _ in tail.linears()] == ["1.linear", "2.linear"]
+    x = torch.randn(5, 1, 3, 4)   # flattened to 12 per sample, as by the whole MLP
+    torch.testing.assert_close(tail(m[:1](x)), m(x))
+    torch.testing.assert_close(m[2](body(x)), m(x))
+    assert (body.activation, body.impl, body.norm) == (m.activation, m.impl, m.norm)
+    assert len(m[3:]) == 0 and torch.equal(m[3:](x), x)   # empty, as an empty nn.Sequential
+    assert m[-1] is m[2]

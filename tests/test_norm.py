@@ -378,6 +378,55 @@ def test_compile_and_fx():
         torch.testing.assert_close(gm(x), m(x))
 
 
+def test_modules_traced_on_their_own():
+    # torch.fx.symbolic_trace of the module itself (the root, which FX cannot pass to a wrapped
+    # call): LayerNorm traces as torch's does; BatchNorm1d fails with torch's own TraceError.
+    x = torch.randn(3, 4)
+    ln = fastmlp.nn.LayerNorm(4)
+    with torch.no_grad():
+        ln.weight.uniform_()
+    torch.testing.assert_close(torch.fx.symbolic_trace(ln)(x), F.layer_norm(x, (4,), ln.weight, ln.bias))
+    errors = []
+    for bn in (fastmlp.nn.BatchNorm1d(4), nn.BatchNorm1d(4)):
+        with pytest.raises(torch.fx.proxy.TraceError) as info:
+            torch.fx.symbolic_trace(bn)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+
+
+def test_batch_norm_argument_errors_are_torchs():
+    # Checked before the fast path's op runs, so the running estimates never move on bad input.
+    # The messages are torch 2.14's F.batch_norm's (2.11's lacks the eps checks).
+    x = torch.randn(3, 5)
+    both = "running_mean and running_var must either both be None or neither be None"
+    cases = [
+        ((x, torch.zeros(4), torch.ones(4)), {"training": True}, RuntimeError, "running_mean should contain 5 elements not 4"),
+        ((x, torch.zeros(5), torch.ones(4)), {"training": True}, RuntimeError, "running_var should contain 5 elements not 4"),
+        ((x, torch.zeros(5), torch.ones(5)), {"training": True, "momentum": None}, TypeError,
+         "batch_norm(): argument 'momentum' must be float, not NoneType"),
+        ((x, torch.zeros(5), None), {"training": True}, ValueError, both),
+        ((x, None, torch.ones(5)), {"training": True}, ValueError, both),
+        ((x, None, None), {"training": True, "eps": 0.0}, ValueError, "batch_norm eps must be positive during training, but got 0.0"),
+        ((x, torch.zeros(5), torch.ones(5)), {"training": False, "eps": -1e-5}, ValueError,
+         "batch_norm eps must be non-negative, but got -1e-05"),
+    ]
+    for args, kw, error, message in cases:
+        with pytest.raises(error) as ours:
+            fastmlp.functional.batch_norm(*args, **kw)
+        assert str(ours.value) == message
+        if args[1] is not None:
+            assert not args[1].any(), "the running mean moved"
+        try:
+            F.batch_norm(*args, **kw)
+        except Exception as theirs:  # torch's, where it checks: the same error (but for the arg position)
+            assert type(theirs) is error and str(theirs).replace(" (position 7)", "") == message
+    bn = fastmlp.nn.BatchNorm1d(4, affine=False)
+    with pytest.raises(RuntimeError, match="running_mean should contain 5 elements not 4"):
+        bn(x)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        fastmlp.nn.BatchNorm1d(5, eps=0.0)(x)
+
+
 def test_convert_swaps_norms():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 16), nn.LayerNorm(16),

@@ -33,8 +33,10 @@ def _has_hooks(m):
 def _runs_in_order(parent):
     """Whether parent feeds each child's output to the next child and nothing else: nn.Sequential's
     own forward. Only there may an activation be folded into the linear layer before it; a subclass
-    with a forward of its own (a residual block reading the pre-activation, say) is not assumed to."""
-    return isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
+    with a forward of its own (a residual block reading the pre-activation, say), or one whose forward
+    was replaced on the instance, is not assumed to."""
+    return (isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
+            and "forward" not in vars(parent))
 
 
 def _plain(m):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ..functional import dropout
-from .linear import _not_scriptable
+from .linear import _not_scriptable, _traced_as_root
 
 
 def _dropout_of(module, input):
@@ -26,9 +26,7 @@ class Dropout(nn.Dropout):
     forward: in training on the CPU, a mask computed in parallel and not saved for the backward."""
 
     def forward(self, input):
-        if isinstance(input, torch.fx.Proxy) and input.tracer.root is self:
-            # Traced on its own, as the root (which FX cannot pass as an argument): its flag is a
-            # constant of the graph, as for a traced nn.Dropout on its own.
+        if _traced_as_root(self, input):
             return dropout(input, self.p, self.training, self.inplace)
         return _dropout_of(self, input)
 

@@ -74,7 +74,7 @@ def lsuv_(model, batch, tol=0.05, max_iters=10):
     activation) has variance 1 within ``tol`` on ``batch``. A layer called more than once is
     measured on its first call.
 
-    Runs the model in eval mode (no dropout noise) and restores its mode. Returns
+    Runs the model in eval mode (no dropout noise) and restores each submodule's own mode. Returns
     {layer name: output variance measured after the last rescale}, in forward order; warns about
     layers that did not reach the tolerance and about layers the forward never calls (left
     orthogonal, not in the result). Raises if a layer's output has variance 0 or is not finite.
@@ -88,7 +88,7 @@ def lsuv_(model, batch, tol=0.05, max_iters=10):
         nn.init.orthogonal_(m.weight)
         if m.bias is not None:
             m.bias.zero_()
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]   # each its own: a frozen norm, MC dropout
     model.eval()
     variances, unconverged = {}, []
     try:
@@ -106,7 +106,8 @@ def lsuv_(model, batch, tol=0.05, max_iters=10):
                 m.weight.div_(math.sqrt(var))
             variances[name] = var
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     if unused:
         warnings.warn(f"lsuv_: the forward on the batch never calls {', '.join(unused)}; left orthogonal "
                       "and not rescaled", UserWarning, stacklevel=3)

@@ -11,6 +11,13 @@ from ..ops import check_activation
 torch.fx.wrap("linear_act")
 
 
+def _traced_as_root(module, input):
+    """Whether torch.fx.symbolic_trace is tracing module itself as the root, which FX cannot pass as
+    an argument to a wrapped function: its forward then calls the functional form with its flags as
+    constants of the graph, as a traced torch module on its own does."""
+    return isinstance(input, torch.fx.Proxy) and input.tracer.root is module
+
+
 class FusedLinear(nn.Linear):
     """``activation(nn.Linear(in_features, out_features, bias)(x))`` in one fused op.
 

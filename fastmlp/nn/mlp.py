@@ -112,12 +112,27 @@ class MLP(nn.Sequential):
         self.widths, self.activation, self.impl = widths, activation, impl
         self.dropout, self.norm = float(dropout), None if norm == "none" else norm
 
+    def __getitem__(self, idx):
+        """A block, or for a slice an MLP of those blocks (the same modules, keeping their names, as
+        nn.Sequential's slices do): ``mlp[:-1]`` is the model without its head, whose widths end at
+        the last hidden layer's."""
+        if not isinstance(idx, slice):
+            return super().__getitem__(idx)
+        part = type(self).__new__(type(self))
+        nn.Sequential.__init__(part, OrderedDict(list(self._modules.items())[idx]))
+        blocks = list(part)
+        part.widths = [blocks[0].linear.in_features] + [b.linear.out_features for b in blocks] if blocks else []
+        part.activation, part.impl, part.dropout, part.norm = self.activation, self.impl, self.dropout, self.norm
+        return part
+
     def forward(self, input):
+        if not self.widths:   # an empty slice, as an empty nn.Sequential
+            return input
         return super().forward(_samples_as_rows(input, self.widths[0]))
 
     def linears(self):
         """[(name, linear)] in forward order: the layers init functions and monitors act on."""
-        return [(f"{i}.linear", block.linear) for i, block in enumerate(self)]
+        return [(f"{name}.linear", block.linear) for name, block in self._modules.items()]
 
     def extra_repr(self):
         return f"widths={self.widths}, activation={self.activation!r}, impl={self.impl!r}"

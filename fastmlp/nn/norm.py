@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ..functional import batch_norm, layer_norm
-from .linear import _not_scriptable
+from .linear import _not_scriptable, _traced_as_root
 
 __all__ = ["BatchNorm1d", "LayerNorm"]
 
@@ -31,6 +31,7 @@ def _layer_norm_of(module, input):
 
 torch.fx.wrap("_batch_norm_of")
 torch.fx.wrap("_layer_norm_of")
+torch.fx.wrap("layer_norm")
 
 
 class BatchNorm1d(nn.BatchNorm1d):
@@ -40,6 +41,8 @@ class BatchNorm1d(nn.BatchNorm1d):
     bench/bench_norm.py). Other inputs, dtypes, devices and evaluation mode run torch's batch norm."""
 
     def forward(self, input):
+        if _traced_as_root(self, input):
+            return super().forward(input)   # torch's module, traced on its own as torch's is
         return _batch_norm_of(self, input)
 
     def __prepare_scriptable__(self):
@@ -53,6 +56,8 @@ class LayerNorm(nn.LayerNorm):
     devices run torch's."""
 
     def forward(self, input):
+        if _traced_as_root(self, input):
+            return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return _layer_norm_of(self, input)
 
     def __prepare_scriptable__(self):
