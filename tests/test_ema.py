@@ -161,6 +161,59 @@ def test_average_in_the_models_dtype(device, dtype):
             torch.testing.assert_close(v, ref)
 
 
+def test_follows_the_models_tensors_when_they_are_replaced():
+    # The EMA looks the model's tensors up at each use: load_state_dict(assign=True) (new
+    # parameters), p.data = ... (new data), .double() (new data and dtype: the average follows),
+    # and a copy or unpickling of the EMA (a copy of the model).
+    import pickle
+
+    def fresh():
+        torch.manual_seed(0)
+        m = MLP([4, 5, 3], norm="batch")
+        return m, EMA(m, decay=0.5, warmup=False)
+
+    def expect(ema, before, model):
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                torch.testing.assert_close(ema.averaged_state_dict()[k], (0.5 * before[k].to(v.dtype) + 0.5 * v), msg=k)
+
+    m, ema = fresh()
+    before = ema.averaged_state_dict()
+    m.load_state_dict({k: v + 1 if v.is_floating_point() else v for k, v in m.state_dict().items()}, assign=True)
+    ema.update()
+    expect(ema, before, m)
+    with ema.average_parameters():
+        torch.testing.assert_close(m.state_dict()["0.linear.weight"], ema.averaged_state_dict()["0.linear.weight"])
+
+    m, ema = fresh()
+    before = ema.averaged_state_dict()
+    m[0].linear.weight.data = torch.full_like(m[0].linear.weight, 3.0)
+    ema.update()
+    expect(ema, before, m)
+
+    m, ema = fresh()
+    before = ema.averaged_state_dict()
+    m.double()
+    ema.update()
+    assert ema.averaged_state_dict()["0.linear.weight"].dtype == torch.float64
+    expect(ema, before, m)
+
+    for copy_fn in (copy.deepcopy, lambda e: pickle.loads(pickle.dumps(e))):
+        m, ema = fresh()
+        clone = copy_fn(ema)
+        before = clone.averaged_state_dict()
+        with torch.no_grad():
+            clone.model[0].linear.weight.fill_(5.0)
+        clone.update()
+        expect(clone, before, clone.model)
+        assert torch.equal(ema.averaged_state_dict()["0.linear.weight"], before["0.linear.weight"])
+
+    m, ema = fresh()
+    m[0].linear.weight = torch.nn.Parameter(torch.zeros(6, 4))
+    with pytest.raises(RuntimeError, match=r"0.linear.weight changed shape from \(5, 4\) to \(6, 4\)"):
+        ema.update()
+
+
 @pytest.mark.parametrize("decay", [1.0, -0.1, True, "0.9", float("nan")])
 def test_bad_decay_is_refused(decay):
     with pytest.raises(ValueError, match=r"EMA: decay must be a number in \[0, 1\) \(e.g. 0.999\)"):

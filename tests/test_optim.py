@@ -554,6 +554,27 @@ def test_copied_optimizer_keeps_master_weights(cls):
                 assert torch.equal(clone.state[q][k], v), k
 
 
+@pytest.mark.parametrize("cls", [AdamW, SGD], ids=lambda c: c.__name__)
+def test_master_weights_come_back_after_a_detour(cls):
+    # Through torch.optim (or fastmlp without master_weights) the state_dict's fp32 master copy is
+    # cast to bf16 on loading and then left behind while the parameters move: loaded back into a
+    # master_weights optimizer it is rebuilt from the parameters (it raised on its dtype).
+    params = make_params(SHAPES, torch.bfloat16, "cpu")
+    ours = cls(params, master_weights=True, **OPT_KW[cls])
+    _drive(ours, params, 2, 0)
+    for detour in (TORCH_CLS[cls](params, **OPT_KW[cls]), cls(params, **OPT_KW[cls])):
+        detour.load_state_dict(ours.state_dict())
+        _drive(detour, params, 2, 1)
+        back = cls(params, master_weights=True, **OPT_KW[cls])
+        back.load_state_dict(detour.state_dict())
+        for p in params:
+            master = back.state[p]["master_param"]
+            assert master.dtype == torch.float32 and torch.equal(master, p.detach().float())
+        _drive(back, params, 2, 2)
+        for p in params:
+            assert torch.equal(back.state[p]["master_param"].bfloat16(), p.detach())
+
+
 def test_plan_declines_a_parameter_resized_in_place():
     # The CPU plan reads packed state at offsets fixed when it was made: a parameter given .data of
     # another size with the same strides must not walk into its neighbour's state.
@@ -878,10 +899,39 @@ def test_bad_pre_hook_result_raises_like_torch(cls):
         opt.register_step_pre_hook(lambda o, a, k: "not a tuple")
         opt.step()
 
-    with pytest.raises(RuntimeError, match="must return None or a tuple of"):
+    with pytest.raises(RuntimeError, match=r"^<function \w+\.step.*> must return None or a tuple of"):
         run(cls)
-    with pytest.raises(RuntimeError, match="must return None or a tuple of"):
+    with pytest.raises(RuntimeError, match=r"^<function \w+\.step.*> must return None or a tuple of"):
         run(TORCH_CLS[cls])
+
+
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_subclass_with_its_own_step_runs_hooks_once(cls):
+    # torch wraps the subclass's step (it is not marked hooked), and that wrapper runs the hooks;
+    # fastmlp's step, called through super(), must not run them again (a pre hook that replaces
+    # the arguments would apply twice). (torch's own classes run them twice once the base class's
+    # step has been wrapped too, i.e. after any instance of the base class was made.)
+    class Mine(cls):
+        def step(self, closure=None):
+            calls.append("step")
+            return super().step(closure)
+
+    calls = []
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Mine([p], lr=0.1)
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    p.grad = torch.ones(3)
+    opt.step()
+    with torch.profiler.profile() as prof:
+        opt.step()
+    assert calls == ["pre", "step", "post"] * 2
+    assert [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")] == ["Optimizer.step#Mine.step"]
+    ref = TORCH_CLS[cls]([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    for _ in range(2):
+        ref.param_groups[0]["params"][0].grad = torch.ones(3)
+        ref.step()
+    torch.testing.assert_close(p.detach(), ref.param_groups[0]["params"][0].detach())
 
 
 def test_op_validation():

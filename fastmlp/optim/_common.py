@@ -402,6 +402,10 @@ class FusedStep:
         # hooks when any are registered (same order, same arguments, same return contract).
         pre = self._optimizer_step_pre_hooks
         post = self._optimizer_step_post_hooks
+        if type(self).step is not FusedStep.step:
+            # A subclass with a step of its own, calling this one: torch wrapped that step (it is not
+            # marked hooked), so its wrapper has run the hooks, as for a subclass of torch's Adam.
+            return self._fm_step(*args, **kwargs)
         if not (pre or post or _torch_optimizer._global_optimizer_pre_hooks
                 or _torch_optimizer._global_optimizer_post_hooks or torch.autograd._profiler_enabled()):
             # (_optimizer_step_code, the profiler's Python-tracer hook, only matters while profiling.)
@@ -415,8 +419,8 @@ class FusedStep:
                         args, kwargs = result
                     else:
                         raise RuntimeError(
-                            f"{type(self).step} must return None or a tuple of (new_args, new_kwargs), "
-                            f"but got {result}.")
+                            f"<function {type(self).__name__}.step> must return None or a tuple of (new_args, "
+                            f"new_kwargs), but got {result}.")
             out = type(self)._fm_step(*args, **kwargs)
             self._optimizer_step_code()
             for post_hook in chain(post.values(), _torch_optimizer._global_optimizer_post_hooks.values()):
@@ -424,6 +428,7 @@ class FusedStep:
             return out
 
     step.hooked = True  # torch.optim.Optimizer._patch_step_function: do not wrap again
+    step.__name__, step.__qualname__ = "step", "FusedStep.step"   # (functools.wraps named it _fm_step)
 
     def _fm_uses_master(self, dtype):
         return self._fm_master and dtype in _LOW_PRECISION

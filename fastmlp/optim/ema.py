@@ -38,16 +38,48 @@ class EMA:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA: decay must be a number in [0, 1) (e.g. 0.999), got {decay!r}")
         self.model, self.decay, self.warmup, self.num_updates = model, float(decay), bool(warmup), 0
-        # The model's own tensors (parameters and persistent buffers, as its state_dict names them).
-        self._live = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
-        self._avg = {k: v.clone() for k, v in self._live.items()}
+        state = model.state_dict(keep_vars=True)   # the model's parameters and persistent buffers
+        self._keys = list(state)
+        self._slots = _slots(model, state)
+        self._avg = {k: v.detach().clone() for k, v in state.items()}
+        self._seen = None
+        self._sync()
+
+    def _live(self):
+        """The model's tensors now, in state_dict order. Looked up at every use: model.to() or
+        .double() give parameters new data and buffers new tensors, load_state_dict(assign=True)
+        new parameters, and a copy or unpickling of the EMA a copy of the model."""
+        if self._slots is not None:
+            return [getattr(module, kind)[name] for module, kind, name in self._slots]
+        state = self.model.state_dict(keep_vars=True)
+        if list(state) != self._keys:
+            raise RuntimeError("EMA: the model's state_dict keys changed since the EMA was made; make a new EMA")
+        return list(state.values())
+
+    def _sync(self):
+        """The model's tensors, with the update's groups rebuilt if any of them is another tensor or
+        moved to another dtype or device since the last call (the average follows it there)."""
+        live = self._live()
+        seen = [(id(t), t.dtype, t.get_device()) for t in live]
+        if seen == self._seen:
+            return live
         groups = {}
-        for k, v in self._live.items():
+        for k, v in zip(self._keys, live):
+            avg = self._avg[k]
+            if avg.shape != v.shape:
+                raise RuntimeError(f"EMA: the model's {k} changed shape from {tuple(avg.shape)} to {tuple(v.shape)} "
+                                   "since the EMA was made; make a new EMA")
+            if avg.dtype != v.dtype or avg.device != v.device:
+                self._avg[k] = avg.to(device=v.device, dtype=v.dtype)
             if v.is_floating_point() or v.is_complex():
-                groups.setdefault((v.device, v.dtype), []).append(k)
-        # (average list, model list) per device and dtype, built once: update() passes them as they are.
-        self._groups = [([self._avg[k] for k in keys], [self._live[k] for k in keys]) for keys in groups.values()]
-        self._copied = [k for k, v in self._live.items() if not (v.is_floating_point() or v.is_complex())]
+                groups.setdefault((v.device, v.dtype), []).append((k, v))
+        # (average list, model list) per device and dtype: update() passes them as they are. The
+        # model's own tensors, not detached views, which would miss a later `p.data = ...`.
+        self._groups = [([self._avg[k] for k, _ in kv], [v for _, v in kv]) for kv in groups.values()]
+        self._copied = [(self._avg[k], v) for k, v in zip(self._keys, live)
+                        if not (v.is_floating_point() or v.is_complex())]
+        self._seen = seen
+        return live
 
     def current_decay(self):
         """The decay the next update uses."""
@@ -59,10 +91,11 @@ class EMA:
     def update(self):
         """Move the average towards the model's current state by one step."""
         weight = 1.0 - self.current_decay()
+        self._sync()
         for averages, values in self._groups:
             ops.ema_update_(averages, values, weight)
-        for k in self._copied:
-            self._avg[k].copy_(self._live[k])
+        for average, value in self._copied:
+            average.copy_(value)
         self.num_updates += 1
 
     def averaged_state_dict(self):
@@ -79,15 +112,16 @@ class EMA:
         """Within the block the model holds the averaged state; on leaving it (an exception too) the
         trained state is back, bit for bit."""
         with torch.no_grad():
-            saved = {k: v.clone() for k, v in self._live.items()}
-            for k, v in self._live.items():
+            live = self._sync()
+            saved = [v.clone() for v in live]
+            for k, v in zip(self._keys, live):
                 v.copy_(self._avg[k])
         try:
             yield self.model
         finally:
             with torch.no_grad():
-                for k, v in self._live.items():
-                    v.copy_(saved[k])
+                for v, kept in zip(live, saved):
+                    v.copy_(kept)
 
     def state_dict(self):
         return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
@@ -108,7 +142,24 @@ class EMA:
             if v.shape != self._avg[k].shape:
                 raise ValueError(f"EMA.load_state_dict: {k} has shape {tuple(v.shape)}, the model's "
                                  f"{tuple(self._avg[k].shape)}")
+        self._sync()
         for k, v in avg.items():
             self._avg[k].copy_(v)
         self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
         self.warmup = bool(state.get("warmup", True))
+
+
+def _slots(model, state):
+    """(module, "_parameters" or "_buffers", name) for each entry of state (model.state_dict(keep_vars=True)),
+    in its order, or None where the state_dict is not the modules' own tensors (a custom
+    _save_to_state_dict or state_dict hook): the EMA then reads model.state_dict() at each use."""
+    slots, found = [], []
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(module, kind).items():
+                if t is not None and (kind == "_parameters" or name not in module._non_persistent_buffers_set):
+                    slots.append((module, kind, name))
+                    found.append((f"{prefix}.{name}" if prefix else name, t))
+    if [k for k, _ in found] != list(state) or any(t is not state[k] for k, t in found):
+        return None
+    return slots
