@@ -151,8 +151,9 @@ def test_seeds_alone_give_one_row_with_their_mean_and_spread(tmp_path, capsys):
 def test_train_command_gives_the_config_back():
     from fastmlp.train.cli import build_parser, resolve_config
 
-    config = {**TrainConfig().to_dict(), "widths": [784, 64, 10], "lr": 0.004, "augment_flip": True,
-              "cycle_momentum": False, "name": "x y", "activation": "silu"}
+    config = {**TrainConfig().to_dict(), "widths": [784, 64, 10], "lr": 0.0023456789, "augment_flip": True,
+              "cycle_momentum": False, "name": "x y", "activation": "silu", "weight_decay": 0.012345678,
+              "betas": [0.912345678, 0.999]}   # values past 6 digits come back exactly
     cmd = train_command(config).split()
     assert cmd[:4] == ["python", "-m", "fastmlp", "train"] and "--name" not in cmd
     cfg, _ = resolve_config(build_parser().parse_args(cmd[3:]))
@@ -234,12 +235,17 @@ def test_cli_sweep_dry_run_errors_and_listing(tmp_path, capsys):
     assert main(["sweep", "--grid", "lr=1e-3,3e-3", "--grid", "momentum=0.8,0.9", "--dry-run", *common]) == 0
     cap = capsys.readouterr()
     assert "4 trials, 4 epochs in all" in cap.out and "00-lr=0.001_momentum=0.8: lr=0.001 momentum=0.8" in cap.out
+    at = common.index("--epochs")
+    assert main(["sweep", "--grid", "epochs=1,2", "--dry-run", *common[:at], *common[at + 2:]]) == 0
+    assert "2 trials, 3 epochs in all" in capsys.readouterr().out   # each trial's own epochs
     assert ("--grid momentum has no effect (only sgd uses it; --optimizer is adamw): its trials train the same model"
             in cap.err)
     assert not out.exists()  # a dry run writes nothing
     for argv, msg in [([*common], "give the options to sweep: --grid OPTION=VALUE,VALUE,..."),
                       (["--grid", "lr=1e-3,3e-3", "--lr", "0.1", *common], "--lr given both as an option and in --grid"),
                       (["--grid", "seed=0,1", "--metric", "val_acc", *common], "--metric val_acc needs a validation split"),
+                      (["--grid", "seed=uniform(0,10)", "--samples", "2", *common],
+                       "--grid seed: seeds are not drawn from a range: list them (--grid seed=0,1,2)"),
                       (["--resume", str(tmp_path), "--lr", "0.1"], "--resume continues a sweep with its saved grid and "
                                                                     "options; drop --lr (only --anomaly-guard,"),
                       (["--resume", str(tmp_path), "--progress", "off"],

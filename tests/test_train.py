@@ -67,6 +67,8 @@ def test_recipe_yaml_equals_dataclass_defaults():
     ({"device": "cuda:x"}, "'device' must be auto, cpu, cuda or cuda:N"), ({"name": "a/b"}, "'name'.*path separator"),
     ({"min_lr": 0.01, "lr": 0.001}, r"'min_lr' \(0.01\) must not exceed 'lr' \(0.001\)"),
     ({"early_stopping": -1}, "'early_stopping' must be an int >= 0"),
+    ({"seed": -1}, r"'seed' must be an int in \[0, 2\*\*32 - 1\]"),
+    ({"seed": 2**32}, r"'seed' must be an int in \[0, 2\*\*32 - 1\]"),   # (the shuffle's seed overflowed int64)
     ({"augment_shift": 9}, r"'augment_shift' must be an int in \[0, 8\]"),
     ({"augment_shift": -1}, r"'augment_shift' must be an int in \[0, 8\]"),
     ({"ema": 1.0}, r"'ema' must be a number in \[0, 1\)"),
@@ -257,6 +259,15 @@ def test_warmup_cosine_matches_torch_sequential():
         ref.step()
     assert ours == pytest.approx(theirs, rel=1e-9)
     assert max(ours) == pytest.approx(0.02)
+    # --warmup-epochs 0: no warmup step, the cosine from the first step.
+    ours, _ = _lrs(TrainConfig(scheduler="warmup_cosine", lr=0.02, warmup_epochs=0.0, min_lr=1e-4, epochs=4), spe)
+    opt = torch.optim.AdamW([p], lr=cfg.lr)
+    ref, theirs = S.CosineAnnealingLR(opt, T_max=32, eta_min=1e-4), []
+    for _ in range(32):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert ours[0] == 0.02 and ours == pytest.approx(theirs, rel=1e-9)
 
 
 def test_onecycle_matches_torch_and_peaks_at_lr():
@@ -1013,13 +1024,22 @@ def test_cli_resume_interrupt_done_complete_and_checkpoint_path(tmp_path, monkey
     assert f"run folder {run} has a checkpoint from the end of epoch 1 (step 8)" in err
     assert f"python -m fastmlp train --resume {run}" in err
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
-    monkeypatch.setattr(Trainer, "train_step", orig)
+    # While the run trains on, its stale summary (interrupted) is gone: `fastmlp runs` shows it unfinished.
+    summary_seen = []
+
+    def spy(self, *a, **k):
+        summary_seen.append((run / "summary.json").exists())
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
     # The checkpoint file's path; options that cannot change the results may differ.
     assert main(["train", "--resume", str(run / CHECKPOINT), "--data-dir", real_data_dir(), "--log-every", "7",
                  "--checkpoint-every", "3", "--no-anomaly-guard", "--progress", "off"]) == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "done: test acc" in out and f"run folder {run}" in out
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert summary_seen == [False] * 8
+    monkeypatch.setattr(Trainer, "train_step", orig)
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()}
     assert main(["train", "--resume", str(run), "--progress", "off"]) == 0
     out = capsys.readouterr().out
@@ -1069,6 +1089,29 @@ def test_check_overfit_and_lr_find(tmp_path, capsys):
     assert 1e-6 <= r["suggested_lr"] <= 1.0
     assert (Path(r["run_dir"]) / "lr_find.png").stat().st_size > 1000
     assert len(r["lrs"]) >= 30 and r["lrs"] == sorted(r["lrs"])
+    # A suggestion reads the slope of more than 10 points: fewer steps are refused up front, and a
+    # loss that is not finite within them says so rather than "no clear descent".
+    with pytest.raises(ConfigError, match=r"--num-steps must be >= 11 \(a suggestion reads the slope of more than 10"):
+        lr_find(base, num_steps=10)
+    r = lr_find(dataclasses.replace(base, plots=False), num_steps=11, start_lr=1e3, end_lr=1e9)
+    assert r["suggested_lr"] is None and "too few to suggest an lr" in capsys.readouterr().out
+
+
+def test_output_paths_that_cannot_be_written_name_the_option(tmp_path, capsys):
+    # An --out-dir that is a file, a --plot or --out in a missing folder: the option and the path
+    # the user gave, not a temp file's name or a bare errno.
+    (tmp_path / "my.yaml").write_text("lr: 0.1\n")
+    assert main(["train", "--out-dir", str(tmp_path / "my.yaml"), "--data-dir", real_data_dir()]) == 2
+    assert f"config option 'out_dir' ({tmp_path / 'my.yaml'}) is a file, not a folder" in capsys.readouterr().err
+    assert main(["runs", str(tmp_path), "--plot", str(tmp_path / "no" / "x.png")]) == 2
+    assert f"--plot {tmp_path / 'no' / 'x.png'}: the folder {tmp_path / 'no'} does not exist" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "no" / "m.pt2")]) == 2
+    assert f"--out {tmp_path / 'no' / 'm.pt2'}: the folder {tmp_path / 'no'} does not exist" in capsys.readouterr().err
+    from fastmlp.train.checkpoint import atomic_write_json
+    with pytest.raises(FileNotFoundError, match=f"cannot write {tmp_path / 'no' / 's.json'}: the folder"):
+        atomic_write_json(tmp_path / "no" / "s.json", {})
+    from fastmlp.train.plots import _line
+    assert _line([(0, 1.0)]) == "o-" and _line([(0, 1.0), (1, 2.0)]) == "-"   # a lone monitor point is drawn
 
 
 @pytest.mark.slow

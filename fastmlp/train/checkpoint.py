@@ -27,6 +27,8 @@ _MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; run folders are meant to 
 
 def _atomic(path, write):
     path = Path(path)
+    if not path.parent.is_dir():  # (else mkstemp's error names the temp file, not the file asked for)
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
     # The temp name is .<name>.<8 random chars>.tmp; remove_stale_temp_files matches exactly that.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

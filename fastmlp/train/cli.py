@@ -399,7 +399,7 @@ def _sweep(args):
                 print(f"fastmlp sweep: warning: --grid {k} has no effect ({reasons.pop()}): its trials train the "
                       "same model", file=sys.stderr)
         if args.dry_run:
-            print(f"{len(trials)} trials, {len(trials) * cfg.epochs} epochs in all, into a new folder "
+            print(f"{len(trials)} trials, {sum(t.cfg.epochs for t in trials)} epochs in all, into a new folder "
                   f"{cfg.out_dir}/<timestamp>-{cfg.name}-sweep (dry run: nothing written):")
             for t in trials:
                 print(f"  {t.folder}: {describe(t.params)}")
@@ -413,7 +413,16 @@ def _sweep(args):
     return 1 if failed else 0
 
 
+def _output_file(flag, path):
+    """Refuse, before any work, an output file whose folder does not exist (naming the option)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    if path is not None and not Path(path).parent.is_dir():
+        raise ConfigError(f"{flag} {path}: the folder {Path(path).parent} does not exist")
+
+
 def _runs(args):
+    _output_file("--plot", args.plot)
     import json  # noqa: PLC0415
 
     from .runs import format_runs, list_runs, plot_runs  # noqa: PLC0415
@@ -512,6 +521,9 @@ def _step_fn(cfg, device, model, opt, loss_fn):
     return step
 
 
+_LR_FIND_MIN_POINTS = 10
+
+
 def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=None):
     """Exponentially increasing lr, one batch per step; stops when the smoothed loss passes 4x its
     best. Suggests the lr of the steepest descent of the smoothed loss. Returns a dict."""
@@ -522,8 +534,9 @@ def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=None):
     out = out or sys.stdout
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"--start-lr and --end-lr must satisfy 0 < start < end, got {start_lr}, {end_lr}")
-    if num_steps < 5:
-        raise ConfigError(f"--num-steps must be >= 5, got {num_steps}")
+    if num_steps < _LR_FIND_MIN_POINTS + 1:
+        raise ConfigError(f"--num-steps must be >= {_LR_FIND_MIN_POINTS + 1} (a suggestion reads the slope of more than "
+                          f"{_LR_FIND_MIN_POINTS} points of the loss curve), got {num_steps}")
     apply_deterministic(cfg)
     device = resolve_device(cfg.device)
     data = load_data(cfg, device)
@@ -558,7 +571,7 @@ def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=None):
         if (sm > 4 * best or v > 10 * best) and i > 10:
             break
     suggestion = None
-    if len(smoothed) > 10:
+    if len(smoothed) > _LR_FIND_MIN_POINTS:
         lo = min(range(len(smoothed)), key=smoothed.__getitem__)
         logs = [math.log10(l) for l in lrs]
         slopes = [(smoothed[j + 1] - smoothed[j - 1]) / (logs[j + 1] - logs[j - 1]) for j in range(1, max(2, lo))]
@@ -575,7 +588,10 @@ def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=None):
               "min_loss_lr": lrs[min(range(len(smoothed)), key=smoothed.__getitem__)] if smoothed else None,
               "run_dir": str(run_dir), "config": cfg.to_dict()}
     atomic_write_json(run_dir / "lr_find.json", result)
-    if suggestion is None:
+    if suggestion is None and len(smoothed) <= _LR_FIND_MIN_POINTS:
+        print(f"lr-find: the loss was not finite after {len(lrs)} step(s), too few to suggest an lr (lower "
+              f"--start-lr or --end-lr); {where}", file=out)
+    elif suggestion is None:
         print(f"lr-find: no clear descent in {len(lrs)} steps; {where}", file=out)
     else:
         print(f"lr-find: suggested lr {suggestion:.2e} (steepest descent; the loss was lowest at "
@@ -600,6 +616,7 @@ def main(argv=None):
         if args.command == "export":
             from .evaluate import EXPORT_INPUTS, export_model  # noqa: PLC0415
 
+            _output_file("--out", args.out)
             path = export_model(args.run, args.out, args.weights, args.input)
             print(f"wrote {path}: takes {EXPORT_INPUTS[args.input]}; run it with torch alone:\n"
                   f"    torch.export.load({str(path)!r}).module()(images)  # logits (N, 10)")

@@ -139,7 +139,9 @@ class TrainConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(k, "an int >= 1", v)
-        for k in ("seed", "train_subset", "monitor_every", "checkpoint_every", "early_stopping", "profile_steps"):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            bad("seed", "an int in [0, 2**32 - 1]", self.seed)   # the shuffle's generator seed is seed * 1000003 + epoch
+        for k in ("train_subset", "monitor_every", "checkpoint_every", "early_stopping", "profile_steps"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 bad(k, "an int >= 0", v)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -187,7 +188,8 @@ def build_scheduler(cfg, optimizer, steps_per_epoch):
                             cycle_momentum=cycles_momentum(cfg))
     # warmup_cosine: torch's SequentialLR([LinearLR(start_factor=0.01), CosineAnnealingLR]) in closed
     # form, which resumes from a state_dict without SequentialLR's milestone bookkeeping.
-    warm = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+    # --warmup-epochs 0: no warmup, the cosine from the first step; a positive one at least one step.
+    warm = max(1, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
     if warm >= total:  # TrainConfig.validate catches warmup_epochs >= epochs; this is the rounding of short runs
         raise ConfigError(f"config option 'warmup_epochs' ({cfg.warmup_epochs:g}) must be shorter than the run, "
                           f"'epochs' ({cfg.epochs}): with {steps_per_epoch} step(s) per epoch the warmup takes {warm} "
@@ -206,6 +208,9 @@ def build_scheduler(cfg, optimizer, steps_per_epoch):
 def new_run_dir(out_dir, name):
     """A fresh <out_dir>/<timestamp>-<name>; never an existing folder."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config option 'out_dir' ({out}) is a file, not a folder: give --out-dir a folder for the "
+                          "run folders")
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for i in range(1000):
@@ -589,6 +594,9 @@ class Trainer:
                         + f"  test {len(self.data.test)}  steps/epoch {self.steps_per_epoch}")
         else:
             self._print(f"resuming {self.run_dir} from its checkpoint at {self.checkpoint_description()}")
+            # The stopped run's summary.json (interrupted, failed ...) no longer says how the run stands:
+            # until this one ends and writes its own, `fastmlp runs` shows it unfinished (still training).
+            (self.run_dir / "summary.json").unlink(missing_ok=True)
         dropped = self.data.train.dropped(self.eff_batch, self.min_batch)
         if dropped:
             self._print(f"note: norm batch: the last batch of each epoch would hold {dropped} sample, which BatchNorm "
@@ -757,7 +765,7 @@ class Trainer:
             "final_train_loss": self.history[-1]["train_loss"] if self.history else None,
             "final_train_acc": self.history[-1].get("train_acc") if self.history else None,
             "seconds_per_epoch": sum(secs) / len(secs) if secs else None,
-            "seconds_per_epoch_median": sorted(secs)[len(secs) // 2] if secs else None,
+            "seconds_per_epoch_median": statistics.median(secs) if secs else None,
             "samples_per_s": (len(self.data.train) * len(secs) / sum(secs)) if secs else None,
             "total_train_seconds": sum(secs), "device": str(self.device), "machine": _machine(),
             "normalisation": {"mean": self.data.mean, "std": self.data.std},

@@ -17,6 +17,11 @@ def _plt():
     return plt
 
 
+
+def _line(points, style="-"):
+    """A line style that shows a lone point too (a line through one point draws nothing)."""
+    return style if len(points) > 1 else "o" + style
+
 def _save(fig, path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -73,7 +78,7 @@ def write_plots(run_dir, steps, epochs, monitor):
         for ax, (suffix, title, scale) in zip(axes.flat, panels):
             for k in [k for k in keys if k.endswith("/" + suffix)]:
                 pts = [(r["step"], r[k]) for r in monitor if k in r]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k.rsplit("/", 1)[0])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], _line(pts), label=k.rsplit("/", 1)[0])
             ax.set_title(title), ax.set_xlabel("step"), ax.grid(alpha=0.3)
             if scale == "log" and any(ax.get_lines()):
                 ax.set_yscale("log")
@@ -86,7 +91,7 @@ def write_plots(run_dir, steps, epochs, monitor):
         fig, ax = plt.subplots(figsize=(7, 4))
         for k in [k for k in keys if k.endswith("/grad_norm")]:
             pts = [(r["step"], r[k]) for r in monitor if k in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k.rsplit("/", 1)[0])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], _line(pts), label=k.rsplit("/", 1)[0])
         ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("gradient L2 norm (before clipping)")
         ax.grid(alpha=0.3), ax.legend()
         _save(fig, run_dir / "grad_norms.png"); out.append(run_dir / "grad_norms.png")
@@ -104,7 +109,7 @@ def plot_runs(path, curves):
         line, = acc.plot(ep, [r["test_acc"] for r in rows], "o-", ms=3, label=label)
         val = [(r["epoch"], r["val_acc"]) for r in rows if r.get("val_acc") is not None]
         if val:
-            acc.plot(*zip(*val), "--", color=line.get_color(), alpha=0.7)
+            acc.plot(*zip(*val), _line(val, "--"), color=line.get_color(), alpha=0.7)
         loss.plot(ep, [r["train_loss"] for r in rows], "o-", ms=3, color=line.get_color())
     for ax in (acc, loss):
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))

@@ -143,6 +143,9 @@ def check_grid(grid):
             raise ConfigError(f"{src}: {key} cannot be swept: it sets where or how a run logs, not what it trains "
                               "(the sweep names its folders itself)")
         if isinstance(values, dict):
+            if key == "seed":
+                raise ConfigError(f"{src}: seeds are not drawn from a range: list them (--grid seed=0,1,2); a random "
+                                  "search runs every draw with each listed seed")
             out[key] = _check_range(key, values, src)
             continue
         if not isinstance(values, (list, tuple)) or not values:
@@ -447,6 +450,9 @@ def train_command(config, leave_out=()):
     recipe: the options it changes, without those that only say where and how a run logs."""
     import shlex  # noqa: PLC0415
 
+    def exact(v):  # the very value (repr), not _fmt's 6 significant digits, so the command reproduces it
+        return repr(v) if isinstance(v, float) else _fmt(v)
+
     recipe, flags = _RECIPE, []
     for k, v in config.items():
         if k in LOGGING_OPTIONS or k in leave_out or k not in recipe or v == recipe[k]:
@@ -455,9 +461,9 @@ def train_command(config, leave_out=()):
         if isinstance(v, bool):
             flags.append(flag if v else "--no-" + k.replace("_", "-"))
         elif isinstance(v, list):
-            flags.append(f"{flag} {' '.join(map(_fmt, v))}")
+            flags.append(f"{flag} {' '.join(map(exact, v))}")
         else:
-            flags.append(f"{flag} {shlex.quote(_fmt(v))}")
+            flags.append(f"{flag} {shlex.quote(exact(v))}")
     return " ".join(["python -m fastmlp train", *flags])
 
 
