@@ -123,6 +123,16 @@ def move_step_to_fused_layout(state, p):
         state["step"] = step.to(dtype=torch.float32, device=p.device)
 
 
+def ensure_master(p, st):
+    """An fp32 master copy of p in its state st (master_weights=True), made from p when there is none
+    yet or the one there is not fp32: a state_dict back from an optimizer without master weights
+    (torch.optim, or fastmlp's without master_weights) had it cast to p's dtype on loading and then
+    left it behind, while p is the current weight."""
+    master = st.get("master_param")
+    if master is None or master.dtype != torch.float32:
+        st["master_param"] = p.detach().float()
+
+
 def fp32_originals(optimizer, state_dict, keys):
     """{param: {key: tensor}} of the saved tensors for keys, before torch's load casts them to the
     param dtype (which would round an fp32 master copy or fp32 moments to fp16/bf16)."""

@@ -16,6 +16,7 @@ from ._common import (
     FusedStep,
     fused_doc,
     _LOW_PRECISION,
+    ensure_master,
     fp32_originals,
     group_by_device_dtype,
     lr_args,
@@ -70,12 +71,7 @@ class _FusedAdamBase(FusedStep):
         for k in _MOMENTS:
             if k in st and st[k].dtype != torch.float32:
                 st[k] = st[k].float()
-        master = st.get("master_param")
-        if master is None or master.dtype != torch.float32:
-            # None yet, or a state_dict back from an optimizer without master weights (torch.optim,
-            # or fastmlp's without master_weights), which cast the copy to p's dtype on loading and
-            # then left it behind: p is the current weight.
-            st["master_param"] = p.detach().float()
+        ensure_master(p, st)
 
     def _fm_cache_flag(self, group):
         return group["amsgrad"]

@@ -18,6 +18,7 @@ from ._common import (
     FusedStep,
     fused_doc,
     _LOW_PRECISION,
+    ensure_master,
     fp32_originals,
     lr_args,
     normalise_groups,
@@ -55,12 +56,7 @@ class SGD(FusedStep, torch.optim.SGD):
         buf = st.get("momentum_buffer")
         if buf is not None and buf.dtype != torch.float32:
             st["momentum_buffer"] = buf.float()
-        master = st.get("master_param")
-        if master is None or master.dtype != torch.float32:
-            # None yet, or a state_dict back from an optimizer without master weights (torch.optim,
-            # or fastmlp's without master_weights), which cast the copy to p's dtype on loading and
-            # then left it behind: p is the current weight.
-            st["master_param"] = p.detach().float()
+        ensure_master(p, st)
 
     def _fm_cache_flag(self, group):
         return group["momentum"] != 0
