@@ -13,14 +13,18 @@ step reads without a host sync), and fastmlp.optim.EMA, whose averaged weights a
 
 import argparse
 import contextlib
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fastmlp
-from fastmlp.data import FashionMNIST
+# From a checkout whose extension was built in place (scripts/install.sh), without pip install.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fastmlp  # noqa: E402
+from fastmlp.data import FashionMNIST  # noqa: E402
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

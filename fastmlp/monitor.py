@@ -55,7 +55,7 @@ def _activation_points(model):
 
 def _norm(grads):
     # Accumulated in float64: the sum of squares of finite fp32 gradients overflows fp32 once they
-    # reach ~1e19, and a diverging run gets there long before any gradient is Inf. fastmlp.norms does
+    # reach ~1e19, and a diverging run gets there long before any gradient is Inf. fastmlp.ops.norms does
     # it in one pass on the CPU (torch's _foreach_norm with dtype=float64 copies each gradient to
     # float64 first: 1 ms of a 15 ms step for the default MLP); gradients on several devices, sparse
     # ones, or of a dtype it does not take go through torch.
@@ -115,9 +115,11 @@ class Monitor:
         return bool(self._handles)
 
     def wants(self, step):
+        """Whether step is one the monitor records (every ``every``-th, from step 0)."""
         return self.every > 0 and step % self.every == 0
 
     def begin(self, step):
+        """Call before the forward of ``step``: on a recorded step, installs the activation hooks."""
         self._step = step if self.wants(step) else None
         if self._step is None:
             return
@@ -133,6 +135,8 @@ class Monitor:
         return hook
 
     def after_backward(self):
+        """Call after the backward (before clipping and the optimizer step): removes the hooks,
+        takes the per-layer gradient norms and keeps the weights to measure the update against."""
         if self._step is None:
             return
         for h in self._handles:
@@ -142,6 +146,8 @@ class Monitor:
         self._before = [m.weight.detach().clone() for _, m in self.layers]
 
     def after_step(self):
+        """Call after the optimizer step: the step's record ({"step", "<layer>/grad_norm",
+        "<layer>/update_ratio", "<point>/act_mean" ...}) on a recorded step, else None."""
         if self._step is None or self._before is None:
             return None
         names, vals = ["step"], [torch.tensor(float(self._step), device=self._before[0].device)]
@@ -196,6 +202,7 @@ class AnomalyGuard:
 
     @staticmethod
     def check(loss, grad_norm=None):
+        """Whether the loss (and the total gradient norm, if given) are finite: one host sync."""
         vals = loss.detach().float().reshape(1)
         if grad_norm is not None:
             vals = torch.cat([vals, grad_norm.detach().float().reshape(1).to(vals.device)])

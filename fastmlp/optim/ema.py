@@ -21,7 +21,7 @@ class EMA:
             evaluate(model)
 
     Each update does ``avg = lerp(avg, w, 1 - d)`` (= ``d * avg + (1 - d) * w``) with ``d = decay``,
-    in one fastmlp.ema_update_ call per device and dtype (on the CPU one parallel pass over every
+    in one fastmlp.ops.ema_update_ call per device and dtype (on the CPU one parallel pass over every
     element, where torch's _foreach_lerp_ runs a parallel region per tensor; on CUDA torch's fused
     _foreach_lerp_), or with ``warmup=True`` (default)
     ``d = min(decay, (1 + t) / (10 + t))`` for the t-th update (t = 0, 1, ...), as TensorFlow's
@@ -124,6 +124,7 @@ class EMA:
                     v.copy_(kept)
 
     def state_dict(self):
+        """decay, warmup, num_updates and the average (a copy): all an exact resume needs."""
         return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
                 "averaged": self.averaged_state_dict()}
 

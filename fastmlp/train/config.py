@@ -38,6 +38,9 @@ def _h(text, **kw):
 
 @dataclass
 class TrainConfig:
+    """Every option of a training run: the fields are the CLI's flags (`--batch-size` is batch_size)
+    and the YAML keys of a config file; defaults are the recipe (fastmlp/configs/default.yaml).
+    validate() checks types and ranges, naming the option; from_dict() builds and validates one."""
     # Run
     name: str = _h("run name; the run folder is <out_dir>/<timestamp>-<name>", default="fmnist-mlp")
     out_dir: str = _h("folder that holds the run folders", default="runs")

@@ -157,6 +157,9 @@ def build_model(cfg, device, data=None):
 
 
 def build_optimizer(cfg, model, lr=None):
+    """The optimizer cfg asks for (--optimizer, --lr or lr, --momentum, --nesterov, --betas,
+    --weight-decay) over model's parameters: fastmlp.optim's for --impl fastmlp, torch.optim's
+    (default implementation) for --impl torch."""
     mod = optim_module(cfg.impl)
     lr = cfg.lr if lr is None else lr
     params = list(model.parameters())
@@ -552,6 +555,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, ds):
+        """(accuracy, mean cross-entropy) of the model in eval mode on dataset ds (None, None for
+        none), with the run's autocast; the model is left in training mode."""
         if ds is None:
             return None, None
         self.model.eval()

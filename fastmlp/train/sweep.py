@@ -258,9 +258,10 @@ def check_metric(metric, val_split):
 
 # ---- running -------------------------------------------------------------------------------------
 def run_sweep(cfg, grid, metric="auto", out=None, data=None, samples=0, sample_seed=0):
-    """Train every trial of grid (see parse_grid) on top of cfg (a TrainConfig, or a dict of options)
-    into a new sweep folder <cfg.out_dir>/<timestamp>-<cfg.name>-sweep; returns sweep_results of it.
-    samples > 0: random search, `samples` configurations drawn from the grid (see sample_combos).
+    """Train every trial of grid (see fastmlp.train.sweep.parse_grid) on top of cfg (a TrainConfig,
+    or a dict of options) into a new sweep folder <cfg.out_dir>/<timestamp>-<cfg.name>-sweep; returns
+    sweep_results of it. samples > 0: random search, `samples` configurations drawn from the grid
+    (see fastmlp.train.sweep.sample_combos).
     data: a FashionMNIST to train every trial on (default: loaded per trial as train does)."""
     from .engine import new_run_dir  # noqa: PLC0415
 
@@ -308,8 +309,9 @@ def _trials(sweep_dir, spec, overrides=None):
 
 def resume_sweep(path, overrides=None, out=None, data=None):
     """Continue the sweep in folder path: trials that are over are kept, a stopped trial continues from
-    its checkpoint, the rest start. overrides: options that cannot change results (device, progress,
-    plots, data_dir, log_every, checkpoint_every, anomaly_guard). Returns sweep_results."""
+    its checkpoint, the rest start. overrides: options that cannot change results (RESUME_MAY_CHANGE in
+    fastmlp.train.cli: device, progress, plots, data_dir, log_every, checkpoint_every, anomaly_guard,
+    tensorboard, profile_steps). Returns sweep_results."""
     sweep_dir, spec = _open(path)
     swept = sorted(set(overrides or {}) & set(spec["grid"]))
     if swept:
