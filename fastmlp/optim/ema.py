@@ -50,7 +50,7 @@ class EMA:
         .double() give parameters new data and buffers new tensors, load_state_dict(assign=True)
         new parameters, and a copy or unpickling of the EMA a copy of the model."""
         if self._slots is not None:
-            return [getattr(module, kind)[name] for module, kind, name in self._slots]
+            return [tensors[name] for tensors, name in self._slots]
         state = self.model.state_dict(keep_vars=True)
         if list(state) != self._keys:
             raise RuntimeError("EMA: the model's state_dict keys changed since the EMA was made; make a new EMA")
@@ -151,15 +151,18 @@ class EMA:
 
 
 def _slots(model, state):
-    """(module, "_parameters" or "_buffers", name) for each entry of state (model.state_dict(keep_vars=True)),
-    in its order, or None where the state_dict is not the modules' own tensors (a custom
-    _save_to_state_dict or state_dict hook): the EMA then reads model.state_dict() at each use."""
+    """(the module's _parameters or _buffers dict, name) for each entry of state
+    (model.state_dict(keep_vars=True)), in its order, or None where the state_dict is not the modules'
+    own tensors (a custom _save_to_state_dict or state_dict hook): the EMA then reads
+    model.state_dict() at each use. (A module keeps those dicts for life; a copy of the EMA copies
+    them with the model.)"""
     slots, found = [], []
     for prefix, module in model.named_modules(remove_duplicate=False):
         for kind in ("_parameters", "_buffers"):
-            for name, t in getattr(module, kind).items():
+            tensors = getattr(module, kind)
+            for name, t in tensors.items():
                 if t is not None and (kind == "_parameters" or name not in module._non_persistent_buffers_set):
-                    slots.append((module, kind, name))
+                    slots.append((tensors, name))
                     found.append((f"{prefix}.{name}" if prefix else name, t))
     if [k for k, _ in found] != list(state) or any(t is not state[k] for k, t in found):
         return None
