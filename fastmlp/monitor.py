@@ -10,7 +10,9 @@
         opt.step()
         rec = mon.after_step()               # dict of floats on monitored steps, else None
 
-Everything is kept on the device and read back once per monitored step.
+Everything is kept on the device and read back once per monitored step. The activation hooks live
+from begin() to after_backward() of a monitored step; begin() clears any a failed step left, and
+mon.close() (or leaving ``with Monitor(model) as mon:``) removes them.
 """
 
 import warnings
@@ -39,12 +41,11 @@ def _activation_points(model):
     elsewhere, activation modules and FusedLinear layers with a fused activation: leaf modules only,
     so a container that merely records its activation's name (an MLP without hidden layers, whose
     output is the logits) is not taken for one."""
+    from .nn.mlp import MLP  # noqa: PLC0415  (fastmlp.nn imports this module's package first)
+
+    if isinstance(model, MLP):
+        return [(f"{name}.act", block.act) for name, block in model._modules.items() if "act" in block._modules]
     points = []
-    for name, m in model.named_modules():
-        if name.endswith(".act") or name == "act":
-            points.append((name, m))
-    if points:
-        return points
     for name, m in model.named_modules():
         if next(m.children(), None) is not None:
             continue
@@ -62,7 +63,11 @@ def _norm(grads):
     if len({g.device for g in grads}) == 1 and all(g.dtype in _NORM_DTYPES and g.layout == torch.strided
                                                    for g in grads):
         return torch.linalg.vector_norm(ops.norms(grads))
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)))
+    # A sparse gradient's norm is that of its (coalesced) values, which _foreach_norm takes in float64.
+    dense = [g if g.layout == torch.strided else g.coalesce().values() if g.layout == torch.sparse_coo
+             else g.to_dense() for g in grads]
+    norms = torch._foreach_norm(dense, 2, dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack([n.to(dense[0].device) for n in norms]))
 
 
 def layer_grad_norms(model):
@@ -77,7 +82,10 @@ def layer_grad_norms(model):
 
 def total_grad_norm(parameters):
     """L2 norm over all gradients as a 0-d float64 tensor on their device (no sync); 0 when none
-    exist. Infinite only when a gradient is (float64 does not overflow on finite fp32/fp16/bf16)."""
+    exist. Infinite only when a gradient is (float64 does not overflow on finite fp32/fp16/bf16).
+    parameters: an iterable of tensors or a single tensor, as for clip_grad_norm_."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.float64)
@@ -119,7 +127,9 @@ class Monitor:
         return self.every > 0 and step % self.every == 0
 
     def begin(self, step):
-        """Call before the forward of ``step``: on a recorded step, installs the activation hooks."""
+        """Call before the forward of ``step``: on a recorded step, installs the activation hooks
+        (removing any a failed step left behind)."""
+        self._remove_hooks()
         self._step = step if self.wants(step) else None
         if self._step is None:
             return
@@ -139,18 +149,34 @@ class Monitor:
         takes the per-layer gradient norms and keeps the weights to measure the update against."""
         if self._step is None:
             return
+        self._remove_hooks()
+        self._grads = layer_grad_norms(self.model)
+        self._before = [m.weight.detach().clone() for _, m in self.layers]
+
+    def _remove_hooks(self):
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._grads = layer_grad_norms(self.model)
-        self._before = [m.weight.detach().clone() for _, m in self.layers]
+
+    def close(self):
+        """Remove every hook and forget the step in progress (also on leaving a ``with Monitor(...)``)."""
+        self._remove_hooks()
+        self._step, self._before, self._grads, self._acts = None, None, None, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def after_step(self):
         """Call after the optimizer step: the step's record ({"step", "<layer>/grad_norm",
         "<layer>/update_ratio", "<point>/act_mean" ...}) on a recorded step, else None."""
         if self._step is None or self._before is None:
             return None
-        names, vals = ["step"], [torch.tensor(float(self._step), device=self._before[0].device)]
+        device = self._before[0].device if self._before else next(
+            (t.device for t in self._acts.values()), torch.device("cpu"))
+        names, vals = ["step"], [torch.tensor(float(self._step), device=device)]
         for (name, m), w0 in zip(self.layers, self._before):
             w0f = w0.float()
             ratio = torch.linalg.vector_norm(m.weight.detach().float() - w0f) / torch.linalg.vector_norm(w0f).clamp_min(1e-12)
@@ -160,7 +186,7 @@ class Monitor:
         for name, t in self._acts.items():
             names += [f"{name}/act_mean", f"{name}/act_std", f"{name}/dead_frac"]
             vals += list(t.unbind())
-        floats = torch.stack([v.float().to(vals[0].device) for v in vals]).tolist()  # the one sync
+        floats = torch.stack([v.float().to(device) for v in vals]).tolist()  # the one sync
         self._step, self._before, self._grads, self._acts = None, None, None, {}
         rec = dict(zip(names, floats))
         rec["step"] = int(rec["step"])
@@ -203,15 +229,26 @@ class AnomalyGuard:
     @staticmethod
     def check(loss, grad_norm=None):
         """Whether the loss (and the total gradient norm, if given) are finite: one host sync."""
-        vals = loss.detach().float().reshape(1)
+        vals = torch.as_tensor(loss).detach().float().reshape(1)
         if grad_norm is not None:
-            vals = torch.cat([vals, grad_norm.detach().float().reshape(1).to(vals.device)])
+            vals = torch.cat([vals, torch.as_tensor(grad_norm).detach().float().reshape(1).to(vals.device)])
         return bool(torch.isfinite(vals).all())
 
     def locate(self, replay, recent_losses=()):
         """Runs ``replay()`` (forward and backward of the offending step, on the unchanged parameters)
         under hooks. Returns (layer name, where) for the first non-finite value, or (None, reason).
         recent_losses: the losses of the steps before, oldest first, to tell a diverging loss."""
+        try:
+            return self._locate(replay, recent_losses, full_backward_hooks=True)
+        except RuntimeError as e:
+            if "BackwardHookFunction" not in str(e):
+                raise
+            # A module's full backward hook wraps its output in a view, which an in-place module after
+            # it (nn.ReLU(inplace=True)) may not modify; the replay failed in its forward, before any
+            # backward. Again with hooks on the outputs' gradients instead.
+            return self._locate(replay, recent_losses, full_backward_hooks=False)
+
+    def _locate(self, replay, recent_losses, full_backward_hooks):
         events = []
         handles = []
         leaves = [(n, m) for n, m in self.model.named_modules() if n and not list(m.children())]
@@ -225,6 +262,20 @@ class AnomalyGuard:
                     events.append((name, "forward input (the batch itself)" if mod is leaves[0][1] else "forward input"))
                 elif torch.is_tensor(out) and not _finite(out):
                     events.append((name, "forward output"))
+                elif not full_backward_hooks:
+                    for t, where in [(a, "gradient of its input") for a in ins] + [(out, "gradient of its output")]:
+                        if torch.is_tensor(t) and t.requires_grad:
+                            alive.append(t)   # (its id stays its own until the replay ends)
+                            handles.append(t.register_hook(tensor_grad(id(t), name, where)))
+            return hook
+
+        alive = []
+        grad_events = []  # without full backward hooks: (tensor, layer, where) of non-finite gradients, in time order
+
+        def tensor_grad(key, name, where):
+            def hook(g):
+                if not _finite(g):
+                    grad_events.append((key, name, where))
             return hook
 
         def bwd(name):
@@ -237,23 +288,33 @@ class AnomalyGuard:
                     events.append((name, "gradient of its input"))
             return hook
 
-        def pgrad(name, pname):
+        def pgrad(name, pname, key):
             def hook(g):
-                if not events and not _finite(g):
+                if not full_backward_hooks:
+                    if not _finite(g):
+                        grad_events.append((key, name, f"gradient of {pname}"))
+                elif not events and not _finite(g):
                     events.append((name, f"gradient of {pname}"))
             return hook
 
         try:
             for n, m in leaves:
                 handles.append(m.register_forward_hook(fwd(n)))
-                handles.append(m.register_full_backward_hook(bwd(n)))
+                if full_backward_hooks:
+                    handles.append(m.register_full_backward_hook(bwd(n)))
                 for pn, p in m.named_parameters(recurse=False):
                     if p.requires_grad:
-                        handles.append(p.register_hook(pgrad(n, pn)))
+                        handles.append(p.register_hook(pgrad(n, pn, id(p))))
             with warnings.catch_warnings():
                 # The first layer's input needs no gradient; torch warns that its hook sees outputs only.
                 warnings.simplefilter("ignore", UserWarning)
                 loss = replay()
+            if not events and grad_events:
+                # The first tensor whose gradient was not finite, named by its last consumer in the
+                # forward (the first backward to see it, which made it non-finite), else its producer.
+                first = [e for e in grad_events if e[0] == grad_events[0][0]]
+                inputs = [e for e in first if e[2] == "gradient of its input"]
+                events.append((inputs or first)[-1 if inputs else 0][1:])
             if not events and loss is not None and not _finite(loss.detach()):
                 growth = _divergence(recent_losses)
                 if growth:

@@ -225,7 +225,15 @@ def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, stat
     return None
 
 
-ema_update_ = torch.ops.fastmlp.ema_update_.default
+_ema_update_op = torch.ops.fastmlp.ema_update_.default
+
+
+def ema_update_(averages, values, weight):
+    """averages[i].lerp_(values[i], weight) for every i, in one op call per device and dtype (see
+    EMA). Empty lists are a no-op (the dispatcher cannot route a call without a tensor)."""
+    if len(averages) == 0 and len(values) == 0:
+        return None
+    return _ema_update_op(averages, values, weight)
 
 
 @torch.library.register_fake("fastmlp::ema_update_")
@@ -238,7 +246,15 @@ def _ema_update_fake(averages, values, weight):
     return None
 
 
-norms = torch.ops.fastmlp.norms.default
+_norms_op = torch.ops.fastmlp.norms.default
+
+
+def norms(tensors):
+    """The L2 norm of each tensor, as one float64 tensor (accumulated in float64); an empty one for
+    no tensors (the dispatcher cannot route a call without a tensor)."""
+    if len(tensors) == 0:
+        return torch.empty((0,), dtype=torch.float64)
+    return _norms_op(tensors)
 
 
 @torch.library.register_fake("fastmlp::norms")

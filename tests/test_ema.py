@@ -42,7 +42,7 @@ def test_op_matches_torch_lerp(device, dtype, weight):
 
 def test_op_checks_and_opcheck(device):
     avg, val = lists(device, torch.float32)
-    torch.library.opcheck(ops.ema_update_, (avg, val, 0.1))
+    torch.library.opcheck(torch.ops.fastmlp.ema_update_.default, (avg, val, 0.1))
     op = "fastmlp.ema_update_"
     with pytest.raises(ValueError, match=f"{op}: expected values to have 5 tensors"):
         ops.ema_update_(avg, val[:4], 0.1)

@@ -182,6 +182,13 @@ def test_predict_image_files(tmp_path, capsys, test_set):
     wide = tmp_path / "wide.png"
     Image.fromarray(torch.zeros(20, 50, dtype=torch.uint8).numpy()).save(wide)
     assert load_images([wide]).shape == (1, 28, 28)
+    # 16-bit grey (Pillow's I;16) and float grey in [0, 1] come back as the 8-bit image (convert("L")
+    # alone clipped them to white); one path may be given as it is.
+    deep, flt = tmp_path / "boot16.png", tmp_path / "boot.tiff"
+    Image.fromarray(images[0].numpy().astype("uint16") * 257).save(deep)
+    Image.fromarray(images[0].numpy().astype("float32") / 255).save(flt)
+    assert Image.open(deep).mode == "I;16" and Image.open(flt).mode == "F"
+    assert torch.equal(load_images(deep)[0], images[0]) and torch.equal(load_images(str(flt))[0], images[0])
 
     capsys.readouterr()
     assert main(["predict", str(run), str(exact), str(photo), "--top", "2"]) == 0

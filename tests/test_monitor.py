@@ -58,6 +58,18 @@ def test_activation_points_are_hidden_activations_only(impl):
     seq = nn.Sequential(FusedLinear(16, 8, activation="silu"), nn.Linear(8, 8), nn.ReLU(),
                         FusedLinear(8, 4, activation="none"))
     assert [n for n, _ in _activation_points(seq)] == ["0", "2"]
+    # A module that merely happens to be named "act" does not hide the others (only fastmlp's MLP
+    # names its activation slots so); a container named "act" is not taken for an activation.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.GELU())
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    seq = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), Block())
+    assert [n for n, _ in _activation_points(seq)] == ["1", "2.act.1"]
     mon = Monitor(MLP([16, 4], impl=impl), every=1)
     m = mon.model
     rec = _step(m, torch.optim.SGD(m.parameters(), lr=0.1), torch.randn(8, 16), torch.randint(0, 4, (8,)), mon, 0)
@@ -73,6 +85,14 @@ def test_grad_norm_helpers_match_torch():
     assert norms["0.linear"].item() == pytest.approx(torch.cat([w.flatten(), b]).norm().item(), rel=1e-6)
     total = torch.cat([p.grad.flatten() for p in m.parameters()]).norm()
     assert total_grad_norm(m.parameters()).item() == pytest.approx(total.item(), rel=1e-6)
+    # One tensor, as clip_grad_norm_ takes it; sparse gradients (an nn.Embedding(sparse=True), its
+    # repeated rows summed), beside dense float64 ones; none at all.
+    assert total_grad_norm(w.new_empty(0)).item() == 0.0
+    assert total_grad_norm(m[0].linear.weight).item() == pytest.approx(w.norm().item(), rel=1e-6)
+    emb, extra = nn.Embedding(10, 4, sparse=True), nn.Parameter(torch.randn(3, dtype=torch.float64))
+    (emb(torch.tensor([1, 2, 2])).sum() + extra.sum()).backward()
+    dense = torch.cat([emb.weight.grad.to_dense().flatten().double(), extra.grad])
+    assert total_grad_norm([emb.weight, extra]).item() == pytest.approx(dense.norm().item(), rel=1e-12)
 
 
 def _replay(m, x, y):
@@ -135,9 +155,46 @@ def test_guard_finds_backward_only_nan():
     assert layer == "1.poison" and "gradient" in where
 
 
+def test_guard_with_in_place_activations():
+    # A full backward hook's output view may not be modified in place (nn.ReLU(inplace=True)): the
+    # guard replays with hooks on the gradients instead, and still names the layer.
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 6), torch.randint(0, 2, (4,))
+    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 2))
+    with torch.no_grad():
+        m[0].weight[0, 0] = float("nan")
+    assert AnomalyGuard(m).locate(_replay(m, x, y)) == ("0", "forward output")
+    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), NanInBackward(), nn.Linear(5, 2))
+    assert AnomalyGuard(m).locate(_replay(m, x, y)) == ("2", "gradient of its input")
+    assert not any(mod._forward_hooks or mod._backward_hooks for mod in m.modules())
+
+
+def test_monitor_hooks_never_linger_and_models_without_linears():
+    m = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    mon = Monitor(m, every=1)
+    mon.begin(0)
+    with pytest.raises(RuntimeError):
+        m(torch.randn(3, 7))           # a step that failed in its forward
+    for s in range(1, 4):
+        mon.begin(s)                   # each begin clears what the last one left
+    assert len(m[1]._forward_hooks) == 1
+    with mon:
+        pass
+    assert not m[1]._forward_hooks     # close() (also on leaving a with block)
+    # No nn.Linear at all: the record holds the step and the activations.
+    conv = nn.Sequential(nn.Conv1d(1, 1, 1), nn.ReLU())
+    with Monitor(conv, every=1) as mon:
+        mon.begin(0)
+        conv(torch.randn(4, 1, 5)).sum().backward()
+        mon.after_backward()
+        rec = mon.after_step()
+    assert rec["step"] == 0 and set(rec) == {"step", "1/act_mean", "1/act_std", "1/dead_frac"}
+
+
 def test_guard_check_passes_finite():
     assert AnomalyGuard.check(torch.tensor(1.0), torch.tensor(3.0))
     assert not AnomalyGuard.check(torch.tensor(float("inf")), torch.tensor(3.0))
+    assert AnomalyGuard.check(1.0, 3.0) and not AnomalyGuard.check(1.0, float("nan"))   # Python numbers too
     assert not AnomalyGuard.check(torch.tensor(1.0), torch.tensor(float("nan")))
 
 
@@ -217,7 +274,7 @@ def test_norms_match_a_float64_reference(device, dtype):
     ref = torch.stack([t.double().square().sum().sqrt() for t in ts])
     assert got.dtype == torch.float64 and got.shape == (len(ts),) and got.device == ts[0].device
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
-    torch.library.opcheck(ops.norms, (ts,))
+    torch.library.opcheck(torch.ops.fastmlp.norms.default, (ts,))
 
 
 def test_norms_do_not_overflow_propagate_nan_and_ignore_the_thread_count(device):
@@ -245,5 +302,7 @@ def test_norms_do_not_overflow_propagate_nan_and_ignore_the_thread_count(device)
 def test_norms_errors():
     from fastmlp import ops
 
+    assert ops.norms([]).shape == (0,)
+    ops.ema_update_([], [], 0.5)   # empty lists: nothing to do (the dispatcher cannot route them)
     with pytest.raises(TypeError, match=r"fastmlp.norms: tensors must be a floating-point tensor"):
         ops.norms([torch.ones(3), torch.ones(3, dtype=torch.long)])

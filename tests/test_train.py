@@ -457,6 +457,26 @@ def two_way_split(n_train=512, n_val=256):
                         DeviceDataset(d.train.x[n_train:], d.train.y[n_train:]), d.test, 0.0, 1.0)
 
 
+def test_given_data_must_agree_with_the_data_options(tmp_path):
+    # Trainer(data=...) and run_sweep(data=...) train on the data as given: a train_subset or
+    # val_split it contradicts is refused (config.yaml would misreport the run), before any folder.
+    from fastmlp.train import run_sweep
+
+    d = synthetic()   # 512 training images, no validation split
+    with pytest.raises(ConfigError, match=r"'train_subset' \(100\) does not match the given data, whose training "
+                                          r"split holds 512 images"):
+        Trainer(cfg_small(tmp_path, train_subset=100), data=d)
+    with pytest.raises(ConfigError, match=r"'val_split' \(0.1\) asks for a validation split, which the given data "
+                                          r"does not have"):
+        Trainer(cfg_small(tmp_path, val_split=0.1), data=d)
+    with pytest.raises(ConfigError, match=r"'train_subset' \(200\) does not match"):
+        run_sweep(cfg_small(tmp_path), {"train_subset": [512, 200]}, data=d)
+    assert not (tmp_path / "runs").exists()
+    # The options as a dict, as run_sweep takes them.
+    s = Trainer(cfg_small(tmp_path, epochs=1, train_subset=512).to_dict(), data=d).fit()
+    assert s["status"] == "completed"
+
+
 def test_early_stopping_stops_resumes_and_is_complete(tmp_path, capsys):
     """A model that cannot improve (lr 1e-30: the weights do not move) stops `patience` epochs after
     its first; the summary, best.pt and a resume agree on where it stopped."""

@@ -97,6 +97,20 @@ def check_data(cfg, data):
                           f"statistics), but the training split has {n}")
 
 
+def check_given_data(cfg, data):
+    """Trainer(data=...) and run_sweep(data=...) train on the data as given: refuse data that the
+    config's data options contradict (config.yaml would misreport the run), then check_data."""
+    if cfg.train_subset and len(data.train) != cfg.train_subset:
+        raise ConfigError(f"config option 'train_subset' ({cfg.train_subset}) does not match the given data, whose "
+                          f"training split holds {len(data.train)} images (data is used as given): load it with "
+                          f"FashionMNIST.load(train_subset={cfg.train_subset}, val_split=...) or set train_subset to 0")
+    if cfg.val_split and data.val is None:   # (data with a validation split of its own is validated on)
+        raise ConfigError(f"config option 'val_split' ({cfg.val_split:g}) asks for a validation split, which the given "
+                          f"data does not have (data is used as given): load it with "
+                          f"FashionMNIST.load(val_split={cfg.val_split:g}) or set val_split to 0")
+    check_data(cfg, data)
+
+
 def min_batch(cfg):
     """The smallest training (micro-)batch the model can take: BatchNorm cannot train on one sample."""
     return 2 if cfg.norm == "batch" else 1
@@ -236,6 +250,8 @@ class Trainer:
     """Train cfg on Fashion-MNIST into a run folder: ``Trainer(cfg).fit()`` or ``Trainer.resume(dir).fit()``."""
 
     def __init__(self, cfg: TrainConfig, run_dir=None, data=None, out=None, _checkpoint=None):
+        if isinstance(cfg, dict):   # the options as a dict, as run_sweep takes them
+            cfg = TrainConfig.from_dict(cfg)
         self.cfg = cfg.validate()
         self.out = out if out is not None else sys.stdout
         apply_deterministic(cfg)
@@ -243,7 +259,7 @@ class Trainer:
         if data is None:
             data = load_data(cfg, self.device)  # checked there
         else:
-            check_data(cfg, data)
+            check_given_data(cfg, data)
         self.data = data
         self.model = build_model(cfg, self.device, self.data)
         # The compiled module shares the model's parameters; checkpoints, the monitor's hooks, the

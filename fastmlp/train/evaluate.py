@@ -17,6 +17,7 @@ them into the run folder (evaluation-<weights>.json, confusion-<weights>.png).
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -232,11 +233,26 @@ def _confusion_png(confusion, title):
     return buf.getvalue()
 
 
+def _grey8(im):
+    """im as 8-bit grey ("L"). Pillow's convert("L") clips 16-bit and 32-bit grey (modes I;16, I, F) at
+    255 instead of scaling: a 16-bit PNG would come out all white. Those are scaled to 0-255 first:
+    integers above 255 as 16-bit (/ 257), floats up to 1 as fractions (x 255)."""
+    if im.mode.startswith("I;16"):
+        im = im.convert("I")
+    if im.mode in ("I", "F"):
+        hi = im.getextrema()[1]
+        scale = (255 / 65535 if hi > 255 else 1.0) if im.mode == "I" else (255.0 if hi <= 1.0 else 1.0)
+        if scale != 1.0:
+            im = im.point(lambda v: v * scale)
+    return im.convert("L")
+
+
 def load_images(paths, invert="auto"):
     """Image files as uint8 (N, 28, 28) in Fashion-MNIST's form: grey levels, the object light on a
     dark background, the whole picture fitted into 28 x 28.
 
-    Each image is turned upright (EXIF), made grey, padded to a square with its border's mean grey
+    paths: file paths (or one). Each image is turned upright (EXIF), made grey (16-bit grey scaled
+    to 8 bits), padded to a square with its border's mean grey
     (so the aspect ratio is kept) and resized with antialiasing. invert: "auto" inverts images whose
     border is light (a photo of a shoe on a white table), "yes" / "no" always / never.
     """
@@ -246,6 +262,8 @@ def load_images(paths, invert="auto"):
         from PIL import Image, ImageOps  # noqa: PLC0415  (Pillow comes with torchvision)
     except ImportError as e:
         raise RuntimeError("reading image files needs Pillow: pip install pillow") from e
+    if isinstance(paths, (str, os.PathLike)):   # one file
+        paths = [paths]
     out = []
     for path in paths:
         path = Path(path)
@@ -253,7 +271,7 @@ def load_images(paths, invert="auto"):
             raise FileNotFoundError(f"{path}: no such image file")
         try:
             with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im).convert("L")
+                im = _grey8(ImageOps.exif_transpose(im))
         except OSError as e:  # Pillow's UnidentifiedImageError is an OSError
             raise ConfigError(f"{path} is not an image file Pillow can read ({e})") from e
         t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.height, im.width)

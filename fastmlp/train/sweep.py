@@ -263,7 +263,7 @@ def run_sweep(cfg, grid, metric="auto", out=None, data=None, samples=0, sample_s
     sweep_results of it. samples > 0: random search, `samples` configurations drawn from the grid
     (see fastmlp.train.sweep.sample_combos).
     data: a FashionMNIST to train every trial on (default: loaded per trial as train does)."""
-    from .engine import new_run_dir  # noqa: PLC0415
+    from .engine import check_given_data, new_run_dir  # noqa: PLC0415
 
     base = cfg.to_dict() if isinstance(cfg, TrainConfig) else dict(cfg)
     grid = check_grid(grid)
@@ -272,6 +272,9 @@ def run_sweep(cfg, grid, metric="auto", out=None, data=None, samples=0, sample_s
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ConfigError(f"--samples must be an int >= 0 (0 = every combination of the grid), got {samples!r}")
     trials = plan_trials(base, grid, samples=samples, sample_seed=sample_seed)  # all checked before the folder exists
+    if data is not None:
+        for t in trials:   # data= is used as given: a grid of train_subset or val_split would contradict it
+            check_given_data(t.cfg, data)
     val_splits = {t.cfg.val_split for t in trials}
     metric = check_metric(metric, min(val_splits))
     sweep_dir = new_run_dir(base.get("out_dir", "runs"), f"{base.get('name', 'fmnist-mlp')}-sweep")
