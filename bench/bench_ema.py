@@ -7,7 +7,7 @@ Cases as bench_optim.py's: the 784-512-512-10 MLP (670k parameters in 6 tensors)
 (bench/common.py's protocol): torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn (what
 torch documents for an EMA; its update_parameters runs torch._foreach_lerp_), that
 torch._foreach_lerp_ alone, the same under torch.compile, and fastmlp.optim.EMA.update() (the
-fastmlp.ema_update_ op: one parallel pass over every element). An update reads the average and
+fastmlp.ops.ema_update_ op: one parallel pass over every element). An update reads the average and
 the weights and writes the average: 12 bytes per fp32 parameter, the traffic of an in-place add
 of one tensor to another of the same size, which is the floor here.
 """

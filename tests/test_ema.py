@@ -208,6 +208,19 @@ def test_follows_the_models_tensors_when_they_are_replaced():
         expect(clone, before, clone.model)
         assert torch.equal(ema.averaged_state_dict()["0.linear.weight"], before["0.linear.weight"])
 
+    # Two groups (float32, float64); the second moves to float32 under the same Parameter objects,
+    # so the op refuses it after the first group was updated: every average moves exactly once.
+    m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2).double())
+    ema = EMA(m, decay=0.5, warmup=False)
+    before = ema.averaged_state_dict()
+    m[1].float()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    ema.update()
+    expect(ema, before, m)
+    assert all(v.dtype == torch.float32 for v in ema.averaged_state_dict().values())
+
     m, ema = fresh()
     m[0].linear.weight = torch.nn.Parameter(torch.zeros(6, 4))
     with pytest.raises(RuntimeError, match=r"0.linear.weight changed shape from \(5, 4\) to \(6, 4\)"):

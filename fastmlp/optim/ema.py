@@ -1,6 +1,7 @@
 """An exponential moving average (EMA) of a model's weights, for evaluating and shipping the average."""
 
 import contextlib
+import operator
 
 import torch
 
@@ -42,7 +43,7 @@ class EMA:
         self._keys = list(state)
         self._slots = _slots(model, state)
         self._avg = {k: v.detach().clone() for k, v in state.items()}
-        self._seen = None
+        self._objs, self._groups, self._copied = [], [], []
         self._sync()
 
     def _live(self):
@@ -56,12 +57,14 @@ class EMA:
             raise RuntimeError("EMA: the model's state_dict keys changed since the EMA was made; make a new EMA")
         return list(state.values())
 
-    def _sync(self):
-        """The model's tensors, with the update's groups rebuilt if any of them is another tensor or
-        moved to another dtype or device since the last call (the average follows it there)."""
+    def _sync(self, check_moved=False):
+        """The model's tensors. The update's groups are rebuilt when one of them is another tensor
+        than at the last rebuild or, with check_moved, has moved to another dtype or device (the
+        average follows it there). An update skips that check (a Python loop over every tensor):
+        the op checks dtypes and devices itself, and update() rebuilds when it refuses."""
         live = self._live()
-        seen = [(id(t), t.dtype, t.get_device()) for t in live]
-        if seen == self._seen:
+        if (len(live) == len(self._objs) and all(map(operator.is_, live, self._objs))
+                and not (check_moved and self._moved(live))):
             return live
         groups = {}
         for k, v in zip(self._keys, live):
@@ -78,8 +81,11 @@ class EMA:
         self._groups = [([self._avg[k] for k, _ in kv], [v for _, v in kv]) for kv in groups.values()]
         self._copied = [(self._avg[k], v) for k, v in zip(self._keys, live)
                         if not (v.is_floating_point() or v.is_complex())]
-        self._seen = seen
+        self._objs = live
         return live
+
+    def _moved(self, live):
+        return any(self._avg[k].dtype != v.dtype or self._avg[k].device != v.device for k, v in zip(self._keys, live))
 
     def current_decay(self):
         """The decay the next update uses."""
@@ -91,9 +97,24 @@ class EMA:
     def update(self):
         """Move the average towards the model's current state by one step."""
         weight = 1.0 - self.current_decay()
-        self._sync()
-        for averages, values in self._groups:
-            ops.ema_update_(averages, values, weight)
+        live = self._sync()
+        done = 0
+        try:
+            for averages, values in self._groups:
+                ops.ema_update_(averages, values, weight)
+                done += 1
+        except (RuntimeError, TypeError, ValueError):
+            # The op checks every pair before it writes. A model tensor that kept its object but not its
+            # dtype or device (model.double() or .to() set p.data) fails that check: the average follows
+            # it, and the groups the op had already updated are not updated twice.
+            if not self._moved(live):
+                raise
+            finished = {id(a) for averages, _ in self._groups[:done] for a in averages}
+            self._sync(check_moved=True)
+            for averages, values in self._groups:
+                pairs = [(a, v) for a, v in zip(averages, values) if id(a) not in finished]
+                if pairs:
+                    ops.ema_update_([a for a, _ in pairs], [v for _, v in pairs], weight)
         for average, value in self._copied:
             average.copy_(value)
         self.num_updates += 1
@@ -112,7 +133,7 @@ class EMA:
         """Within the block the model holds the averaged state; on leaving it (an exception too) the
         trained state is back, bit for bit."""
         with torch.no_grad():
-            live = self._sync()
+            live = self._sync(check_moved=True)
             saved = [v.clone() for v in live]
             for k, v in zip(self._keys, live):
                 v.copy_(self._avg[k])
@@ -143,7 +164,7 @@ class EMA:
             if v.shape != self._avg[k].shape:
                 raise ValueError(f"EMA.load_state_dict: {k} has shape {tuple(v.shape)}, the model's "
                                  f"{tuple(self._avg[k].shape)}")
-        self._sync()
+        self._sync(check_moved=True)
         for k, v in avg.items():
             self._avg[k].copy_(v)
         self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
