@@ -51,7 +51,13 @@ class EMA:
         .double() give parameters new data and buffers new tensors, load_state_dict(assign=True)
         new parameters, and a copy or unpickling of the EMA a copy of the model."""
         if self._slots is not None:
-            return [tensors[name] for tensors, name in self._slots]
+            live = []
+            for tensors, get, one in self._slots:
+                if one:
+                    live.append(get(tensors))
+                else:
+                    live.extend(get(tensors))
+            return live
         state = self.model.state_dict(keep_vars=True)
         if list(state) != self._keys:
             raise RuntimeError("EMA: the model's state_dict keys changed since the EMA was made; make a new EMA")
@@ -172,19 +178,20 @@ class EMA:
 
 
 def _slots(model, state):
-    """(the module's _parameters or _buffers dict, name) for each entry of state
-    (model.state_dict(keep_vars=True)), in its order, or None where the state_dict is not the modules'
-    own tensors (a custom _save_to_state_dict or state_dict hook): the EMA then reads
-    model.state_dict() at each use. (A module keeps those dicts for life; a copy of the EMA copies
-    them with the model.)"""
+    """Where the entries of state (model.state_dict(keep_vars=True)) live, in its order: (a module's
+    _parameters or _buffers dict, an itemgetter of its names there, whether it is one name), or None
+    where the state_dict is not the modules' own tensors (a custom _save_to_state_dict or state_dict
+    hook): the EMA then reads model.state_dict() at each use. (A module keeps those dicts for life; a
+    copy of the EMA copies them with the model.)"""
     slots, found = [], []
     for prefix, module in model.named_modules(remove_duplicate=False):
         for kind in ("_parameters", "_buffers"):
             tensors = getattr(module, kind)
-            for name, t in tensors.items():
-                if t is not None and (kind == "_parameters" or name not in module._non_persistent_buffers_set):
-                    slots.append((tensors, name))
-                    found.append((f"{prefix}.{name}" if prefix else name, t))
+            names = [name for name, t in tensors.items() if t is not None and (
+                kind == "_parameters" or name not in module._non_persistent_buffers_set)]
+            if names:
+                slots.append((tensors, operator.itemgetter(*names), len(names) == 1))
+                found += [(f"{prefix}.{name}" if prefix else name, tensors[name]) for name in names]
     if [k for k, _ in found] != list(state) or any(t is not state[k] for k, t in found):
         return None
     return slots
