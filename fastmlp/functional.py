@@ -103,7 +103,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         y, mean, _, unbiased_var = ops.batch_norm(input, weight, bias, eps)
         moving = [(stat, batch) for stat, batch in ((running_mean, mean), (running_var, unbiased_var)) if stat is not None]
         if moving:
-            with torch.no_grad():
-                torch._foreach_lerp_([s for s, _ in moving], [b.to(s.dtype) for s, b in moving], momentum)
+            stats, batch = [s for s, _ in moving], [b.detach().to(s.dtype) for s, b in moving]
+            if any(s.requires_grad for s in stats):
+                with torch.no_grad():
+                    torch._foreach_lerp_(stats, batch, momentum)
+            else:  # no no_grad block: torch.export records one as a node its .pt2 loader cannot rebuild
+                torch._foreach_lerp_(stats, batch, momentum)
         return y
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -9,6 +9,8 @@ forward-mode AD and vmap, errors (eager and fake kernels alike), torch.compile, 
 modules as drop-ins (state, running estimates, momentum=None, eval mode), convert() and MLP.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -425,6 +427,22 @@ def test_batch_norm_argument_errors_are_torchs():
         bn(x)
     with pytest.raises(ValueError, match="eps must be positive during training"):
         fastmlp.nn.BatchNorm1d(5, eps=0.0)(x)
+
+
+def test_export_in_training_mode_saves_and_loads(tmp_path):
+    # The running estimates move outside a no_grad block (torch.export records one as a node its
+    # .pt2 loader could not rebuild: the file saved, then failed to load).
+    torch.manual_seed(0)
+    m = fastmlp.nn.MLP([8, 16, 3], norm="batch").train()
+    ref = copy.deepcopy(m)
+    x = torch.randn(6, 8)
+    torch.export.save(torch.export.export(m, (x,)), tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2").module()
+    torch.testing.assert_close(loaded(x), ref(x))
+    state = loaded.state_dict()
+    for k in ("0.norm.running_mean", "0.norm.running_var"):
+        torch.testing.assert_close(state[k], ref.state_dict()[k], msg=k)
+    assert not ref[0].norm.running_mean.requires_grad
 
 
 def test_convert_swaps_norms():

@@ -198,7 +198,8 @@ class _Version:
 
 class _Counting:
     """dict's mutating methods, each first counting one change in self._fm_version (written out
-    with super() calls, which torch.compile traces, so a compiled optimizer step stays one graph)."""
+    with super() calls, which torch.compile traces, so the counting adds no graph break to a
+    compiled optimizer step)."""
 
     __slots__ = ()
 
