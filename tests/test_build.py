@@ -133,7 +133,7 @@ def test_sdist_ships_every_source_and_header(tmp_path):
     root = Path(__file__).resolve().parents[1]
     src = tmp_path / "src"
     junk = shutil.ignore_patterns("__pycache__", "*.so", "_build_info.py", "out")
-    for d in ("csrc", "fastmlp", "tests", "bench"):
+    for d in ("csrc", "fastmlp", "tests", "bench", "examples", "scripts", ".ci"):
         shutil.copytree(root / d, src / d, ignore=junk)
     for f in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
         shutil.copy(root / f, src / f)
