@@ -260,13 +260,15 @@ torch_requirement = ("torch>=2.11" if "sdist" in sys.argv and not builds & set(s
                      else f"torch>={major}.{minor}.0.dev0,<{major}.{minor + 1}")
 
 cpu_target = (f" for this CPU ({native_flag})" if native_flag else " (portable)" if not debug else " (debug)")
-print(
-    f"fastmlp: building the CPU kernels{cpu_target}{' and the CUDA kernels' if with_cuda else ''}"
-    + ("" if with_cuda else
-       f" only ({'FASTMLP_CUDA=0' if cuda_mode == '0' else 'CPU-only torch' if torch.version.cuda is None else 'no nvcc found' if cuda_home is None else 'no CUDA sources yet'})"),
-    file=sys.stderr,
-)
-if native and not debug and native_flag is None:
+compiling = bool(builds & set(sys.argv))   # (not for an sdist or egg_info, which compile nothing)
+if compiling:
+    print(
+        f"fastmlp: building the CPU kernels{cpu_target}{' and the CUDA kernels' if with_cuda else ''}"
+        + ("" if with_cuda else
+           f" only ({'FASTMLP_CUDA=0' if cuda_mode == '0' else 'CPU-only torch' if torch.version.cuda is None else 'no nvcc found' if cuda_home is None else 'no CUDA sources yet'})"),
+        file=sys.stderr,
+    )
+if compiling and native and not debug and native_flag is None:
     print("fastmlp: the C++ compiler takes neither -march=native nor -mcpu=native: building the portable CPU "
           "kernels (as FASTMLP_NATIVE=0)", file=sys.stderr)
 
