@@ -100,6 +100,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
                 if stat.numel() != input.shape[1]:
                     raise RuntimeError(f"{name} should contain {input.shape[1]} elements not {stat.numel()}")
+                if stat.dtype != input.dtype:  # (torch refuses them too: "mixed dtype (CPU)")
+                    raise RuntimeError(f"{name} must have the input's dtype {input.dtype}, got {stat.dtype}")
         y, mean, _, unbiased_var = ops.batch_norm(input, weight, bias, eps)
         moving = [(stat, batch) for stat, batch in ((running_mean, mean), (running_var, unbiased_var)) if stat is not None]
         if moving:

@@ -422,6 +422,13 @@ def test_batch_norm_argument_errors_are_torchs():
             F.batch_norm(*args, **kw)
         except Exception as theirs:  # torch's, where it checks: the same error (but for the arg position)
             assert type(theirs) is error and str(theirs).replace(" (position 7)", "") == message
+    for dtype in (torch.float64, torch.float16):   # running estimates of another dtype: refused, as by torch
+        stats = (torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype))
+        with pytest.raises(RuntimeError, match=f"running_mean must have the input's dtype torch.float32, got {dtype}"):
+            fastmlp.functional.batch_norm(x, *stats, training=True)
+        with pytest.raises(RuntimeError, match="mixed dtype"):
+            F.batch_norm(x, *stats, training=True)
+        assert not stats[0].any()
     bn = fastmlp.nn.BatchNorm1d(4, affine=False)
     with pytest.raises(RuntimeError, match="running_mean should contain 5 elements not 4"):
         bn(x)
