@@ -11,9 +11,10 @@ For each shape (batch x in -> out), activation and dtype, in one process and int
             what the fused kernels cost. fastmlp minus kernels is the autograd engine's share
             (torch.autograd.grad and the graph), which every candidate but the floor pays.
   autograd floor  (fwdbwd only) the same three GEMMs issued through the autograd engine:
-            torch.autograd.grad(torch.mm(x, W.t()), (x, W), g), whose MmBackward runs g W and
-            (g^T x)^T, the op's layouts. The least any one-node autograd op of this layer can
-            take; fastmlp / autograd floor is what the fusion itself costs over bare GEMMs.
+            torch.autograd.grad(torch.mm(x, Wt), (x, Wt), g) with Wt = W^T a leaf (a view of W's
+            memory), whose one MmBackward node runs g W and (g^T x)^T, the op's layouts. The least
+            any one-node autograd op of this layer can take; fastmlp / autograd floor is what the
+            fusion itself costs over bare GEMMs.
 
 Forward+backward ("fwdbwd") runs the forward and autograd.grad for input, weight and bias (a
 hidden layer: all three gradients). Each sample times enough calls to last >= 2 ms; candidates
@@ -77,9 +78,13 @@ def candidates(batch, in_f, out_f, act, dtype, device, mode):
             torch.mm(gd.t(), xd)
 
         bd = b.detach()
+        # W^T as a leaf of its own (a transposed view of W's memory): the graph holds the one MmBackward
+        # node, whose backward runs g W and (g^T x)^T, the op's layouts. (torch.mm(x, w.t()) added a
+        # TBackward node: 4-6% of this floor at 64 x 512.)
+        wt = wd.t().requires_grad_()
 
         def autograd_floor():
-            torch.autograd.grad(torch.mm(x, w.t()), (x, w), g)
+            torch.autograd.grad(torch.mm(x, wt), (x, wt), g)
 
         def kernels():
             y, saved = fm_ops.linear_act_forward(xd, wd, bd, act, True)

@@ -8,7 +8,7 @@ call (forward + torch.autograd.grad for input, weight and bias, as bench_linear_
   eager           F.linear + activation
   compiled        the same under torch.compile (a fresh compile per row)
   floor           the three GEMMs alone (X W^T, dZ W, dZ^T X), no autograd
-  autograd_floor  the same GEMMs through the autograd engine (torch.mm(x, W.t()) and its grad)
+  autograd_floor  the same GEMMs through the autograd engine (torch.mm(x, Wt), Wt = W^T a leaf, and its grad)
   fastmlp_bgrad   (CUDA only) fastmlp with FASTMLP_LT_BGRAD=1 set while it is measured: the bias
                   gradient from the weight-gradient GEMM's BGRADB epilogue, an opt-in path that
                   becomes the default if it is faster here and passes the CUDA tests

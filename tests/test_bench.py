@@ -690,6 +690,13 @@ def test_train_compare_gathers_both_runs_per_seed(tmp_path):
         (by["fastmlp", 0]["final_test_acc"] + by["fastmlp", 1]["final_test_acc"]) / 2)
     assert summary["speedup_of_means"] == pytest.approx(
         summary["mean_seconds_per_epoch"]["torch"] / summary["mean_seconds_per_epoch"]["fastmlp"])
+    for seed in (0, 1):
+        assert summary["per_seed_speedup_of_median_epochs"][str(seed)] == pytest.approx(
+            by["torch", seed]["seconds_per_epoch_median"] / by["fastmlp", seed]["seconds_per_epoch_median"])
+    assert summary["median_seconds_per_epoch"]["torch"] == pytest.approx(
+        (by["torch", 0]["seconds_per_epoch_median"] + by["torch", 1]["seconds_per_epoch_median"]) / 2)
+    assert summary["speedup_of_medians"] == pytest.approx(
+        summary["median_seconds_per_epoch"]["torch"] / summary["median_seconds_per_epoch"]["fastmlp"])
     assert saved["run"]["command"].startswith("python bench/train_compare.py --seeds 0,1 --out runs --json compare.json -- ")
 
 
