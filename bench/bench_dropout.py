@@ -2,7 +2,8 @@
 
 For each activation shape (batch x width), in one process and interleaved (the protocol of
 bench_linear_act.py): forward, and forward+backward (autograd.grad of the input). The floor is a
-copy of the tensor (read it, write the output): dropout cannot move less memory.
+copy of the tensor (read it, write the output): a forward cannot move less memory, and a
+forward+backward, two such passes, not less than twice the floor column.
 
     python bench/bench_dropout.py                 # p = 0.2, the training recipe's rate
     python bench/bench_dropout.py --json out.json

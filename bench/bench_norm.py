@@ -6,7 +6,8 @@ bias), each candidate a norm with a weight and a bias, batch norm in training mo
 statistics) as in a training step. Forward+backward also times the forward and backward ops called
 directly ("kernels": torch's native_*_norm and *_backward, and fastmlp's), which leaves out the
 autograd engine's fixed cost. The floor is a copy of the tensor (read it, write the output): no
-norm moves less memory.
+norm's forward moves less memory, and a forward+backward, at least two passes, not less than twice
+the floor column.
 
     python bench/bench_norm.py
     python bench/bench_norm.py --json bench/results/norm_cpu.json
