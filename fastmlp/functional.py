@@ -1,5 +1,6 @@
 """Functional forms of the fused ops (like torch.nn.functional)."""
 
+import contextlib
 import numbers
 
 import torch
@@ -106,10 +107,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         moving = [(stat, batch) for stat, batch in ((running_mean, mean), (running_var, unbiased_var)) if stat is not None]
         if moving:
             stats, batch = [s for s, _ in moving], [b.detach().to(s.dtype) for s, b in moving]
-            if any(s.requires_grad for s in stats):
-                with torch.no_grad():
-                    torch._foreach_lerp_(stats, batch, momentum)
-            else:  # no no_grad block: torch.export records one as a node its .pt2 loader cannot rebuild
+            # A no_grad block only where a running estimate requires grad: torch.export records one as a
+            # node its .pt2 loader cannot rebuild.
+            with torch.no_grad() if any(s.requires_grad for s in stats) else contextlib.nullcontext():
                 torch._foreach_lerp_(stats, batch, momentum)
         return y
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
