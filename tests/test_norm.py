@@ -143,6 +143,54 @@ def test_large_mean_small_spread():
         assert ours <= 2 * torchs + 1e-5 and ours < 0.1, (ours, torchs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constant_rows_and_columns_normalise_to_the_bias(dtype):
+    # A constant row (layer norm) or column (batch norm) has the exact mean and a variance of 0, so
+    # y = bias, as torch's Welford statistics give. (The mean as a rounded sum times a rounded 1/N is
+    # off by an ulp; rstd ~ 1/sqrt(eps) then blew that up: 12345.678 in 512 columns gave -0.78.)
+    b = torch.arange(781, dtype=dtype) / 7
+    for c in (12345.678, 100.1, 2.7, 0.1, -3.3e7):
+        x = torch.full((5, 781), c, dtype=dtype)
+        x[2] = 1.0  # a row of another value
+        assert torch.equal(layer_norm(x, 781, None, b), b.expand(5, 781)), c
+        xb = torch.full((3000, 781), c, dtype=dtype)  # several chunks of rows, merged
+        rm, rv = torch.zeros(781, dtype=dtype), torch.ones(781, dtype=dtype)
+        assert torch.equal(batch_norm(xb, rm, rv, None, b, True), b.expand(3000, 781)), c
+        # The running estimates moved towards the exact mean c and variance 0 (torch's float32 batch
+        # norm itself has 12345.819 as the mean of 3000 x 12345.678).
+        assert torch.equal(rm, torch.zeros_like(rm).lerp_(torch.full_like(rm, c), 0.1)), c
+        assert torch.equal(rv, torch.ones_like(rv).lerp_(torch.zeros_like(rv), 0.1)), c
+    # eps = 0: 0 / 0, NaN as torch's.
+    assert torch.isnan(layer_norm(torch.full((2, 16), 3.3, dtype=dtype), 16, eps=0.0)).all()
+
+
+def test_float32_statistics_past_the_float_range():
+    # float32 inputs whose squares overflow a float (a spread past ~1.8e19) or whose sums do (values
+    # near 3e38): the statistics of those rows / columns are taken again in double, and the results
+    # are float64's (torch's float32 norms give NaN here; ours gave the bias and zero gradients).
+    torch.manual_seed(0)
+    for x in (torch.randn(6, 40) * 1e20, torch.randn(6, 40) * 1e36 + 2e38):
+        x64 = x.double()
+        w, b = torch.randn(40), torch.randn(40)
+        a, r = x.clone().requires_grad_(), x64.clone().requires_grad_()
+        y, yr = layer_norm(a, 40, w, b), F.layer_norm(r, (40,), w.double(), b.double())
+        g = torch.randn(6, 40)
+        y.backward(g)
+        yr.backward(g.double())
+        # (The mean is kept in float32: near 2e38 its rounding, 1e31, is 1e-5 of a 1e36 spread.)
+        torch.testing.assert_close(y.double(), yr, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-3, atol=1e-30)
+        xb = x.t().contiguous()  # (40, 6): columns of the same values
+        rm, rv = torch.zeros(6), torch.ones(6)
+        rm64, rv64 = rm.double(), rv.double()
+        yb = batch_norm(xb, rm, rv, None, None, True)
+        ybr = F.batch_norm(xb.double(), rm64, rv64, None, None, True)
+        torch.testing.assert_close(yb.double(), ybr, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rm.double(), rm64)
+        # The running variance of a 1e20 spread is ~1e40: past float32's range, inf as its float64 value rounded.
+        torch.testing.assert_close(rv.double(), rv64.float().double())
+
+
 def test_layouts_and_edge_shapes():
     # Non-contiguous inputs and gradients give what their contiguous copies give.
     base = torch.randn(96, 40)

@@ -1302,3 +1302,59 @@ def test_compiled_step_with_a_parameter_unfrozen_later(cls):
         ref.step()
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_compiled_step_over_several_groups(cls):
+    # torch.compile(opt.step) with three groups, two lr changed midway (dynamo recompiles): each
+    # group is stepped once per call, with its own hyperparameters, as by torch.optim (through the
+    # cached fast path one frame stepped the other group's tensors: group 0 stopped moving and
+    # group 1 was stepped twice per call).
+    torch._dynamo.reset()
+    kw = dict(lr=0.05, momentum=0.9) if cls is SGD else dict(lr=0.05)
+    ps = [torch.randn(4, 3, requires_grad=True) for _ in range(3)]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    groups = lambda t: [{"params": [x]} for x in t]  # noqa: E731  (alike: the same guards pass)
+    ours, ref = cls(groups(ps), **kw), TORCH_CLS[cls](groups(qs), **kw)
+    step = torch.compile(ours.step, backend="eager")
+    g = torch.Generator().manual_seed(3)
+    for s in range(8):
+        if s == 3:
+            for o in (ours, ref):
+                o.param_groups[0]["lr"], o.param_groups[2]["lr"] = 0.1, 0.03
+        for p, q in zip(ps, qs):
+            gr = torch.randn(4, 3, generator=g)
+            p.grad, q.grad = gr.clone(), gr.clone()
+        step()
+        ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q)
+    for p, q in zip(ps, qs):
+        for k, v in ref.state[q].items():
+            torch.testing.assert_close(ours.state[p][k], v, msg=f"state {k!r}")
+
+
+@pytest.mark.parametrize("cls", [AdamW, Adam, SGD], ids=lambda c: c.__name__)
+def test_parameter_listed_twice_is_stepped_twice_like_torch(cls):
+    # torch.optim warns of a parameter listed twice in a group and steps each occurrence in turn
+    # (SGD: both as a first step). Ours did the same only by chance: one kernel call got the tensor
+    # twice (its two threads could update it at once) and SGD gave the second entry a momentum step.
+    # The tensor is large enough to be split between threads.
+    kw = dict(lr=0.1, momentum=0.9) if cls is SGD else dict(lr=0.1)
+    torch.manual_seed(0)
+    p, q = torch.randn(70000, requires_grad=True), torch.randn(300, requires_grad=True)
+    p2, q2 = p.detach().clone().requires_grad_(), q.detach().clone().requires_grad_()
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        ours = cls([p, q, p], **kw)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        ref = TORCH_CLS[cls]([p2, q2, p2], **kw)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        gp, gq = torch.randn(70000, generator=g), torch.randn(300, generator=g)
+        p.grad, q.grad, p2.grad, q2.grad = gp, gq, gp.clone(), gq.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(p, p2)
+    torch.testing.assert_close(q, q2)
+    for k, v in ref.state[p2].items():
+        torch.testing.assert_close(ours.state[p][k], v, msg=f"state {k!r}")

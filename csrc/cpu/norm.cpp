@@ -10,7 +10,9 @@
 // Numerics: statistics in acc_t (float for float32/float16/bfloat16, double for float64); the
 // variance two-pass, mean first and then the squares of the deviations from it, so there is no
 // cancellation when the mean is large against the spread (batch norm: two-pass within each chunk of
-// rows, the chunks merged in double with Chan's formula); y = (x - mean) * rstd * weight + bias.
+// rows, the chunks merged in double with Chan's formula); y = (x - mean) * rstd * weight + bias. Rows
+// (columns) whose spread is within ~2^-10 of their mean, a constant one say, or whose float sums
+// overflow are taken again in double (careful_statistics, below).
 // Reductions within a row are `omp simd` reductions: their order depends on the build's vector width
 // only. Chunks depend on the shape only and are merged in chunk order, so no result depends on the
 // thread count (a resumed run is bitwise the same).
@@ -28,6 +30,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../activation.h"
@@ -87,6 +91,41 @@ void sum_chunks(const acc_t* part, int64_t chunks, int64_t N, acc_t* out) {
   });
 }
 
+// ---- statistics of rows (layer norm) and columns (batch norm) ---------------------------------
+//
+// The plain two-pass statistics (a mean as a sum times 1/n, then the squares of the deviations from
+// it) are accurate unless the spread is within a few ulps of the mean, a constant row for one: the
+// mean's own rounding then matters, and rstd ~ 1/sqrt(eps) blows it up (a constant row of 12345.678
+// in 512 columns gave -0.78 where torch's Welford statistics give the bias). Nor do they hold when
+// the float sums overflow (a spread past ~1e19) or the values hold inf / NaN. Those rows / columns,
+// rare, are taken again by careful_statistics.
+
+// True when a row's (column's) plain statistics hold: a finite variance above ~2^-20 mean^2 (where
+// a float mean's rounding, ~2^-24 |mean|, is below ~2^-14 of the spread; 1e-20 mean^2 in double).
+template <typename acc_t>
+inline bool plain_statistics_hold(acc_t var, acc_t mu) {
+  constexpr acc_t near_constant = std::is_same_v<acc_t, float> ? acc_t(1.0 / (1 << 20)) : acc_t(1e-20);
+  return (var > near_constant * mu * mu) & (var < std::numeric_limits<acc_t>::infinity());
+}
+
+// n values x[0], x[stride], ...: their mean, corrected (a second pass adds back the mean deviation
+// from the first estimate, so a constant row gets its exact value), rounded to acc_t, and the sum
+// of squared deviations from that rounded mean (the one the output subtracts), all in double.
+template <typename scalar_t, typename acc_t>
+[[gnu::noinline, gnu::cold]] void careful_statistics(const scalar_t* x, int64_t n, int64_t stride, acc_t& mean, double& m2) {
+  const double inv = 1.0 / static_cast<double>(n);
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i * stride]);
+  double m = s * inv, c = 0;
+  for (int64_t i = 0; i < n; ++i) c += static_cast<double>(x[i * stride]) - m;
+  mean = static_cast<acc_t>(m + c * inv);
+  m2 = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(x[i * stride]) - static_cast<double>(mean);
+    m2 += d * d;
+  }
+}
+
 // ---- layer norm -------------------------------------------------------------------------------
 //
 // One row at a time: a row's reductions are `omp simd` reductions (their order depends on the build's
@@ -110,14 +149,21 @@ void layer_norm_forward_kernel(const scalar_t* x, const acc_type<scalar_t>* w, c
       acc_t s = 0;
 #pragma omp simd reduction(+ : s)
       for (int64_t j = 0; j < N; ++j) s += static_cast<acc_t>(xr[j]);
-      const acc_t mu = s * inv_n;
+      acc_t mu = s * inv_n;
       acc_t ss = 0;
 #pragma omp simd reduction(+ : ss)
       for (int64_t j = 0; j < N; ++j) {
         const acc_t d = static_cast<acc_t>(xr[j]) - mu;
         ss += d * d;
       }
-      const acc_t rs = acc_t(1) / std::sqrt(ss * inv_n + static_cast<acc_t>(eps));
+      acc_t rs;
+      if (plain_statistics_hold(ss * inv_n, mu)) {
+        rs = acc_t(1) / std::sqrt(ss * inv_n + static_cast<acc_t>(eps));
+      } else {
+        double m2;
+        careful_statistics(xr, N, 1, mu, m2);
+        rs = static_cast<acc_t>(1.0 / std::sqrt(m2 / static_cast<double>(N) + eps));  // (m2 may not fit a float)
+      }
       mean[r] = mu;
       rstd[r] = rs;
 #pragma omp simd
@@ -202,8 +248,10 @@ void batch_norm_forward_kernel(const scalar_t* x, const acc_type<scalar_t>* w, c
   using acc_t = acc_type<scalar_t>;
   const RowChunks chunks(M, N, /*max_chunks=*/32);
   std::vector<acc_t> pmean_v(chunks.count * N), pm2_v(chunks.count * N);
+  std::vector<char> careful_v(chunks.count, 0);  // chunks with a column for careful_statistics
   acc_t* const pmean = pmean_v.data();
   acc_t* const pm2 = pm2_v.data();
+  char* const careful = careful_v.data();
   parallel_items(chunks.count, chunks.rows * N, [=](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* __restrict__ mc = pmean + c * N;
@@ -227,8 +275,29 @@ void batch_norm_forward_kernel(const scalar_t* x, const acc_type<scalar_t>* w, c
           m2c[j] += d * d;
         }
       }
+      int any = 0;  // (an int and |: a vector loop, where && would short-circuit element by element)
+#pragma omp simd reduction(| : any)
+      for (int64_t j = 0; j < N; ++j) any |= static_cast<int>(!plain_statistics_hold(m2c[j] * inv, mc[j]));
+      careful[c] = static_cast<char>(any);
     }
   });
+  // The rare chunks with a column whose plain statistics do not hold: those columns again, their
+  // sums of squares in double for the merge (one may not fit a float), the others' copied.
+  std::vector<double> wide_v;
+  for (int64_t c = 0; c < chunks.count; ++c) {
+    if (!careful[c]) continue;
+    if (wide_v.empty()) wide_v.resize(chunks.count * N);
+    const int64_t rb = chunks.begin(c), re = chunks.end(c, M);
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(re - rb);
+    acc_t* mc = pmean + c * N;
+    const acc_t* m2c = pm2 + c * N;
+    double* wc = wide_v.data() + c * N;
+    for (int64_t j = 0; j < N; ++j) {
+      wc[j] = static_cast<double>(m2c[j]);
+      if (!plain_statistics_hold(m2c[j] * inv, mc[j])) careful_statistics(x + rb * N + j, re - rb, N, mc[j], wc[j]);
+    }
+  }
+  const double* const wide = wide_v.data();
   std::vector<acc_t> scale_v(N), shift_v(N);
   acc_t* const scale = scale_v.data();
   acc_t* const shift = shift_v.data();
@@ -243,12 +312,18 @@ void batch_norm_forward_kernel(const scalar_t* x, const acc_type<scalar_t>* w, c
         const double nc = static_cast<double>(chunks.end(c, M) - chunks.begin(c)), total = n + nc;
         const double fa = nc / total, fb = n * nc / total;
         const acc_t* __restrict__ mc = pmean + c * N + j0;
-        const acc_t* __restrict__ m2c = pm2 + c * N + j0;
+        const auto merge = [&](const auto* __restrict__ m2c) {
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          const double delta = static_cast<double>(mc[j]) - mu[j];
-          mu[j] += delta * fa;
-          m2[j] += static_cast<double>(m2c[j]) + delta * delta * fb;
+          for (int64_t j = 0; j < width; ++j) {
+            const double delta = static_cast<double>(mc[j]) - mu[j];
+            mu[j] += delta * fa;
+            m2[j] += static_cast<double>(m2c[j]) + delta * delta * fb;
+          }
+        };
+        if (careful[c]) {
+          merge(wide + c * N + j0);
+        } else {
+          merge(pm2 + c * N + j0);
         }
         n = total;
       }

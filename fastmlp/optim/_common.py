@@ -71,12 +71,35 @@ def signature_with_master_weights(torch_cls):
     return sig.replace(parameters=list(sig.parameters.values()) + [extra])
 
 
-def group_by_device_dtype(params, *lists):
-    """{(device, dtype): [indices]} in first-seen order; a group of one kind is the common case."""
+def group_by_device_dtype(params, indices=None):
+    """{(device, dtype): [indices]} in first-seen order (over indices, default all); a group of one
+    kind is the common case."""
     buckets = {}
-    for i, p in enumerate(params):
+    for i in range(len(params)) if indices is None else indices:
+        p = params[i]
         buckets.setdefault((p.device, p.dtype), []).append(i)
     return buckets
+
+
+def has_duplicates(params):
+    return len({id(p) for p in params}) != len(params)
+
+
+def distinct_runs(params):
+    """The indices of params in runs that hold each tensor at most once, in list order: all first
+    occurrences, then the second ones, and so on. torch.optim only warns of a parameter listed twice
+    in a group and steps each occurrence in turn; one kernel call must not get a tensor twice (its
+    threads would update it at once), so each run is a call of its own, one after the other."""
+    if not has_duplicates(params):
+        return [range(len(params))]
+    runs, seen = [], {}
+    for i, p in enumerate(params):
+        k = seen.get(id(p), 0)
+        seen[id(p)] = k + 1
+        if k == len(runs):
+            runs.append([])
+        runs[k].append(i)
+    return runs
 
 
 def single_cpu_kind(kinds):
@@ -198,8 +221,7 @@ class _Version:
 
 class _Counting:
     """dict's mutating methods, each first counting one change in self._fm_version (written out
-    with super() calls, which torch.compile traces, so the counting adds no graph break to a
-    compiled optimizer step)."""
+    with super() calls, which torch.compile traces: a user's compiled code may edit the state)."""
 
     __slots__ = ()
 
@@ -348,8 +370,7 @@ class FusedStep:
         self._fm_master = bool(master_weights)
         self._fm_cache = {}
         super().__init__(params, *args, **kwargs)
-        # Counting from the start (track_state would swap it in at the first step, an attribute
-        # write that torch.compile of opt.step cannot trace on torch 2.11).
+        # Counting from the start (track_state would swap it in at the first step).
         self.state = OptimizerState(self.state)
 
     def __getstate__(self):
@@ -396,11 +417,17 @@ class FusedStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        self._fm_step_groups(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        return loss
+
+    @torch.compiler.disable
+    def _fm_step_groups(self, grad_scale, found_inf):
+        # Under torch.compile this runs as in eager mode (one graph break): each group is one op
+        # call either way, and dynamo mis-traced the Python around the calls. With several groups
+        # one frame stepped another group's tensors: the cache's id(group) became a constant, and
+        # state read through self.state[p] after _init_group came from the first group's entries.
         for group in self.param_groups:
             self._fm_step_group(group, grad_scale, found_inf)
-        return loss
 
     @functools.wraps(_fm_step)
     def step(self, *args, **kwargs):
@@ -458,10 +485,8 @@ class FusedStep:
             complete = all(st.get(k) is not None for k in keys) and (not master or "master_param" in st) and (
                 bool(keys) or master or p.grad is not None)
             (params if complete else untracked).append(p)
-        if not params or (untracked and torch.compiler.is_compiling()):
-            # (Under torch.compile a group with a parameter still without state takes the general path:
-            # the switch to it when that parameter gets a gradient made dynamo's trace diverge.)
-            return
+        if not params or has_duplicates(group["params"]):
+            return  # (a parameter listed twice takes the general path, see distinct_runs)
         kinds = group_by_device_dtype(params)
         cpu = single_cpu_kind(kinds)
         if cpu is not None:
@@ -494,11 +519,10 @@ class FusedStep:
                 or (cached.untracked and any(p.grad is not None for p in cached.untracked))):
             cached = None
         plan = cached.plan if cached is not None else None
-        use_plan = plan is not None and not torch.compiler.is_compiling()
-        if use_plan and self._fm_plan_step(group, plan, grad_scale, found_inf):
+        if plan is not None and self._fm_plan_step(group, plan, grad_scale, found_inf):
             return
         with torch.no_grad():
-            if cached is not None and not use_plan:
+            if cached is not None and plan is None:
                 grads = [p.grad for p in cached.tracked]
                 if not any(g is None for g in grads):
                     try:

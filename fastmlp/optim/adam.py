@@ -18,6 +18,7 @@ from ._common import (
     _LOW_PRECISION,
     ensure_master,
     fp32_originals,
+    distinct_runs,
     group_by_device_dtype,
     lr_args,
     move_step_to_fused_layout,
@@ -89,7 +90,8 @@ class _FusedAdamBase(FusedStep):
         for p in pw:  # a counter set by hand (float64, on the CPU for a CUDA param) as the op takes it
             move_step_to_fused_layout(self.state[p], p)
         amsgrad = group["amsgrad"]
-        for (device, dtype), idx in group_by_device_dtype(pw).items():
+        for (device, dtype), idx in (kind for run in distinct_runs(pw)
+                                     for kind in group_by_device_dtype(pw, run).items()):
             bp = pick(pw, idx, len(pw))
             sts = [self.state[p] for p in bp]
             masters = []

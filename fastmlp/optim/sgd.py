@@ -18,6 +18,7 @@ from ._common import (
     FusedStep,
     fused_doc,
     _LOW_PRECISION,
+    distinct_runs,
     ensure_master,
     fp32_originals,
     lr_args,
@@ -91,17 +92,19 @@ class SGD(FusedStep, torch.optim.SGD):
         for p, st in zip(pw, states):
             if self._fm_uses_master(p.dtype):
                 self._fm_upgrade_state(p, st)
-        first = [False] * len(pw)
-        if has_momentum:
-            for i, (p, st) in enumerate(zip(pw, states)):
-                if st.get("momentum_buffer") is None:
-                    dtype = torch.float32 if self._fm_uses_master(p.dtype) else p.dtype
-                    st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                    first[i] = True
+        # (Decided for every entry before any buffer is made: a parameter listed twice is stepped
+        # twice as a first step, as torch's SGD does.)
+        first = [has_momentum and st.get("momentum_buffer") is None for st in states]
+        for p, st, is_first in zip(pw, states, first):
+            if is_first and st.get("momentum_buffer") is None:
+                dtype = torch.float32 if self._fm_uses_master(p.dtype) else p.dtype
+                st["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         kinds = {}
-        for i, p in enumerate(pw):
-            kinds.setdefault((p.device, p.dtype, first[i]), []).append(i)
-        for (device, dtype, is_first), idx in kinds.items():
+        for k, run in enumerate(distinct_runs(pw)):
+            for i in run:
+                p = pw[i]
+                kinds.setdefault((k, p.device, p.dtype, first[i]), []).append(i)
+        for (_, device, dtype, is_first), idx in kinds.items():
             sts = [states[i] for i in idx]
             self._fm_launch(
                 group, device, [pw[i] for i in idx], [grads[i] for i in idx],
