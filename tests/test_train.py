@@ -842,10 +842,13 @@ def test_interrupted_run_writes_summary_and_plots_and_says_where(tmp_path, monke
     assert "no display" in capsys.readouterr().err
 
 
-def test_ctrl_c_while_the_checkpoint_is_written_leaves_that_checkpoint(tmp_path, monkeypatch):
-    """A SIGINT in the middle of torch.save's write is held until checkpoint.pt is complete: the run
-    ends "interrupted" (not "failed" with torch's "unexpected pos") at the checkpoint just written."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_while_the_checkpoint_is_written_leaves_that_checkpoint(tmp_path, monkeypatch, sig):
+    """A SIGINT (or a SIGTERM, which the CLI takes as one) in the middle of torch.save's write is held
+    until checkpoint.pt is complete: the run ends "interrupted" (not "failed" with torch's "unexpected
+    pos") at the checkpoint just written."""
     import fastmlp.train.checkpoint as checkpoint
+    from fastmlp.train.cli import Terminated, _sigterm_as_interrupt
 
     orig, calls = checkpoint._atomic, {"n": 0}
 
@@ -857,7 +860,7 @@ def test_ctrl_c_while_the_checkpoint_is_written_leaves_that_checkpoint(tmp_path,
             self.n += len(b)
             if self.n > 20_000 and not self.sent:  # the weights are being written
                 self.sent = True
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(sig)
             return self.f.write(b)
 
         def __getattr__(self, k):
@@ -876,10 +879,13 @@ def test_ctrl_c_while_the_checkpoint_is_written_leaves_that_checkpoint(tmp_path,
     handler = signal.default_int_handler
     old = signal.signal(signal.SIGINT, handler)
     try:
-        t = Trainer(cfg_small(tmp_path, epochs=3, checkpoint_every=5), data=synthetic())
-        with pytest.raises(KeyboardInterrupt):
-            t.fit()
-        assert calls["n"] == 2 and signal.getsignal(signal.SIGINT) is handler
+        with _sigterm_as_interrupt() as terms:
+            t = Trainer(cfg_small(tmp_path, epochs=3, checkpoint_every=5), data=synthetic())
+            with pytest.raises(Terminated if sig == signal.SIGTERM else KeyboardInterrupt):
+                t.fit()
+            assert calls["n"] == 2 and signal.getsignal(signal.SIGINT) is handler
+        assert terms == ([signal.SIGTERM] if sig == signal.SIGTERM else [])
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGINT, old)
     summary = json.loads((t.run_dir / "summary.json").read_text())
@@ -937,12 +943,14 @@ def test_failed_resume_names_the_problem_and_changes_nothing(tmp_path, capsys):
         t.fit()
     good = torch.load(t.run_dir / CHECKPOINT, weights_only=False)
 
-    def case(name, ck):
+    def case(name, ck, config=None):
         d = tmp_path / name
         d.mkdir()
         for f in t.run_dir.iterdir():
             (d / f.name).write_bytes(f.read_bytes())
         torch.save(ck, d / CHECKPOINT)
+        if config is not None:
+            (d / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         return d
 
     def snapshot(d):
@@ -951,8 +959,13 @@ def test_failed_resume_names_the_problem_and_changes_nothing(tmp_path, capsys):
     cases = [
         (case("plain", good["model"]), "is not a fastmlp training checkpoint: it holds a model state_dict"),
         (case("version", dict(good, version=99)), "saved by an incompatible version of fastmlp .*format 99"),
-        (case("weights", dict(good, config=dict(good["config"], widths=[784, 16, 10]))),
+        (case("weights", dict(good, config=dict(good["config"], widths=[784, 16, 10])),
+              config=dict(good["config"], widths=[784, 16, 10])),
          r"the weights do not match the model its config describes \(widths \[784, 16, 10\].*size mismatch"),
+        # Another run's checkpoint copied into this folder: its config is not the folder's.
+        (case("copied", dict(good, config=dict(good["config"], widths=[784, 16, 10], lr=0.5))),
+         r"is not this run's checkpoint: its config differs from .*config.yaml \(widths: \[784, 16, 10\] in the "
+         r"checkpoint, \[784, 32, 10\] in config.yaml; lr: 0.5 in the checkpoint"),
     ]
     for d, match in cases:
         before = snapshot(d)
@@ -1013,6 +1026,63 @@ def test_sigkill_mid_epoch_then_resume_reproduces_losses(tmp_path):
     assert loss(run) == loss(ref_dir)
     assert json.loads((run / "summary.json").read_text())["final_test_acc"] == \
         json.loads((ref_dir / "summary.json").read_text())["final_test_acc"]
+
+
+def test_sigterm_stops_a_cli_run_as_ctrl_c_does(tmp_path):
+    # A job scheduler's stop, `timeout`, `docker stop`: the run writes its summary (interrupted), says
+    # how to resume, exits with 143, and the resumed run completes with every step logged once.
+    args = ["train", "--impl", "torch", "--train-subset", "2000", "--batch-size", "32", "--widths", "784", "32", "10",
+            "--epochs", "2", "--checkpoint-every", "10", "--log-every", "5", "--monitor-every", "0",
+            "--progress", "off", "--no-plots", "--device", "cpu", "--out-dir", str(tmp_path)]
+    victim = _cli(*args)
+    deadline = time.time() + 240
+    while time.time() < deadline and victim.poll() is None and not list(tmp_path.glob(f"*/{CHECKPOINT}")):
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGTERM)
+    out, _ = victim.communicate(timeout=120)
+    assert victim.returncode == 143, out
+    run = next(tmp_path.glob("*-fmnist-mlp"))
+    assert "terminated (SIGTERM); run folder" in out and f"--resume {run}" in out, out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] == "terminated (SIGTERM)"
+    res = _cli("train", "--resume", str(run), "--progress", "off")
+    out, _ = res.communicate(timeout=240)
+    assert res.returncode == 0, out
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 2 * 63 + 1))
+
+
+def test_python_resume_refuses_overrides_that_change_results(tmp_path):
+    # Trainer.resume / resume_sweep hold to the CLI's rule: a resumed run keeps its saved config
+    # (epochs=5 used to train on with the old one-cycle total and fail at its end, stuck, with the
+    # new config already in the checkpoint; lr or seed ran on and misreported the run).
+    t = Trainer(cfg_small(tmp_path, epochs=3, name="src"), data=synthetic())
+    _dying(t, 9)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    before = (t.run_dir / CHECKPOINT).read_bytes()
+    for bad in ({"epochs": 5}, {"lr": 0.5, "progress": "off"}, {"batch_size": 32}, {"seed": 3}):
+        with pytest.raises(ConfigError, match=f"{sorted(set(bad) - {'progress'})[0]} cannot change on resume"):
+            Trainer.resume(t.run_dir, overrides=bad, data=synthetic())
+    assert (t.run_dir / CHECKPOINT).read_bytes() == before
+    t2 = Trainer.resume(t.run_dir, overrides={"log_every": 2, "monitor_every": 0}, data=synthetic())
+    assert t2.fit()["status"] == "completed"
+
+
+def test_ctrl_c_during_the_last_plots_leaves_the_summary(tmp_path, monkeypatch):
+    # A run that trained every epoch and is stopped while it draws its plots has its summary.json
+    # (it had none: `fastmlp runs` showed it unfinished).
+    import fastmlp.train.plots as plots
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "write_plots", interrupted)
+    t = Trainer(cfg_small(tmp_path, epochs=1, plots=True), data=synthetic())
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    summary = json.loads((t.run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 1
 
 
 def test_resume_refuses_config_changes(tmp_path, capsys):

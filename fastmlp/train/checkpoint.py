@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_save", "rng_state", "set_rng_state", "load_checkpoint",
-           "CheckpointError", "sigint_deferred", "remove_stale_temp_files"]
+           "CheckpointError", "interrupts_deferred", "remove_stale_temp_files"]
 
 
 def _umask():
@@ -59,34 +59,36 @@ def atomic_write_json(path, obj):
 
 
 @contextmanager
-def sigint_deferred():
-    """Hold a Ctrl-C (SIGINT) until the block ends, then deliver it to the handler it was meant for
-    (Python's default raises KeyboardInterrupt there). Main thread only, where Python runs signal
-    handlers; elsewhere, and when SIGINT is ignored or not handled by Python, the block runs as is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    prev = signal.getsignal(signal.SIGINT)
-    if prev in (signal.SIG_IGN, None):
-        yield
-        return
+def interrupts_deferred():
+    """Hold a Ctrl-C (SIGINT) or a SIGTERM until the block ends, then deliver it to the handler it was
+    meant for (Python's default for SIGINT raises KeyboardInterrupt there; for SIGTERM it ends the
+    process, once the block is done). Main thread only, where Python runs signal handlers; elsewhere,
+    and for a signal ignored or not handled by Python, the block runs as is."""
+    if threading.current_thread() is threading.main_thread():
+        prevs = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        prevs = {sig: prev for sig, prev in prevs.items() if prev not in (signal.SIG_IGN, None)}
+    else:
+        prevs = {}
     held = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    for sig in prevs:
+        signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, prev)
+        for sig, prev in prevs.items():
+            signal.signal(sig, prev)
     if held:
-        if callable(prev):
-            prev(signal.SIGINT, held[0])
-        else:  # SIG_DFL: end the process, as the signal would have
-            signal.raise_signal(signal.SIGINT)
+        signum, frame = held[0]
+        if callable(prevs[signum]):
+            prevs[signum](signum, frame)
+        else:  # SIG_DFL: as the signal would have
+            signal.raise_signal(signum)
 
 
 def atomic_save(obj, path):
     # torch.save's zip writer turns an exception raised inside it (a KeyboardInterrupt from Ctrl-C)
-    # into RuntimeError("unexpected pos ..."), so Ctrl-C is held until the file is complete.
-    with sigint_deferred():
+    # into RuntimeError("unexpected pos ..."), so Ctrl-C (and SIGTERM) is held until the file is complete.
+    with interrupts_deferred():
         _atomic(path, lambda f: torch.save(obj, f))
 
 

@@ -13,13 +13,16 @@ Every TrainConfig option is a flag (--batch-size 128, --widths 784 256 10, --no-
 """
 
 import argparse
+import contextlib
 import dataclasses
 import math
+import signal
 import sys
+import threading
 
 import torch
 
-from .config import DEFAULT_YAML, ConfigError, TrainConfig, load_yaml
+from .config import DEFAULT_YAML, RESUME_MAY_CHANGE, ConfigError, TrainConfig, load_yaml
 from .sweep import SweepStopped
 
 __all__ = ["main", "build_parser", "resolve_config"]
@@ -167,15 +170,6 @@ def build_parser():
     return p
 
 
-# Options that may differ on --resume: they cannot change the trained weights or the metrics, so the
-# resumed run stays identical to one never stopped. log_every only sets when metrics.jsonl is
-# flushed; checkpoint_every only when extra checkpoints are saved (saving reads state, draws no
-# random numbers); the anomaly guard only reads a flag per step; data_dir is where this machine
-# keeps the same dataset (the checkpoint records its size and mean, checked on resume).
-# monitor_every may change unless the run uses --compile: monitored steps run eagerly, the others
-# compiled, so their numerics differ.
-RESUME_MAY_CHANGE = {"device", "progress", "plots", "data_dir", "log_every", "checkpoint_every", "anomaly_guard",
-                     "tensorboard", "profile_steps"}
 
 # Options a subcommand does not use, with the reason; given on its command line, they get a warning.
 # (Both honour the data, model and optimizer options, --amp, --clip-grad-norm, --seed, --deterministic
@@ -301,11 +295,37 @@ class _Stopped(Exception):
     """A run ended by Ctrl-C; the message says where it is and whether it can be resumed."""
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a job scheduler's stop, `timeout`, `docker stop`), taken as a Ctrl-C: the run stops
+    with its summary.json (status interrupted) and the message saying how to resume it."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises Terminated while the command runs, where Python's default would end the
+    process at once (no summary, no message, metrics since the last flush lost). Main thread only,
+    and only where SIGTERM has its default handling. Yields a list that gets an entry per SIGTERM."""
+    received = []
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield received
+        return
+
+    def terminate(signum, frame):
+        received.append(signum)
+        raise Terminated("terminated (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _fit(trainer):
     try:
         return trainer.fit()
-    except KeyboardInterrupt:
-        raise _Stopped(trainer.stop_message()) from None
+    except KeyboardInterrupt as e:
+        raise _Stopped(trainer.stop_message(str(e) if isinstance(e, Terminated) else "interrupted")) from None
 
 
 def _done(s):
@@ -601,6 +621,12 @@ def lr_find(cfg, start_lr=1e-7, end_lr=10.0, num_steps=100, out=None):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    with _sigterm_as_interrupt() as terminated:
+        status = _main(args)
+    return 128 + signal.SIGTERM if terminated and status == 130 else status  # 143, as the shell reports it
+
+
+def _main(args):
     try:
         if args.command == "train":
             return _train(args)
@@ -642,14 +668,15 @@ def main(argv=None):
     except (_Stopped, SweepStopped) as e:
         print(f"fastmlp {args.command}: {e}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        stopped = str(e) if isinstance(e, Terminated) else "interrupted"
         if args.command != "train":
             what = "; nothing was written"
         elif getattr(args, "resume", None):
             what = f"before training resumed; {args.resume} is as it was"
         else:
             what = "before training started; there is nothing to resume"
-        print(f"fastmlp {args.command}: interrupted {what}".replace(" ;", ";"), file=sys.stderr)
+        print(f"fastmlp {args.command}: {stopped} {what}".replace(" ;", ";"), file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001
         from ..data import DataError  # noqa: PLC0415

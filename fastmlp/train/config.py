@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["TrainConfig", "ConfigError", "load_yaml", "DEFAULT_YAML"]
+__all__ = ["TrainConfig", "ConfigError", "load_yaml", "DEFAULT_YAML", "RESUME_MAY_CHANGE", "check_resume_overrides"]
 
 DEFAULT_YAML = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -30,6 +30,31 @@ CHOICES = {
 
 class ConfigError(ValueError):
     """A config value is out of range or of the wrong type; the message names the option."""
+
+
+# Options that may differ on --resume: they cannot change the trained weights or the metrics, so the
+# resumed run stays identical to one never stopped. log_every only sets when metrics.jsonl is
+# flushed; checkpoint_every only when extra checkpoints are saved (saving reads state, draws no
+# random numbers); the anomaly guard only reads a flag per step; data_dir is where this machine
+# keeps the same dataset (the checkpoint records its size and mean, checked on resume).
+# monitor_every may change unless the run uses --compile: monitored steps run eagerly, the others
+# compiled, so their numerics differ.
+RESUME_MAY_CHANGE = {"device", "progress", "plots", "data_dir", "log_every", "checkpoint_every", "anomaly_guard",
+                     "tensorboard", "profile_steps"}
+
+
+def check_resume_overrides(overrides, saved, allow_monitor_every=True):
+    """ConfigError unless every option in overrides may change on resume (RESUME_MAY_CHANGE, and
+    monitor_every where allow_monitor_every and the saved config does not use --compile)."""
+    allowed = set(RESUME_MAY_CHANGE)
+    if allow_monitor_every and not saved.get("compile"):
+        allowed.add("monitor_every")
+    bad = sorted(set(overrides or {}) - allowed)
+    if bad:
+        why = " (the run uses --compile: monitored steps run eagerly, the others compiled)" if (
+            bad == ["monitor_every"] and allow_monitor_every) else ""
+        raise ConfigError(f"resume: {', '.join(bad)} cannot change on resume{why}; a resumed run keeps its saved config, "
+                          f"and only {', '.join(sorted(allowed))} may change, as they cannot change the results")
 
 
 def _h(text, **kw):

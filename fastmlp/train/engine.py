@@ -29,8 +29,8 @@ from .. import nn as fnn
 from ..data import FashionMNIST, augment
 from ..monitor import AnomalyError, AnomalyGuard, Monitor, total_grad_norm
 from .checkpoint import (CheckpointError, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint,
-                         remove_stale_temp_files, rng_state, set_rng_state, sigint_deferred)
-from .config import ConfigError, TrainConfig
+                         remove_stale_temp_files, rng_state, set_rng_state, interrupts_deferred)
+from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig, check_resume_overrides
 from .profiling import StepProfiler
 from .tensorboard import TensorBoardLog, require_tensorboard
 
@@ -308,10 +308,13 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir, out=None, overrides=None, data=None, checkpoint=None):
         """The Trainer of a stopped run, at its checkpoint. run_dir: the run folder, or the checkpoint
-        file in it. Nothing in the folder changes unless the checkpoint is valid for its config and data."""
+        file in it. overrides: options that cannot change the results (RESUME_MAY_CHANGE, and
+        monitor_every unless the run uses --compile); any other raises ConfigError. Nothing in the
+        folder changes unless the checkpoint is valid for its config and data."""
         if checkpoint is None:
             run_dir, checkpoint = open_run(run_dir)
         run_dir, ck = Path(run_dir), checkpoint
+        check_resume_overrides(overrides, ck["config"])
         cfg_dict = dict(ck["config"])
         cfg_dict.update(overrides or {})
         cfg = TrainConfig.from_dict(cfg_dict, source=f"{run_dir / CHECKPOINT}")
@@ -392,7 +395,7 @@ class Trainer:
         }
         # A Ctrl-C during the write is held until the new checkpoint is on disk and recorded, so the
         # stop message names the checkpoint that is there.
-        with sigint_deferred():
+        with interrupts_deferred():
             atomic_save(ck, self.run_dir / CHECKPOINT)
             self.has_checkpoint = True
             self.last_checkpoint = (self.epoch, self.step_in_epoch, self.global_step)
@@ -749,7 +752,7 @@ class Trainer:
             self.epoch, self.step_in_epoch, self.epoch_losses, self.epoch_time = epoch + 1, 0, [], 0.0
             self.epoch_correct.zero_()
             # The epoch's files as one unit: a Ctrl-C here is held until its checkpoint is written too.
-            with sigint_deferred():
+            with interrupts_deferred():
                 self._write_csv()
                 if val_acc is not None and (best is None or val_acc > best):
                     self._save_best(row)
@@ -793,8 +796,9 @@ class Trainer:
             "history": self.history,
         }
         if self.cfg.plots:
-            if status != "completed":  # the summary first, in case plotting fails or is interrupted
-                atomic_write_json(self.run_dir / "summary.json", summary)
+            # The summary first, in case plotting fails or is interrupted (a Ctrl-C during the last
+            # plots of a run that trained every epoch left it without one).
+            atomic_write_json(self.run_dir / "summary.json", summary)
             from .plots import write_plots  # noqa: PLC0415  (matplotlib is slow to import)
 
             summary["plots"] = [str(p.name) for p in write_plots(self.run_dir, steps, self.history, monitor)]
@@ -835,7 +839,32 @@ def open_run(path):
         elif any(p.glob(f"*/{CHECKPOINT}")):
             hint = f" It holds run folders: give one of them, e.g. --resume {sorted(p.glob(f'*/{CHECKPOINT}'))[-1].parent}"
         raise FileNotFoundError(f"--resume: {p} is not a resumable run folder: it has no {CHECKPOINT}.{hint}")
-    return p, load_checkpoint(ck_path)
+    ck = load_checkpoint(ck_path)
+    _check_own_checkpoint(p, ck)
+    return p, ck
+
+
+def _check_own_checkpoint(run_dir, ck):
+    """CheckpointError if the checkpoint's config differs from the folder's config.yaml in an option
+    a resume may not change: a checkpoint copied in from another run would train that run's model
+    on in this folder, its loss curve appended to this one's."""
+    path = run_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return  # none, or unreadable: the checkpoint's own config is the run's (as before config.yaml existed)
+    theirs = ck.get("config")
+    if not isinstance(saved, dict) or not isinstance(theirs, dict):
+        return
+    same = lambda a, b: json.dumps(a, default=str) == json.dumps(b, default=str)  # noqa: E731 (tuples as lists)
+    free = RESUME_MAY_CHANGE | {"monitor_every"}
+    diff = [k for k in saved if k in theirs and k not in free and not same(saved[k], theirs[k])]
+    if diff:
+        shown = "; ".join(f"{k}: {theirs[k]!r} in the checkpoint, {saved[k]!r} in config.yaml" for k in diff[:4])
+        raise CheckpointError(
+            f"--resume: {run_dir / CHECKPOINT} is not this run's checkpoint: its config differs from {path} ({shown}"
+            f"{'; ...' if len(diff) > 4 else ''}). It was copied in from another run, or config.yaml was edited: put "
+            "the run's own checkpoint back, or resume the run the checkpoint comes from")
 
 
 def early_stop(history, patience):

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import atomic_write_json
-from .config import ConfigError, TrainConfig, _coerce, _number
+from .config import ConfigError, TrainConfig, _coerce, _number, check_resume_overrides
 from .runs import LOGGING_OPTIONS, plot_runs, read_run
 
 __all__ = ["parse_grid", "check_grid", "check_metric", "plan_trials", "sample_combos", "run_sweep", "resume_sweep",
@@ -313,13 +313,14 @@ def _trials(sweep_dir, spec, overrides=None):
 def resume_sweep(path, overrides=None, out=None, data=None):
     """Continue the sweep in folder path: trials that are over are kept, a stopped trial continues from
     its checkpoint, the rest start. overrides: options that cannot change results (RESUME_MAY_CHANGE in
-    fastmlp.train.cli: device, progress, plots, data_dir, log_every, checkpoint_every, anomaly_guard,
-    tensorboard, profile_steps). Returns sweep_results."""
+    fastmlp.train.config: device, progress, plots, data_dir, log_every, checkpoint_every, anomaly_guard,
+    tensorboard, profile_steps); any other raises ConfigError. Returns sweep_results."""
     sweep_dir, spec = _open(path)
     swept = sorted(set(overrides or {}) & set(spec["grid"]))
     if swept:
         raise ConfigError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in swept)} is swept by this sweep's "
                           "grid; its values come from the grid")
+    check_resume_overrides(overrides, spec["config"], allow_monitor_every=False)
     return _run(sweep_dir, spec, overrides or {}, out, data)
 
 
