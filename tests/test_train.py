@@ -643,6 +643,24 @@ def test_compile_trains_with_monitoring_and_same_checkpoints(tmp_path, impl):
     assert not any("_orig_mod" in k for k in ck["model"])
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_runs_do_not_depend_on_what_the_process_did_before(tmp_path, compile):
+    # Identical runs in one process end with the same weights. Both Trainers are built before either
+    # trains, and the caller draws random numbers in between: fit() starts from the random state the
+    # run was built with (dropout's masks followed whatever ran between). Compiled (batch norm,
+    # bf16): the second run used to get a dynamic batch size from dynamo's automatic dynamic
+    # shapes, other kernels, other numbers (a run resumed in the process, a sweep's later trial).
+    torch._dynamo.reset()
+    data = synthetic()
+    cfg = dict(impl="fastmlp", compile=compile, norm="batch", amp="bf16", monitor_every=0, epochs=1, dropout=0.2)
+    runs = [Trainer(cfg_small(tmp_path, name=f"r{i}", **cfg), data=data) for i in range(2)]
+    for t in runs:
+        torch.rand(3)
+        t.fit()
+    a, b = (t.model.state_dict() for t in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
 @pytest.mark.parametrize("amp", ["off", "fp16"])
 def test_monitor_layer_norms_are_taken_before_clipping(tmp_path, amp):
     """With --clip-grad-norm the per-layer gradient norms are the unclipped ones, like the logged total."""

@@ -265,7 +265,10 @@ class Trainer:
         # The compiled module shares the model's parameters; checkpoints, the monitor's hooks, the
         # anomaly replay and evaluation use the eager module (hooks added to a compiled module
         # would recompile it at every monitored step).
-        self.compiled = torch.compile(self.model) if cfg.compile else None
+        # dynamic=False: the same kernels as a compile in a fresh process, whatever this process compiled
+        # before (with automatic dynamic shapes a second Trainer's model got a dynamic batch size and
+        # other kernels, so a run resumed in the same process, or a sweep's later trial, differed).
+        self.compiled = torch.compile(self.model, dynamic=False) if cfg.compile else None
         self.optimizer = build_optimizer(cfg, self.model)
         self.eff_batch = cfg.batch_size * cfg.accum_steps
         self.min_batch = min_batch(cfg)
@@ -303,6 +306,9 @@ class Trainer:
         else:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             atomic_write_text(self.run_dir / "metrics.jsonl", "")
+            # The random state a new run trains from, set again when fit() starts: what runs between
+            # (another Trainer built or trained, the caller's own draws) cannot change its dropout masks.
+            self._start_rng = rng_state()
 
     # ---- resume ------------------------------------------------------------------------------
     @classmethod
@@ -612,6 +618,8 @@ class Trainer:
             self._print(f"{what}; writing its summary")
             return self.finish()
         if self.epoch == 0 and self.step_in_epoch == 0:
+            if getattr(self, "_start_rng", None) is not None:
+                set_rng_state(self._start_rng)
             self._print(f"run folder {self.run_dir}  |  impl {cfg.impl}  device {self.device}  "
                         f"params {sum(p.numel() for p in self.model.parameters()):,}  "
                         f"train {n_train}" + (f"  val {len(self.data.val)}" if self.data.val is not None else "")

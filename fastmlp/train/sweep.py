@@ -373,6 +373,12 @@ def _trial(t, n, sweep_dir, overrides, data_for, out):
         print(f"{head}: {status}, kept ({d})", file=out)
         return False
     print(head + " ---", file=out)
+    if t.cfg.compile:
+        import torch  # noqa: PLC0415
+
+        # Each trial compiles afresh, as in a process of its own: the earlier trials' graphs would
+        # count against dynamo's recompile limit (past it, a trial would run eagerly).
+        torch.compiler.reset()
     try:
         if (d / CHECKPOINT).is_file():
             trainer = Trainer.resume(d, out=out, overrides=overrides, data=data_for(t.cfg))
