@@ -247,7 +247,12 @@ def _machine():
 
 
 class Trainer:
-    """Train cfg on Fashion-MNIST into a run folder: ``Trainer(cfg).fit()`` or ``Trainer.resume(dir).fit()``."""
+    """Train cfg on Fashion-MNIST into a run folder: ``Trainer(cfg).fit()`` or ``Trainer.resume(dir).fit()``.
+
+    A run's results depend on its config alone, not on what the process did before: the model is
+    built from cfg.seed, fit() starts a new run from the random state it was built with, and a
+    resumed run from its checkpoint's (with --compile, bitwise as a fresh process compiles it).
+    """
 
     def __init__(self, cfg: TrainConfig, run_dir=None, data=None, out=None, _checkpoint=None):
         if isinstance(cfg, dict):   # the options as a dict, as run_sweep takes them
