@@ -170,7 +170,6 @@ def build_parser():
     return p
 
 
-
 # Options a subcommand does not use, with the reason; given on its command line, they get a warning.
 # (Both honour the data, model and optimizer options, --amp, --clip-grad-norm, --seed, --deterministic
 # and --device; lr-find also --batch-size, --label-smoothing, --name, --out-dir and --plots.)
