@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from .config import DEFAULT_YAML, RESUME_MAY_CHANGE, ConfigError, TrainConfig, load_yaml
+from .config import DEFAULT_YAML, RESUME_MAY_CHANGE, ConfigError, TrainConfig, check_resume_overrides, load_yaml
 from .sweep import SweepStopped
 
 __all__ = ["main", "build_parser", "resolve_config"]
@@ -351,9 +351,7 @@ def _resume(args):
     allowed = RESUME_MAY_CHANGE | {"monitor_every"}
     refuse(sorted(set(flags) - allowed) + (["config"] if args.config else []), allowed)
     run_dir, ck = open_run(args.resume)
-    if "monitor_every" in flags and ck["config"].get("compile"):
-        raise ConfigError("--resume: drop --monitor-every: the run uses --compile, where monitored steps run eagerly "
-                          "and the others compiled, so changing it would change the results")
+    check_resume_overrides(flags, ck["config"], name=lambda n: _flag_list([n]))  # (--monitor-every under --compile)
     epochs, patience = ck["config"].get("epochs"), ck["config"].get("early_stopping", 0)
     if isinstance(epochs, int) and isinstance(patience, int):
         over, stop = training_over(ck["epoch"], epochs, ck.get("history", []), patience)

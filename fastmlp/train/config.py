@@ -43,9 +43,10 @@ RESUME_MAY_CHANGE = {"device", "progress", "plots", "data_dir", "log_every", "ch
                      "tensorboard", "profile_steps"}
 
 
-def check_resume_overrides(overrides, saved, allow_monitor_every=True):
+def check_resume_overrides(overrides, saved, allow_monitor_every=True, name=str):
     """ConfigError unless every option in overrides may change on resume (RESUME_MAY_CHANGE, and
-    monitor_every where allow_monitor_every and the saved config does not use --compile)."""
+    monitor_every where allow_monitor_every and the saved config does not use --compile). name
+    spells an option in the message (the CLI's as its flag)."""
     allowed = set(RESUME_MAY_CHANGE)
     if allow_monitor_every and not saved.get("compile"):
         allowed.add("monitor_every")
@@ -53,8 +54,9 @@ def check_resume_overrides(overrides, saved, allow_monitor_every=True):
     if bad:
         why = " (the run uses --compile: monitored steps run eagerly, the others compiled)" if (
             bad == ["monitor_every"] and allow_monitor_every) else ""
-        raise ConfigError(f"resume: {', '.join(bad)} cannot change on resume{why}; a resumed run keeps its saved config, "
-                          f"and only {', '.join(sorted(allowed))} may change, as they cannot change the results")
+        raise ConfigError(f"resume: {', '.join(map(name, bad))} cannot change on resume{why}; a resumed run keeps its "
+                          f"saved config, and only {', '.join(map(name, sorted(allowed)))} may change, as they cannot "
+                          "change the results")
 
 
 def _h(text, **kw):

@@ -306,6 +306,7 @@ class Trainer:
             self.run_dir = new_run_dir(cfg.out_dir, cfg.name)
         else:
             self.run_dir = Path(run_dir)
+        self._start_rng = None
         if _checkpoint is not None:
             self._restore(_checkpoint)
         else:
@@ -623,7 +624,7 @@ class Trainer:
             self._print(f"{what}; writing its summary")
             return self.finish()
         if self.epoch == 0 and self.step_in_epoch == 0:
-            if getattr(self, "_start_rng", None) is not None:
+            if self._start_rng is not None:
                 set_rng_state(self._start_rng)
             self._print(f"run folder {self.run_dir}  |  impl {cfg.impl}  device {self.device}  "
                         f"params {sum(p.numel() for p in self.model.parameters()):,}  "
