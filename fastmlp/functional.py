@@ -110,6 +110,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             # A no_grad block only where a running estimate requires grad: torch.export records one as a
             # node its .pt2 loader cannot rebuild.
             with torch.no_grad() if any(s.requires_grad for s in stats) else contextlib.nullcontext():
-                torch._foreach_lerp_(stats, batch, momentum)
+                if torch.compiler.is_exporting():  # torch.onnx has no translation of the foreach op
+                    for stat, b in zip(stats, batch):
+                        stat.lerp_(b, momentum)
+                else:
+                    torch._foreach_lerp_(stats, batch, momentum)
         return y
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

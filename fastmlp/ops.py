@@ -1,4 +1,4 @@
-"""Python side of the fastmlp ops: fake kernels.
+"""Python side of the fastmlp ops: fake kernels, and decompositions for export.
 
 The only Python file that names a C++ op. Schemas live in csrc/ops.cpp, kernels in csrc/cpu and
 csrc/cuda, autocast rules in csrc/autocast.cpp, autograd in csrc/autograd.cpp (in C++ rather than
@@ -10,6 +10,8 @@ layer's whole forward; the numbers are in that file). The fake kernels mirror th
 import math
 
 import torch
+from torch._decomp import register_decomposition
+from torch._subclasses.fake_tensor import FakeTensor
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 # Activations whose backward needs the pre-activation Z = X W^T + b.
@@ -391,3 +393,133 @@ def _batch_norm_backward_fake(grad_output, input, mean, invstd, weight, output_m
     _check_norm_backward(_BN_BWD, grad_output, input, (("mean", mean), ("invstd", invstd)), c)
     dx = grad_output.new_empty(input.shape) if output_mask[0] else grad_output.new_empty((0,))
     return (dx, *_grad_params(input, weight, (c,), output_mask))
+
+
+# ---- decompositions: the forward ops as the ATen ops they fuse ----
+# torch.onnx.export and ExportedProgram.run_decompositions replace an op by its entry in
+# torch._decomp's table, so with these a fastmlp model exports to ONNX as nn.Linear's would, and
+# export_decompositions() turns an exported program into one that needs torch alone. They compute
+# what the ops compute (dropout the very mask of csrc/cpu/dropout.cpp; the other ops up to summation
+# order and, in float16 / bfloat16, one rounding of the pre-activation), unfused. Nothing else calls
+# them: torch.compile's Inductor has a table of its own, and eager calls go to the kernels.
+#
+# One more reader of that table: FakeTensorMode, which with symbolic sizes (torch.compile(dynamic=
+# True), torch.export with a dynamic batch) computes an op's output shapes through its decomposition
+# when it has one. There each decomposition hands over to the op's fake kernel above, so that errors
+# and output strides stay the op's own; the ATen ops run when a tracer is recording them, or on real
+# tensors.
+
+
+def _decomposing(t):
+    return (not isinstance(t, FakeTensor)
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None)
+
+
+_ACT_FNS = {
+    "none": lambda z: z,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+}
+
+
+def _linear_act_forward_decomposition(input, weight, bias, activation, save_for_backward):
+    if not _decomposing(input):
+        return _linear_act_forward_fake(input, weight, bias, activation, save_for_backward)
+    _check_linear_act_args(input, weight, bias, activation)
+    z = torch.nn.functional.linear(input, weight, bias)
+    if save_for_backward and activation in SAVES_PREACTIVATION:
+        saved = z.reshape(-1, weight.shape[0])
+    else:
+        saved = input.new_empty((0,))
+    return _ACT_FNS[activation](z), saved
+
+
+_U32 = 0xFFFFFFFF
+
+
+def _mul_u32(x, c):
+    """(x * c) mod 2^32 for int64 tensors x in [0, 2^32) and a constant c < 2^32, with every
+    intermediate below 2^49 (a plain int64 product would overflow)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _U32
+
+
+def _lowbias32(x):
+    x = x ^ (x >> 16)
+    x = _mul_u32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul_u32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep(shape, p, seed):
+    """The mask of fastmlp.dropout as a bool tensor of ``shape``: the hash of csrc/cpu/dropout.cpp
+    (two rounds of lowbias32 keyed by the seed's halves, of each element's row-major index) in
+    int64 ATen ops."""
+    i = torch.arange(math.prod(shape), dtype=torch.int64, device=seed.device).reshape(shape)
+    s = seed.reshape(())
+    k0, k1 = s & _U32, (s >> 32) & _U32
+    key = _lowbias32(k1 ^ _mul_u32(i >> 32, 0x9E3779B9))
+    h = _lowbias32(_lowbias32((i & _U32) ^ k0) ^ key)
+    return h >= min(round(p * 2.0**32), _U32)
+
+
+def _dropout_decomposition(input, p, seed):
+    if not _decomposing(input):
+        return _dropout_fake(input, p, seed)
+    _dropout_fake(input, p, seed)  # the op's checks
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    keep = dropout_keep(input.shape, p, seed).to(input.device)
+    # The kernel's x * (scale or 0) in float (double for float64): NaN and Inf stay NaN where dropped.
+    return (input.to(acc) * (keep.to(acc) * (1.0 / (1.0 - p)))).to(input.dtype)
+
+
+def _layer_norm_decomposition(input, normalized_shape, weight, bias, eps):
+    if not _decomposing(input):
+        return _layer_norm_fake(input, normalized_shape, weight, bias, eps)
+    _check_layer_norm_args(_LN, input, normalized_shape, weight, bias)
+    y, mean, rstd = torch.ops.aten.native_layer_norm.default(input, normalized_shape, weight, bias, eps)
+    acc = _stats_dtype(input.dtype)
+    return y, mean.reshape(-1).to(acc), rstd.reshape(-1).to(acc)
+
+
+def _batch_norm_decomposition(input, weight, bias, eps):
+    if not _decomposing(input):
+        return _batch_norm_fake(input, weight, bias, eps)
+    _check_batch_norm_args(_BN, input, weight, bias)
+    acc = _stats_dtype(input.dtype)
+    x = input.to(acc)
+    mean = x.mean(0)
+    y = (x - mean) * torch.rsqrt((x - mean).square().mean(0) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    # The statistics the op returns carry no gradient (exported programs drop .detach(), and a running
+    # estimate lerped towards a differentiable one would hold a graph): torch's functional batch norm
+    # gives them so, with momentum 1 its "updated" running variance being the batch's unbiased one.
+    # (Its normalised output is not used: torch.onnx translates it with the running estimates.)
+    zeros = input.new_zeros(input.shape[1], dtype=acc)
+    _, mean, invstd, _, unbiased_var = torch.ops.aten._native_batch_norm_legit_functional.default(
+        input, weight, bias, zeros, zeros, True, 1.0, eps)
+    return y.to(input.dtype), mean, invstd, unbiased_var
+
+
+DECOMPOSITIONS = {
+    linear_act_forward: _linear_act_forward_decomposition,
+    dropout: _dropout_decomposition,
+    layer_norm: _layer_norm_decomposition,
+    batch_norm: _batch_norm_decomposition,
+}
+for _op, _fn in DECOMPOSITIONS.items():
+    register_decomposition(_op)(_fn)
+
+
+def export_decompositions():
+    """torch.export.default_decompositions() with fastmlp's forward ops added:
+    ``ep.run_decompositions(fastmlp.export_decompositions())`` gives a program of ATen ops alone,
+    which torch without fastmlp loads and runs."""
+    table = torch.export.default_decompositions()
+    table.update(DECOMPOSITIONS)
+    return table

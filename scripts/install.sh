@@ -20,8 +20,10 @@ if [ -n "$KEEP_TORCH" ]; then
     echo "torch==$KEEP_TORCH" > build/torch-constraint.txt
     CONSTRAINT=(-c build/torch-constraint.txt)
 fi
+# (onnx, onnxscript and onnxruntime: ONNX export and its tests.)
 "$PY" -m pip install -q --disable-pip-version-check "${CONSTRAINT[@]}" \
-    'torch>=2.11' 'torchvision>=0.26' numpy tqdm matplotlib pyyaml pytest pytest-timeout ninja tensorboard
+    'torch>=2.11' 'torchvision>=0.26' numpy tqdm matplotlib pyyaml pytest pytest-timeout ninja tensorboard \
+    onnx onnxscript onnxruntime
 # No build isolation: an isolated build would fetch a second torch and compile against it.
 mkdir -p build
 echo "fastmlp: building the extension (log: build/build.log) ..."

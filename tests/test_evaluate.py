@@ -246,3 +246,41 @@ def test_export_runs_with_torch_alone(tmp_path, capsys, test_set, fmt):
     # Default path: into the run folder.
     assert main(["export", str(run)]) == 0
     assert (run / "model-last.pt2").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["float", "pixels"])
+def test_export_onnx_runs_in_onnxruntime(tmp_path, capsys, test_set, fmt):
+    ort = pytest.importorskip("onnxruntime")
+    run = train_run(tmp_path)
+    images, _ = test_set
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", "onnx", "--input", fmt]) == 0
+    path = run / "model-last.onnx"
+    out = capsys.readouterr().out
+    assert f"wrote {path}" in out and "onnxruntime.InferenceSession" in out
+    batch = images[:37] if fmt == "pixels" else images[:37].float().div(255).unsqueeze(1)
+    session = ort.InferenceSession(str(path))
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    logits = torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
+    one = torch.from_numpy(session.run(None, {"images": batch[:1].numpy()})[0])
+    with torch.no_grad():
+        expected = load_model(run, impl="torch")(batch)
+    assert logits.shape == (37, 10) and one.shape == (1, 10)  # any batch size
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one, expected[:1], rtol=1e-5, atol=1e-5)
+    assert not list(run.glob("*.tmp*"))
+
+
+def test_export_onnx_without_its_packages_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    run = train_run(tmp_path)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript raises ImportError
+    assert main(["export", str(run), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "ONNX export needs the onnx and onnxscript packages" in err and "pip install" in err
+    assert not (run / "model-last.onnx").exists()
+    with pytest.raises(SystemExit) as exit:
+        main(["export", str(run), "--format", "tflite"])
+    assert exit.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err

@@ -5,7 +5,7 @@
     python -m fastmlp runs [OUT_DIR] [--sort start|test_acc|val_acc] [--json]
     python -m fastmlp evaluate RUN_DIR [--weights last|best] [--device D] [--data-dir D] [--no-plots]
     python -m fastmlp predict RUN_DIR IMAGE [IMAGE ...] [--weights last|best] [--top K] [--invert auto|yes|no]
-    python -m fastmlp export RUN_DIR [--weights last|best] [--input float|pixels] [--out FILE]
+    python -m fastmlp export RUN_DIR [--weights last|best] [--input float|pixels] [--format pt2|onnx] [--out FILE]
     python -m fastmlp check-overfit [--<option> VALUE ...]
     python -m fastmlp lr-find [--<option> VALUE ...]
 
@@ -139,15 +139,20 @@ def build_parser():
     pr.add_argument("--top", type=int, default=3, metavar="K", help="classes to print per image (default: 3)")
     pr.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                     help="auto (default): invert images whose border is light; yes / no: always / never")
-    ex = sub.add_parser("export", help="write a trained run as a torch.export program that needs torch alone",
+    ex = sub.add_parser("export", help="write a trained run as a torch.export program (or ONNX model) that needs "
+                                       "torch alone",
                         description="Write a run's model, with its input normalisation, as a torch.export program "
                                     "(.pt2) in plain torch ops: torch.export.load(FILE).module()(images) gives the "
-                                    "logits for a batch of any size, without fastmlp installed.")
+                                    "logits for a batch of any size, without fastmlp installed; or, with --format "
+                                    "onnx, as an ONNX model for onnxruntime (input 'images', output 'logits').")
     _add_run_args(ex)
+    ex.add_argument("--format", choices=["pt2", "onnx"], default="pt2",
+                    help="pt2 (default): a torch.export program; onnx: an ONNX model (needs the onnx and onnxscript "
+                         "packages)")
     ex.add_argument("--input", choices=["float", "pixels"], default="float",
                     help="float (default): float32 (N, 1, 28, 28) in [0, 1], as ToTensor() gives; pixels: uint8 "
                          "(N, 28, 28) as in the IDX files")
-    ex.add_argument("--out", metavar="FILE", help="where to write it (default: RUN_DIR/model-<weights>.pt2)")
+    ex.add_argument("--out", metavar="FILE", help="where to write it (default: RUN_DIR/model-<weights>.<format>)")
     c = sub.add_parser("check-overfit", help="sanity check: overfit one small batch to near-zero loss",
                        description="Overfit one batch of --samples training images (dropout, label smoothing and "
                                    "weight decay off, constant lr) until the loss is below --target-loss. "
@@ -640,9 +645,14 @@ def _main(args):
             from .evaluate import EXPORT_INPUTS, export_model  # noqa: PLC0415
 
             _output_file("--out", args.out)
-            path = export_model(args.run, args.out, args.weights, args.input)
-            print(f"wrote {path}: takes {EXPORT_INPUTS[args.input]}; run it with torch alone:\n"
-                  f"    torch.export.load({str(path)!r}).module()(images)  # logits (N, 10)")
+            path = export_model(args.run, args.out, args.weights, args.input, args.format)
+            if args.format == "onnx":
+                print(f"wrote {path}: takes {EXPORT_INPUTS[args.input]} as 'images'; run it with onnxruntime:\n"
+                      f"    onnxruntime.InferenceSession({str(path)!r}).run(None, {{'images': images}})[0]"
+                      "  # logits (N, 10)")
+            else:
+                print(f"wrote {path}: takes {EXPORT_INPUTS[args.input]}; run it with torch alone:\n"
+                      f"    torch.export.load({str(path)!r}).module()(images)  # logits (N, 10)")
             return 0
         if args.command == "predict":
             from .evaluate import predict_files  # noqa: PLC0415

@@ -14,6 +14,7 @@ run reported for the same weights, adds per-class accuracy and the confusion mat
 them into the run folder (evaluation-<weights>.json, confusion-<weights>.png).
 """
 
+import importlib
 import io
 import json
 import math
@@ -327,24 +328,45 @@ EXPORT_INPUTS = {
 }
 
 
-def export_model(run, path=None, weights="last", input="float"):
-    """Writes a run's model as a torch.export program (.pt2) that needs torch alone, no fastmlp:
-    ``torch.export.load(path).module()(images)`` gives the logits (N, 10) for a batch of any size.
+EXPORT_FORMATS = ("pt2", "onnx")
+
+
+def export_model(run, path=None, weights="last", input="float", format="pt2"):
+    """Writes a run's model as a program that needs neither fastmlp nor the training code: a
+    torch.export program (``format="pt2"``: ``torch.export.load(path).module()(images)`` gives the
+    logits (N, 10) for a batch of any size, with torch alone) or an ONNX model (``format="onnx"``,
+    for onnxruntime and other ONNX runtimes: its input is named "images", its output the logits; it
+    needs the onnx and onnxscript packages to write).
 
     The program holds the run's weights in torch's own ops (nn.Linear and activations: the two
     implementations share their weights) and its input normalisation, and takes ``input``:
     "float" (N, 1, 28, 28) float32 in [0, 1] or "pixels" (N, 28, 28) uint8. Written atomically to
-    ``path`` (default: <run>/model-<weights>.pt2); returns the path.
+    ``path`` (default: <run>/model-<weights>.<format>); returns the path.
     """
     if input not in EXPORT_INPUTS:
         raise ConfigError(f"input must be one of {', '.join(EXPORT_INPUTS)}, got {input!r}")
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+    if format == "onnx":
+        try:
+            for package in ("onnx", "onnxscript"):  # torch.onnx.export's dependencies
+                importlib.import_module(package)
+        except ImportError as e:
+            raise ConfigError(f"ONNX export needs the onnx and onnxscript packages ({e}): pip install onnx "
+                              "onnxscript, or pip install 'fastmlp[onnx]'") from None
     run_dir, weights, ck, mean, std = _load(run, weights)
-    module = _Exported(_model(ck, mean, std, WEIGHTS[weights], impl="torch"))
+    module = _Exported(_model(ck, mean, std, WEIGHTS[weights], impl="torch")).eval()
     example = (torch.rand(2, 1, 28, 28) if input == "float"
                else torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8))
-    program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
-    buf = io.BytesIO()
-    torch.export.save(program, buf)
-    path = Path(path) if path is not None else run_dir / f"model-{weights}.pt2"
-    atomic_write_bytes(path, buf.getvalue())
+    dynamic = {"images": {0: torch.export.Dim("batch")}}
+    if format == "onnx":
+        program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=dynamic,
+                                    input_names=["images"], output_names=["logits"], verbose=False)
+        data = program.model_proto.SerializeToString()
+    else:
+        buf = io.BytesIO()
+        torch.export.save(torch.export.export(module, (example,), dynamic_shapes=dynamic), buf)
+        data = buf.getvalue()
+    path = Path(path) if path is not None else run_dir / f"model-{weights}.{format}"
+    atomic_write_bytes(path, data)
     return path
