@@ -20,6 +20,7 @@ import collections
 import functools
 import inspect
 import operator
+import sys
 from itertools import chain
 
 import torch
@@ -183,6 +184,36 @@ def _dense(t):
     return True
 
 
+def dtensor_type():
+    """torch's DTensor class once torch.distributed.tensor is loaded (no DTensor exists before), else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def has_dtensor(tensors):
+    dt = dtensor_type()
+    return dt is not None and any(isinstance(t, dt) for t in tensors)
+
+
+def local_shards(params, *lists):
+    """The op's arguments for DTensors (FSDP2's sharded parameters, their gradients and state): each
+    rank's local shard, which the kernels update in place. The updates are elementwise, so every rank
+    steps its own shard, as torch's fused optimizers do under DTensor; a tensor laid out unlike its
+    parameter (a Partial gradient) is redistributed to the parameter's placements first. Returns
+    params and each list (paired with params, or empty) in that form; lists of plain tensors as they are."""
+    if not has_dtensor(params):
+        return (params, *lists)
+    dt = dtensor_type()
+
+    def local(t, p):
+        if not isinstance(t, dt):
+            return t
+        if isinstance(p, dt) and t.placements != p.placements:
+            t = t.redistribute(p.device_mesh, p.placements)
+        return t._local_tensor
+
+    return ([local(p, p) for p in params], *([local(t, p) for t, p in zip(ts, params)] for ts in lists))
+
+
 def pack_state(params, state, keys):
     """Moves each key's state tensors of params into one buffer, in order, as views of it.
 
@@ -190,15 +221,16 @@ def pack_state(params, state, keys):
     touching every state tensor's metadata at every step (csrc/cpu/optim.cpp, Packed). Values,
     shapes and strides are unchanged and state[p][key] stays a tensor of its own shape, so
     state_dict() and torch.optim see the usual layout (a saved state_dict stores the shared buffer
-    once). Keys whose tensors are missing, of mixed dtype or device, or not dense stay as they are.
+    once). Keys whose tensors are missing, of mixed dtype or device, not dense or in shared memory
+    stay as they are.
     """
     for key in keys:
         ts = [state[p].get(key) for p in params]
         if not ts or any(not torch.is_tensor(t) for t in ts):
             continue
         dtype, device = ts[0].dtype, ts[0].device
-        if any(t.dtype != dtype or t.device != device or not _dense(t) for t in ts):
-            continue
+        if any(t.dtype != dtype or t.device != device or not _dense(t) or t.is_shared() for t in ts):
+            continue  # (state in shared memory, e.g. stepped by several processes, stays where it is)
         if all(t.untyped_storage().data_ptr() == ts[0].untyped_storage().data_ptr() for t in ts):
             continue  # already one buffer
         # The buffer's pages are only committed as they are written, and each old tensor is freed
@@ -426,6 +458,11 @@ class FusedStep:
         # call either way, and dynamo mis-traced the Python around the calls. With several groups
         # one frame stepped another group's tensors: the cache's id(group) became a constant, and
         # state read through self.state[p] after _init_group came from the first group's entries.
+        if len(self._fm_cache) > len(self.param_groups):
+            # A group removed from param_groups (or replaced by another dict): its entry holds its
+            # tensors and the plan, which torch.optim would free with the group.
+            live = {id(g) for g in self.param_groups}
+            self._fm_cache = {k: v for k, v in self._fm_cache.items() if k in live}
         for group in self.param_groups:
             self._fm_step_group(group, grad_scale, found_inf)
 
@@ -485,8 +522,10 @@ class FusedStep:
             complete = all(st.get(k) is not None for k in keys) and (not master or "master_param" in st) and (
                 bool(keys) or master or p.grad is not None)
             (params if complete else untracked).append(p)
-        if not params or has_duplicates(group["params"]):
-            return  # (a parameter listed twice takes the general path, see distinct_runs)
+        if not params or has_duplicates(group["params"]) or has_dtensor(params):
+            # (A parameter listed twice takes the general path, see distinct_runs; so do DTensors,
+            # whose local shards it passes to the op, see local_shards.)
+            return
         kinds = group_by_device_dtype(params)
         cpu = single_cpu_kind(kinds)
         if cpu is not None:

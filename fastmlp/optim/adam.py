@@ -14,6 +14,7 @@ import torch
 from .. import ops
 from ._common import (
     FusedStep,
+    local_shards,
     fused_doc,
     _LOW_PRECISION,
     ensure_master,
@@ -127,6 +128,8 @@ class _FusedAdamBase(FusedStep):
                    masters, grad_scale, found_inf):
         beta1, beta2 = group["betas"]
         lr, lr_tensor = lr_args(group["lr"], device)
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters = local_shards(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters)
         ops.adamw_step_(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, masters, lr, lr_tensor,
             float(beta1), float(beta2), float(group["weight_decay"]), float(group["eps"]),

@@ -6,6 +6,7 @@ import operator
 import torch
 
 from .. import ops
+from ._common import local_shards
 
 __all__ = ["EMA"]
 
@@ -107,7 +108,7 @@ class EMA:
         done = 0
         try:
             for averages, values in self._groups:
-                ops.ema_update_(averages, values, weight)
+                ops.ema_update_(*local_shards(averages, values), weight)
                 done += 1
         except (RuntimeError, TypeError, ValueError):
             # The op checks every pair before it writes. A model tensor that kept its object but not its
@@ -120,7 +121,7 @@ class EMA:
             for averages, values in self._groups:
                 pairs = [(a, v) for a, v in zip(averages, values) if id(a) not in finished]
                 if pairs:
-                    ops.ema_update_([a for a, _ in pairs], [v for _, v in pairs], weight)
+                    ops.ema_update_(*local_shards([a for a, _ in pairs], [v for _, v in pairs]), weight)
         for average, value in self._copied:
             average.copy_(value)
         self.num_updates += 1

@@ -16,6 +16,7 @@ import torch
 from .. import ops
 from ._common import (
     FusedStep,
+    local_shards,
     fused_doc,
     _LOW_PRECISION,
     distinct_runs,
@@ -131,6 +132,7 @@ class SGD(FusedStep, torch.optim.SGD):
 
     def _fm_launch(self, group, device, params, grads, bufs, masters, is_first, grad_scale, found_inf):
         lr, lr_tensor = lr_args(group["lr"], device)
+        params, grads, bufs, masters = local_shards(params, grads, bufs, masters)
         ops.sgd_step_(
             params, grads, bufs, masters, lr, lr_tensor, float(group["momentum"]),
             float(group["dampening"]), float(group["weight_decay"]), group["nesterov"],

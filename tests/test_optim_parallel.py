@@ -1,0 +1,172 @@
+"""fastmlp.optim and EMA with parameters shared across processes: FSDP2's DTensor shards (2 ranks,
+gloo, on the CPU) and optimizer state in shared memory (the Hogwild / A3C "SharedAdam" pattern);
+and a removed param group freed as torch.optim frees it."""
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import weakref
+
+import pytest
+import torch
+
+import fastmlp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(tmp_path, script, timeout=300):
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(script))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+FSDP2 = """
+import os, sys, socket, torch, torch.distributed as dist, torch.multiprocessing as mp
+import torch.nn.functional as F
+import fastmlp
+
+def train(make_opt, impl, use_fsdp, rank):
+    torch.manual_seed(0)
+    # 3 outputs over 2 ranks: shards of unequal size (2 rows and 1).
+    model = fastmlp.nn.MLP([10, 16, 16, 3], impl=impl)
+    if use_fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in model:
+            fully_shard(block)
+        fully_shard(model)
+    opt = make_opt(model.parameters())
+    ema = fastmlp.optim.EMA(model, decay=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(16, 10, generator=g), torch.randint(0, 3, (16,), generator=g)
+        rows = slice(8 * rank, 8 * rank + 8) if use_fsdp else slice(None)  # each rank its half of the batch
+        opt.zero_grad()
+        F.cross_entropy(model(x[rows]), y[rows]).backward()
+        opt.step()
+        ema.update()
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    state = opt.state_dict()["state"]
+    return ({k: full(v) for k, v in model.state_dict().items()},
+            {k: full(v) for k, v in ema.averaged_state_dict().items()},
+            {i: {k: full(v) for k, v in st.items()} for i, st in state.items()})
+
+OPTS = {
+    "adamw": (lambda ps: fastmlp.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+              lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)),
+    "adam_amsgrad": (lambda ps: fastmlp.optim.Adam(ps, lr=1e-2, amsgrad=True),
+                     lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True)),
+    "sgd": (lambda ps: fastmlp.optim.SGD(ps, lr=1e-1, momentum=0.9, nesterov=True),
+            lambda ps: torch.optim.SGD(ps, lr=1e-1, momentum=0.9, nesterov=True)),
+}
+
+def worker(rank, port, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    results = {name: train(ours, "fastmlp", True, rank) for name, (ours, _) in OPTS.items()}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, "fsdp.pt"), nprocs=2)
+    got = torch.load("fsdp.pt")
+    for name, (_, theirs) in OPTS.items():
+        # One process, the whole batch: the same gradients (the mean over both halves), torch's optimizer.
+        want = train(theirs, "torch", False, 0)
+        for part, g, w in zip(("model", "ema", "state"), got[name], want):
+            if part == "state":
+                g = {i: {k: v for k, v in st.items() if k != "step"} for i, st in g.items()}
+                w = {i: {k: v for k, v in st.items() if k != "step"} for i, st in w.items()}
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {part}: {m}")
+        print(name, "ok")
+"""
+
+
+def test_fsdp2_sharded_parameters_step_as_torchs_optimizers(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch has no gloo backend")
+    out = _run(tmp_path, FSDP2)
+    assert out.split() == ["adamw", "ok", "adam_amsgrad", "ok", "sgd", "ok"]
+
+
+SHARED = """
+import torch, torch.multiprocessing as mp
+import fastmlp
+
+def steps(model, opt, n):
+    torch.set_num_threads(1)
+    for _ in range(n):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+
+def shared_state(opt):
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            for t in st.values():
+                t.share_memory_()
+
+if __name__ == "__main__":
+    mp.set_start_method("spawn")
+    results = []
+    for cls in (fastmlp.optim.Adam, torch.optim.Adam):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3).share_memory()
+        opt = cls(model.parameters(), lr=1e-2)
+        shared_state(opt)
+        steps(model, opt, 2)
+        assert all(t.is_shared() for st in opt.state.values() for t in st.values()), cls
+        worker = mp.Process(target=steps, args=(model, opt, 3))  # steps the same memory
+        worker.start()
+        worker.join()
+        assert worker.exitcode == 0
+        results.append((model.weight.detach().clone(), opt.state[model.weight]["exp_avg_sq"].clone(),
+                        float(opt.state[model.weight]["step"])))
+    (w, v, n), (w_ref, v_ref, n_ref) = results
+    assert n == n_ref == 5.0, (n, n_ref)
+    torch.testing.assert_close(w, w_ref)
+    torch.testing.assert_close(v, v_ref)
+    print("ok")
+"""
+
+
+def test_state_in_shared_memory_stays_shared(tmp_path):
+    assert _run(tmp_path, SHARED).split() == ["ok"]
+
+
+@pytest.mark.parametrize("cls", [fastmlp.optim.AdamW, fastmlp.optim.SGD])
+def test_a_removed_param_group_is_freed(cls):
+    keep = torch.nn.Parameter(torch.randn(4))
+    head = torch.nn.Parameter(torch.randn(64, 64))  # e.g. a temporary head
+    opt = cls([keep], lr=1e-3, **({"momentum": 0.9} if cls is fastmlp.optim.SGD else {}))
+    opt.add_param_group({"params": [head]})
+    for _ in range(2):
+        keep.grad, head.grad = torch.ones_like(keep), torch.ones_like(head)
+        opt.step()
+    key = "momentum_buffer" if cls is fastmlp.optim.SGD else "exp_avg"
+    refs = weakref.ref(head), weakref.ref(opt.state[head][key])
+    opt.param_groups.pop()
+    opt.state.pop(head)
+    del head
+    keep.grad = torch.ones_like(keep)
+    opt.step()
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    before = keep.detach().clone()
+    opt.step()  # the remaining group still steps
+    assert not torch.equal(keep, before)
