@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmlp.data import FILES, DataError, FashionMNIST, augment, load_fashion_mnist, read_idx
+from fastmlp.data import FILES, DataError, FashionMNIST, augment, fingerprint, load_fashion_mnist, read_idx
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,6 +53,20 @@ def write_dataset(root, n_train=20, n_test=10, gz=False, overrides=None):
         else:
             (raw / FILES[k]).write_bytes(data)
     return raw
+
+
+def test_fingerprint_tells_contents_apart(tmp_path):
+    # The same data from plain and gzipped files gives one fingerprint; one label changed (same size,
+    # same pixels, same mean) gives another. FashionMNIST.load records it for the checkpoints.
+    write_dataset(tmp_path / "raw")
+    write_dataset(tmp_path / "gz", gz=True)
+    relabelled = synthetic_tensors()
+    relabelled["train_labels"][3] = (relabelled["train_labels"][3] + 1) % 10
+    write_dataset(tmp_path / "relabelled", overrides={"train_labels": idx_bytes(relabelled["train_labels"])})
+    prints = {name: fingerprint(load_fashion_mnist(tmp_path / name)) for name in ("raw", "gz", "relabelled")}
+    assert prints["raw"] == prints["gz"] != prints["relabelled"]
+    assert len(prints["raw"]) == 32
+    assert FashionMNIST.load(tmp_path / "gz", val_split=0.1).digest == prints["raw"]
 
 
 def test_synthetic_roundtrip_raw_and_gz(tmp_path):

@@ -996,6 +996,14 @@ def test_failed_resume_names_the_problem_and_changes_nothing(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="trained on other data: 512 training images"):
         Trainer.resume(d, data=synthetic(n_train=500))
     assert snapshot(d) == before
+    # Files of the same size and mean but other contents (a relabelled copy): their fingerprints differ.
+    d = case("relabelled", dict(good, data=dict(good["data"], digest="0" * 32)))
+    before = snapshot(d)
+    with pytest.raises(CheckpointError, match=r"hold other images or labels than the run's \(fingerprint f{32}, "
+                                              r"the run's 0{32}\)"):
+        Trainer.resume(d, data=dataclasses.replace(data, digest="f" * 32))
+    assert snapshot(d) == before
+    Trainer.resume(d, overrides={"progress": "off"}, data=dataclasses.replace(data, digest="0" * 32))  # the same
     # Through the CLI: exit status 1, the message, no traceback.
     assert main(["train", "--resume", str(cases[0][0])]) == 1
     err = capsys.readouterr().err

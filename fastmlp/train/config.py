@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 # resumed run stays identical to one never stopped. log_every only sets when metrics.jsonl is
 # flushed; checkpoint_every only when extra checkpoints are saved (saving reads state, draws no
 # random numbers); the anomaly guard only reads a flag per step; data_dir is where this machine
-# keeps the same dataset (the checkpoint records its size and mean, checked on resume).
+# keeps the same dataset (the checkpoint records its size, mean and fingerprint, checked on resume).
 # monitor_every may change unless the run uses --compile: monitored steps run eagerly, the others
 # compiled, so their numerics differ.
 RESUME_MAY_CHANGE = {"device", "progress", "plots", "data_dir", "log_every", "checkpoint_every", "anomaly_guard",

@@ -342,6 +342,13 @@ class Trainer:
                 f"--resume: {path} was trained on other data: {saved.get('n_train')} training images of mean "
                 f"{saved.get('mean', math.nan):.6f}, but the data now loaded (--data-dir {self.cfg.data_dir or 'default'}) "
                 f"gives {n_train} of mean {self.data.mean:.6f}; resume with the run's dataset")
+        digest = saved.get("digest") if saved else None
+        if digest and self.data.digest and digest != self.data.digest:
+            # (Same size and mean, other contents: a relabelled or edited copy of the files.)
+            raise CheckpointError(
+                f"--resume: {path} was trained on other data: the Fashion-MNIST files now loaded (--data-dir "
+                f"{self.cfg.data_dir or 'default'}) hold other images or labels than the run's (fingerprint "
+                f"{self.data.digest}, the run's {digest}); resume with the run's dataset")
         try:
             self.model.load_state_dict(ck["model"])
         except (RuntimeError, KeyError, TypeError, ValueError) as e:
@@ -403,7 +410,7 @@ class Trainer:
             "epoch_correct": int(self.epoch_correct),
             # What the data was, so a resume on another machine (--data-dir) can tell it has the same.
             "data": {"n_train": len(self.data.train), "mean": self.data.mean, "std": self.data.std,
-                     "steps_per_epoch": self.steps_per_epoch},
+                     "steps_per_epoch": self.steps_per_epoch, "digest": self.data.digest},
         }
         # A Ctrl-C during the write is held until the new checkpoint is on disk and recorded, so the
         # stop message names the checkpoint that is there.
