@@ -64,7 +64,7 @@ def _check_linear_act_args(input, weight, bias, activation):
         )
     if input.dim() < 1:
         raise ValueError(f"{_FWD}: input must have at least 1 dimension (*, in_features), got a 0-D tensor")
-    torch._check(
+    torch._check_value(
         input.shape[-1] == weight.shape[1],
         lambda: f"{_FWD}: input.shape[-1] must equal in_features = weight.shape[1] = "
         f"{weight.shape[1]}, got input of shape {list(input.shape)}",
@@ -430,7 +430,7 @@ def _linear_act_forward_decomposition(input, weight, bias, activation, save_for_
     _check_linear_act_args(input, weight, bias, activation)
     z = torch.nn.functional.linear(input, weight, bias)
     if save_for_backward and activation in SAVES_PREACTIVATION:
-        saved = z.reshape(-1, weight.shape[0])
+        saved = z.reshape(math.prod(input.shape[:-1]), weight.shape[0])
     else:
         saved = input.new_empty((0,))
     return _ACT_FNS[activation](z), saved
@@ -502,8 +502,8 @@ def _batch_norm_decomposition(input, weight, bias, eps):
     # (Its normalised output is not used: torch.onnx translates it with the running estimates.)
     zeros = input.new_zeros(input.shape[1], dtype=acc)
     _, mean, invstd, _, unbiased_var = torch.ops.aten._native_batch_norm_legit_functional.default(
-        input, weight, bias, zeros, zeros, True, 1.0, eps)
-    return y.to(input.dtype), mean, invstd, unbiased_var
+        x, None, None, zeros, zeros, True, 1.0, eps)
+    return y.to(input.dtype).contiguous(), mean, invstd, unbiased_var  # (the op's output is contiguous)
 
 
 DECOMPOSITIONS = {

@@ -33,6 +33,7 @@ def test_linear_act_decomposition_matches_the_op(dtype, activation):
         (torch.randn(2, 3, 17, dtype=dtype), torch.randn(5, 17, dtype=dtype), None),  # 3-D, no bias
         (torch.randn(0, 8, dtype=dtype), torch.randn(4, 8, dtype=dtype), torch.randn(4, dtype=dtype)),  # empty
         (torch.randn(9, 40, dtype=dtype)[:, ::2], torch.randn(20, 7, dtype=dtype).t(), torch.randn(7, dtype=dtype)),
+        (torch.randn(2, 5, dtype=dtype), torch.randn(0, 5, dtype=dtype), torch.randn(0, dtype=dtype)),  # 0 outputs
     ]
     for x, w, b in cases:
         for save in (False, True):
@@ -41,7 +42,7 @@ def test_linear_act_decomposition_matches_the_op(dtype, activation):
             torch.testing.assert_close(dy, y, rtol=tol, atol=tol)
             assert dsaved.shape == saved.shape and dsaved.dtype == saved.dtype
             torch.testing.assert_close(dsaved, saved, rtol=tol, atol=tol)
-    with pytest.raises(RuntimeError, match=r"input.shape\[-1\] must equal in_features = weight.shape\[1\] = 4"):
+    with pytest.raises(ValueError, match=r"input.shape\[-1\] must equal in_features = weight.shape\[1\] = 4"):
         ops._linear_act_forward_decomposition(torch.randn(2, 3), torch.randn(5, 4), None, activation, False)
 
 
@@ -86,8 +87,26 @@ def test_norm_decompositions_match_the_ops(dtype):
             for got, want in zip(ops._batch_norm_decomposition(*args), ops.batch_norm(*args)):
                 assert got.shape == want.shape and got.dtype == want.dtype
                 torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # A transposed input: the op's output is contiguous, and so is the decomposition's.
+    x = torch.randn(5, 7, dtype=dtype).t()
+    assert ops._batch_norm_decomposition(x, None, None, 1e-5)[0].stride() == ops.batch_norm(x, None, None, 1e-5)[0].stride()
     with pytest.raises(ValueError, match="fastmlp.batch_norm: input must be 2-D"):
         ops._batch_norm_decomposition(torch.randn(2, 3, 4, dtype=dtype), None, None, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_norm_decompositions_take_half_inputs_as_the_ops_do(dtype):
+    # Half inputs with half or float32 weights; float32 statistics.
+    torch.manual_seed(0)
+    x = torch.randn(33, 12).to(dtype)
+    for wdtype in (dtype, torch.float32):
+        w, b = torch.randn(12).to(wdtype), torch.randn(12).to(wdtype)
+        for got, want in zip(ops._batch_norm_decomposition(x, w, b, 1e-5), ops.batch_norm(x, w, b, 1e-5)):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        for got, want in zip(ops._layer_norm_decomposition(x, (12,), w, b, 1e-5), ops.layer_norm(x, (12,), w, b, 1e-5)):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 # ---- whole models: programs of ATen ops alone ----

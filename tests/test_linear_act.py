@@ -595,7 +595,12 @@ def test_nan_in_gives_nan_out(device):
 # ---- errors ---------------------------------------------------------------------------------
 
 
-def test_bad_inputs_raise_clear_errors(device):
+@pytest.mark.parametrize("mode", ["kernel", "fake"])
+def test_bad_inputs_raise_clear_errors(device, mode):
+    # The same exception types and messages from the C++ checks and from the fake kernel (meta tensors;
+    # torch.compile and torch.export run it on fake ones).
+    if mode == "fake":
+        device = "meta"
     x, w, b = make((4, 6), 5, torch.float32, device, requires_grad=(False, False, False))
     cases = [
         (lambda: linear_act(x, w, b, "tanh"), ValueError, r"unknown activation 'tanh'; expected one of: none, relu, gelu, gelu_tanh, silu"),
