@@ -135,7 +135,6 @@ def test_run_decompositions_leaves_aten_ops_alone(activation, norm, mode):
     if mode == "train" and norm == "batch":
         for name, b in plain.module().named_buffers():
             assert not b.requires_grad, name  # running estimates carry no graph
-    assert plain.run_decompositions() is not None  # and again with torch's own table
 
 
 def test_decomposed_program_runs_without_fastmlp(tmp_path):
