@@ -17,6 +17,7 @@ _NORM_DTYPES = (torch.float32, torch.float64)
 __all__ = ["batch_norm", "dropout", "layer_norm", "linear_act"]
 
 _SEED_RANGE = 2**62
+_PLAIN = (torch.nn.Parameter, torch.Tensor)
 
 
 def linear_act(input, weight, bias=None, activation="relu"):
@@ -33,6 +34,11 @@ def linear_act(input, weight, bias=None, activation="relu"):
     if input.layout != torch.strided or weight.layout != torch.strided:
         raise TypeError(f"linear_act: input and weight must be dense tensors, got input.layout={input.layout} and "
                         f"weight.layout={weight.layout}; call .to_dense() first")
+    if type(weight) not in _PLAIN and isinstance(weight, ops.dtensor_type() or ()):
+        # A weight sharded by tensor parallelism (parallelize_module's ColwiseParallel /
+        # RowwiseParallel): the ATen ops the op fuses, which have DTensor sharding rules.
+        ops.check_activation(activation)
+        return ops.ACT_FNS[activation](F.linear(input, weight, bias))
     # save_for_backward=False: the C++ autograd kernel turns it on when a gradient can flow, so
     # inference skips writing the pre-activation.
     return ops.linear_act_forward(input, weight, bias, activation, False)[0]

@@ -8,6 +8,7 @@ layer's whole forward; the numbers are in that file). The fake kernels mirror th
 """
 
 import math
+import sys
 
 import torch
 from torch._decomp import register_decomposition
@@ -23,6 +24,11 @@ linear_act_backward = torch.ops.fastmlp.linear_act_backward.default
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _FWD = "fastmlp.linear_act_forward"
 _BWD = "fastmlp.linear_act_backward"
+
+
+def dtensor_type():
+    """torch's DTensor class once torch.distributed.tensor is loaded (no DTensor exists before), else None."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def check_activation(activation, op=_FWD):
@@ -415,7 +421,8 @@ def _decomposing(t):
             or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None)
 
 
-_ACT_FNS = {
+# The activations as ATen ops (the decompositions below; FusedLinear on tensor-parallel DTensors).
+ACT_FNS = {
     "none": lambda z: z,
     "relu": torch.relu,
     "gelu": torch.nn.functional.gelu,
@@ -433,7 +440,7 @@ def _linear_act_forward_decomposition(input, weight, bias, activation, save_for_
         saved = z.reshape(math.prod(input.shape[:-1]), weight.shape[0])
     else:
         saved = input.new_empty((0,))
-    return _ACT_FNS[activation](z), saved
+    return ACT_FNS[activation](z), saved
 
 
 _U32 = 0xFFFFFFFF

@@ -20,11 +20,12 @@ import collections
 import functools
 import inspect
 import operator
-import sys
 from itertools import chain
 
 import torch
 from torch.optim import optimizer as _torch_optimizer
+
+from ..ops import dtensor_type
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -182,11 +183,6 @@ def _dense(t):
             return False
         expected *= size
     return True
-
-
-def dtensor_type():
-    """torch's DTensor class once torch.distributed.tensor is loaded (no DTensor exists before), else None."""
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
 def has_dtensor(tensors):

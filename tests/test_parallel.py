@@ -1,6 +1,6 @@
-"""fastmlp.optim and EMA with parameters shared across processes: FSDP2's DTensor shards (2 ranks,
-gloo, on the CPU) and optimizer state in shared memory (the Hogwild / A3C "SharedAdam" pattern);
-and a removed param group freed as torch.optim frees it."""
+"""fastmlp across processes: FSDP2's DTensor shards and tensor parallelism's sharded FusedLinear
+weights (2 ranks, gloo, on the CPU), optimizer state in shared memory (the Hogwild / A3C "SharedAdam"
+pattern); and a removed param group freed as torch.optim frees it."""
 
 import gc
 import os
@@ -99,6 +99,65 @@ def test_fsdp2_sharded_parameters_step_as_torchs_optimizers(tmp_path):
         pytest.skip("this torch has no gloo backend")
     out = _run(tmp_path, FSDP2)
     assert out.split() == ["adamw", "ok", "adam_amsgrad", "ok", "sgd", "ok"]
+
+
+TENSOR_PARALLEL = """
+import os, socket, torch, torch.distributed as dist, torch.multiprocessing as mp
+import torch.nn.functional as F
+import fastmlp
+
+def train(impl, activation, tp):
+    torch.manual_seed(0)
+    model = fastmlp.nn.MLP([12, 16, 16, 4], activation=activation, impl=impl)
+    if tp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        # Megatron's MLP split: the first layer's weight by rows (outputs), the second's by columns.
+        parallelize_module(model, init_device_mesh("cpu", (2,)),
+                           {"0.linear": ColwiseParallel(), "1.linear": RowwiseParallel()})
+    opt = (fastmlp.optim.AdamW if impl == "fastmlp" else torch.optim.AdamW)(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    outputs = []
+    for _ in range(3):
+        x, y = torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)
+        opt.zero_grad()
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        opt.step()
+        outputs.append(out.detach())
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    return outputs, {k: full(v).detach() for k, v in model.state_dict().items()}
+
+ACTS = ("relu", "gelu", "gelu_tanh", "silu")
+
+def worker(rank, port, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    results = {act: train("fastmlp", act, True) for act in ACTS}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, "tp.pt"), nprocs=2)
+    got = torch.load("tp.pt")
+    for act in ACTS:
+        want = train("torch", act, False)  # nn.Linear + activation, torch.optim, one process
+        torch.testing.assert_close(got[act], want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{act}: {m}")
+        print(act, "ok")
+"""
+
+
+def test_tensor_parallel_fused_linear_trains_as_nn_linear(tmp_path):
+    pytest.importorskip("torch.distributed.tensor.parallel")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch has no gloo backend")
+    out = _run(tmp_path, TENSOR_PARALLEL)
+    assert out.split() == ["relu", "ok", "gelu", "ok", "gelu_tanh", "ok", "silu", "ok"]
 
 
 SHARED = """
