@@ -20,6 +20,15 @@ _SEED_RANGE = 2**62
 _PLAIN = (torch.nn.Parameter, torch.Tensor)
 
 
+def _sharded(*tensors):
+    """Whether any of the tensors is a DTensor (tensor parallelism). Those run torch's ATen ops, which
+    have DTensor sharding rules; fastmlp's kernels have none. (Plain tensors cost two type checks.)"""
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN and isinstance(t, ops.dtensor_type() or ()):
+            return True
+    return False
+
+
 def linear_act(input, weight, bias=None, activation="relu"):
     """act(input @ weight.T + bias) in one fused op, with a fused backward.
 
@@ -34,9 +43,8 @@ def linear_act(input, weight, bias=None, activation="relu"):
     if input.layout != torch.strided or weight.layout != torch.strided:
         raise TypeError(f"linear_act: input and weight must be dense tensors, got input.layout={input.layout} and "
                         f"weight.layout={weight.layout}; call .to_dense() first")
-    if type(weight) not in _PLAIN and isinstance(weight, ops.dtensor_type() or ()):
-        # A weight sharded by tensor parallelism (parallelize_module's ColwiseParallel /
-        # RowwiseParallel): the ATen ops the op fuses, which have DTensor sharding rules.
+    if _sharded(weight, input):
+        # A weight sharded by tensor parallelism (parallelize_module's ColwiseParallel / RowwiseParallel).
         ops.check_activation(activation)
         return ops.ACT_FNS[activation](F.linear(input, weight, bias))
     # save_for_backward=False: the C++ autograd kernel turns it on when a gradient can flow, so
@@ -53,9 +61,9 @@ def dropout(input, p=0.5, training=True, inplace=False):
     instead of saved. ``inplace=True`` writes that result into ``input`` and returns it: the same
     mask as ``inplace=False`` for one seed, as torch's. Under torch.compile the seed's draw is part
     of the graph, so every call of the compiled model draws a new mask. Everywhere else (CUDA,
-    p = 0 or 1, integer inputs) this is torch's dropout.
+    p = 0 or 1, integer inputs, DTensors) this is torch's dropout.
     """
-    if training and 0.0 < p < 1.0 and input.device.type == "cpu" and input.dtype in _FLOATING:
+    if training and 0.0 < p < 1.0 and input.device.type == "cpu" and input.dtype in _FLOATING and not _sharded(input):
         seed = torch.randint(0, _SEED_RANGE, (), dtype=torch.int64, device="cpu")
         out = ops.dropout(input, float(p), seed)
         # (The op saves nothing of input, so overwriting it leaves the backward intact; a leaf that
@@ -70,12 +78,12 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     For float32 and float64 inputs on the CPU this is fastmlp's layer_norm op (csrc/cpu/norm.cpp):
     statistics in the input's precision, each row read from memory once in the forward and once in
     the backward (which also sums the weight and bias gradients), and results that do not depend on
-    the thread count. Everywhere else (float16 / bfloat16 inputs, as under autocast, and CUDA) this
-    is torch's layer norm.
+    the thread count. Everywhere else (float16 / bfloat16 inputs, as under autocast, CUDA and
+    DTensors) this is torch's layer norm.
     """
     # (Lean on purpose: for a small layer this function's own Python is a visible part of the call.)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-    if input.is_cpu and input.dtype in _NORM_DTYPES and input.layout == torch.strided:
+    if input.is_cpu and input.dtype in _NORM_DTYPES and input.layout == torch.strided and not _sharded(input, weight):
         return ops.layer_norm(input, shape, weight, bias, eps)[0]
     return F.layer_norm(input, tuple(shape), weight, bias, eps)
 
@@ -88,7 +96,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     chunks of rows in float64), normalisation in a second, a backward of two passes, and results
     that do not depend on the thread count. The running estimates, when given, move towards the
     batch's mean and unbiased variance by ``momentum``, as torch's do. Evaluation mode (the running
-    estimates), other dtypes, shapes and devices, and batches of fewer than two rows (torch's error
+    estimates), other dtypes, shapes and devices, DTensors, and batches of fewer than two rows (torch's error
     for one) are torch's batch norm.
     """
     # torch's own checks, made here for every path (torch 2.11's F.batch_norm lacks the eps ones), so
@@ -100,7 +108,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if (training and input.is_cpu and input.dim() == 2 and input.shape[0] > 1 and input.dtype in _NORM_DTYPES
-            and input.layout == torch.strided):
+            and input.layout == torch.strided and not _sharded(input, weight)):
         if running_mean is not None:
             if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
                 raise TypeError(f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}")

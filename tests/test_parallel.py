@@ -130,11 +130,40 @@ def train(impl, activation, tp):
 
 ACTS = ("relu", "gelu", "gelu_tanh", "silu")
 
+def norms_and_dropout():
+    # DTensor activations (SequenceParallel-style: rows sharded, norm weights replicated) through
+    # fastmlp's layer norm, batch norm and dropout: torch's ops run for them, forward and backward.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(2)
+    x, w, b = torch.randn(6, 10, dtype=torch.float64), torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    results = {}
+    for name, fm, ref in (
+            ("layer_norm", lambda x, w, b: fastmlp.functional.layer_norm(x, (10,), w, b),
+             lambda x, w, b: F.layer_norm(x, (10,), w, b)),
+            ("batch_norm", lambda x, w, b: fastmlp.functional.batch_norm(x, None, None, w, b, training=True),
+             lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True))):
+        placement = Shard(0) if name == "layer_norm" else Shard(1)
+        args = [distribute_tensor(x, mesh, [placement]).requires_grad_(),
+                distribute_tensor(w, mesh, [Replicate() if name == "layer_norm" else Shard(0)]).requires_grad_(),
+                distribute_tensor(b, mesh, [Replicate() if name == "layer_norm" else Shard(0)]).requires_grad_()]
+        y = fm(*args)
+        (y * distribute_tensor(torch.arange(10.0, dtype=torch.float64), mesh, [Replicate()])).sum().backward()
+        plain = [t.clone().requires_grad_() for t in (x, w, b)]
+        y_ref = ref(*plain)
+        (y_ref * torch.arange(10.0, dtype=torch.float64)).sum().backward()
+        results[name] = ([y.full_tensor()] + [a.grad.full_tensor() for a in args], [y_ref] + [t.grad for t in plain])
+    d = fastmlp.functional.dropout(distribute_tensor(torch.ones(400, 50), mesh, [Shard(0)]), 0.25)
+    results["dropout"] = d.full_tensor()
+    return results
+
 def worker(rank, port, out):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     results = {act: train("fastmlp", act, True) for act in ACTS}
+    results["norms"] = norms_and_dropout()
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -149,6 +178,13 @@ if __name__ == "__main__":
         want = train("torch", act, False)  # nn.Linear + activation, torch.optim, one process
         torch.testing.assert_close(got[act], want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{act}: {m}")
         print(act, "ok")
+    norms = got["norms"]
+    for name in ("layer_norm", "batch_norm"):
+        torch.testing.assert_close(*norms[name], msg=lambda m: f"{name}: {m}")
+    d = norms["dropout"]
+    assert set(d.unique().tolist()) <= {0.0, torch.tensor(1 / 0.75).item()}
+    assert abs((d == 0).double().mean().item() - 0.25) < 0.02
+    print("norms_and_dropout ok")
 """
 
 
@@ -157,7 +193,7 @@ def test_tensor_parallel_fused_linear_trains_as_nn_linear(tmp_path):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("this torch has no gloo backend")
     out = _run(tmp_path, TENSOR_PARALLEL)
-    assert out.split() == ["relu", "ok", "gelu", "ok", "gelu_tanh", "ok", "silu", "ok"]
+    assert out.split() == ["relu", "ok", "gelu", "ok", "gelu_tanh", "ok", "silu", "ok", "norms_and_dropout", "ok"]
 
 
 SHARED = """
