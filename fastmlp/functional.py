@@ -63,7 +63,8 @@ def dropout(input, p=0.5, training=True, inplace=False):
     of the graph, so every call of the compiled model draws a new mask. Everywhere else (CUDA,
     p = 0 or 1, integer inputs, DTensors) this is torch's dropout.
     """
-    if training and 0.0 < p < 1.0 and input.device.type == "cpu" and input.dtype in _FLOATING and not _sharded(input):
+    if (training and 0.0 < p < 1.0 and input.device.type == "cpu" and input.dtype in _FLOATING
+            and not _sharded(input)):
         seed = torch.randint(0, _SEED_RANGE, (), dtype=torch.int64, device="cpu")
         out = ops.dropout(input, float(p), seed)
         # (The op saves nothing of input, so overwriting it leaves the backward intact; a leaf that
@@ -83,7 +84,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """
     # (Lean on purpose: for a small layer this function's own Python is a visible part of the call.)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-    if input.is_cpu and input.dtype in _NORM_DTYPES and input.layout == torch.strided and not _sharded(input, weight):
+    if (input.is_cpu and input.dtype in _NORM_DTYPES and input.layout == torch.strided
+            and not _sharded(input, weight)):
         return ops.layer_norm(input, shape, weight, bias, eps)[0]
     return F.layer_norm(input, tuple(shape), weight, bias, eps)
 
@@ -96,8 +98,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     chunks of rows in float64), normalisation in a second, a backward of two passes, and results
     that do not depend on the thread count. The running estimates, when given, move towards the
     batch's mean and unbiased variance by ``momentum``, as torch's do. Evaluation mode (the running
-    estimates), other dtypes, shapes and devices, DTensors, and batches of fewer than two rows (torch's error
-    for one) are torch's batch norm.
+    estimates), other dtypes, shapes and devices, DTensors, and batches of fewer than two rows
+    (torch's error for one) are torch's batch norm.
     """
     # torch's own checks, made here for every path (torch 2.11's F.batch_norm lacks the eps ones), so
     # that the fast path fails as F.batch_norm does before it touches the running estimates.

@@ -137,7 +137,7 @@ def norms_and_dropout():
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     mesh = init_device_mesh("cpu", (2,))
     torch.manual_seed(2)
-    x, w, b = torch.randn(6, 10, dtype=torch.float64), torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    x, w, b = (torch.randn(*shape, dtype=torch.float64) for shape in ((6, 10), (10,), (10,)))
     results = {}
     for name, fm, ref in (
             ("layer_norm", lambda x, w, b: fastmlp.functional.layer_norm(x, (10,), w, b),
