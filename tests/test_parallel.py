@@ -27,10 +27,30 @@ def _run(tmp_path, script, timeout=300):
     return r.stdout
 
 
-FSDP2 = """
-import os, sys, socket, torch, torch.distributed as dist, torch.multiprocessing as mp
+# The scripts' shared start: fn() on 2 gloo ranks in spawned processes, rank 0's result back.
+TWO_RANKS = """
+import os, socket, torch, torch.distributed as dist, torch.multiprocessing as mp
 import torch.nn.functional as F
 import fastmlp
+
+def _rank(rank, port, fn, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    result = fn()
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+
+def on_two_ranks(fn):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, fn, "rank0.pt"), nprocs=2)
+    return torch.load("rank0.pt")
+"""
+
+FSDP2 = TWO_RANKS + """
 
 def train(make_opt, impl, use_fsdp, rank):
     torch.manual_seed(0)
@@ -66,21 +86,11 @@ OPTS = {
             lambda ps: torch.optim.SGD(ps, lr=1e-1, momentum=0.9, nesterov=True)),
 }
 
-def worker(rank, port, out):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    results = {name: train(ours, "fastmlp", True, rank) for name, (ours, _) in OPTS.items()}
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
+def sharded_runs():
+    return {name: train(ours, "fastmlp", True, dist.get_rank()) for name, (ours, _) in OPTS.items()}
 
 if __name__ == "__main__":
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, "fsdp.pt"), nprocs=2)
-    got = torch.load("fsdp.pt")
+    got = on_two_ranks(sharded_runs)
     for name, (_, theirs) in OPTS.items():
         # One process, the whole batch: the same gradients (the mean over both halves), torch's optimizer.
         want = train(theirs, "torch", False, 0)
@@ -101,10 +111,7 @@ def test_fsdp2_sharded_parameters_step_as_torchs_optimizers(tmp_path):
     assert out.split() == ["adamw", "ok", "adam_amsgrad", "ok", "sgd", "ok"]
 
 
-TENSOR_PARALLEL = """
-import os, socket, torch, torch.distributed as dist, torch.multiprocessing as mp
-import torch.nn.functional as F
-import fastmlp
+TENSOR_PARALLEL = TWO_RANKS + """
 
 def train(impl, activation, tp):
     torch.manual_seed(0)
@@ -158,22 +165,11 @@ def norms_and_dropout():
     results["dropout"] = d.full_tensor()
     return results
 
-def worker(rank, port, out):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    results = {act: train("fastmlp", act, True) for act in ACTS}
-    results["norms"] = norms_and_dropout()
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
+def parallel_runs():
+    return {**{act: train("fastmlp", act, True) for act in ACTS}, "norms": norms_and_dropout()}
 
 if __name__ == "__main__":
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, "tp.pt"), nprocs=2)
-    got = torch.load("tp.pt")
+    got = on_two_ranks(parallel_runs)
     for act in ACTS:
         want = train("torch", act, False)  # nn.Linear + activation, torch.optim, one process
         torch.testing.assert_close(got[act], want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{act}: {m}")
