@@ -17,16 +17,6 @@ _NORM_DTYPES = (torch.float32, torch.float64)
 __all__ = ["batch_norm", "dropout", "layer_norm", "linear_act"]
 
 _SEED_RANGE = 2**62
-_PLAIN = (torch.nn.Parameter, torch.Tensor)
-
-
-def _sharded(*tensors):
-    """Whether any of the tensors is a DTensor (tensor parallelism). Those run torch's ATen ops, which
-    have DTensor sharding rules; fastmlp's kernels have none. (Plain tensors cost two type checks.)"""
-    for t in tensors:
-        if t is not None and type(t) not in _PLAIN and isinstance(t, ops.dtensor_type() or ()):
-            return True
-    return False
 
 
 def linear_act(input, weight, bias=None, activation="relu"):
@@ -43,7 +33,7 @@ def linear_act(input, weight, bias=None, activation="relu"):
     if input.layout != torch.strided or weight.layout != torch.strided:
         raise TypeError(f"linear_act: input and weight must be dense tensors, got input.layout={input.layout} and "
                         f"weight.layout={weight.layout}; call .to_dense() first")
-    if _sharded(weight, input):
+    if ops.has_dtensor((weight, input)):
         # A weight sharded by tensor parallelism (parallelize_module's ColwiseParallel / RowwiseParallel).
         ops.check_activation(activation)
         return ops.ACT_FNS[activation](F.linear(input, weight, bias))
@@ -64,7 +54,7 @@ def dropout(input, p=0.5, training=True, inplace=False):
     p = 0 or 1, integer inputs, DTensors) this is torch's dropout.
     """
     if (training and 0.0 < p < 1.0 and input.device.type == "cpu" and input.dtype in _FLOATING
-            and not _sharded(input)):
+            and not ops.has_dtensor((input,))):
         seed = torch.randint(0, _SEED_RANGE, (), dtype=torch.int64, device="cpu")
         out = ops.dropout(input, float(p), seed)
         # (The op saves nothing of input, so overwriting it leaves the backward intact; a leaf that
@@ -85,7 +75,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     # (Lean on purpose: for a small layer this function's own Python is a visible part of the call.)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
     if (input.is_cpu and input.dtype in _NORM_DTYPES and input.layout == torch.strided
-            and not _sharded(input, weight)):
+            and not ops.has_dtensor((input, weight))):
         return ops.layer_norm(input, shape, weight, bias, eps)[0]
     return F.layer_norm(input, tuple(shape), weight, bias, eps)
 
@@ -110,7 +100,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if (training and input.is_cpu and input.dim() == 2 and input.shape[0] > 1 and input.dtype in _NORM_DTYPES
-            and input.layout == torch.strided and not _sharded(input, weight)):
+            and input.layout == torch.strided and not ops.has_dtensor((input, weight))):
         if running_mean is not None:
             if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
                 raise TypeError(f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}")

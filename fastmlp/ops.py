@@ -31,6 +31,18 @@ def dtensor_type():
     return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
 
 
+_PLAIN = (torch.nn.Parameter, torch.Tensor)
+
+
+def has_dtensor(tensors):
+    """Whether any of the tensors (None allowed) is a DTensor (FSDP2's shards, tensor parallelism): the
+    fused kernels have no DTensor sharding rules. Plain tensors cost one type check each."""
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN and isinstance(t, dtensor_type() or ()):
+            return True
+    return False
+
+
 def check_activation(activation, op=_FWD):
     if activation not in ACTIVATIONS:
         raise ValueError(

@@ -25,7 +25,7 @@ from itertools import chain
 import torch
 from torch.optim import optimizer as _torch_optimizer
 
-from ..ops import dtensor_type
+from ..ops import dtensor_type, has_dtensor
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -183,11 +183,6 @@ def _dense(t):
             return False
         expected *= size
     return True
-
-
-def has_dtensor(tensors):
-    dt = dtensor_type()
-    return dt is not None and any(isinstance(t, dt) for t in tensors)
 
 
 def local_shards(params, *lists):
